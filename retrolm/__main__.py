@@ -1,0 +1,3 @@
+from retrolm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,5 @@
+"""Placeholder until the `generate` subcommand lands; replaced by its owner."""
+
+
+def register(subparsers) -> None:  # noqa: ARG001
+    return None
