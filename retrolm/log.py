@@ -19,7 +19,9 @@ def setup_logging(verbosity: int = 0) -> None:
     logger.setLevel(level)
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         logger.addHandler(handler)
     logger.propagate = False
 
@@ -34,4 +36,6 @@ def progress(
     **kwargs: Any,
 ) -> Iterator[T] | tqdm:
     """A tqdm progress bar on stderr that is silenced by `show=False`."""
-    return tqdm(iterable, desc=desc, total=total, unit=unit, disable=not show, dynamic_ncols=True, **kwargs)
+    return tqdm(
+        iterable, desc=desc, total=total, unit=unit, disable=not show, dynamic_ncols=True, **kwargs
+    )

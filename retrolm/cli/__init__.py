@@ -38,7 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train, evaluate and generate with retrieval in the loop.",
     )
     parser.add_argument("--version", action="version", version=f"retrolm {__version__}")
-    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v), tracebacks on errors")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logging (-v), tracebacks on errors"
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMAND_MODULES:
@@ -67,5 +69,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr)
+        print(
+            "interrupted; finished work is kept, rerun the same command to resume", file=sys.stderr
+        )
         return 130
