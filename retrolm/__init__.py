@@ -19,7 +19,7 @@ _EXPORTS = {
     "RetrolmError": "retrolm.errors",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = ["RETRO", "Database", "RetroConfig", "RetrolmError", "__version__"]
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrolm.config import RetroConfig
