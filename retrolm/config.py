@@ -1,0 +1,186 @@
+"""Model configuration: the single source of truth for the shape of a RETRO model.
+
+`RetroConfig` is written as `config.json` beside every saved model and read back by
+`RETRO.load`; `RetroConfig.preset(name)` gives the common sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+# name -> field overrides; anything not named keeps the dataclass default
+_PRESETS: dict[str, dict[str, Any]] = {
+    # for tests: a few hundred thousand parameters, runs in milliseconds
+    "tiny": dict(
+        vocab_size=512,
+        chunk_size=8,
+        neighbour_len=16,
+        dec_dim=64,
+        dec_depth=4,
+        dec_heads=4,
+        cca_layers=(2, 4),
+        enc_dim=48,
+        enc_depth=2,
+        enc_heads=3,
+        max_seq_len=128,
+    ),
+    # a model a CPU laptop trains in hours (the benchmark configuration of issue 2)
+    "small": dict(
+        vocab_size=28996,
+        dec_dim=384,
+        dec_depth=6,
+        dec_heads=6,
+        cca_layers=(3, 6),
+        enc_dim=256,
+        enc_depth=2,
+        enc_heads=4,
+        max_seq_len=512,
+    ),
+    # close to the paper's smallest model (Borgeaud et al. 2021, table 2: 172M with retrieval)
+    "base": dict(
+        vocab_size=28996,
+        dec_dim=768,
+        dec_depth=12,
+        dec_heads=12,
+        cca_layers=(6, 9, 12),
+        enc_dim=896,
+        enc_depth=2,
+        enc_heads=14,
+        max_seq_len=2048,
+    ),
+}
+
+
+@dataclass
+class RetroConfig:
+    """Shape and behaviour of a RETRO model (decoder, retrieval encoder, chunked cross-attention).
+
+    An empty `cca_layers` gives a plain decoder-only transformer (the no-retrieval baseline):
+    no encoder and no cross-attention are built.
+    """
+
+    vocab_size: int = 28996  # number of token ids, pad_id included
+    chunk_size: int = 64  # m: tokens per chunk; retrieval happens once per chunk
+    num_neighbours: int = 2  # k used in training; k at run time may differ
+    neighbour_len: int = 128  # r: tokens per neighbour (the chunk and its continuation, 2m)
+    dec_dim: int = 768  # decoder width d
+    dec_depth: int = 12  # number of decoder blocks
+    dec_heads: int = 12  # decoder attention heads (dec_dim // dec_heads must be even)
+    cca_layers: tuple[int, ...] = (6, 9, 12)  # decoder blocks (from 1) with chunked cross-attn
+    enc_dim: int = 896  # retrieval encoder width d'
+    enc_depth: int = 2  # retrieval encoder blocks (bidirectional)
+    enc_heads: int = 14  # encoder attention heads (enc_dim // enc_heads must be even)
+    ff_mult: int = 4  # feed-forward hidden width = ff_mult * width
+    max_seq_len: int = 2048  # longest decoder sequence; a multiple of chunk_size
+    pad_id: int = 0  # padding token: never attended, in the decoder and in the neighbours
+    dropout: float = 0.0  # dropout on attention outputs and feed-forward outputs
+    rotary_base: float = 10000.0  # rotary position embedding base
+    norm_eps: float = 1e-5  # LayerNorm epsilon
+    init_std: float = 0.02  # std of the normal initialisation of linear and embedding weights
+    use_deepnet: bool = False  # DeepNet post-norm with scaled residuals (for very deep models)
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in config.json
+
+    def __post_init__(self) -> None:
+        self.cca_layers = tuple(int(x) for x in self.cca_layers)
+        positive = (
+            "vocab_size",
+            "chunk_size",
+            "num_neighbours",
+            "neighbour_len",
+            "dec_dim",
+            "dec_depth",
+            "dec_heads",
+            "enc_dim",
+            "enc_heads",
+            "ff_mult",
+            "max_seq_len",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"RetroConfig.{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.enc_depth, int) or self.enc_depth < 0:
+            raise ValueError(f"RetroConfig.enc_depth must be >= 0, got {self.enc_depth!r}")
+        for dim, heads, prefix in (
+            (self.dec_dim, self.dec_heads, "dec"),
+            (self.enc_dim, self.enc_heads, "enc"),
+        ):
+            if dim % heads != 0:
+                raise ValueError(
+                    f"RetroConfig.{prefix}_dim ({dim}) must be divisible by "
+                    f"{prefix}_heads ({heads})"
+                )
+            if (dim // heads) % 2 != 0:
+                raise ValueError(
+                    f"RetroConfig.{prefix}_heads: head size {prefix}_dim/{prefix}_heads = "
+                    f"{dim // heads} must be even (rotary embeddings rotate pairs)"
+                )
+        bad = [x for x in self.cca_layers if not 1 <= x <= self.dec_depth]
+        if bad:
+            raise ValueError(
+                f"RetroConfig.cca_layers {bad} out of range: layers are numbered 1..dec_depth "
+                f"({self.dec_depth})"
+            )
+        if len(set(self.cca_layers)) != len(self.cca_layers):
+            raise ValueError(f"RetroConfig.cca_layers has duplicates: {self.cca_layers}")
+        self.cca_layers = tuple(sorted(self.cca_layers))
+        if self.cca_layers and self.enc_depth < 1:
+            raise ValueError("RetroConfig.enc_depth must be >= 1 when cca_layers is not empty")
+        if self.max_seq_len % self.chunk_size != 0:
+            raise ValueError(
+                f"RetroConfig.max_seq_len ({self.max_seq_len}) must be a multiple of "
+                f"chunk_size ({self.chunk_size})"
+            )
+        if not 0 <= self.pad_id < self.vocab_size:
+            raise ValueError(
+                f"RetroConfig.pad_id ({self.pad_id}) must lie in 0..vocab_size-1 "
+                f"({self.vocab_size - 1})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"RetroConfig.dropout must lie in [0, 1), got {self.dropout}")
+        for name in ("rotary_base", "norm_eps", "init_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"RetroConfig.{name} must be > 0, got {getattr(self, name)}")
+
+    @property
+    def retrieval(self) -> bool:
+        """True when the model has an encoder and chunked cross-attention."""
+        return bool(self.cca_layers)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> RetroConfig:
+        """A named size ("tiny", "small", "base") with any field overridden.
+
+        Raises:
+            ValueError: unknown preset name or invalid override.
+        """
+        if name not in _PRESETS:
+            raise ValueError(f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}")
+        unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown RetroConfig field(s) {sorted(unknown)}")
+        return cls(**{**_PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["cca_layers"] = list(self.cca_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RetroConfig:
+        """Inverse of `to_dict`.
+
+        Raises:
+            ValueError: a key that is not a RetroConfig field, or an invalid value.
+        """
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(
+                f"unknown RetroConfig field(s) {sorted(unknown)}; was this config written by a "
+                "newer retrolm?"
+            )
+        return cls(**d)

@@ -1,0 +1,943 @@
+"""RETRO: a decoder-only transformer that reads retrieved neighbours through chunked cross-attention.
+
+Borgeaud et al. 2021, "Improving language models by retrieving from trillions of tokens".
+
+Notation: B batch, n tokens, m chunk size, L chunks with neighbours (= n // m), k neighbours per
+chunk, r tokens per neighbour, d decoder width, e encoder width, h heads, hd head size.
+
+Choices (documented because the paper leaves them open):
+- Positions are rotary everywhere. Self-attention: absolute token positions. Encoder: position
+  within the neighbour (0..r-1) for its own tokens, position within the retrieving chunk (0..m-1)
+  for the chunk's activations it cross-attends to. Chunked cross-attention (CCA): the query at
+  absolute position p, which reads chunk u = (p - m + 1) // m, sits at p - u*m (m-1 .. 2m-2,
+  i.e. its position counted from the start of chunk u), and key j of every neighbour sits at j
+  (0..r-1). A neighbour's continuation (j >= m) thus lines up with the tokens after chunk u.
+- The encoder embeds neighbour tokens with the decoder's token embedding, then projects d -> e.
+- Padding (`pad_id`) is never attended: in decoder self-attention a pad key is masked for every
+  query but itself (so no row is empty); in the encoder and in CCA pad keys are masked, and a
+  query whose keys are all padding (an absent neighbour, a chunk of padding) gets zeros.
+- Decoder self-attention is causal; CCA is shifted by m-1 so that the neighbours of chunk u reach
+  positions u*m + m-1 .. (u+1)*m + m-2 and nothing earlier.
+- `neighbours=None` (RETRO[OFF]) skips CCA; a config with no `cca_layers` builds no encoder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retrolm.config import RetroConfig
+from retrolm.errors import CorruptArtifactError, InputError, MismatchError
+from retrolm.io import atomic_path, write_json
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+_META_KEY = "retrolm_config"  # the config, also stored inside the weights file
+
+Retrieve = Callable[[Tensor], Tensor]
+
+
+# --------------------------------------------------------------------------------------------
+# building blocks
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding tables (cos, sin), computed on demand and never saved."""
+
+    def __init__(self, head_dim: int, base: float) -> None:
+        super().__init__()
+        self.head_dim, self.base = head_dim, base
+        self._table: tuple[Tensor, Tensor] | None = None
+
+    def _build(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim
+        inv_freq = 1.0 / self.base**exponents  # (hd/2,)
+        angles = torch.outer(torch.arange(length, dtype=torch.float64), inv_freq)  # (len, hd/2)
+        angles = torch.cat([angles, angles], dim=-1)  # (len, hd)
+        return angles.cos().float().to(device), angles.sin().float().to(device)
+
+    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """cos, sin (..., hd) float32 for integer `positions` (...)."""
+        need = int(positions.max()) + 1 if positions.numel() else 1
+        table = self._table
+        if table is None or table[0].shape[0] < need or table[0].device != positions.device:
+            table = self._build(
+                max(need, 2 * table[0].shape[0] if table else 256), positions.device
+            )
+            self._table = table
+        return table[0][positions], table[1][positions]
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (i, i + hd/2) of the last dim of x (..., n, hd) by angles (n, hd)."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return x * cos + rotated * sin
+
+
+def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+    """SDPA with a key padding mask; rows whose keys are all masked output zeros, not NaN.
+
+    Args:
+        q: (N, h, i, hd); k, v: (N, h, j, hd).
+        key_mask: (N, j) bool, True where a key may be attended; None attends all.
+    Returns:
+        (N, h, i, hd)
+    """
+    if key_mask is None or bool(key_mask.all()):
+        return F.scaled_dot_product_attention(q, k, v)
+    any_key = key_mask.any(dim=-1)  # (N,)
+    # an empty row would softmax to NaN: let it attend everything, then zero its output
+    safe = key_mask | ~any_key[:, None]  # (N, j)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :])
+    return out * any_key[:, None, None, None].to(out.dtype)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, mult: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, mult * dim, bias=False)
+        self.down = nn.Linear(mult * dim, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down(F.gelu(self.up(x), approximate="tanh"))
+
+
+@dataclass
+class KVCache:
+    """What `RETRO.generate` keeps between steps: nothing is ever recomputed."""
+
+    token_ids: Tensor  # (B, size) every token fed so far (positions < length)
+    retrieval: bool  # True: CCA is on (a `retrieve` function was given)
+    length: int = 0  # positions filled
+    keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, h, size, hd)
+    values: dict[int, Tensor] = field(default_factory=dict)
+    chunk_acts: Tensor | None = None  # (B, size, d) decoder activations at the first CCA layer
+    num_chunks: int = 0  # chunks whose neighbours are encoded
+    cca_keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, chunks, h, k*r, hd)
+    cca_values: dict[int, Tensor] = field(default_factory=dict)
+    cca_mask: Tensor | None = None  # (B, chunks, k*r) True where a neighbour token is real
+
+    @property
+    def size(self) -> int:
+        return self.token_ids.shape[1]
+
+
+class SelfAttention(nn.Module):
+    """Multi-head rotary self-attention (causal in the decoder, bidirectional in the encoder)."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rotary: Rotary,
+        positions: Tensor,
+        mask: Tensor | None = None,
+        causal: bool = False,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        """x (B, T, dim) at `positions` (T,); mask (B, 1, T, S) bool or None.
+
+        With a cache, keys/values are written at positions cache.length.. and all S filled
+        positions are attended (the mask, if any, says which).
+        """
+        B, T, dim = x.shape
+        hd = dim // self.heads
+        q, k, v = self.qkv(x).view(B, T, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # (B,h,T,hd)
+        cos, sin = rotary(positions)  # (T, hd)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = _cache_write(cache, layer, k, v)  # (B, h, S, hd)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.out(out.transpose(1, 2).reshape(B, T, dim))  # (B, T, dim)
+
+
+def _cache_write(cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    B, h, T, hd = k.shape
+    if layer not in cache.keys:
+        cache.keys[layer] = k.new_zeros(B, h, cache.size, hd)
+        cache.values[layer] = v.new_zeros(B, h, cache.size, hd)
+    start, end = cache.length, cache.length + T
+    cache.keys[layer][:, :, start:end] = k
+    cache.values[layer][:, :, start:end] = v
+    return cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
+
+
+class ChunkedCrossAttention(nn.Module):
+    """Decoder positions read the encoded neighbours of the chunk that ended m-1 tokens before."""
+
+    def __init__(self, dim: int, enc_dim: int, heads: int, chunk_size: int) -> None:
+        super().__init__()
+        self.heads, self.chunk_size = heads, chunk_size
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(enc_dim, 2 * dim, bias=False)
+        self.out = nn.Linear(dim, dim, bias=False)
+
+    def keys_values(self, encoded: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor]:
+        """encoded (B, U, k, r, e) -> keys, values (B, U, h, k*r, hd), keys rotated by j < r."""
+        B, U, K, R, _ = encoded.shape
+        dim = self.q.in_features
+        hd = dim // self.heads
+        kv = self.kv(encoded).view(B, U, K, R, 2, self.heads, hd)
+        kv = kv.permute(4, 0, 1, 5, 2, 3, 6)  # (2, B, U, h, k, r, hd)
+        cos, sin = rotary(torch.arange(R, device=encoded.device))  # (r, hd)
+        keys = apply_rotary(kv[0], cos, sin).reshape(B, U, self.heads, K * R, hd)
+        values = kv[1].reshape(B, U, self.heads, K * R, hd)
+        return keys, values
+
+    def forward(
+        self,
+        x: Tensor,
+        start: int,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_mask: Tensor | None,
+        rotary: Rotary,
+    ) -> Tensor:
+        """CCA output for x (B, T, d) at absolute positions start..start+T-1.
+
+        Args:
+            keys, values: (B, U, h, k*r, hd) for chunks 0..U-1 (every chunk read here); None
+                when no position here reads a chunk.
+            key_mask: (B, U, k*r) True where a neighbour token may be attended.
+        Returns:
+            (B, T, d); zeros at positions < m-1, which read no chunk.
+        """
+        B, T, dim = x.shape
+        m, h, hd = self.chunk_size, self.heads, dim // self.heads
+        end = start + T
+        first = max(start, m - 1)  # first position that reads a chunk
+        if first >= end:
+            return torch.zeros_like(x)
+        assert keys is not None and values is not None and key_mask is not None
+        u0, u1 = (first - m + 1) // m, (end - m) // m  # chunks read, inclusive
+        groups = u1 - u0 + 1
+        lead = first - (u0 * m + m - 1)  # rows of group u0 before `first`
+        q = self.q(x[:, first - start :])  # (B, T', d)
+        if groups == 1:  # one group (always so when decoding a token): no padding needed
+            q = q.view(B, -1, h, hd).transpose(1, 2)  # (B, h, T', hd)
+            pos = torch.arange(lead, lead + q.shape[2], device=x.device) + m - 1
+            q = apply_rotary(q, *rotary(pos))
+            out = masked_attention(q, keys[:, u0], values[:, u0], key_mask[:, u0])  # (B,h,T',hd)
+            out = out.transpose(1, 2).reshape(B, -1, dim)  # (B, T', d)
+        else:
+            trail = groups * m - lead - (end - first)
+            q = F.pad(q, (0, 0, lead, trail))  # (B, G*m, d), one group of m per chunk
+            q = q.view(B, groups, m, h, hd).permute(0, 1, 3, 2, 4)  # (B, G, h, m, hd)
+            q = apply_rotary(q, *rotary(torch.arange(m - 1, 2 * m - 1, device=x.device)))
+            out = masked_attention(
+                q.flatten(0, 1),
+                keys[:, u0 : u1 + 1].flatten(0, 1),
+                values[:, u0 : u1 + 1].flatten(0, 1),
+                key_mask[:, u0 : u1 + 1].flatten(0, 1),
+            )  # (B*G, h, m, hd)
+            out = out.view(B, groups, h, m, hd).permute(0, 1, 3, 2, 4).reshape(B, -1, dim)
+            out = out[:, lead : lead + end - first]  # (B, T', d)
+        out = self.out(out)
+        return F.pad(out, (0, 0, first - start, 0))  # (B, T, d)
+
+
+class Residual(nn.Module):
+    """Pre-norm residual x + f(norm(x)), or DeepNet post-norm norm(alpha * x + f(x))."""
+
+    def __init__(self, dim: int, eps: float, post_norm: bool, alpha: float, dropout: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.post_norm, self.alpha = post_norm, alpha
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor, fn: Callable[[Tensor], Tensor]) -> Tensor:
+        if self.post_norm:
+            return self.norm(x * self.alpha + self.drop(fn(x)))
+        return x + self.drop(fn(self.norm(x)))
+
+
+# --------------------------------------------------------------------------------------------
+# encoder and decoder blocks
+
+
+class EncoderBlock(nn.Module):
+    """Bidirectional self-attention over a neighbour, cross-attention to its chunk, feed-forward."""
+
+    def __init__(self, cfg: RetroConfig, alpha: float) -> None:
+        super().__init__()
+        e, post = cfg.enc_dim, cfg.use_deepnet
+        self.heads = cfg.enc_heads
+        self.self_res = Residual(e, cfg.norm_eps, post, alpha, cfg.dropout)
+        self.self_attn = SelfAttention(e, cfg.enc_heads)
+        self.cross_res = Residual(e, cfg.norm_eps, post, alpha, cfg.dropout)
+        self.cross_q = nn.Linear(e, e, bias=False)
+        self.cross_kv = nn.Linear(cfg.dec_dim, 2 * e, bias=False)
+        self.cross_out = nn.Linear(e, e, bias=False)
+        self.ff_res = Residual(e, cfg.norm_eps, post, alpha, cfg.dropout)
+        self.ff = FeedForward(e, cfg.ff_mult)
+
+    def cross_attention(
+        self, x: Tensor, chunk: Tensor, chunk_mask: Tensor, rotary: Rotary, k: int
+    ) -> Tensor:
+        """x (C*k, r, e) neighbours of C chunks; chunk (C, m, d) their chunks' activations."""
+        N, R, e = x.shape
+        C, M, _ = chunk.shape
+        h, hd = self.heads, e // self.heads
+        q = self.cross_q(x).view(C, k, R, h, hd).permute(0, 3, 1, 2, 4)  # (C, h, k, r, hd)
+        q = apply_rotary(q, *rotary(torch.arange(R, device=x.device))).reshape(C, h, k * R, hd)
+        kv = self.cross_kv(chunk).view(C, M, 2, h, hd).permute(2, 0, 3, 1, 4)  # (2, C, h, m, hd)
+        keys = apply_rotary(kv[0], *rotary(torch.arange(M, device=x.device)))
+        out = masked_attention(q, keys, kv[1], chunk_mask)  # (C, h, k*r, hd)
+        out = out.view(C, h, k, R, hd).permute(0, 2, 3, 1, 4).reshape(N, R, e)
+        return self.cross_out(out)
+
+    def forward(
+        self,
+        x: Tensor,
+        tokens_mask: Tensor,
+        self_mask: Tensor | None,
+        chunk: Tensor,
+        chunk_mask: Tensor,
+        rotary: Rotary,
+        k: int,
+    ) -> Tensor:
+        positions = torch.arange(x.shape[1], device=x.device)
+        x = self.self_res(x, lambda y: self.self_attn(y, rotary, positions, mask=self_mask))
+        x = self.cross_res(x, lambda y: self.cross_attention(y, chunk, chunk_mask, rotary, k))
+        return self.ff_res(x, self.ff)
+
+
+class Encoder(nn.Module):
+    """Encodes each neighbour (r tokens), conditioned on the decoder activations of its chunk."""
+
+    def __init__(self, cfg: RetroConfig) -> None:
+        super().__init__()
+        alpha = 0.81 * (cfg.enc_depth**4 * cfg.dec_depth) ** (1 / 16) if cfg.use_deepnet else 1.0
+        self.proj_in = nn.Linear(cfg.dec_dim, cfg.enc_dim, bias=False)
+        self.chunk_norm = nn.LayerNorm(cfg.dec_dim, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(EncoderBlock(cfg, alpha) for _ in range(cfg.enc_depth))
+        self.norm = nn.Identity() if cfg.use_deepnet else nn.LayerNorm(cfg.enc_dim, cfg.norm_eps)
+        self.rotary = Rotary(cfg.enc_dim // cfg.enc_heads, cfg.rotary_base)
+        self.pad_id = cfg.pad_id
+
+    def forward(
+        self, neighbour_emb: Tensor, neighbour_mask: Tensor, chunk: Tensor, chunk_mask: Tensor
+    ) -> Tensor:
+        """Encode the neighbours of C chunks.
+
+        Args:
+            neighbour_emb: (C, k, r, d) token embeddings of the neighbours.
+            neighbour_mask: (C, k, r) True for real (non-pad) neighbour tokens.
+            chunk: (C, m, d) decoder activations of each retrieving chunk.
+            chunk_mask: (C, m) True for real tokens of the chunk.
+        Returns:
+            (C, k, r, e)
+        """
+        C, K, R, _ = neighbour_emb.shape
+        x = self.proj_in(neighbour_emb).view(C * K, R, -1)  # (C*k, r, e)
+        tokens_mask = neighbour_mask.reshape(C * K, R)  # (C*k, r)
+        self_mask = None
+        if not bool(tokens_mask.all()):
+            # pad keys masked; an all-pad neighbour attends everything (its output is never read)
+            safe = tokens_mask | ~tokens_mask.any(dim=-1, keepdim=True)
+            self_mask = safe[:, None, None, :]  # (C*k, 1, 1, r)
+        chunk = self.chunk_norm(chunk)
+        for block in self.blocks:
+            x = block(x, tokens_mask, self_mask, chunk, chunk_mask, self.rotary, K)
+        return self.norm(x).view(C, K, R, -1)
+
+
+class DecoderBlock(nn.Module):
+    """Causal self-attention, chunked cross-attention (in CCA layers), feed-forward."""
+
+    def __init__(self, cfg: RetroConfig, has_cca: bool, alpha: float) -> None:
+        super().__init__()
+        d, post = cfg.dec_dim, cfg.use_deepnet
+        self.attn_res = Residual(d, cfg.norm_eps, post, alpha, cfg.dropout)
+        self.attn = SelfAttention(d, cfg.dec_heads)
+        self.cca_res = Residual(d, cfg.norm_eps, post, alpha, cfg.dropout) if has_cca else None
+        self.cca = (
+            ChunkedCrossAttention(d, cfg.enc_dim, cfg.dec_heads, cfg.chunk_size)
+            if has_cca
+            else None
+        )
+        self.ff_res = Residual(d, cfg.norm_eps, post, alpha, cfg.dropout)
+        self.ff = FeedForward(d, cfg.ff_mult)
+
+
+# --------------------------------------------------------------------------------------------
+# the model
+
+
+class RETRO(nn.Module):
+    """The Retrieval-Enhanced Transformer (decoder, retrieval encoder, chunked cross-attention).
+
+    `model(tokens, neighbours)` returns logits; `neighbours=None` runs RETRO[OFF].
+    """
+
+    def __init__(self, cfg: RetroConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dec_dim
+        alpha = (3 * cfg.dec_depth) ** 0.25 if cfg.use_deepnet else 1.0
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.blocks = nn.ModuleList(
+            DecoderBlock(cfg, i + 1 in cfg.cca_layers, alpha) for i in range(cfg.dec_depth)
+        )
+        self.norm = nn.Identity() if cfg.use_deepnet else nn.LayerNorm(d, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.encoder = Encoder(cfg) if cfg.retrieval else None
+        self.rotary = Rotary(d // cfg.dec_heads, cfg.rotary_base)
+        self.first_cca = cfg.cca_layers[0] - 1 if cfg.retrieval else -1  # 0-based block index
+        self.reset_parameters()
+
+    # ---- initialisation and parameter groups
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled down with depth."""
+        cfg = self.cfg
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=cfg.init_std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        if cfg.use_deepnet:  # DeepNet (Wang et al. 2022) encoder-decoder beta
+            dec_beta = (12 * cfg.dec_depth) ** -0.25
+            enc_beta = 0.87 * (cfg.enc_depth**4 * cfg.dec_depth) ** (-1 / 16)
+            for name, p in self.named_parameters():
+                if name.endswith(("out.weight", "ff.up.weight", "ff.down.weight")) or (
+                    name.endswith(("kv.weight", "qkv.weight"))
+                ):
+                    p.data.mul_(enc_beta if name.startswith("encoder.") else dec_beta)
+        else:
+            scale = 1 / math.sqrt(2 * cfg.dec_depth)
+            for name, p in self.named_parameters():
+                if name.endswith(("out.weight", "ff.down.weight")):
+                    p.data.mul_(scale)
+
+    @staticmethod
+    def _is_retrieval_name(name: str) -> bool:
+        return name.startswith("encoder.") or ".cca" in name
+
+    def retrieval_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        """(name, parameter) of the encoder and the CCA layers: what RETRO-fitting trains."""
+        for name, p in self.named_parameters():
+            if self._is_retrieval_name(name):
+                yield name, p
+
+    def num_params(self, include_embeddings: bool = True) -> int:
+        """Number of parameters (the token embedding and output layer excluded if asked)."""
+        total = sum(p.numel() for p in self.parameters())
+        if not include_embeddings:
+            total -= self.tok_emb.weight.numel() + self.lm_head.weight.numel()
+        return total
+
+    def flops_per_token(self, seq_len: int, k: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per decoder token at sequence length `seq_len` with k neighbours.
+
+        Counts every linear layer (2 FLOPs per multiply-add), the attention score and value
+        products at full (not causally halved) length, the encoder (k*r/m encoder tokens per
+        decoder token) and CCA; `training=True` multiplies the forward count by 3 (backward
+        twice the forward). Norms, softmax and other elementwise work are not counted.
+        """
+        cfg = self.cfg
+        k = cfg.num_neighbours if k is None else k
+        d, e, m, r, ff = cfg.dec_dim, cfg.enc_dim, cfg.chunk_size, cfg.neighbour_len, cfg.ff_mult
+        macs = cfg.dec_depth * (4 * d * d + 2 * ff * d * d + 2 * seq_len * d) + d * cfg.vocab_size
+        if cfg.retrieval and k > 0:
+            n_cca = len(cfg.cca_layers)
+            enc_tokens = k * r / m  # encoder tokens per decoder token
+            per_enc_token = d * e + cfg.enc_depth * (
+                4 * e * e + 2 * r * e + 2 * e * e + 2 * m * e + 2 * ff * e * e
+            )
+            macs += enc_tokens * per_enc_token + cfg.enc_depth * 2 * d * e  # + chunk keys/values
+            macs += n_cca * (2 * d * d + 2 * k * r * d + enc_tokens * 2 * e * d)
+        return 2.0 * macs * (3 if training else 1)
+
+    # ---- input checks
+
+    def _check_tokens(self, tokens: Tensor, name: str = "tokens") -> None:
+        cfg = self.cfg
+        expected = (
+            f"an int64 tensor of shape (batch, n) with 1 <= n <= max_seq_len ({cfg.max_seq_len})"
+        )
+        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
+            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
+            dtype = f" {tokens.dtype}" if isinstance(tokens, Tensor) else ""
+            raise ValueError(f"{name} must be {expected}; got {got}{dtype}")
+        if not 1 <= tokens.shape[1] <= cfg.max_seq_len or tokens.shape[0] < 1:
+            raise ValueError(f"{name} must be {expected}; got shape {tuple(tokens.shape)}")
+        self._check_ids(tokens, name)
+
+    def _check_ids(self, tokens: Tensor, name: str) -> None:
+        lo, hi = int(tokens.min()), int(tokens.max())
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(
+                f"{name} has token ids in [{lo}, {hi}], outside 0..vocab_size-1 "
+                f"({self.cfg.vocab_size - 1}); was it made with another tokenizer?"
+            )
+
+    def _check_neighbours(self, neighbours: Tensor, batch: int, n: int) -> None:
+        m = self.cfg.chunk_size
+        chunks = f"{n // m}" if n % m == 0 else f"{n // m} or {-(-n // m)}"
+        expected = f"an int64 tensor of shape (batch={batch}, chunks={chunks}, k, r)"
+        if not self.cfg.retrieval:
+            raise ValueError(
+                "neighbours given to a model without retrieval (cca_layers is empty); "
+                "pass neighbours=None"
+            )
+        ok = (
+            isinstance(neighbours, Tensor)
+            and neighbours.dtype == torch.long
+            and neighbours.dim() == 4
+            and neighbours.shape[0] == batch
+            and neighbours.shape[1] in (n // m, -(-n // m))
+            and neighbours.shape[2] >= 1
+            and neighbours.shape[3] >= 1
+        )
+        if not ok:
+            got = (
+                f"shape {tuple(neighbours.shape)} {neighbours.dtype}"
+                if isinstance(neighbours, Tensor)
+                else type(neighbours).__name__
+            )
+            raise ValueError(f"neighbours must be {expected}; got {got}")
+        if neighbours.numel():
+            self._check_ids(neighbours, "neighbours")
+
+    # ---- forward
+
+    def _self_attn_mask(self, key_pad: Tensor, start: int, T: int) -> tuple[Tensor | None, bool]:
+        """(mask (B, 1, T, S) or None, is_causal) for queries start..start+T-1 over S keys."""
+        S = key_pad.shape[1]
+        if not bool(key_pad.any()):
+            if T == 1:
+                return None, False  # the newest token sees every key
+            if start == 0:
+                return None, True
+        q_pos = torch.arange(start, start + T, device=key_pad.device)[:, None]  # (T, 1)
+        k_pos = torch.arange(S, device=key_pad.device)[None, :]  # (1, S)
+        allowed = (k_pos <= q_pos) & (~key_pad[:, None, :] | (k_pos == q_pos))  # (B, T, S)
+        return allowed[:, None], False
+
+    def _encode(
+        self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Encode the neighbours of U chunks.
+
+        Args:
+            neighbours: (B, U, k, r) token ids.
+            chunk_acts: (B, U*m, d) decoder activations of those chunks at the first CCA layer.
+            chunk_tokens: (B, U*m) the chunks' token ids.
+        Returns:
+            encoded (B, U, k, r, e), mask (B, U, k*r) True for real neighbour tokens.
+        """
+        assert self.encoder is not None
+        B, U, K, R = neighbours.shape
+        m, pad = self.cfg.chunk_size, self.cfg.pad_id
+        neighbour_mask = neighbours != pad  # (B, U, k, r)
+        encoded = self.encoder(
+            self.tok_emb(neighbours).flatten(0, 1),  # (B*U, k, r, d)
+            neighbour_mask.flatten(0, 1),  # (B*U, k, r)
+            chunk_acts.reshape(B * U, m, -1),  # (B*U, m, d)
+            (chunk_tokens != pad).reshape(B * U, m),  # (B*U, m)
+        )
+        return encoded.view(B, U, K, R, -1), neighbour_mask.view(B, U, K * R)
+
+    def forward(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """Logits for every position.
+
+        Args:
+            tokens: (B, n) int64, 1 <= n <= max_seq_len.
+            neighbours: (B, n // m or ceil(n / m), k, r) int64: neighbours[:, u] were retrieved
+                with chunk u (tokens u*m .. u*m+m-1); pad_id tokens are padding, an all-pad
+                neighbour is absent. None runs RETRO[OFF].
+        Returns:
+            (B, n, vocab_size) logits.
+        Raises:
+            ValueError: wrong shapes, dtypes or token ids.
+        """
+        self._check_tokens(tokens)
+        B, n = tokens.shape
+        if neighbours is not None:
+            self._check_neighbours(neighbours, B, n)
+        m = self.cfg.chunk_size
+        L = n // m  # chunks whose neighbours some position reads
+        x = self.tok_emb(tokens)  # (B, n, d)
+        mask, causal = self._self_attn_mask(tokens == self.cfg.pad_id, 0, n)
+        positions = torch.arange(n, device=tokens.device)
+        encoded = nb_mask = None
+        for block in self.blocks:
+            x = block.attn_res(
+                x,
+                partial(
+                    block.attn, rotary=self.rotary, positions=positions, mask=mask, causal=causal
+                ),
+            )
+            if block.cca is not None and block.cca_res is not None and neighbours is not None:
+                keys = values = None
+                if L > 0:
+                    if encoded is None:
+                        encoded, nb_mask = self._encode(
+                            neighbours[:, :L], x[:, : L * m], tokens[:, : L * m]
+                        )
+                    keys, values = block.cca.keys_values(encoded, self.rotary)
+                x = block.cca_res(
+                    x,
+                    partial(
+                        block.cca,
+                        start=0,
+                        keys=keys,
+                        values=values,
+                        key_mask=nb_mask,
+                        rotary=self.rotary,
+                    ),
+                )
+            x = block.ff_res(x, block.ff)
+        return self.lm_head(self.norm(x))  # (B, n, vocab)
+
+    # ---- generation
+
+    def _forward_cached(self, tokens: Tensor, cache: KVCache, neighbours: Tensor | None) -> Tensor:
+        """Feed tokens (B, T) at positions cache.length.. and return the last logits (B, V).
+
+        `neighbours` (B, U, k, r) belong to chunks cache.num_chunks .. +U-1, which complete
+        within these tokens; they are encoded here, once, and their CCA keys/values cached.
+        """
+        B, T = tokens.shape
+        m = self.cfg.chunk_size
+        start, end = cache.length, cache.length + T
+        cache.token_ids[:, start:end] = tokens
+        mask, causal = self._self_attn_mask(cache.token_ids[:, :end] == self.cfg.pad_id, start, T)
+        positions = torch.arange(start, end, device=tokens.device)
+        new_chunks = 0 if neighbours is None else neighbours.shape[1]
+        total_chunks = cache.num_chunks + new_chunks
+        x = self.tok_emb(tokens)  # (B, T, d)
+        encoded = nb_mask = None
+        for i, block in enumerate(self.blocks):
+            x = block.attn_res(
+                x,
+                partial(
+                    block.attn,
+                    rotary=self.rotary,
+                    positions=positions,
+                    mask=mask,
+                    causal=causal,
+                    cache=cache,
+                    layer=i,
+                ),
+            )
+            if block.cca is None or block.cca_res is None or not cache.retrieval:
+                x = block.ff_res(x, block.ff)
+                continue
+            if i == self.first_cca:
+                if cache.chunk_acts is None:
+                    cache.chunk_acts = x.new_zeros(B, cache.size, x.shape[2])
+                cache.chunk_acts[:, start:end] = x
+                if neighbours is not None:
+                    span = slice(cache.num_chunks * m, total_chunks * m)
+                    encoded, nb_mask = self._encode(
+                        neighbours, cache.chunk_acts[:, span], cache.token_ids[:, span]
+                    )
+            if encoded is not None and nb_mask is not None:
+                keys, values = block.cca.keys_values(encoded, self.rotary)
+                self._store_cca(cache, i, keys, values, nb_mask)
+            keys = values = key_mask = None
+            if total_chunks > 0:
+                keys = cache.cca_keys[i][:, :total_chunks]
+                values = cache.cca_values[i][:, :total_chunks]
+                key_mask = cache.cca_mask[:, :total_chunks] if cache.cca_mask is not None else None
+            x = block.cca_res(
+                x,
+                partial(
+                    block.cca,
+                    start=start,
+                    keys=keys,
+                    values=values,
+                    key_mask=key_mask,
+                    rotary=self.rotary,
+                ),
+            )
+            x = block.ff_res(x, block.ff)
+        cache.length = end
+        cache.num_chunks = total_chunks
+        return self.lm_head(self.norm(x[:, -1]))  # (B, V)
+
+    def _store_cca(
+        self, cache: KVCache, layer: int, keys: Tensor, values: Tensor, nb_mask: Tensor
+    ) -> None:
+        """Write the CCA keys/values (B, U, h, k*r, hd) of newly encoded chunks into the cache."""
+        B, U, h, KR, hd = keys.shape
+        u0, u1 = cache.num_chunks, cache.num_chunks + U
+        if layer not in cache.cca_keys:
+            max_chunks = cache.size // self.cfg.chunk_size
+            cache.cca_keys[layer] = keys.new_zeros(B, max_chunks, h, KR, hd)
+            cache.cca_values[layer] = values.new_zeros(B, max_chunks, h, KR, hd)
+        cache.cca_keys[layer][:, u0:u1] = keys
+        cache.cca_values[layer][:, u0:u1] = values
+        if layer == self.first_cca:
+            if cache.cca_mask is None:
+                cache.cca_mask = nb_mask.new_zeros(B, cache.size // self.cfg.chunk_size, KR)
+            cache.cca_mask[:, u0:u1] = nb_mask
+
+    def _retrieve(self, retrieve: Retrieve, chunk: Tensor, shape: list[int]) -> Tensor:
+        """Call `retrieve` on one completed chunk (B, m) and check its answer (B, k, r)."""
+        neighbours = retrieve(chunk)
+        B = chunk.shape[0]
+        expected = f"(batch={B}, k, r)" if not shape else f"(batch={B}, k={shape[0]}, r={shape[1]})"
+        if (
+            not isinstance(neighbours, Tensor)
+            or neighbours.dim() != 3
+            or neighbours.shape[0] != B
+            or neighbours.dtype != torch.long
+            or (shape and list(neighbours.shape[1:]) != shape)
+            or min(neighbours.shape) < 1
+        ):
+            got = (
+                f"{tuple(neighbours.shape)} {neighbours.dtype}"
+                if isinstance(neighbours, Tensor)
+                else type(neighbours).__name__
+            )
+            raise ValueError(
+                f"retrieve(chunk) must return an int64 tensor of shape {expected} (the same k "
+                f"and r at every chunk); got {got}"
+            )
+        if not shape:
+            shape.extend(neighbours.shape[1:])
+        self._check_ids(neighbours, "retrieved neighbours")
+        return neighbours.to(chunk.device)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        retrieve: Retrieve | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continue `prompt` by `max_new_tokens` tokens, with a KV cache.
+
+        Each time a chunk of m tokens is complete (prompt chunks included) and a later token
+        is about to be fed, `retrieve(chunk (B, m)) -> (B, k, r)` gives its neighbours, which are
+        encoded once; self-attention and CCA keys/values are cached. Greedy output equals
+        decoding by full re-computation with `model(tokens, neighbours)`.
+
+        Args:
+            prompt: (B, P) int64, P >= 1.
+            max_new_tokens: tokens to add; P + max_new_tokens <= max_seq_len.
+            retrieve: neighbours for a completed chunk; None decodes with RETRO[OFF].
+            temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / T).
+            top_k: sample among the k most likely tokens only.
+            top_p: nucleus sampling: the smallest set of tokens with probability >= top_p.
+            generator: torch.Generator for reproducible sampling.
+        Returns:
+            (B, P + max_new_tokens) int64.
+        Raises:
+            ValueError: bad shapes, lengths or sampling settings.
+        """
+        cfg = self.cfg
+        self._check_tokens(prompt, "prompt")
+        B, P = prompt.shape
+        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if P + max_new_tokens > cfg.max_seq_len:
+            raise ValueError(
+                f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
+                f"({cfg.max_seq_len}); shorten the prompt or generate fewer tokens"
+            )
+        _check_sampling(temperature, top_k, top_p)
+        if retrieve is not None and not cfg.retrieval:
+            raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
+        if max_new_tokens == 0:
+            return prompt.clone()
+        was_training = self.training
+        self.eval()
+        try:
+            out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=prompt.device)
+            out[:, :P] = prompt
+            cache = KVCache(token_ids=torch.zeros_like(out), retrieval=retrieve is not None)
+            m, shape = cfg.chunk_size, []
+            feed_from = 0
+            for t in range(P, P + max_new_tokens):
+                neighbours = None
+                if retrieve is not None and t // m > cache.num_chunks:  # chunks completed
+                    neighbours = torch.stack(
+                        [
+                            self._retrieve(retrieve, out[:, u * m : (u + 1) * m], shape)
+                            for u in range(cache.num_chunks, t // m)
+                        ],
+                        dim=1,
+                    )  # (B, new chunks, k, r)
+                logits = self._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
+                out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+                feed_from = t
+            return out
+        finally:
+            self.train(was_training)
+
+    # ---- save / load
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        """Write `config.json` and `model.safetensors` into `folder` (each atomically).
+
+        The weights file also carries the config, so a folder whose two files come from
+        different saves is refused by `load`.
+        """
+        from safetensors.torch import save_file
+
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        config = self.cfg.to_dict()
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        with atomic_path(folder / WEIGHTS_FILE) as tmp:
+            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(config, sort_keys=True)})
+        write_json(folder / CONFIG_FILE, config)
+        return folder
+
+    @staticmethod
+    def _read_folder(folder: Path) -> tuple[RetroConfig, dict[str, Tensor]]:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise InputError(
+                    f"{path} not found: a saved model folder holds {CONFIG_FILE} and "
+                    f"{WEIGHTS_FILE} (written by RETRO.save)"
+                )
+        try:
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            cfg = RetroConfig.from_dict(config)
+            with safe_open(str(weights_path), framework="pt") as f:
+                stored = (f.metadata() or {}).get(_META_KEY)
+            state = load_file(str(weights_path))
+        except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
+            raise CorruptArtifactError(f"cannot read the model in {folder}: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own error type for a damaged file
+            raise CorruptArtifactError(f"cannot read {weights_path}: {exc}") from exc
+        if stored is not None and json.loads(stored) != cfg.to_dict():
+            raise CorruptArtifactError(
+                f"{config_path} and {weights_path} come from different saves; save the model again"
+            )
+        return cfg, state
+
+    @staticmethod
+    def _check_keys(
+        expected: dict[str, Tensor], found: dict[str, Tensor], where: Path, what: str
+    ) -> None:
+        missing = sorted(set(expected) - set(found))
+        extra = sorted(set(found) - set(expected))
+        wrong = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
+        if missing or extra or wrong:
+
+            def show(names: list[str]) -> str:
+                return ", ".join(names[:5]) + (
+                    f" (+{len(names) - 5} more)" if len(names) > 5 else ""
+                )
+
+            parts = [f"missing: {show(missing)}"] if missing else []
+            parts += [f"unexpected: {show(extra)}"] if extra else []
+            parts += [f"wrong shape: {show(wrong)}"] if wrong else []
+            raise CorruptArtifactError(
+                f"{where} does not hold the weights of {what} ({'; '.join(parts)}); "
+                "nothing was loaded"
+            )
+
+    @classmethod
+    def load(
+        cls, folder: str | os.PathLike[str], map_location: str | torch.device = "cpu"
+    ) -> RETRO:
+        """Load a model written by `save`. Every weight must be present, and no other.
+
+        Raises:
+            InputError: a file is missing.
+            CorruptArtifactError: unreadable files, missing, extra or misshapen weights.
+        """
+        folder = Path(folder)
+        cfg, state = cls._read_folder(folder)
+        model = cls(cfg)
+        cls._check_keys(model.state_dict(), state, folder / WEIGHTS_FILE, "this config")
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)
+
+    @classmethod
+    def from_baseline(cls, baseline_folder: str | os.PathLike[str], cfg: RetroConfig) -> RETRO:
+        """RETRO-fitting: a model with `cfg` whose decoder weights come from a saved baseline.
+
+        The baseline's decoder must match `cfg` exactly (every decoder weight, same shapes);
+        the encoder and CCA layers are freshly initialised.
+
+        Raises:
+            MismatchError: the baseline's decoder settings differ from `cfg`.
+            CorruptArtifactError: missing or extra decoder weights.
+        """
+        folder = Path(baseline_folder)
+        base_cfg, state = cls._read_folder(folder)
+        shared = ("vocab_size", "dec_dim", "dec_depth", "dec_heads", "ff_mult", "pad_id",
+                  "use_deepnet", "norm_eps", "rotary_base")  # fmt: skip
+        diff = [f"{k}: {getattr(base_cfg, k)} vs {getattr(cfg, k)}" for k in shared
+                if getattr(base_cfg, k) != getattr(cfg, k)]  # fmt: skip
+        if diff:
+            raise MismatchError(
+                f"the baseline in {folder} has another decoder than the requested config "
+                f"({'; '.join(diff)}); use the baseline's decoder settings"
+            )
+        model = cls(cfg)
+        decoder = {k: v for k, v in model.state_dict().items() if not cls._is_retrieval_name(k)}
+        cls._check_keys(decoder, state, folder / WEIGHTS_FILE, "a decoder of this config")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(cls._is_retrieval_name(k) for k in missing)
+        return model
+
+
+def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if not temperature >= 0:
+        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
+
+
+def sample_next(
+    logits: Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Next token ids (B,) from logits (B, V): argmax if temperature is 0, else sampled."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keeps the first
+        drop = drop_sorted.scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)
