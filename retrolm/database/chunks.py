@@ -1,0 +1,404 @@
+"""The tokenizer and chunk stages: corpus -> tokenizer.json -> chunk blocks + documents table.
+
+Chunks are written as fixed-size block files `chunks/tokens-NNNNNN.npy` (int32, [rows, m]), each
+with the documents whose first chunk lies in it (`chunks/docs-NNNNNN.jsonl`). After every block
+the manifest records the block's checksums and a *cursor*: the corpus event to continue from and
+how many chunks of that event's document are already written. A resumed run verifies the
+blocks, drops every block from the first bad one on, and continues from the last good cursor;
+the corpus stream is deterministic, so the result is the same as an uninterrupted run.
+Memory is bounded by one tokenization batch plus one block, whatever the corpus size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrolm.corpus import Document, Skipped, assign_split, iter_corpus, read_split_list
+from retrolm.database.config import DatabaseConfig
+from retrolm.database.manifest import block_ok, save_manifest
+from retrolm.errors import InputError
+from retrolm.io import atomic_open, save_npy, sha256_file
+from retrolm.log import progress
+from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+
+log = logging.getLogger(__name__)
+
+DOCUMENTS_FILE = "documents.jsonl"
+CHUNK_DOC_FILE = "chunk_doc.npy"
+
+
+def block_name(kind: str, index: int, suffix: str = "npy") -> str:
+    return f"{kind}-{index:06d}.{suffix}"
+
+
+@dataclass
+class Cursor:
+    """Where the chunk stream stands after a block: enough to resume exactly there."""
+
+    event: int = 0  # next corpus event (global over all sources) to read
+    offset: int = 0  # chunks of the document at `event` already written
+    documents: int = 0  # documents started so far (the next document's index)
+    chunks: int = 0  # chunks written so far (the next chunk's id)
+    train_chunks: int = 0
+    bytes: int = 0  # UTF-8 bytes of the documents started so far
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**self.__dict__, "skipped": dict(self.skipped)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Cursor:
+        return cls(**{**d, "skipped": dict(d["skipped"])})
+
+
+def corpus_options(config: DatabaseConfig) -> dict[str, Any]:
+    return {"glob": config.glob, "text_field": config.text_field, "strict": config.strict}
+
+
+def valid_names(config: DatabaseConfig) -> frozenset[str] | None:
+    return read_split_list(config.valid_list) if config.valid_list else None
+
+
+# ----------------------------------------------------------------------------- tokenizer stage
+
+
+def run_tokenizer(
+    folder: Path, manifest: dict[str, Any], config: DatabaseConfig, show_progress: bool = True
+) -> Tokenizer:
+    """Train (on the train split of the first source) or copy the tokenizer into the database."""
+    path = folder / TOKENIZER_FILE
+    recorded = manifest.get("tokenizer")
+    if (
+        manifest["stages"]["tokenizer"]
+        and recorded
+        and block_ok(folder, TOKENIZER_FILE, recorded["file_sha256"])
+    ):
+        return Tokenizer.load(path)
+    if config.tokenizer:
+        tokenizer = Tokenizer.load(config.tokenizer)
+        log.info("using the tokenizer %s (vocabulary %d)", config.tokenizer, tokenizer.vocab_size)
+    else:
+        source = manifest["sources"][0]
+        texts = _train_texts(source["inputs"], config)
+        log.info(
+            "training a byte-level BPE tokenizer (vocabulary %d) on the train split",
+            config.vocab_size,
+        )
+        tokenizer = train_tokenizer(texts, config.vocab_size, show_progress=show_progress)
+        if texts.documents == 0:
+            raise InputError(
+                _no_documents_message(source["inputs"], texts.skipped, train=texts.valid > 0)
+            )
+    tokenizer.save(path)
+    manifest["tokenizer"] = {
+        "file": TOKENIZER_FILE,
+        "file_sha256": sha256_file(path),
+        "sha256": tokenizer.sha256,
+        "vocab_size": tokenizer.vocab_size,
+        "pad_id": tokenizer.pad_id,
+        "eos_id": tokenizer.eos_id,
+    }
+    manifest["stages"]["tokenizer"] = True
+    save_manifest(folder, manifest)
+    return tokenizer
+
+
+class _train_texts:
+    """The texts of train documents, up to `tokenizer_train_bytes`, counted as they pass."""
+
+    def __init__(self, inputs: list[str], config: DatabaseConfig) -> None:
+        self.inputs, self.config = inputs, config
+        self.documents = self.valid = 0
+        self.skipped: dict[str, int] = {}
+
+    def __iter__(self) -> Iterator[str]:
+        names = valid_names(self.config)
+        used = 0
+        for _, item in iter_corpus(self.inputs, warn=False, **corpus_options(self.config)):
+            if isinstance(item, Skipped):
+                self.skipped[item.reason] = self.skipped.get(item.reason, 0) + 1
+                continue
+            if assign_split(item.name, self.config.valid_fraction, names) != "train":
+                self.valid += 1
+                continue
+            self.documents += 1
+            yield item.text
+            used += len(item.text)
+            if used >= self.config.tokenizer_train_bytes:
+                return
+
+
+def _no_documents_message(inputs: list[str], skipped: dict[str, int], train: bool = False) -> str:
+    where = ", ".join(inputs)
+    if train:
+        return (
+            f"the corpus {where} has no document in the train split; lower --valid-fraction or "
+            "shorten the split list"
+        )
+    detail = ", ".join(f"{n} {reason}" for reason, n in sorted(skipped.items())) or "no input files"
+    return (
+        f"the corpus {where} yielded no documents ({detail}); give folders or files of UTF-8 "
+        "text, .jsonl or .parquet (with --text-field naming the text)"
+    )
+
+
+# ----------------------------------------------------------------------------- chunk stage
+
+
+def chunk_document(ids: list[int], eos_id: int, pad_id: int, chunk_size: int) -> np.ndarray:
+    """A document's tokens + eos, cut into rows of `chunk_size`, the last row padded. (c, m) int32."""
+    stream = np.asarray(ids + [eos_id], dtype=np.int32)
+    rows = -(-stream.size // chunk_size)
+    out = np.full(rows * chunk_size, pad_id, dtype=np.int32)
+    out[: stream.size] = stream
+    return out.reshape(rows, chunk_size)
+
+
+class _BlockWriter:
+    """Collects chunk rows and document records; writes a block each time `block_rows` fill."""
+
+    def __init__(
+        self,
+        folder: Path,
+        manifest: dict[str, Any],
+        config: DatabaseConfig,
+        cursor: Cursor,
+        group: int,
+    ) -> None:
+        self.folder, self.manifest, self.config = folder, manifest, config
+        self.cursor, self.group = cursor, group
+        self.rows: list[np.ndarray] = []
+        self.count = 0
+        self.records: list[dict[str, Any]] = []
+        (folder / "chunks").mkdir(exist_ok=True)
+
+    def add(
+        self, event: int, rows: np.ndarray, start: int, split: str, record: dict[str, Any] | None
+    ) -> None:
+        """Append rows[start:] of the document at `event` (its record when it starts here)."""
+        if record is not None:
+            self.records.append(record)
+        position = start
+        while position < len(rows):
+            take = min(len(rows) - position, self.config.block_rows - self.count)
+            self.rows.append(rows[position : position + take])
+            self.count += take
+            position += take
+            self.cursor.chunks += take
+            if split == "train":
+                self.cursor.train_chunks += take
+            if self.count == self.config.block_rows:
+                done = position == len(rows)
+                self.cursor.event, self.cursor.offset = (
+                    (event + 1, 0) if done else (event, position)
+                )
+                self.flush()
+
+    def flush(self) -> None:
+        if self.count == 0:
+            return
+        blocks = self.manifest["chunks"]["blocks"]
+        index = len(blocks)
+        tokens = np.concatenate(self.rows)
+        tokens_file = f"chunks/{block_name('tokens', index)}"
+        docs_file = f"chunks/{block_name('docs', index, 'jsonl')}"
+        tokens_sha = save_npy(self.folder / tokens_file, tokens)
+        with atomic_open(self.folder / docs_file, "w", encoding="utf-8") as f:
+            for record in self.records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        blocks.append(
+            {
+                "index": index,
+                "group": self.group,
+                "start": self.cursor.chunks - self.count,
+                "rows": self.count,
+                "file": tokens_file,
+                "sha256": tokens_sha,
+                "docs_file": docs_file,
+                "docs_sha256": sha256_file(self.folder / docs_file),
+                "cursor": self.cursor.to_dict(),
+            }
+        )
+        save_manifest(self.folder, self.manifest)
+        self.rows, self.count, self.records = [], 0, []
+
+
+def verify_chunk_blocks(folder: Path, manifest: dict[str, Any]) -> int:
+    """Drop every chunk block from the first missing or corrupted one on. Returns blocks kept."""
+    blocks = manifest["chunks"]["blocks"]
+    for i, block in enumerate(blocks):
+        if not (
+            block_ok(folder, block["file"], block["sha256"])
+            and block_ok(folder, block["docs_file"], block["docs_sha256"])
+        ):
+            log.warning(
+                "chunk block %d (%s) is missing or corrupted; rebuilding from there",
+                i,
+                block["file"],
+            )
+            first_group = block["group"]
+            del blocks[i:]
+            for source in manifest["sources"][first_group:]:
+                source["done"] = False
+            manifest["stages"]["chunks"] = False
+            for stage in ("index", "neighbours"):  # they depend on the full chunk set
+                manifest["stages"][stage] = False
+            save_manifest(folder, manifest)
+            return i
+    return len(blocks)
+
+
+def _start_cursor(manifest: dict[str, Any], group: int) -> Cursor:
+    blocks = manifest["chunks"]["blocks"]
+    if blocks and blocks[-1]["group"] == group:
+        return Cursor.from_dict(blocks[-1]["cursor"])
+    if group == 0:
+        return Cursor()
+    return Cursor.from_dict(manifest["sources"][group - 1]["end_cursor"])
+
+
+def run_chunks(
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    tokenizer: Tokenizer,
+    show_progress: bool = True,
+) -> None:
+    """Tokenize and chunk every source not yet done, resuming at the last finished block."""
+    verify_chunk_blocks(folder, manifest)
+    names = valid_names(config)
+    for group, source in enumerate(manifest["sources"]):
+        if source["done"]:
+            continue
+        cursor = _start_cursor(manifest, group)
+        writer = _BlockWriter(folder, manifest, config, cursor, group)
+        end_event = _chunk_source(source, writer, config, tokenizer, names, show_progress)
+        writer.cursor.event, writer.cursor.offset = end_event, 0
+        writer.flush()
+        source["done"] = True
+        source["end_cursor"] = writer.cursor.to_dict()
+        save_manifest(folder, manifest)
+    _finish_chunks(folder, manifest, config)
+
+
+def _chunk_source(
+    source: dict[str, Any],
+    writer: _BlockWriter,
+    config: DatabaseConfig,
+    tokenizer: Tokenizer,
+    names: frozenset[str] | None,
+    show_progress: bool,
+) -> int:
+    """Stream one source through the writer. Returns the global event after its last one."""
+    base = source["first_event"]
+    cursor = writer.cursor
+    stream = iter_corpus(
+        source["inputs"], start_event=cursor.event - base, **corpus_options(config)
+    )
+    end = cursor.event
+    resume_event, resume_offset = cursor.event, cursor.offset
+    bar = progress(desc="chunking", unit="doc", show=show_progress)
+    for batch in _batches(stream, config.tokenize_batch_bytes):
+        documents = [item for _, item in batch if isinstance(item, Document)]
+        token_lists = iter(tokenizer.encode_batch([d.text for d in documents]))
+        for local_event, item in batch:
+            event = base + local_event
+            end = event + 1
+            if isinstance(item, Skipped):
+                cursor.skipped[item.reason] = cursor.skipped.get(item.reason, 0) + 1
+                continue
+            rows = chunk_document(
+                next(token_lists), tokenizer.eos_id, tokenizer.pad_id, config.chunk_size
+            )
+            split = assign_split(item.name, config.valid_fraction, names)
+            resuming = event == resume_event and resume_offset > 0
+            record = None
+            if not resuming:
+                record = _record(item, cursor, len(rows), split)
+                cursor.documents += 1
+                cursor.bytes += record["byte_length"]
+            writer.add(event, rows, resume_offset if resuming else 0, split, record)
+            bar.update(1)
+    bar.close()
+    return end
+
+
+def _record(doc: Document, cursor: Cursor, num_chunks: int, split: str) -> dict[str, Any]:
+    return {
+        "index": cursor.documents,
+        "id": doc.id,
+        "name": doc.name,
+        "byte_length": doc.byte_length,
+        "first_chunk": cursor.chunks,
+        "num_chunks": num_chunks,
+        "split": split,
+    }
+
+
+def _batches(
+    stream: Iterator[tuple[int, Document | Skipped]], max_bytes: int
+) -> Iterator[list[tuple[int, Document | Skipped]]]:
+    batch: list[tuple[int, Document | Skipped]] = []
+    size = 0
+    for event, item in stream:
+        batch.append((event, item))
+        if isinstance(item, Document):
+            size += len(item.text)
+        if size >= max_bytes or len(batch) >= 4096:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfig) -> None:
+    """Write the documents table and the chunk -> document map; record counts."""
+    sources = manifest["sources"]
+    end = Cursor.from_dict(sources[-1]["end_cursor"]) if sources else Cursor()
+    if end.documents == 0:
+        inputs = [p for s in sources for p in s["inputs"]]
+        raise InputError(_no_documents_message(inputs, end.skipped))
+    blocks = manifest["chunks"]["blocks"]
+    chunk_doc = np.lib.format.open_memmap  # streamed: the map is filled block by block
+    doc_path = folder / CHUNK_DOC_FILE
+    with atomic_open(folder / DOCUMENTS_FILE, "w", encoding="utf-8") as table:
+        tmp_map = doc_path.with_name(doc_path.name + ".tmp-build")
+        mapping = chunk_doc(tmp_map, mode="w+", dtype=np.int64, shape=(end.chunks,))
+        for block in blocks:
+            with open(folder / block["docs_file"], encoding="utf-8") as f:
+                for line in f:
+                    table.write(line)
+                    record = json.loads(line)
+                    first = record["first_chunk"]
+                    mapping[first : first + record["num_chunks"]] = record["index"]
+        mapping.flush()
+        del mapping
+    tmp_map.replace(doc_path)
+    manifest["chunks"]["documents_file"] = DOCUMENTS_FILE
+    manifest["chunks"]["documents_sha256"] = sha256_file(folder / DOCUMENTS_FILE)
+    manifest["chunks"]["chunk_doc_file"] = CHUNK_DOC_FILE
+    manifest["chunks"]["chunk_doc_sha256"] = sha256_file(doc_path)
+    manifest["counts"].update(
+        documents=end.documents,
+        chunks=end.chunks,
+        train_chunks=end.train_chunks,
+        valid_chunks=end.chunks - end.train_chunks,
+        bytes=end.bytes,
+        skipped=dict(end.skipped),
+    )
+    manifest["stages"]["chunks"] = True
+    save_manifest(folder, manifest)
+    log.info(
+        "chunks: %d documents, %d chunks (%d train), %d inputs skipped",
+        end.documents,
+        end.chunks,
+        end.train_chunks,
+        sum(end.skipped.values()),
+    )

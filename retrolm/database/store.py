@@ -1,0 +1,124 @@
+"""Read access to a database's block files (memory-mapped), shared by the stages and `Database`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from retrolm.errors import CorruptArtifactError
+from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+def load_block(path: Path, rows: int, what: str) -> np.ndarray:
+    """Memory-map a block file, refusing one that is missing or of the wrong length."""
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise CorruptArtifactError(
+            f"the {what} block {path} is missing or unreadable ({e}); rerun `retrolm db build` "
+            "with the same settings to rebuild it"
+        ) from None
+    if array.shape[0] != rows:
+        raise CorruptArtifactError(
+            f"the {what} block {path} has {array.shape[0]} rows, the manifest says {rows}; rerun "
+            "`retrolm db build` with the same settings to rebuild it"
+        )
+    return array
+
+
+class BlockStore:
+    """The chunk, embedding and neighbour blocks of a database folder, read lazily."""
+
+    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+        self.folder = Path(folder)
+        self.manifest = manifest
+        self.blocks: list[dict[str, Any]] = manifest["chunks"]["blocks"]
+        self.starts = np.array([b["start"] for b in self.blocks], dtype=np.int64)
+        self._train_chunks: int | None = None
+
+    # -- chunks and documents
+    def tokens_of_block(self, block: dict[str, Any]) -> np.ndarray:
+        return load_block(self.folder / block["file"], block["rows"], "chunk")
+
+    def embeddings_of_block(self, block: dict[str, Any]) -> np.ndarray:
+        record = self.manifest["embeddings"]["blocks"][str(block["index"])]
+        return load_block(self.folder / record["file"], block["rows"], "embedding")
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return Tokenizer.load(self.folder / TOKENIZER_FILE)
+
+    @cached_property
+    def chunk_doc(self) -> np.ndarray:
+        """(num_chunks,) int64 chunk -> document index (memory-mapped)."""
+        chunks = self.manifest["chunks"]
+        total = sum(b["rows"] for b in self.blocks)
+        return load_block(self.folder / chunks["chunk_doc_file"], total, "chunk -> document map")
+
+    def documents(self) -> list[dict[str, Any]]:
+        """The documents table, in document-index order."""
+        path = self.folder / self.manifest["chunks"]["documents_file"]
+        try:
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f]
+        except (OSError, ValueError) as e:
+            raise CorruptArtifactError(
+                f"cannot read the documents table {path} ({e}); rerun `retrolm db build`"
+            ) from None
+
+    @cached_property
+    def doc_is_train(self) -> np.ndarray:
+        """(num_documents,) bool: whether each document is in the train split."""
+        return np.array([d["split"] == "train" for d in self.documents()], dtype=bool)
+
+    def train_ids_of_block(self, block: dict[str, Any]) -> np.ndarray:
+        """Global ids of the train chunks of a block, ascending."""
+        docs = self.chunk_doc[block["start"] : block["start"] + block["rows"]]
+        return np.flatnonzero(self.doc_is_train[docs]).astype(np.int64) + block["start"]
+
+    def train_chunks(self) -> int:
+        """Number of train chunks (counted from the blocks, so it is right mid-way through an add)."""
+        if self._train_chunks is None:
+            self._train_chunks = int(sum(len(self.train_ids_of_block(b)) for b in self.blocks))
+        return self._train_chunks
+
+    def train_sample(self, size: int, seed: int) -> np.ndarray:
+        """Embeddings of a seeded random sample of `size` train chunks, read block by block."""
+        from retrolm.database.index import sample_rows
+
+        positions = sample_rows(self.train_chunks(), size, seed)  # ranks among train chunks
+        parts: list[np.ndarray] = []
+        seen = 0
+        for block in self.blocks:
+            ids = self.train_ids_of_block(block)
+            lo, hi = np.searchsorted(positions, [seen, seen + len(ids)])
+            if hi > lo:
+                rows = ids[positions[lo:hi] - seen] - block["start"]
+                parts.append(np.asarray(self.embeddings_of_block(block)[rows], dtype=np.float32))
+            seen += len(ids)
+        return (
+            np.concatenate(parts)
+            if parts
+            else np.zeros((0, self.manifest["embeddings"]["dim"]), np.float32)
+        )
+
+    # -- retrieval
+    def load_index(self, mmap: bool = False) -> Any:
+        record = self.manifest["index"]
+        path = self.folder / record["file"]
+        if record["kind"] == "bm25":
+            from retrolm.database.bm25 import BM25Index
+
+            return BM25Index.load(path, mmap=mmap)
+        from retrolm.database.index import apply_search_params, load_index
+
+        index = load_index(path, mmap=mmap)
+        apply_search_params(index, record["search_params"])
+        return index
