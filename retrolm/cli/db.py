@@ -1,5 +1,243 @@
-"""Placeholder until the `db` subcommand lands; replaced by its owner."""
+"""`retrolm db ...`: build, extend, inspect and search a retrieval database."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import fields
+from typing import Any
+
+from retrolm.database.config import DatabaseConfig
+
+DEFAULTS = DatabaseConfig()
+
+# flag -> (config field, type, help); shared by `db build` and `db chunk`
+CONTENT_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--chunk-size", "chunk_size", int, "tokens per chunk (m)"),
+    (
+        "--vocab-size",
+        "vocab_size",
+        int,
+        "vocabulary of the BPE tokenizer trained on the train split",
+    ),
+    (
+        "--tokenizer",
+        "tokenizer",
+        str,
+        "use this tokenizer.json / HF tokenizer folder instead of training one",
+    ),
+    (
+        "--valid-fraction",
+        "valid_fraction",
+        float,
+        "fraction of documents (by name hash) in the valid split",
+    ),
+    (
+        "--split-list",
+        "valid_list",
+        str,
+        "file of document names (one per line) forming the valid split",
+    ),
+    ("--glob", "glob", str, "files of a corpus folder to read"),
+    ("--text-field", "text_field", str, "JSONL field / Parquet column holding the text"),
+    ("--retriever", "retriever", str, "dense (embeddings + faiss) or bm25"),
+    (
+        "--embedder",
+        "embedder",
+        str,
+        "'default' (all-MiniLM-L6-v2), a local sentence-transformers folder, or bert-mean:PATH",
+    ),
+    ("--dtype", "dtype", str, "stored embedding dtype: float16 or float32"),
+    ("--index", "index", str, "'auto' or a faiss index_factory string, e.g. 'IVF1024,PQ32'"),
+    ("--index-memory", "index_memory", str, "memory budget of the index for --index auto, e.g. 4G"),
+    ("--index-train-size", "index_train_size", int, "most train chunks sampled to train the index"),
+    ("--neighbours", "neighbours", int, "neighbours stored per chunk (K)"),
+    ("--block-rows", "block_rows", int, "chunks per block file"),
+    ("--seed", "seed", int, "seed of the index training sample"),
+]
+SPEED_FLAGS: list[tuple[str, str, Any, str]] = [
+    ("--embed-batch-size", "embed_batch_size", int, "chunks per embedding batch"),
+    ("--device", "device", str, "torch device of the embedder (cpu, cuda, ...)"),
+    ("--embed-dtype", "embed_dtype", str, "embedder compute dtype: float32 or bfloat16"),
+]
 
 
-def register(subparsers) -> None:  # noqa: ARG001
-    return None
+def _add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, Any, str]]) -> None:
+    for flag, name, kind, text in flags:
+        default = getattr(DEFAULTS, name)
+        parser.add_argument(
+            flag, dest=name, type=kind, default=None, help=f"{text} (default: {default})"
+        )
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _config(args: argparse.Namespace) -> DatabaseConfig:
+    values = {
+        f.name: getattr(args, f.name)
+        for f in fields(DatabaseConfig)
+        if getattr(args, f.name, None) is not None
+    }
+    if getattr(args, "strict", False):
+        values["strict"] = True
+    return DatabaseConfig(**values)
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        name: getattr(args, name)
+        for _, name, _, _ in SPEED_FLAGS
+        if getattr(args, name, None) is not None
+    }
+
+
+def _build(args: argparse.Namespace) -> int:
+    from retrolm.database import build_database
+
+    folder = build_database(
+        args.corpus, args.out, _config(args), show_progress=not args.no_progress
+    )
+    print(folder)
+    return 0
+
+
+def _chunk(args: argparse.Namespace) -> int:
+    from retrolm.database import chunk_stage
+
+    print(chunk_stage(args.corpus, args.out, _config(args), show_progress=not args.no_progress))
+    return 0
+
+
+def _stage(name: str):  # noqa: ANN202
+    def run(args: argparse.Namespace) -> int:
+        import retrolm.database as database
+
+        stage = getattr(database, f"{name}_stage")
+        print(stage(args.db, overrides=_overrides(args), show_progress=not args.no_progress))
+        return 0
+
+    return run
+
+
+def _add(args: argparse.Namespace) -> int:
+    from retrolm.database import add_documents
+
+    print(
+        add_documents(
+            args.db, args.corpus, overrides=_overrides(args), show_progress=not args.no_progress
+        )
+    )
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from retrolm.database import Database
+
+    info = Database.open(args.db).info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    counts, index, emb = info["counts"], info["index"], info["embedder"]
+    skipped = ", ".join(f"{n} {r}" for r, n in sorted(counts["skipped"].items())) or "none"
+    lines = [
+        f"database   {info['path']} (format {info['format_version']})",
+        f"documents  {counts['documents']} ({counts['bytes']} bytes); skipped inputs: {skipped}",
+        f"chunks     {counts['chunks']} of {info['settings']['chunk_size']} tokens "
+        f"({counts['train_chunks']} train, {counts['valid_chunks']} valid) in {counts['blocks']} blocks",
+        f"tokenizer  vocabulary {info['tokenizer']['vocab_size']}, sha256 {info['tokenizer']['sha256'][:16]}",
+        f"embedder   {emb['spec']} (dim {emb['dim']}, metric {emb['metric']})",
+        f"index      {index['kind']} {index['factory']!r}, {index['ntotal']} vectors, search {index['search_params']}",
+        f"neighbours {info['settings']['neighbours']} per chunk",
+        f"stages     {', '.join(s for s, done in info['stages'].items() if done)}",
+        f"on disk    {info['bytes_on_disk']['total'] / 2**20:.1f} MiB "
+        + ", ".join(
+            f"{k} {v / 2**20:.1f}" for k, v in info["bytes_on_disk"].items() if k != "total"
+        ),
+        f"sources    {'; '.join(' '.join(s) for s in info['sources'])}",
+    ]
+    print("\n".join(lines))
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    from retrolm.database import Database
+
+    if not args.text.strip():
+        raise ValueError("the search text is empty; give the text to search for")
+    hits = Database.open(args.db).search([args.text], args.k)[0]
+    if args.json:
+        print(json.dumps([h.__dict__ for h in hits], indent=2, ensure_ascii=False))
+        return 0
+    for rank, hit in enumerate(hits, start=1):
+        print(f"{rank}. chunk {hit.chunk_id}  {hit.document_name}  distance {hit.distance:.4f}")
+        print("   " + hit.text.replace("\n", "\n   "))
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add `retrolm db` and its subcommands."""
+    group = subparsers.add_parser(
+        "db", help="build, extend, inspect and search a retrieval database"
+    )
+    group.set_defaults(handler=None, help_parser=group)
+    sub = group.add_subparsers(dest="db_command", metavar="DB_COMMAND")
+
+    for name, handler, text in (
+        (
+            "build",
+            _build,
+            "run every stage: corpus -> tokenizer -> chunks -> embeddings -> index -> neighbours (resumable)",
+        ),
+        ("chunk", _chunk, "only the corpus, tokenizer and chunk stages"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument(
+            "corpus",
+            nargs="+",
+            metavar="CORPUS",
+            help="folders, text files, .jsonl or .parquet files",
+        )
+        p.add_argument(
+            "--out", required=True, metavar="DB", help="the database folder (resumed if it exists)"
+        )
+        p.add_argument(
+            "--strict",
+            action="store_true",
+            help="stop at the first bad input instead of skipping it",
+        )
+        _add_flags(p, CONTENT_FLAGS)
+        _add_flags(p, SPEED_FLAGS)
+        _common(p)
+        p.set_defaults(handler=handler)
+
+    for name, text in (
+        ("embed", "embed every chunk not yet embedded"),
+        ("index", "train the index on a sample of train chunks and fill it"),
+        ("neighbours", "precompute the neighbours of every chunk (excluding its own document)"),
+    ):
+        p = sub.add_parser(name, help=text, description=text)
+        p.add_argument("db", metavar="DB", help="the database folder")
+        _add_flags(p, SPEED_FLAGS)
+        _common(p)
+        p.set_defaults(handler=_stage(name))
+
+    p = sub.add_parser("add", help="append documents to a finished database without a rebuild")
+    p.add_argument("db", metavar="DB")
+    p.add_argument("corpus", nargs="+", metavar="CORPUS")
+    _add_flags(p, SPEED_FLAGS)
+    _common(p)
+    p.set_defaults(handler=_add)
+
+    p = sub.add_parser("info", help="settings, counts, sizes on disk and completed stages")
+    p.add_argument("db", metavar="DB")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_info)
+
+    p = sub.add_parser("search", help="the chunks nearest to a text")
+    p.add_argument("db", metavar="DB")
+    p.add_argument("text", help="the query text")
+    p.add_argument("-k", type=int, default=5, help="number of results (default: 5)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_search)
