@@ -1,5 +1,32 @@
-"""Placeholder until the `plot` subcommand lands; replaced by its owner."""
+"""`retrolm plot`: loss curves of several runs on one figure."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
 
 
-def register(subparsers) -> None:  # noqa: ARG001
-    return None
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "plot",
+        help="plot train and validation loss of runs",
+        description="Train (solid) and validation (dashed) loss of one or more runs on one figure.",
+    )
+    p.add_argument("runs", nargs="+", type=Path, help="run folders")
+    p.add_argument("--out", type=Path, required=True, help="image file (.png, .svg, .pdf)")
+    p.add_argument("--labels", nargs="+", help="legend names, one per run")
+    p.add_argument("--x", default="tokens", choices=("tokens", "step"))
+    p.add_argument("--smooth", type=int, default=1, help="moving average of the train loss")
+    p.add_argument("--title")
+    p.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from retrolm.plot import plot_runs
+
+    out = plot_runs(
+        args.runs, args.out, labels=args.labels, x=args.x, smooth=args.smooth, title=args.title
+    )
+    print(out)
+    return 0

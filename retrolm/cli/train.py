@@ -1,5 +1,150 @@
-"""Placeholder until the `train` subcommand lands; replaced by its owner."""
+"""`retrolm train`: flags -> TrainConfig -> `retrolm.train.train`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from retrolm.errors import InputError
+
+# flag dest -> TrainConfig field
+_FIELDS = {
+    "preset": "preset",
+    "steps": "max_steps",
+    "tokens": "max_tokens",
+    "seq_len": "seq_len",
+    "batch_size": "batch_size",
+    "grad_accum": "grad_accum",
+    "neighbours": "num_neighbours",
+    "lr": "lr",
+    "min_lr_ratio": "min_lr_ratio",
+    "warmup": "warmup_steps",
+    "weight_decay": "weight_decay",
+    "clip": "grad_clip",
+    "bf16": "bf16",
+    "seed": "seed",
+    "checkpoint_every": "checkpoint_every",
+    "keep_checkpoints": "keep_checkpoints",
+    "eval_every": "eval_every",
+    "eval_batches": "eval_batches",
+    "no_retrieval": "no_retrieval",
+    "retrofit": "retrofit",
+    "device": "device",
+    "tensorboard": "tensorboard",
+}
 
 
-def register(subparsers) -> None:  # noqa: ARG001
-    return None
+def register(subparsers: Any) -> None:
+    p = subparsers.add_parser(
+        "train",
+        help="train a RETRO model (or the no-retrieval baseline) on a database",
+        description="Train a RETRO model on a database's train split. Flags override the "
+        "--config file, which overrides the defaults. A run folder is refused if it holds "
+        "another run, unless --resume or --overwrite.",
+    )
+    p.add_argument("--db", type=Path, help="database folder (default on --resume: the run's)")
+    p.add_argument("--out", type=Path, required=True, help="run folder")
+    p.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig fields")
+    p.add_argument("--preset", help="model size: tiny, small, base (default small)")
+    p.add_argument(
+        "--model", action="append", metavar="FIELD=VALUE", help="override a RetroConfig field"
+    )
+    steps = p.add_mutually_exclusive_group()
+    steps.add_argument("--steps", type=int, help="optimizer steps")
+    steps.add_argument("--tokens", type=int, help="training tokens (rounded up to whole steps)")
+    p.add_argument("--seq-len", type=int, help="tokens per sample (default: max_seq_len)")
+    p.add_argument("--batch-size", type=int, help="sequences per step, all processes together")
+    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
+    p.add_argument("--neighbours", type=int, help="k neighbours per chunk")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr")
+    p.add_argument("--warmup", type=int, help="warm-up steps")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--clip", type=float, help="max gradient norm (0: off)")
+    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept")
+    p.add_argument("--eval-every", type=int, help="steps between validation losses (0: off)")
+    p.add_argument("--eval-batches", type=int, help="validation batches")
+    p.add_argument(
+        "--no-retrieval", action="store_true", default=None, help="train the baseline decoder"
+    )
+    p.add_argument("--retrofit", help="finished baseline run: freeze it, train encoder + CCA")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--tensorboard", action="store_true", default=None)
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--overwrite", action="store_true", help="delete the run in --out first")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run)
+
+
+def _parse_value(text: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+def build_config(args: argparse.Namespace, base: dict[str, Any] | None) -> Any:
+    """TrainConfig from defaults < base (config file or stored run) < given flags."""
+    from retrolm.train import TrainConfig
+
+    values: dict[str, Any] = dict(base or {})
+    for dest, name in _FIELDS.items():
+        value = getattr(args, dest)
+        if value is not None:
+            values[name] = value
+            if name in ("max_steps", "max_tokens"):  # one replaces the other
+                values.pop("max_tokens" if name == "max_steps" else "max_steps", None)
+    for item in args.model or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InputError(f"--model {item!r}: expected FIELD=VALUE, e.g. --model dec_depth=4")
+        values.setdefault("model", {})
+        values["model"] = {**values["model"], key: _parse_value(value)}
+    return TrainConfig.from_dict(values)
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise InputError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise InputError(f"cannot parse {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold a mapping of TrainConfig fields")
+    return data
+
+
+def run(args: argparse.Namespace) -> int:
+    from retrolm.io import read_json
+    from retrolm.train import CONFIG_FILE, RUN_FILE, train
+
+    stored = args.out / CONFIG_FILE
+    if args.resume and stored.is_file():
+        base = read_json(stored)
+        if args.config is not None:
+            base.update(_read_config_file(args.config))
+    else:
+        base = _read_config_file(args.config) if args.config else None
+    config = build_config(args, base)
+    db = args.db
+    if db is None:
+        if args.resume and (args.out / RUN_FILE).is_file():
+            db = read_json(args.out / RUN_FILE)["database"]["path"]
+        else:
+            raise InputError("--db is required to start a run")
+    out = train(
+        config,
+        db,
+        args.out,
+        resume=args.resume,
+        overwrite=args.overwrite,
+        show_progress=not args.no_progress,
+    )
+    print(out / "model")
+    return 0

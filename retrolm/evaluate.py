@@ -1,0 +1,409 @@
+"""Evaluation: bits per byte on held-out documents, with and without retrieval, and filtered by
+leakage as in the paper (Borgeaud et al. 2021, section 2.6).
+
+The documents of a split are laid end to end as the database stores them (each ends with
+`<eos>` and a padded tail) and scored with sliding windows of `window` tokens moved by `stride`
+(both multiples of the chunk size, so chunk u of a window is a database chunk): the first window
+scores all its tokens, each later one only its last `stride`, so every token but the very first
+is scored exactly once, with at least `window - stride` tokens of context. Chunk u of a window
+gets the stored neighbours of that database chunk (train chunks, never of its own document).
+
+bpb = total negative log-likelihood in bits / UTF-8 bytes of the scored tokens. The leakage
+figure of a chunk C is r(C) = longest common run of tokens between C and any of its 10 nearest
+train chunks (each with its continuation) / chunk size; the filtered bpb for alpha counts only
+the chunks with r(C) <= alpha.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from retrolm.data import ChunkSource
+from retrolm.errors import InputError
+from retrolm.log import progress
+from retrolm.train import check_database, load_run_model, open_database, resolve_device
+
+log = logging.getLogger(__name__)
+
+ALPHAS = (0.125, 0.25, 0.5, 0.75, 1.0)
+
+
+@dataclass
+class EvalConfig:
+    """Settings of an evaluation; written into the report."""
+
+    split: str = "valid"  # documents evaluated
+    window: int | None = None  # tokens per window; default the model's max_seq_len
+    stride: int | None = None  # tokens a window moves; default window // 2 (paper: 2048 / 1024)
+    num_neighbours: int | None = None  # k at evaluation; default the model's training k
+    max_tokens: int | None = None  # evaluate only the first chunks of the split (None: all)
+    batch_size: int = 4  # windows per forward pass
+    leakage_neighbours: int = 10  # nearest train chunks compared for r(C)
+    alphas: tuple[float, ...] = ALPHAS  # leakage thresholds of the filtered figures
+    bf16: bool = False  # bfloat16 autocast
+    device: str = "auto"  # "auto", "cpu", "cuda"
+
+    def __post_init__(self) -> None:
+        if self.split not in ("train", "valid"):
+            raise ValueError(f"EvalConfig.split must be train or valid, got {self.split!r}")
+        for name in ("window", "stride", "num_neighbours", "max_tokens"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"EvalConfig.{name} must be a positive integer, got {value!r}")
+        if self.batch_size <= 0 or self.leakage_neighbours <= 0:
+            raise ValueError("EvalConfig.batch_size and leakage_neighbours must be positive")
+        self.alphas = tuple(float(a) for a in self.alphas)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["alphas"] = list(self.alphas)
+        return d
+
+
+@dataclass
+class EvalReport:
+    """Figures of one evaluation. `bpb` keys: retro_on, retro_off, baseline (those evaluated)."""
+
+    run: str
+    database: str | None
+    config: dict[str, Any]
+    tokens: int  # tokens scored
+    bytes: int  # UTF-8 bytes of the scored tokens
+    chunks: int  # chunks evaluated
+    documents: int
+    window: int
+    stride: int
+    k: int
+    bpb: dict[str, float]
+    filtered: list[dict[str, Any]] = field(default_factory=list)  # per alpha
+
+    NAMES = {"retro_on": "retro_bpb", "retro_off": "retro_off_bpb", "baseline": "baseline_bpb"}
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form: retro_bpb / retro_off_bpb / baseline_bpb, filtered[alpha] and counts."""
+        d: dict[str, Any] = {self.NAMES[k]: v for k, v in self.bpb.items()}
+        d["filtered"] = {
+            str(f["alpha"]): {"chunks": f["chunks"]}
+            | {self.NAMES[k]: v for k, v in f.items() if k in self.NAMES}
+            for f in self.filtered
+        }
+        d.update(
+            run=self.run,
+            database=self.database,
+            tokens=self.tokens,
+            bytes=self.bytes,
+            chunks=self.chunks,
+            documents=self.documents,
+            window=self.window,
+            stride=self.stride,
+            k=self.k,
+            config=self.config,
+        )
+        return d
+
+    def to_text(self) -> str:
+        """A plain table for the terminal."""
+        cols = [k for k in ("retro_on", "retro_off", "baseline") if k in self.bpb]
+        head = {"retro_on": "RETRO[ON]", "retro_off": "RETRO[OFF]", "baseline": "baseline"}
+        lines = [
+            f"{self.run}: {self.documents} documents, {self.chunks} chunks, {self.tokens} tokens,"
+            f" {self.bytes} bytes (window {self.window}, stride {self.stride}, k {self.k})",
+            "",
+            f"{'':>16}" + "".join(f"{head[c]:>12}" for c in cols),
+            f"{'bits per byte':>16}" + "".join(f"{self.bpb[c]:>12.4f}" for c in cols),
+        ]
+        if self.filtered:
+            lines += ["", "leakage-filtered (chunks with r(C) <= alpha):"]
+            lines.append(f"{'alpha':>8}{'chunks':>8}" + "".join(f"{head[c]:>12}" for c in cols))
+            for f in self.filtered:
+                vals = "".join(_fmt(f.get(c)) for c in cols)
+                lines.append(f"{f['alpha']:>8}{f['chunks']:>8}" + vals)
+        return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return f"{'-':>12}" if x is None or not math.isfinite(x) else f"{x:>12.4f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# pieces (each testable alone)
+
+
+def token_byte_lengths(tokenizer: Any) -> np.ndarray:
+    """UTF-8 bytes each token id stands for (0 for `<pad>` / `<eos>` and other specials).
+
+    Byte-level BPE: every character of a token's string stands for one byte.
+    """
+    hf = tokenizer.hf
+    decoder = json.loads(hf.to_str()).get("decoder") or {}
+    special = {int(tokenizer.pad_id), int(tokenizer.eos_id)}
+    special |= {
+        int(i) for i in hf.get_added_tokens_decoder() if hf.get_added_tokens_decoder()[i].special
+    }
+    out = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    byte_level = decoder.get("type") == "ByteLevel"
+    for i in range(tokenizer.vocab_size):
+        if i in special:
+            continue
+        if byte_level:
+            out[i] = len(hf.id_to_token(i) or "")
+        else:  # approximate for a token that is part of a character
+            out[i] = len(tokenizer.decode([i]).encode("utf-8"))
+    return out
+
+
+def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """(start, input length, first scored offset) of each window over a stream of `length`.
+
+    Window `start` reads tokens start .. start+n-1 and predicts tokens start+1 .. start+n; it
+    scores the predictions at offsets >= `first scored` so that every token 1..length-1 is scored
+    exactly once.
+    """
+    out, scored_to, start = [], 0, 0  # tokens 1..scored_to are done
+    while scored_to < length - 1:
+        n = min(window, length - 1 - start)
+        first = scored_to - start  # offset j predicts token start + j + 1
+        out.append((start, n, first))
+        scored_to = start + n
+        start += stride
+    return out
+
+
+@torch.no_grad()
+def score_stream(
+    model: nn.Module,
+    tokens: np.ndarray,
+    neighbours: np.ndarray | None,
+    *,
+    chunk_size: int,
+    window: int,
+    stride: int,
+    pad_id: int,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    desc: str = "eval",
+    show_progress: bool = False,
+) -> np.ndarray:
+    """Negative log-likelihood in bits of every token of a stream (NaN where not scored).
+
+    Args:
+        model: called as `model(tokens (B, n), neighbours=(B, ceil(n/m), k, r) | None)`.
+        tokens: (T,) the stream, T a multiple of `chunk_size`.
+        neighbours: (T // m, k, r) neighbour tokens of each chunk of the stream, or None.
+
+    Returns:
+        (T,) float64 bits; NaN for token 0 and for padding targets.
+    """
+    if window % chunk_size or stride % chunk_size or not 0 < stride <= window:
+        raise ValueError(
+            f"EvalConfig.window ({window}) and stride ({stride}) must be multiples of the chunk "
+            f"size {chunk_size}, with 0 < stride <= window"
+        )
+    bits = np.full(len(tokens), np.nan)
+    wins = sliding_windows(len(tokens), window, stride)
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in wins:
+        groups.setdefault(w[1], []).append(w)
+    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    model.eval()
+    for batch in progress(batches, desc=desc, unit="batch", show=show_progress):
+        n = batch[0][1]
+        x = torch.stack([stream[s : s + n] for s, _, _ in batch]).to(device)
+        y = torch.stack([stream[s + 1 : s + n + 1] for s, _, _ in batch]).to(device)
+        nb = None
+        if neighbours is not None:
+            c = math.ceil(n / chunk_size)
+            nb = torch.from_numpy(
+                np.stack([neighbours[s // chunk_size : s // chunk_size + c] for s, _, _ in batch])
+            ).to(device)
+        ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
+        with ctx:
+            logits = model(x, neighbours=nb)
+        logp = torch.log_softmax(logits.float(), dim=-1)
+        nll = -logp.gather(-1, y[..., None])[..., 0] / math.log(2)  # (B, n) bits
+        nll = nll.masked_fill(y == pad_id, float("nan")).double().cpu().numpy()
+        for row, (s, _, first) in enumerate(batch):
+            bits[s + 1 + first : s + 1 + n] = nll[row, first:]
+    return bits
+
+
+def longest_common_run(chunks: np.ndarray, neighbours: np.ndarray, pad_id: int) -> np.ndarray:
+    """Longest run of equal consecutive tokens shared by each chunk and any of its neighbours.
+
+    Args:
+        chunks: (N, m) tokens.
+        neighbours: (N, K, r) tokens (neighbour + continuation); padding never matches.
+
+    Returns:
+        (N,) int64 lengths in tokens (0..m).
+    """
+    a = np.where(chunks == pad_id, -1, chunks)[:, None, :, None]  # (N, 1, m, 1)
+    b = np.where(neighbours == pad_id, -2, neighbours)[:, :, None, :]  # (N, K, 1, r)
+    eq = a == b  # (N, K, m, r)
+    run = np.zeros(eq.shape[:2] + (eq.shape[3],), dtype=np.int32)  # (N, K, r)
+    best = np.zeros(eq.shape[0], dtype=np.int64)
+    for i in range(eq.shape[2]):
+        prev = np.zeros_like(run)
+        prev[..., 1:] = run[..., :-1]  # the run along the diagonal ending at (i-1, j-1)
+        run = np.where(eq[:, :, i, :], prev + 1, 0)
+        best = np.maximum(best, run.reshape(len(best), -1).max(axis=1, initial=0))
+    return best
+
+
+def split_stream(source: ChunkSource, split: str, max_tokens: int | None) -> np.ndarray:
+    """Chunk ids of the split (all, or the first whole chunks up to `max_tokens`)."""
+    ids = np.asarray(source.split_chunk_ids(split), dtype=np.int64)
+    if max_tokens is not None:
+        ids = ids[: max(1, max_tokens // source.chunk_size)]
+    if len(ids) == 0:
+        raise InputError(f"the database has no {split} chunks to evaluate on")
+    return ids
+
+
+def stream_neighbours(
+    source: ChunkSource, chunk_ids: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (C, k), tokens (C, k, 2m)) of the stored neighbours of each chunk."""
+    stored, _ = source.neighbours(chunk_ids)
+    ids = np.asarray(stored, dtype=np.int64)[:, :k]
+    if ids.shape[1] < k:
+        ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=-1)
+    return ids, np.asarray(source.neighbour_tokens(ids), dtype=np.int64)
+
+
+def bucket_bpb(
+    bits: np.ndarray, nbytes: np.ndarray, chunk_of: np.ndarray, mask: np.ndarray
+) -> float:
+    """bpb over the tokens whose chunk is in `mask` (NaN bits are unscored tokens)."""
+    sel = mask[chunk_of] & ~np.isnan(bits)
+    total = nbytes[sel].sum()
+    return float(np.nansum(bits[sel]) / total) if total else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------
+# stage function
+
+
+def evaluate_run(
+    run: str | Path,
+    db: str | Path | ChunkSource,
+    *,
+    config: EvalConfig | None = None,
+    baseline: str | Path | None = None,
+    show_progress: bool = True,
+) -> EvalReport:
+    """Bits per byte of a run on a database's held-out documents, with leakage buckets.
+
+    Args:
+        run: a training run folder (its final model, or its latest checkpoint if unfinished).
+        db: the database whose `split` is evaluated and whose neighbours are used; may differ
+            from the training database if tokenizer and chunk size match.
+        config: evaluation settings.
+        baseline: a no-retrieval run to evaluate side by side.
+        show_progress: progress bars on stderr.
+
+    Returns:
+        The report: RETRO[ON] and RETRO[OFF] for a retrieval model (plus the baseline), or the
+        single figure of a no-retrieval model (as "baseline").
+
+    Raises:
+        InputError: missing run, empty split; MismatchError: database with another tokenizer or
+            chunk size than the run.
+    """
+    cfg = config or EvalConfig()
+    model, meta = load_run_model(run)
+    source = open_database(db)
+    check_database(meta["database"], source, str(run))
+    models: dict[str, nn.Module] = {}
+    if model.cfg.cca_layers:
+        models["retro_on"] = models["retro_off"] = model
+    else:
+        models["baseline"] = model
+    if baseline is not None:
+        base_model, base_meta = load_run_model(baseline)
+        check_database(base_meta["database"], source, str(baseline))
+        models["baseline"] = base_model
+    mcfg = model.cfg
+    m = source.chunk_size
+    window = cfg.window or mcfg.max_seq_len
+    stride = cfg.stride or max(m, (window // 2) // m * m)
+    k = cfg.num_neighbours or mcfg.num_neighbours
+    device = resolve_device(cfg.device)
+
+    chunk_ids = split_stream(source, cfg.split, cfg.max_tokens)
+    chunk_tokens = np.asarray(source.chunk_tokens(chunk_ids), dtype=np.int64)  # (C, m)
+    stream = chunk_tokens.reshape(-1)
+    chunk_of = np.arange(len(stream)) // m
+    nbytes = byte_lengths_of(source, stream)
+    nbytes[0] = 0  # token 0 is context only
+    nbr_ids, nbr_tokens = stream_neighbours(source, chunk_ids, max(k, cfg.leakage_neighbours))
+
+    bits: dict[str, np.ndarray] = {}
+    for name, mdl in models.items():
+        mdl.to(device)
+        use = nbr_tokens[:, :, :k] if name == "retro_on" else None
+        bits[name] = score_stream(
+            mdl,
+            stream,
+            use,
+            chunk_size=m,
+            window=window,
+            stride=stride,
+            pad_id=mcfg.pad_id,
+            batch_size=cfg.batch_size,
+            device=device,
+            bf16=cfg.bf16,
+            desc=name,
+            show_progress=show_progress,
+        )
+    scored = ~np.isnan(next(iter(bits.values())))
+    every = np.ones(len(chunk_ids), dtype=bool)
+    report = EvalReport(
+        run=str(run),
+        database=str(getattr(source, "path", "")) or None,
+        config=cfg.to_dict(),
+        tokens=int(scored.sum()),
+        bytes=int(nbytes[scored].sum()),
+        chunks=len(chunk_ids),
+        documents=len(np.unique(np.asarray(source.chunk_doc)[chunk_ids])),
+        window=window,
+        stride=stride,
+        k=k,
+        bpb={name: bucket_bpb(b, nbytes, chunk_of, every) for name, b in bits.items()},
+    )
+    r = leakage_ratio(chunk_tokens, nbr_tokens[:, : cfg.leakage_neighbours], m, mcfg.pad_id)
+    for alpha in cfg.alphas:
+        mask = r <= alpha + 1e-9
+        row: dict[str, Any] = {"alpha": alpha, "chunks": int(mask.sum())}
+        row.update({name: bucket_bpb(b, nbytes, chunk_of, mask) for name, b in bits.items()})
+        report.filtered.append(row)
+    return report
+
+
+def leakage_ratio(chunks: np.ndarray, neighbours: np.ndarray, m: int, pad_id: int) -> np.ndarray:
+    """r(C) of each chunk: longest common token run with its neighbours / chunk size."""
+    out = np.zeros(len(chunks))
+    for s in range(0, len(chunks), 512):  # bounded memory: (512, K, m, r) booleans
+        out[s : s + 512] = longest_common_run(chunks[s : s + 512], neighbours[s : s + 512], pad_id)
+    return out / m
+
+
+def byte_lengths_of(source: ChunkSource, stream: np.ndarray) -> np.ndarray:
+    """UTF-8 bytes of each token of the stream (uses the database's tokenizer)."""
+    tokenizer = getattr(source, "tokenizer", None)
+    if tokenizer is None:
+        raise InputError("this database has no tokenizer; bits per byte need one")
+    table = token_byte_lengths(tokenizer)
+    return table[stream]

@@ -1,0 +1,98 @@
+"""Loss curves (train and validation) of several runs on one figure, from their metrics.jsonl."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+from retrolm.errors import InputError
+from retrolm.io import atomic_path
+from retrolm.train import read_metrics
+
+log = logging.getLogger(__name__)
+
+
+def plot_runs(
+    runs: Sequence[str | Path],
+    out: str | Path,
+    *,
+    labels: Sequence[str] | None = None,
+    x: str = "tokens",
+    smooth: int = 1,
+    title: str | None = None,
+) -> Path:
+    """Draw train loss (solid) and validation loss (dashed, markers) of each run.
+
+    Args:
+        runs: run folders (each with a metrics.jsonl).
+        out: image file to write (format from the suffix, e.g. .png, .svg, .pdf).
+        labels: legend names (default: the run folders' names).
+        x: "tokens" or "step" on the horizontal axis.
+        smooth: moving-average window (steps) for the train loss.
+        title: figure title.
+
+    Returns:
+        The written file.
+
+    Raises:
+        InputError: no runs, a run without metrics, or bad labels.
+    """
+    if not runs:
+        raise InputError("give at least one run folder to plot")
+    if labels is not None and len(labels) != len(runs):
+        raise InputError(f"{len(labels)} labels for {len(runs)} runs; give one label per run")
+    if x not in ("tokens", "step"):
+        raise InputError(f"x must be 'tokens' or 'step', got {x!r}")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, run in enumerate(runs):
+        records = read_metrics(run)
+        if not records:
+            raise InputError(f"{run}/metrics.jsonl holds no records yet")
+        label = labels[i] if labels is not None else Path(run).resolve().name
+        color = f"C{i}"
+        train = [r for r in records if "loss" in r]
+        xs = [r.get(x, r["step"]) for r in train]
+        ys = _moving_average([r["loss"] for r in train], smooth)
+        ax.plot(xs, ys, color=color, lw=1.2, label=f"{label} train")
+        valid = [r for r in records if r.get("valid_loss") is not None]
+        if valid:
+            ax.plot(
+                [r.get(x, r["step"]) for r in valid],
+                [r["valid_loss"] for r in valid],
+                color=color,
+                ls="--",
+                marker="o",
+                ms=3,
+                label=f"{label} valid",
+            )
+    ax.set_xlabel("training tokens" if x == "tokens" else "step")
+    ax.set_ylabel("loss (nats / token)")
+    ax.set_title(title or "RETRO training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(out)
+    suffix = out.suffix.lstrip(".") or "png"
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, format=suffix, dpi=120)
+    plt.close(fig)
+    log.info("wrote %s", out)
+    return out
+
+
+def _moving_average(values: list[float], window: int) -> list[float]:
+    if window <= 1:
+        return values
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out

@@ -1,0 +1,792 @@
+"""Training: `setup -> main -> fit`, with checkpoints, exact resume and DDP.
+
+A run folder holds::
+
+    train_config.json   the TrainConfig it was started with
+    run.json            the database it trains on (path, tokenizer hash, chunk size) and the model
+                        config
+    metrics.jsonl       one JSON object per logged step / validation
+    checkpoints/        see retrolm.checkpoint
+    model/              the final model (model.save), written when training completes
+
+`--resume` restores model, optimizer, RNG and sampler position, so an interrupted and resumed
+run computes the very same per-step losses as an uninterrupted one. Launched by `torchrun`
+(WORLD_SIZE > 1) it trains data-parallel: gloo on CPU, nccl on GPU; every rank draws the same
+global batch and keeps its share, and losses are normalised by the global number of targets, so
+the result matches a single process with the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from retrolm.data import ChunkSource, ResumableSampler, RetroSamples
+from retrolm.errors import InputError, MismatchError
+from retrolm.io import atomic_open, read_json, write_json
+from retrolm.log import progress
+
+log = logging.getLogger(__name__)
+
+CONFIG_FILE = "train_config.json"
+RUN_FILE = "run.json"
+METRICS_FILE = "metrics.jsonl"
+MODEL_DIR = "model"
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; written as `train_config.json` in the run."""
+
+    preset: str = "small"  # RetroConfig preset for the model's shape
+    model: dict[str, Any] = field(default_factory=dict)  # RetroConfig fields overriding the preset
+    max_steps: int | None = None  # optimizer steps; or give max_tokens
+    max_tokens: int | None = None  # training tokens (rounded up to whole steps)
+    seq_len: int | None = None  # tokens per sample; default the model's max_seq_len
+    batch_size: int = 8  # sequences per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    num_neighbours: int | None = None  # k neighbours per chunk; default the model's
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (not on norms/biases/embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bf16: bool = False  # bfloat16 autocast for forward and loss
+    seed: int = 0  # model initialisation, sample order, dropout
+    checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    eval_every: int = 100  # steps between validation losses; 0 disables
+    eval_batches: int = 4  # validation batches (of batch_size // grad_accum samples)
+    log_every: int = 1  # steps between metrics.jsonl records
+    no_retrieval: bool = False  # train the same decoder without encoder and CCA (the baseline)
+    retrofit: str | None = None  # a finished baseline run: freeze it and train encoder + CCA
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    tensorboard: bool = False  # also write TensorBoard events (if tensorboard is installed)
+
+    def __post_init__(self) -> None:
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ValueError("max_steps / max_tokens: give one, not both")
+        if self.max_steps is None and self.max_tokens is None:
+            self.max_steps = 1000
+        positive = ["batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"]
+        positive += ["log_every", "eval_batches"]
+        for name in ("max_steps", "max_tokens", "seq_len", "num_neighbours"):
+            if getattr(self, name) is not None:
+                positive.append(name)
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(
+                f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"
+            )
+        if self.weight_decay < 0 or self.grad_clip < 0:
+            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                f"({self.grad_accum})"
+            )
+        if self.no_retrieval and self.retrofit:
+            raise ValueError("TrainConfig.retrofit adds retrieval; it excludes no_retrieval")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        self.model = dict(self.model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"TrainConfig: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def total_steps(self, seq_len: int) -> int:
+        """Optimizer steps of the run (max_tokens rounded up to whole steps)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.max_tokens is not None
+        return math.ceil(self.max_tokens / (self.batch_size * seq_len))
+
+
+def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
+    """Learning rate at optimizer step `step` (0-based): linear warm-up, then cosine decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(1, total_steps - cfg.warmup_steps)
+    progress_ = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.lr * cfg.min_lr_ratio
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress_))
+
+
+# ---------------------------------------------------------------------------------------------
+# set-up
+
+
+@dataclass
+class Dist:
+    """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        if self.enabled:
+            dist.all_reduce(x, op=dist.ReduceOp.SUM)
+        return x
+
+
+def init_distributed(device: torch.device) -> Dist:
+    """Join the process group that torchrun describes in the environment (if any)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError("device cuda requested but no CUDA GPU is visible; use --device cpu")
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def open_database(db: str | Path | ChunkSource) -> ChunkSource:
+    """A database path (opened) or an already opened chunk source."""
+    if isinstance(db, (str, Path)):
+        from retrolm.database import Database
+
+        if not Path(db).exists():
+            raise InputError(f"database {db} does not exist; build one with `retrolm db build`")
+        return Database.open(db)
+    return db
+
+
+def database_facts(db: ChunkSource) -> dict[str, Any]:
+    """What a run must remember of its database to check another one against it later."""
+    tokenizer = getattr(db, "tokenizer", None)
+    return {
+        "path": str(Path(db.path).resolve()) if hasattr(db, "path") else None,
+        "tokenizer_sha256": getattr(tokenizer, "sha256", None),
+        "vocab_size": getattr(tokenizer, "vocab_size", None),
+        "chunk_size": int(db.chunk_size),
+        "pad_id": int(db.pad_id),
+    }
+
+
+def check_database(run_db: dict[str, Any], db: ChunkSource, where: str) -> None:
+    """Refuse a database whose tokenizer or chunk size differs from the run's.
+
+    Raises:
+        MismatchError: naming the setting that differs.
+    """
+    now = database_facts(db)
+    for key in ("tokenizer_sha256", "chunk_size", "pad_id"):
+        if run_db.get(key) is not None and now[key] != run_db[key]:
+            raise MismatchError(
+                f"{where} was trained with {key}={run_db[key]}, but the database "
+                f"{now['path']} has {key}={now[key]}; use a database built with the same "
+                "tokenizer and chunk size"
+            )
+
+
+def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
+    """The RetroConfig of a fresh run: preset, overrides, and the database's vocabulary."""
+    from retrolm.config import RetroConfig
+
+    overrides: dict[str, Any] = {
+        "chunk_size": facts["chunk_size"],
+        "neighbour_len": 2 * facts["chunk_size"],
+        "pad_id": facts["pad_id"],
+    }
+    if facts.get("vocab_size"):
+        overrides["vocab_size"] = facts["vocab_size"]
+    if cfg.num_neighbours is not None:
+        overrides["num_neighbours"] = cfg.num_neighbours
+    overrides.update(cfg.model)
+    if cfg.no_retrieval:
+        overrides["cca_layers"] = ()
+    mcfg = RetroConfig.preset(cfg.preset, **overrides)
+    if cfg.retrofit:
+        base = RetroConfig.from_dict(read_json(finished_model(Path(cfg.retrofit)) / "config.json"))
+        if not mcfg.cca_layers:
+            raise ValueError("TrainConfig.model: retrofit needs cca_layers (the preset has none)")
+        keep = {f: getattr(mcfg, f) for f in ("cca_layers", "enc_dim", "enc_depth", "enc_heads")}
+        keep["num_neighbours"] = mcfg.num_neighbours
+        mcfg = dataclasses.replace(base, **keep)
+    return mcfg
+
+
+def finished_model(run: Path) -> Path:
+    """The final model folder of a finished run.
+
+    Raises:
+        InputError: `run` is not a run folder or has not finished.
+    """
+    if not run.is_dir():
+        raise InputError(f"run folder {run} does not exist")
+    if not (run / MODEL_DIR / "config.json").is_file():
+        hint = "resume it with `retrolm train --out RUN --resume`"
+        if not (run / CONFIG_FILE).is_file():
+            hint = "train one with `retrolm train`"
+        raise InputError(f"{run} holds no finished model ({run / MODEL_DIR} missing); {hint}")
+    return run / MODEL_DIR
+
+
+def read_run_meta(run: str | Path) -> dict[str, Any]:
+    """The run.json of a run folder.
+
+    Raises:
+        InputError: not a run folder.
+    """
+    run = Path(run)
+    if not run.is_dir():
+        raise InputError(f"run folder {run} does not exist; train one with `retrolm train`")
+    if not (run / RUN_FILE).is_file():
+        raise InputError(f"{run} is not a retrolm run folder ({RUN_FILE} missing)")
+    return read_json(run / RUN_FILE)
+
+
+def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[Any, dict[str, Any]]:
+    """(model, run.json) of a run: its final model, or its latest checkpoint if unfinished.
+
+    Raises:
+        InputError: no run folder, or nothing saved yet.
+    """
+    from retrolm.model import RETRO
+
+    run = Path(run)
+    meta = read_run_meta(run)
+    if (run / MODEL_DIR / "config.json").is_file():
+        return RETRO.load(run / MODEL_DIR), meta
+    ckpt = latest_checkpoint(run / "checkpoints") if allow_unfinished else None
+    if ckpt is None:
+        raise InputError(f"{run} has no saved model yet; train it (or resume it) first")
+    log.warning("%s is unfinished; using its latest checkpoint %s", run, ckpt.name)
+    return RETRO.load(ckpt / "model"), meta
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; decay only on weight matrices, not on norms, biases or embeddings."""
+    no_decay_ids: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) or "norm" in type(module).__name__.lower():
+            no_decay_ids.update(id(p) for p in module.parameters(recurse=False))
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or id(p) in no_decay_ids else decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse a folder holding another run unless resume or overwrite says what to do.
+
+    Raises:
+        InputError: `out` holds files and neither flag was given, or `--overwrite` would delete
+            a folder that is not a run.
+    """
+    if not out.exists() or not any(out.iterdir()):
+        return
+    is_run = (out / CONFIG_FILE).is_file()
+    if resume and is_run:
+        return
+    if overwrite and is_run:
+        return
+    if overwrite or resume:
+        raise InputError(
+            f"{out} is not empty and holds no retrolm run ({CONFIG_FILE} missing); choose "
+            "another --out; retrolm deletes only folders it created"
+        )
+    raise InputError(
+        f"{out} already holds a run; pass --resume to continue it, --overwrite to start over, "
+        "or choose another --out"
+    )
+
+
+@dataclass
+class Trainer:
+    """The state `fit` works on, built by `setup`."""
+
+    cfg: TrainConfig
+    out: Path
+    model: nn.Module  # the RETRO (unwrapped)
+    ddp_model: nn.Module  # the model wrapped for DDP (or the model itself)
+    optimizer: torch.optim.Optimizer
+    train_data: RetroSamples
+    valid_data: RetroSamples | None
+    sampler: ResumableSampler
+    device: torch.device
+    dist: Dist
+    total_steps: int
+    pad_id: int = 0
+    step: int = 0
+    tokens_seen: int = 0
+    show_progress: bool = True
+    writer: Any = None  # TensorBoard SummaryWriter or None
+
+
+def setup(
+    config: TrainConfig | None,
+    db: str | Path | ChunkSource,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Trainer:
+    """Open the data, build or restore model and optimizer, and prepare the run folder.
+
+    Args:
+        config: the run's settings; None to reuse the stored ones with `resume`.
+        db: database folder (or an opened chunk source).
+        out: run folder.
+        resume: continue the run in `out` from its latest checkpoint.
+        overwrite: delete the run in `out` and start over.
+        show_progress: progress bar on stderr.
+
+    Raises:
+        InputError: bad run folder or database; MismatchError: resume with other settings.
+    """
+    out = Path(out)
+    prepare_run_folder(out, resume, overwrite)
+    stored = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else None
+    if resume and stored is not None:
+        stored_cfg = TrainConfig.from_dict(stored)
+        if config is not None and config.to_dict() != stored_cfg.to_dict():
+            diff = [k for k, v in config.to_dict().items() if stored[k] != v]
+            raise MismatchError(
+                f"{out} was started with other settings ({', '.join(diff)} differ); resume "
+                "without changing them, or use --overwrite"
+            )
+        config = stored_cfg
+    if config is None:
+        raise InputError(f"{out} holds no run to resume; give a config to start one")
+    cfg = config
+    source = open_database(db)
+    facts = database_facts(source)
+    device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dist_ = init_distributed(device)
+    if resume and (out / RUN_FILE).is_file():
+        check_database(read_json(out / RUN_FILE)["database"], source, str(out))
+    dist_.barrier()  # every rank has checked the folder before rank 0 changes it
+    if dist_.is_main and overwrite and not resume and out.exists():
+        shutil.rmtree(out)
+    dist_.barrier()
+
+    torch.manual_seed(cfg.seed)
+    mcfg = model_config(cfg, facts)
+    seq_len = cfg.seq_len or mcfg.max_seq_len
+    if seq_len > mcfg.max_seq_len or seq_len % mcfg.chunk_size:
+        raise ValueError(
+            f"TrainConfig.seq_len ({seq_len}) must be a multiple of the chunk size "
+            f"{mcfg.chunk_size} and at most max_seq_len {mcfg.max_seq_len}"
+        )
+    k = mcfg.num_neighbours if mcfg.cca_layers else 0
+    train_data = RetroSamples(source, "train", seq_len, k)
+    valid_data = RetroSamples(source, "valid", seq_len, k)
+    if len(valid_data) == 0:
+        valid_data = None
+    sampler = ResumableSampler(
+        len(train_data),
+        cfg.batch_size,
+        seed=cfg.seed,
+        rank=dist_.rank,
+        world_size=dist_.world_size,
+        grad_accum=cfg.grad_accum,
+    )
+    model = create_model(cfg, mcfg)
+    ckpt = latest_checkpoint(out / "checkpoints") if resume else None
+    if ckpt is not None:
+        from retrolm.model import RETRO
+
+        model = RETRO.load(ckpt / "model")
+        freeze_for_retrofit(model, cfg)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg)
+    trainer = Trainer(
+        cfg=cfg,
+        out=out,
+        model=model,
+        ddp_model=wrap_ddp(model, device, dist_),
+        optimizer=optimizer,
+        train_data=train_data,
+        valid_data=valid_data,
+        sampler=sampler,
+        device=device,
+        dist=dist_,
+        total_steps=cfg.total_steps(seq_len),
+        pad_id=mcfg.pad_id,
+        show_progress=show_progress and dist_.is_main,
+    )
+    if ckpt is not None:
+        restore(trainer, ckpt)
+    elif resume:
+        log.info("no checkpoint in %s yet; starting the run from step 0", out)
+    if dist_.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / CONFIG_FILE, cfg.to_dict())
+        run_meta = {
+            "database": facts,
+            "model_config": mcfg.to_dict(),
+            "seq_len": seq_len,
+            "total_steps": trainer.total_steps,
+            "world_size": dist_.world_size,
+            "retrofit_from": str(Path(cfg.retrofit).resolve()) if cfg.retrofit else None,
+        }
+        write_json(out / RUN_FILE, run_meta)
+        truncate_metrics(out / METRICS_FILE, trainer.step)
+        trainer.writer = open_tensorboard(out) if cfg.tensorboard else None
+    dist_.barrier()
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    log.info(
+        "model: %.2fM parameters (%.2fM trained), %s; %d train samples of %d tokens, k=%d",
+        model.num_params() / 1e6 if hasattr(model, "num_params") else n_train / 1e6,
+        n_train / 1e6,
+        "retrieval" if mcfg.cca_layers else "no retrieval",
+        len(train_data),
+        seq_len,
+        k,
+    )
+    return trainer
+
+
+def create_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
+    """A fresh model, or a frozen baseline with fresh retrieval parts for RETRO-fitting."""
+    from retrolm.model import RETRO
+
+    if cfg.retrofit:
+        model = RETRO.from_baseline(finished_model(Path(cfg.retrofit)), mcfg)
+        freeze_for_retrofit(model, cfg)
+        return model
+    return RETRO(mcfg)
+
+
+def freeze_for_retrofit(model: nn.Module, cfg: TrainConfig) -> None:
+    """With retrofit, train only the encoder and CCA parameters."""
+    if not cfg.retrofit:
+        return
+    trainable = {id(p) for _, p in model.retrieval_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in trainable)
+
+
+def wrap_ddp(model: nn.Module, device: torch.device, dist_: Dist) -> nn.Module:
+    if not dist_.enabled:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(model, device_ids=ids)
+
+
+def restore(trainer: Trainer, ckpt: Path) -> None:
+    """Load optimizer, RNG and sampler position from checkpoint `ckpt`."""
+    trainer_state, state = load_checkpoint_state(ckpt)
+    trainer.optimizer.load_state_dict(trainer_state["optimizer"])
+    torch.set_rng_state(trainer_state["rng_cpu"])
+    if trainer.device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(trainer_state["rng_cuda"], trainer.device)
+    trainer.sampler.load_state_dict(state["sampler"])
+    trainer.step = int(state["step"])
+    trainer.tokens_seen = int(state["tokens_seen"])
+    log.info("resumed %s at step %d (%s)", trainer.out, trainer.step, ckpt.name)
+
+
+def open_tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        log.warning("tensorboard is not installed; pip install tensorboard to get event files")
+        return None
+    return SummaryWriter(str(out / "tensorboard"))
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop records after `step` (written after the checkpoint a resumed run restarts from)."""
+    if not path.is_file():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                keep.append(line)
+        except (ValueError, KeyError):
+            continue  # a line cut short by a kill
+    with atomic_open(path, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in keep))
+
+
+def read_metrics(run: str | Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
+    path = Path(run) / METRICS_FILE
+    if not path.is_file():
+        raise InputError(f"{path} does not exist; is {run} a training run folder?")
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
+
+
+# ---------------------------------------------------------------------------------------------
+# the loop
+
+
+def token_nll(model: nn.Module, batch_tokens, batch_neighbours, targets, pad_id, bf16) -> Any:
+    """Summed negative log-likelihood (nats) of the non-pad targets, and their count."""
+    device_type = batch_tokens.device.type
+    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    with ctx:
+        logits = model(batch_tokens, neighbours=batch_neighbours)
+    nll = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=pad_id,
+        reduction="sum",
+    )
+    return nll, (targets != pad_id).sum()
+
+
+def to_device(batch, device: torch.device):
+    nb = batch.neighbours.to(device) if batch.neighbours is not None else None
+    return batch.tokens.to(device), nb, batch.targets.to(device)
+
+
+def train_step(trainer: Trainer) -> float:
+    """One optimizer step over this rank's micro-batches; returns the global mean loss."""
+    cfg, model, pad = trainer.cfg, trainer.ddp_model, trainer.pad_id
+    lr = get_lr(trainer.step, cfg, trainer.total_steps)
+    for group in trainer.optimizer.param_groups:
+        group["lr"] = lr
+    micro = [trainer.train_data.get(ix) for ix in trainer.sampler.next_step()]
+    count = trainer.dist.sum(
+        torch.tensor(sum(int((b.targets != pad).sum()) for b in micro), dtype=torch.float64)
+    )
+    scale = trainer.dist.world_size / max(1.0, float(count))
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    for i, batch in enumerate(micro):
+        sync = not trainer.dist.enabled or i == len(micro) - 1
+        with nullcontext() if sync else model.no_sync():
+            tokens, neighbours, targets = to_device(batch, trainer.device)
+            nll, _ = token_nll(model, tokens, neighbours, targets, pad, cfg.bf16)
+            (nll * scale).backward()
+        loss_sum += nll.detach().double().cpu()
+    if cfg.grad_clip > 0:
+        params = [p for p in trainer.model.parameters() if p.requires_grad]
+        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    trainer.optimizer.step()
+    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.step += 1
+    trainer.tokens_seen += cfg.batch_size * trainer.train_data.seq_len
+    return float(trainer.dist.sum(loss_sum)) / max(1.0, float(count))
+
+
+@torch.no_grad()
+def validate(trainer: Trainer) -> float | None:
+    """Mean loss (nats per target token) on a fixed set of validation samples, all ranks."""
+    data = trainer.valid_data
+    if data is None:
+        return None
+    micro = trainer.cfg.batch_size // trainer.cfg.grad_accum
+    n = min(len(data), trainer.cfg.eval_batches * micro)
+    mine = np.arange(n)[trainer.dist.rank :: trainer.dist.world_size]
+    total = torch.zeros(2, dtype=torch.float64)
+    trainer.model.eval()
+    for start in range(0, len(mine), micro):
+        batch = data.get(mine[start : start + micro])
+        tokens, neighbours, targets = to_device(batch, trainer.device)
+        pad = trainer.pad_id
+        nll, cnt = token_nll(trainer.model, tokens, neighbours, targets, pad, trainer.cfg.bf16)
+        total += torch.stack([nll.double().cpu(), cnt.double().cpu()])
+    trainer.model.train()
+    total = trainer.dist.sum(total)
+    return float(total[0] / total[1].clamp(min=1))
+
+
+def checkpoint(trainer: Trainer) -> None:
+    """Save model, optimizer, RNG and sampler position (rank 0), atomically."""
+    if trainer.dist.is_main:
+        trainer_state = {
+            "optimizer": trainer.optimizer.state_dict(),
+            "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state(trainer.device)
+            if trainer.device.type == "cuda"
+            else None,
+        }
+        state = {"sampler": trainer.sampler.state_dict(), "tokens_seen": trainer.tokens_seen}
+        save_checkpoint(
+            trainer.out / "checkpoints",
+            trainer.step,
+            trainer.model,
+            trainer_state,
+            state,
+            keep=trainer.cfg.keep_checkpoints,
+        )
+    trainer.dist.barrier()
+
+
+def log_metrics(trainer: Trainer, record: dict[str, Any]) -> None:
+    if not trainer.dist.is_main:
+        return
+    with open(trainer.out / METRICS_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    if trainer.writer is not None:
+        for key, value in record.items():
+            if key != "step" and isinstance(value, (int, float)):
+                trainer.writer.add_scalar(key, value, record["step"])
+
+
+def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
+    """Train to `total_steps`, yielding each step's record (step, loss, lr, tokens, ...)."""
+    cfg = trainer.cfg
+    bar = progress(
+        desc="train",
+        total=trainer.total_steps,
+        initial=trainer.step,
+        unit="step",
+        show=trainer.show_progress,
+    )
+    tokens_per_step = cfg.batch_size * trainer.train_data.seq_len
+    t_start, steps_done = time.perf_counter(), 0
+    trainer.model.train()
+    while trainer.step < trainer.total_steps:
+        t0 = time.perf_counter()
+        lr = get_lr(trainer.step, cfg, trainer.total_steps)
+        loss = train_step(trainer)
+        dt = time.perf_counter() - t0
+        steps_done += 1
+        tok_s = tokens_per_step * steps_done / (time.perf_counter() - t_start)
+        record: dict[str, Any] = {
+            "step": trainer.step,
+            "loss": loss,
+            "lr": lr,
+            "tokens": trainer.tokens_seen,
+            "tokens_per_s": tok_s,
+            "step_s": dt,
+        }
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {trainer.step}; lower --lr")
+        last = trainer.step == trainer.total_steps
+        if cfg.eval_every and (trainer.step % cfg.eval_every == 0 or last):
+            record["valid_loss"] = validate(trainer)
+        if trainer.step % cfg.log_every == 0 or last or "valid_loss" in record:
+            log_metrics(trainer, record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tok_s:,.0f}", refresh=False)
+        if trainer.step % cfg.checkpoint_every == 0 or last:
+            checkpoint(trainer)
+        yield record
+    bar.close()
+
+
+def finish(trainer: Trainer) -> Path:
+    """Write the final model folder (atomically) and close the run."""
+    from retrolm.io import atomic_dir
+
+    final = trainer.out / MODEL_DIR
+    if trainer.dist.is_main:
+        with atomic_dir(final) as tmp:
+            trainer.model.save(tmp)
+        if trainer.writer is not None:
+            trainer.writer.close()
+    trainer.dist.barrier()
+    return final
+
+
+def main(trainer: Trainer) -> Path:
+    """Run `fit` to the end and write the final model; returns the run folder."""
+    for _ in fit(trainer):
+        pass
+    finish(trainer)
+    log.info("finished %s: %d steps, %d tokens", trainer.out, trainer.step, trainer.tokens_seen)
+    return trainer.out
+
+
+def train(
+    config: TrainConfig | None,
+    db: str | Path | ChunkSource,
+    out: str | Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """Train a RETRO model (or the no-retrieval baseline, or a RETRO-fit) on a database.
+
+    Args:
+        config: settings (None: the stored ones, with `resume`).
+        db: database folder.
+        out: run folder (created; refused if it holds another run, see `resume`/`overwrite`).
+        resume: continue from the latest checkpoint (a finished run is returned as is).
+        overwrite: delete the run in `out` and start over.
+        show_progress: progress bar on stderr.
+
+    Returns:
+        The run folder; its `model/` holds the final model.
+
+    Raises:
+        InputError, MismatchError: bad folder, database or settings.
+    """
+    out = Path(out)
+    if resume and (out / MODEL_DIR / "config.json").is_file():
+        stored = read_json(out / CONFIG_FILE)
+        if config is None or config.to_dict() == stored:
+            log.info("%s is already finished; nothing to resume", out)
+            return out
+    trainer = setup(
+        config, db, out, resume=resume, overwrite=overwrite, show_progress=show_progress
+    )
+    return main(trainer)

@@ -1,0 +1,199 @@
+"""Training: schedule, optimizer groups, checkpoints, exact resume, run folders, retrofit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state
+from retrolm.data import ArrayChunkSource
+from retrolm.errors import InputError, MismatchError
+from retrolm.model import RETRO
+from retrolm.train import (
+    TrainConfig,
+    build_optimizer,
+    fit,
+    get_lr,
+    main,
+    read_metrics,
+    setup,
+    train,
+)
+
+
+def make_source(seed: int = 0, num_docs: int = 30, m: int = 8) -> ArrayChunkSource:
+    """Random documents of 2-9 chunks of the tiny preset's chunk size, 4 stored neighbours."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 10, num_docs)
+    chunk_doc = np.repeat(np.arange(num_docs), sizes)
+    n = len(chunk_doc)
+    tokens = rng.integers(2, 40, (n, m))  # a small alphabet: learnable in a few steps
+    split = np.where(chunk_doc % 10 == 3, "valid", "train")
+    train_ids = np.flatnonzero(split == "train")
+    stored = np.stack([rng.choice(train_ids, 4, replace=False) for _ in range(n)])
+    stored = np.where(chunk_doc[stored] == chunk_doc[:, None], -1, stored)
+    return ArrayChunkSource(tokens, chunk_doc, split, stored, pad_id=0)
+
+
+def tiny_config(**kw) -> TrainConfig:
+    base = dict(
+        preset="tiny",
+        max_steps=6,
+        batch_size=4,
+        seq_len=32,
+        checkpoint_every=2,
+        eval_every=3,
+        eval_batches=1,
+        warmup_steps=2,
+        lr=3e-3,
+    )
+    return TrainConfig(**{**base, **kw})
+
+
+def losses(run) -> list[float]:
+    return [r["loss"] for r in read_metrics(run)]
+
+
+def test_lr_schedule():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1, max_steps=110)
+    assert get_lr(0, cfg, 110) == pytest.approx(0.1)
+    assert get_lr(9, cfg, 110) == pytest.approx(1.0)
+    assert get_lr(10, cfg, 110) == pytest.approx(1.0)
+    assert get_lr(60, cfg, 110) == pytest.approx(0.55)
+    assert get_lr(110, cfg, 110) == pytest.approx(0.1)
+    lrs = [get_lr(s, cfg, 110) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+
+
+def test_config_validation_and_tokens():
+    with pytest.raises(ValueError, match="max_steps / max_tokens"):
+        TrainConfig(max_steps=1, max_tokens=10)
+    with pytest.raises(ValueError, match="grad_accum"):
+        TrainConfig(batch_size=6, grad_accum=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    assert TrainConfig(max_tokens=1000, batch_size=4).total_steps(64) == math.ceil(1000 / 256)
+    cfg = tiny_config(model={"dec_depth": 2, "cca_layers": [2]})
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_optimizer_does_not_decay_norms_biases_embeddings():
+    from retrolm.config import RetroConfig
+
+    model = RETRO(RetroConfig.preset("tiny"))
+    opt = build_optimizer(model, tiny_config(weight_decay=0.1))
+    decay, no_decay = ({id(p) for p in g["params"]} for g in opt.param_groups)
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0
+    assert id(model.tok_emb.weight) in no_decay
+    for name, p in model.named_parameters():
+        if "norm" in name or name.endswith("bias"):
+            assert id(p) in no_decay, name
+        elif p.ndim == 2 and "emb" not in name:
+            assert id(p) in decay, name
+    assert len(decay) + len(no_decay) == len(list(model.parameters()))
+
+
+def test_resume_gives_the_same_per_step_losses(tmp_path):
+    src = make_source()
+    cfg = tiny_config(max_steps=7, checkpoint_every=2)
+    train(cfg, src, tmp_path / "ref", show_progress=False)
+    ref = losses(tmp_path / "ref")
+    assert len(ref) == 7 and ref[-1] < ref[0]
+
+    # interrupted after step 5: the latest checkpoint is step 4, step 5 is done again
+    trainer = setup(cfg, src, tmp_path / "cut", show_progress=False)
+    for record in fit(trainer):
+        if record["step"] == 5:
+            break
+    del trainer
+    assert latest_checkpoint(tmp_path / "cut" / "checkpoints").name == "step-00000004"
+    train(None, src, tmp_path / "cut", resume=True, show_progress=False)
+    assert losses(tmp_path / "cut") == ref  # bit-identical, step by step
+    a = RETRO.load(tmp_path / "ref" / "model").state_dict()
+    b = RETRO.load(tmp_path / "cut" / "model").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["step"] for r in read_metrics(tmp_path / "cut")] == list(range(1, 8))
+    # resuming a finished run does nothing
+    train(None, src, tmp_path / "cut", resume=True, show_progress=False)
+    assert losses(tmp_path / "cut") == ref
+
+
+def test_kill_during_checkpoint_save_keeps_the_latest_readable(tmp_path, monkeypatch):
+    src = make_source()
+    cfg = tiny_config(max_steps=4, checkpoint_every=2)
+    trainer = setup(cfg, src, tmp_path / "run", show_progress=False)
+    gen = fit(trainer)
+    next(gen), next(gen)  # step 2 checkpointed
+    import retrolm.checkpoint as ckpt_mod
+
+    def dying_save(*args, **kwargs):
+        raise KeyboardInterrupt  # the process dies while writing step 4
+
+    monkeypatch.setattr(ckpt_mod.torch, "save", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        next(gen), next(gen)
+    folder = tmp_path / "run" / "checkpoints"
+    latest = latest_checkpoint(folder)
+    assert latest.name == "step-00000002"
+    assert not (folder / "step-00000004").exists()
+    monkeypatch.undo()
+    trainer_state, state = load_checkpoint_state(latest)
+    assert state["step"] == 2 and "optimizer" in trainer_state
+    RETRO.load(latest / "model")
+    train(None, src, tmp_path / "run", resume=True, show_progress=False)
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_run_folder_rules(tmp_path):
+    src = make_source()
+    cfg = tiny_config(max_steps=2)
+    run = train(cfg, src, tmp_path / "run", show_progress=False)
+    assert (run / "train_config.json").is_file() and (run / "model" / "config.json").is_file()
+    with pytest.raises(InputError, match="already holds a run"):
+        train(cfg, src, run, show_progress=False)
+    with pytest.raises(MismatchError, match="lr"):
+        train(tiny_config(max_steps=2, lr=1e-2), src, run, resume=True, show_progress=False)
+    train(tiny_config(max_steps=3), src, run, overwrite=True, show_progress=False)
+    assert len(losses(run)) == 3
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "mine.txt").write_text("keep me")
+    with pytest.raises(InputError, match="holds no retrolm run"):
+        train(cfg, src, other, overwrite=True, show_progress=False)
+    assert (other / "mine.txt").read_text() == "keep me"
+
+
+def test_baseline_and_retrofit(tmp_path):
+    src = make_source()
+    base = train(
+        tiny_config(max_steps=3, no_retrieval=True), src, tmp_path / "base", show_progress=False
+    )
+    baseline = RETRO.load(base / "model")
+    assert baseline.encoder is None and not baseline.cfg.cca_layers
+    trainer = setup(
+        tiny_config(max_steps=3, retrofit=str(base)), src, tmp_path / "fit", show_progress=False
+    )
+    initial = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    trained = {id(p) for p in trainer.model.parameters() if p.requires_grad}
+    assert trained == {id(p) for _, p in trainer.model.retrieval_parameters()}
+    fitted = main(trainer)
+    model = RETRO.load(fitted / "model")
+    assert model.cfg.cca_layers and model.encoder is not None
+    before = baseline.state_dict()
+    retrieval = {name for name, _ in model.retrieval_parameters()}
+    after = model.state_dict()
+    for name, value in before.items():  # the frozen decoder is untouched
+        assert name not in retrieval and torch.equal(after[name], value), name
+    changed = [n for n in retrieval if not torch.equal(after[n], initial[n])]
+    assert len(changed) > len(retrieval) // 2  # the retrieval parts were trained
+
+
+def test_bf16_and_grad_accum_run(tmp_path):
+    src = make_source()
+    run = train(
+        tiny_config(max_steps=2, bf16=True, grad_accum=2), src, tmp_path / "r", show_progress=False
+    )
+    assert all(math.isfinite(x) for x in losses(run))
