@@ -1,0 +1,361 @@
+"""Building and reading a retrieval database with a tiny deterministic BERT embedder."""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from retrolm.cli import main as cli_main
+from retrolm.database import Database, DatabaseConfig, add_documents, build_database
+from retrolm.database.embed import make_tiny_bert
+from retrolm.errors import CorruptArtifactError, InputError, MismatchError
+
+WORDS = [
+    "alpha",
+    "beta",
+    "gamma",
+    "delta",
+    "epsilon",
+    "zeta",
+    "eta",
+    "theta",
+    "iota",
+    "kappa",
+    "lambda",
+    "mu",
+    "nu",
+    "xi",
+    "omicron",
+    "pi",
+    "rho",
+    "sigma",
+    "tau",
+    "upsilon",
+    "phi",
+    "chi",
+    "psi",
+    "omega",
+    "def",
+    "return",
+    "import",
+    "class",
+    "self",
+]
+
+
+def make_corpus(folder: Path, n_docs: int, seed: int, prefix: str = "doc") -> Path:
+    """Random documents of 5..300 words, plus one binary and one empty file."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(n_docs):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 300)))
+        (folder / f"{prefix}{i:03d}.txt").write_text(text + "\n", encoding="utf-8")
+    (folder / "zz.bin").write_bytes(b"\x00\x01binary")
+    (folder / "zz-empty.txt").write_text("", encoding="utf-8")
+    return folder
+
+
+def tiny_config(bert: Path, **kw) -> DatabaseConfig:
+    base = dict(
+        vocab_size=300,
+        chunk_size=16,
+        block_rows=40,
+        embedder=f"bert-mean:{bert}",
+        valid_fraction=0.2,
+        neighbours=4,
+        embed_batch_size=64,
+    )
+    return DatabaseConfig(**{**base, **kw})
+
+
+def arrays(folder: Path) -> dict[str, bytes]:
+    """Every block file's bytes, by relative path (what must be identical across runs)."""
+    out = {}
+    for sub in ("chunks", "embeddings", "neighbours"):
+        for p in sorted((folder / sub).glob("*")):
+            out[f"{sub}/{p.name}"] = p.read_bytes()
+    out["documents.jsonl"] = (folder / "documents.jsonl").read_bytes()
+    out["chunk_doc.npy"] = (folder / "chunk_doc.npy").read_bytes()
+    out["tokenizer.json"] = (folder / "tokenizer.json").read_bytes()
+    return out
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Two threads on a shared 2-core machine make the tiny BERT ~10x slower (spin waits).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("db")
+    bert = make_tiny_bert(root / "bert")
+    corpus = make_corpus(root / "corpus", 30, seed=1)
+    folder = build_database([corpus], root / "db", tiny_config(bert), show_progress=False)
+    return root, bert, corpus, folder
+
+
+@pytest.fixture(scope="module")
+def db(setup):
+    return Database.open(setup[3])
+
+
+def test_documents_and_chunks_give_back_the_exact_texts(setup, db):
+    _, _, corpus, _ = setup
+    assert len(db.documents) == 30 and db.manifest["counts"]["skipped"] == {"binary": 1, "empty": 1}
+    assert db.num_chunks == sum(d.num_chunks for d in db.documents)
+    for doc in db.documents:
+        ids = np.arange(doc.first_chunk, doc.first_chunk + doc.num_chunks)
+        assert (db.chunk_doc[ids] == doc.index).all()
+        stream = db.chunk_tokens(ids).reshape(-1)
+        eos = np.flatnonzero(stream == db.tokenizer.eos_id)
+        assert len(eos) == 1 and (stream[eos[0] + 1 :] == db.pad_id).all()  # padded tail only
+        assert len(stream) - eos[0] - 1 < db.chunk_size  # padding fits in the last chunk
+        assert db.tokenizer.decode(stream) == Path(doc.name).read_text(encoding="utf-8")
+    assert all(len(b) == 40 for b in db._tokens[:-1])  # fixed-size blocks, last one shorter
+
+
+def test_splits_partition_the_chunks(db):
+    train, valid = db.split_chunk_ids("train"), db.split_chunk_ids("valid")
+    assert len(valid) > 0 and len(train) > 0
+    assert np.array_equal(np.sort(np.concatenate([train, valid])), np.arange(db.num_chunks))
+    valid_docs = {d.index for d in db.documents if d.split == "valid"}
+    assert set(db.chunk_doc[valid].tolist()) == valid_docs
+    assert db.manifest["counts"]["train_chunks"] == len(train)
+
+
+def test_neighbours_are_exact_train_chunks_of_other_documents(db):
+    all_ids = np.arange(db.num_chunks)
+    ids, dists = db.neighbours(all_ids)
+    assert ids.shape == (db.num_chunks, 4) and dists.dtype == np.float32
+    train = db.split_chunk_ids("train")
+    assert (ids >= 0).all()  # plenty of train chunks in other documents
+    assert np.isin(ids, train).all()  # the index holds train chunks only
+    assert (db.chunk_doc[ids] != db.chunk_doc[all_ids][:, None]).all()  # never the own document
+    # brute force over the stored embeddings, same-document candidates removed
+    vectors = np.concatenate(
+        [np.load(db.path / r["file"]) for r in db.manifest["embeddings"]["blocks"].values()]
+    ).astype(np.float32)
+    d2 = ((vectors[:, None, :] - vectors[None, train, :]) ** 2).sum(-1)
+    d2[db.chunk_doc[all_ids][:, None] == db.chunk_doc[train][None, :]] = np.inf
+    expected = np.sort(d2, axis=1)[:, :4]
+    np.testing.assert_allclose(dists, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_neighbour_tokens_continue_within_the_document_only(db):
+    m = db.chunk_size
+    ids = np.arange(db.num_chunks)
+    tokens = db.neighbour_tokens(ids[:, None])[:, 0]  # (n, 2m)
+    assert np.array_equal(tokens[:, :m], db.chunk_tokens(ids))
+    for doc in db.documents:
+        last = doc.first_chunk + doc.num_chunks - 1
+        assert (tokens[last, m:] == db.pad_id).all()  # never the next document's first chunk
+        if doc.num_chunks > 1:
+            assert np.array_equal(
+                tokens[doc.first_chunk, m:], db.chunk_tokens(np.array([doc.first_chunk + 1]))[0]
+            )
+    missing = db.neighbour_tokens(np.array([[-1, 0]]))
+    assert missing.shape == (1, 2, 2 * m) and (missing[0, 0] == db.pad_id).all()
+
+
+def test_fewer_train_chunks_than_k_give_minus_one(setup, tmp_path):
+    root, bert, _, _ = setup
+    corpus = tmp_path / "small"
+    corpus.mkdir()
+    for i, text in enumerate(["alpha beta", "gamma delta", "epsilon zeta"]):
+        (corpus / f"d{i}.txt").write_text(text, encoding="utf-8")
+    folder = build_database(
+        [corpus],
+        tmp_path / "db",
+        tiny_config(bert, valid_fraction=0.0, neighbours=5),
+        show_progress=False,
+    )
+    small = Database.open(folder)
+    ids, dists = small.neighbours(np.arange(small.num_chunks))
+    assert (ids[:, :2] >= 0).all() and (ids[:, 2:] == -1).all()  # 2 other documents, 1 chunk each
+    assert np.isinf(dists[:, 2:]).all()
+
+
+def test_live_search_finds_a_stored_chunk(db):
+    chunk = db.chunk_tokens(np.array([5]))
+    ids, dists = db.search_chunks(chunk, 3)
+    assert ids.shape == (1, 3)
+    if db.chunk_doc[5] in set(db.chunk_doc[db.split_chunk_ids("train")].tolist()):
+        assert ids[0, 0] == 5 and dists[0, 0] == pytest.approx(0.0, abs=1e-3)
+    out = db.neighbours_for(torch.from_numpy(chunk[0]), 2)
+    assert out.shape == (2, 2 * db.chunk_size)
+    assert np.array_equal(out, db.neighbour_tokens(ids[:, :2])[0])
+    hits = db.search([db.chunk_text(7)], k=2)[0]
+    assert len(hits) == 2 and hits[0].document_name.endswith(".txt") and hits[0].text
+
+
+def test_rerun_of_a_finished_build_changes_nothing(setup):
+    root, bert, corpus, folder = setup
+    before = arrays(folder)
+    build_database([corpus], folder, tiny_config(bert), show_progress=False)
+    assert arrays(folder) == before
+
+
+def test_different_settings_are_refused_naming_the_setting(setup, db):
+    root, bert, corpus, folder = setup
+    with pytest.raises(MismatchError, match=r"chunk_size: database has 16, requested 32"):
+        build_database([corpus], folder, tiny_config(bert, chunk_size=32), show_progress=False)
+    with pytest.raises(MismatchError, match="embedder"):
+        build_database([corpus], folder, tiny_config(bert, embedder="default"), show_progress=False)
+    with pytest.raises(MismatchError, match="chunk_size"):
+        Database.open(folder, expect={"chunk_size": 64})
+    with pytest.raises(MismatchError, match="tokenizer_sha256"):
+        Database.open(folder, expect={"tokenizer_sha256": "0" * 64})
+    Database.open(folder, expect={"chunk_size": 16, "tokenizer_sha256": db.tokenizer.sha256})
+
+
+def test_corrupted_and_truncated_blocks_are_detected_and_rebuilt(setup, tmp_path):
+    root, bert, corpus, folder = setup
+    copy = tmp_path / "db"
+    shutil.copytree(folder, copy)
+    before = arrays(copy)
+    token_block = copy / "chunks" / "tokens-000001.npy"
+    data = bytearray(token_block.read_bytes())
+    data[-5] ^= 0xFF
+    token_block.write_bytes(bytes(data))
+    emb = copy / "embeddings" / "emb-000002.npy"
+    emb.write_bytes(emb.read_bytes()[:-64])  # truncated
+    with pytest.raises(CorruptArtifactError, match="tokens-000001"):
+        Database.open(copy, verify=True)
+    build_database([corpus], copy, tiny_config(bert), show_progress=False)
+    assert arrays(copy) == before
+    neighbour_block = copy / "neighbours" / "ids-000000.npy"
+    neighbour_block.write_bytes(neighbour_block.read_bytes()[:100])
+    with pytest.raises(CorruptArtifactError, match="ids-000000"):
+        Database.open(copy)
+    build_database([corpus], copy, tiny_config(bert), show_progress=False)
+    assert arrays(copy) == before
+
+
+def test_add_documents_appends_without_rebuild(setup, tmp_path):
+    root, bert, corpus, folder = setup
+    copy = tmp_path / "db"
+    shutil.copytree(folder, copy)
+    old = Database.open(copy)
+    extra = make_corpus(tmp_path / "extra", 8, seed=2, prefix="new")
+    add_documents(copy, [extra], show_progress=False)
+    new = Database.open(copy)
+    assert len(new.documents) == 38 and new.num_chunks > old.num_chunks
+    assert np.array_equal(
+        new.chunk_tokens(np.arange(old.num_chunks)), old.chunk_tokens(np.arange(old.num_chunks))
+    )
+    assert new.tokenizer.sha256 == old.tokenizer.sha256
+    added = np.arange(old.num_chunks, new.num_chunks)
+    for doc in new.documents[30:]:
+        assert doc.name.startswith(extra.as_posix())
+        ids = np.arange(doc.first_chunk, doc.first_chunk + doc.num_chunks)
+        assert new.tokenizer.decode(new.chunk_tokens(ids).reshape(-1)) == Path(doc.name).read_text(
+            encoding="utf-8"
+        )
+    ids, _ = new.neighbours(added)
+    assert (new.chunk_doc[ids] != new.chunk_doc[added][:, None]).all()
+    new_train = np.intersect1d(new.split_chunk_ids("train"), added)
+    assert new.manifest["index"]["ntotal"] == old.manifest["index"]["ntotal"] + len(new_train)
+    assert not (copy / old.manifest["index"]["file"]).exists()  # the replaced index is removed
+    with pytest.raises(InputError, match="already in the database"):
+        add_documents(copy, [extra], show_progress=False)
+
+
+def test_bm25_retriever(setup, tmp_path):
+    root, bert, corpus, _ = setup
+    folder = build_database(
+        [corpus], tmp_path / "db", tiny_config(bert, retriever="bm25"), show_progress=False
+    )
+    db = Database.open(folder)
+    assert not (folder / "embeddings").exists() or not any((folder / "embeddings").iterdir())
+    all_ids = np.arange(db.num_chunks)
+    ids, scores = db.neighbours(all_ids)
+    found = ids >= 0
+    assert found.any()
+    assert np.isin(ids[found], db.split_chunk_ids("train")).all()
+    assert (db.chunk_doc[ids] != db.chunk_doc[all_ids][:, None])[found].all()
+    assert (np.diff(np.where(found, scores, -1e30), axis=1) <= 1e-6).all()  # best first
+    hits = db.search(db.chunk_text(3), k=2)[0]
+    assert hits and hits[0].chunk_id >= 0
+
+
+def test_corpus_without_documents_is_an_input_error(setup, tmp_path, capsys):
+    _, bert, _, _ = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.bin").write_bytes(b"\x00\x00")
+    with pytest.raises(InputError, match=r"yielded no documents \(1 binary\)"):
+        build_database([empty], tmp_path / "db", tiny_config(bert), show_progress=False)
+    code = cli_main(["db", "build", str(empty), "--out", str(tmp_path / "db2"), "--no-progress"])
+    assert code == 2 and "yielded no documents" in capsys.readouterr().err
+    code = cli_main(
+        ["db", "build", str(empty), "--out", str(tmp_path / "db3"), "--strict", "--no-progress"]
+    )
+    assert code == 2 and "a.bin: binary" in capsys.readouterr().err
+
+
+def test_open_refuses_non_databases_and_unfinished_ones(setup, tmp_path):
+    _, bert, corpus, _ = setup
+    with pytest.raises(InputError, match="not a retrolm database"):
+        Database.open(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(InputError, match="not a retrolm database; choose an empty"):
+        build_database([corpus], tmp_path, tiny_config(bert), show_progress=False)
+    from retrolm.database import chunk_stage
+
+    folder = chunk_stage([corpus], tmp_path / "half", tiny_config(bert), show_progress=False)
+    with pytest.raises(InputError, match="unfinished"):
+        Database.open(folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["format_version"] = 99
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CorruptArtifactError, match="format version 99"):
+        Database.open(folder)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="chunk_size"):
+        DatabaseConfig(chunk_size=0)
+    with pytest.raises(ValueError, match="retriever"):
+        DatabaseConfig(retriever="sparse")
+    with pytest.raises(ValueError, match="index_memory"):
+        DatabaseConfig(index_memory="lots")
+    cfg = DatabaseConfig(index_memory="2G")
+    assert cfg.index_memory == 2 << 30
+    assert DatabaseConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_info_search_and_help(setup, capsys):
+    folder = setup[3]
+    assert cli_main(["db", "info", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["counts"]["documents"] == 30 and info["stages"]["neighbours"]
+    assert cli_main(["db", "info", str(folder)]) == 0
+    assert "documents  30" in capsys.readouterr().out
+    assert cli_main(["db", "search", str(folder), "alpha beta gamma", "-k", "2", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 2 and {"chunk_id", "document_name", "distance", "text"} <= set(hits[0])
+    assert cli_main(["db", "search", str(folder), "  "]) == 2
+    assert cli_main(["db"]) == 2
+    assert cli_main(["db", "info", str(folder.parent / "nowhere")]) == 2
+    for sub in ("build", "chunk", "embed", "index", "neighbours", "add", "info", "search"):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["db", sub, "--help"])
+        assert exit_info.value.code == 0
+    out = subprocess.run(
+        [sys.executable, "-m", "retrolm", "db", "build", "--help"], capture_output=True, text=True
+    )
+    assert (
+        out.returncode == 0 and "--valid-fraction" in out.stdout and "--index-memory" in out.stdout
+    )
