@@ -75,7 +75,7 @@ class TrainConfig:
     checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
     keep_checkpoints: int = 2  # most recent checkpoints kept
     eval_every: int = 100  # steps between validation losses; 0 disables
-    eval_batches: int = 4  # validation batches (of batch_size // grad_accum samples)
+    eval_batches: int = 4  # validation batches (of batch_size samples)
     log_every: int = 1  # steps between metrics.jsonl records
     no_retrieval: bool = False  # train the same decoder without encoder and CCA (the baseline)
     retrofit: str | None = None  # a finished baseline run: freeze it and train encoder + CCA
@@ -640,8 +640,9 @@ def validate(trainer: Trainer) -> float | None:
     data = trainer.valid_data
     if data is None:
         return None
-    micro = trainer.cfg.batch_size // trainer.cfg.grad_accum
-    n = min(len(data), trainer.cfg.eval_batches * micro)
+    cfg = trainer.cfg
+    micro = cfg.batch_size // cfg.grad_accum // trainer.dist.world_size  # samples per forward
+    n = min(len(data), cfg.eval_batches * cfg.batch_size)  # the same set whatever the layout
     mine = np.arange(n)[trainer.dist.rank :: trainer.dist.world_size]
     total = torch.zeros(2, dtype=torch.float64)
     trainer.model.eval()
@@ -649,7 +650,7 @@ def validate(trainer: Trainer) -> float | None:
         batch = data.get(mine[start : start + micro])
         tokens, neighbours, targets = to_device(batch, trainer.device)
         pad = trainer.pad_id
-        nll, cnt = token_nll(trainer.model, tokens, neighbours, targets, pad, trainer.cfg.bf16)
+        nll, cnt = token_nll(trainer.model, tokens, neighbours, targets, pad, cfg.bf16)
         total += torch.stack([nll.double().cpu(), cnt.double().cpu()])
     trainer.model.train()
     total = trainer.dist.sum(total)

@@ -1,0 +1,53 @@
+"""Loss curves of several runs on one figure."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from retrolm.cli import main as cli_main
+from retrolm.errors import InputError
+from retrolm.plot import plot_runs
+from retrolm.train import train
+from tests.test_train import make_source, tiny_config
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_plot_several_runs(tmp_path):
+    import matplotlib.image
+
+    cfg = dict(max_steps=4, eval_every=2)
+    a = train(tiny_config(**cfg), make_source(), tmp_path / "retro", show_progress=False)
+    b = train(
+        tiny_config(**cfg, no_retrieval=True), make_source(), tmp_path / "base", show_progress=False
+    )
+    with open(a / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # a line cut short by a kill is skipped
+    out = plot_runs([a, b], tmp_path / "loss.png", smooth=2)
+    image = matplotlib.image.imread(out)
+    assert image.shape[0] > 100 and image.shape[1] > 100
+    assert not list(tmp_path.glob("*.tmp-*"))
+    assert cli_main(["plot", str(a), str(b), "--out", str(tmp_path / "l.svg"), "--x", "step"]) == 0
+    assert (tmp_path / "l.svg").read_text().lstrip().startswith("<?xml")
+
+
+def test_plot_bad_inputs(tmp_path, capsys):
+    with pytest.raises(InputError, match="metrics.jsonl"):
+        plot_runs([tmp_path / "missing"], tmp_path / "x.png")
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n")
+    with pytest.raises(InputError, match="labels"):
+        plot_runs([a], tmp_path / "x.png", labels=["one", "two"])
+    assert cli_main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
