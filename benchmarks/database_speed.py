@@ -1,0 +1,218 @@
+"""Database build speed and memory, per stage, on the standard library of the running Python.
+
+Each stage runs as its own `retrolm db ...` process, so its wall time and peak RSS (from
+`os.wait4`) are its own. Then `retrolm db build` runs on two corpus sizes to show that its peak
+RSS does not grow with the corpus (the stages stream fixed-size blocks). If the retrieval
+engineer's `benchmarks/embedding_speed.py` is present, its embedding-vs-FLOP-bound and
+vs-BERT-base figures are appended.
+
+    python benchmarks/database_speed.py                 # ~5-10 minutes on 2 CPU cores
+    python benchmarks/database_speed.py --files 60 --small 100 --large 400   # quicker
+
+Prints a Markdown report (stdout); `--out FILE` also writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def stdlib_files(limit: int | None = None) -> list[Path]:
+    """Python files of the standard library (no site-packages, no test suites), sorted."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(p for p in stdlib.rglob("*.py") if not skip & set(p.relative_to(stdlib).parts))
+    return files[:limit] if limit else files
+
+
+def write_jsonl(files: list[Path], path: Path) -> int:
+    """One JSON record {"text": ...} per readable UTF-8 file. Returns bytes of text."""
+    total = 0
+    with open(path, "w", encoding="utf-8") as f:
+        for p in files:
+            try:
+                text = p.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError):
+                continue
+            if text.strip():
+                f.write(json.dumps({"text": text, "source": str(p)}) + "\n")
+                total += len(text.encode("utf-8"))
+    return total
+
+
+def run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
+    """Run a command; return (wall seconds, peak RSS in MiB of that process)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    stderr = process.stderr.read().decode() if process.stderr else ""
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{stderr[-2000:]}")
+    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+
+
+def retrolm(*args: str) -> list[str]:
+    return [sys.executable, "-m", "retrolm", "-q", "db", *args, "--no-progress"]
+
+
+def counts(db: Path) -> dict:
+    return json.loads((db / "manifest.json").read_text())["counts"]
+
+
+def stage_table(corpus: Path, work: Path, embedder: str, block_rows: int) -> list[str]:
+    db = work / "stages-db"
+    flags = ["--embedder", embedder, "--block-rows", str(block_rows)]
+    rows = []
+    for stage, command in (
+        (
+            "chunk (corpus + tokenizer + chunks)",
+            retrolm("chunk", str(corpus), "--out", str(db), *flags),
+        ),
+        ("embed", retrolm("embed", str(db))),
+        ("index", retrolm("index", str(db))),
+        ("neighbours", retrolm("neighbours", str(db))),
+    ):
+        wall, rss = run(command)
+        c = counts(db)
+        rows.append(
+            f"| {stage} | {c['documents']} | {c['chunks']} | {wall:.1f} | "
+            f"{c['documents'] / wall:.1f} | {c['chunks'] / wall:.0f} | {rss:.0f} |"
+        )
+    manifest = json.loads((db / "manifest.json").read_text())
+    index = manifest["index"]
+    return [
+        f"Embedder `{embedder}`, block_rows {block_rows}, index `{index['factory']}` "
+        f"({index['metric']}, {index['ntotal']} train vectors, search {index['search_params']}).",
+        "",
+        "| stage | documents | chunks | wall s | documents/s | chunks/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def rss_table(
+    files: list[Path], sizes: list[int], work: Path, embedder: str, block_rows: int
+) -> list[str]:
+    rows = []
+    for size in sizes:
+        corpus = work / f"corpus-{size}.jsonl"
+        nbytes = write_jsonl(files[:size], corpus)
+        db = work / f"build-{size}"
+        wall, rss = run(
+            retrolm(
+                "build",
+                str(corpus),
+                "--out",
+                str(db),
+                "--embedder",
+                embedder,
+                "--block-rows",
+                str(block_rows),
+            )
+        )
+        c = counts(db)
+        rows.append(
+            f"| {size} | {nbytes / 2**20:.1f} | {c['chunks']} | {wall:.1f} | {c['chunks'] / wall:.0f} | {rss:.0f} |"
+        )
+    return [
+        f"`retrolm db build` with a tiny BERT (`bert-mean`), block_rows {block_rows}, one torch "
+        "thread (OMP_NUM_THREADS=1):",
+        "",
+        "| files | text MiB | chunks | wall s | chunks/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+        *rows,
+    ]
+
+
+def embedding_figures() -> list[str]:
+    """The retrieval engineer's embedding benchmark, if it is there."""
+    path = ROOT / "benchmarks" / "embedding_speed.py"
+    if not path.is_file():
+        return ["(benchmarks/embedding_speed.py not present: no FLOP-bound / BERT-base comparison)"]
+    sys.path.insert(0, str(path.parent))
+    import embedding_speed  # noqa: PLC0415
+
+    if hasattr(embedding_speed, "report"):
+        return [embedding_speed.report()]
+    return ["(benchmarks/embedding_speed.py has no report() function; run it directly)"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--files",
+        type=int,
+        default=120,
+        help="stdlib files for the per-stage table (default MiniLM)",
+    )
+    parser.add_argument(
+        "--small", type=int, default=75, help="files of the small corpus for the RSS comparison"
+    )
+    parser.add_argument(
+        "--large", type=int, default=0, help="files of the large corpus (default: all)"
+    )
+    parser.add_argument("--block-rows", type=int, default=2048, help="chunks per block file")
+    parser.add_argument("--embedder", default="default", help="embedder of the per-stage table")
+    parser.add_argument("--no-embedding-speed", action="store_true", help="skip embedding_speed.py")
+    parser.add_argument("--out", type=Path, help="also write the report here")
+    args = parser.parse_args()
+
+    files = stdlib_files()
+    large = args.large or len(files)
+    load = os.getloadavg()
+    lines = [
+        "## Database build (benchmarks/database_speed.py)",
+        "",
+        f"Corpus: the standard library of Python {platform.python_version()} "
+        f"({sysconfig.get_paths()['stdlib']}, {len(files)} .py files without tests), as JSONL. "
+        f"Machine: {os.cpu_count()} CPU cores, load average at start {load[0]:.2f}.",
+        "",
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        from retrolm.database.embed import make_tiny_bert
+
+        tiny = f"bert-mean:{make_tiny_bert(work / 'tiny-bert')}"
+        corpus = work / "stages.jsonl"
+        write_jsonl(files[: args.files], corpus)
+        lines += [
+            "### Per stage",
+            "",
+            *stage_table(corpus, work, args.embedder, args.block_rows),
+            "",
+        ]
+        lines += [
+            "### Peak RSS against corpus size",
+            "",
+            "A tiny BERT embedder (2 layers, width 32) keeps the model's own memory small, so any",
+            "growth with the corpus would show.",
+            "",
+            *rss_table(files, [args.small, large], work, tiny, args.block_rows),
+            "",
+        ]
+    if not args.no_embedding_speed:
+        lines += ["### Embedding speed", "", *embedding_figures(), ""]
+    load = os.getloadavg()
+    lines.append(f"Load average at the end: {load[0]:.2f}.")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        args.out.write_text(report + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
