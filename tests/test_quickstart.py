@@ -1,0 +1,96 @@
+"""quickstart: corpus subset and plan are deterministic, fit the budget, and are reused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from retrolm.errors import InputError, MismatchError
+from retrolm.quickstart import (
+    QuickstartConfig,
+    choose_valid,
+    load_or_make_plan,
+    select_files,
+    stdlib_files,
+)
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    for folder in ("a", "b", "c"):
+        (root / folder).mkdir(parents=True)
+        for i in range(10):
+            (root / folder / f"f{i}.py").write_text(f"# {folder}{i}\n" + "x = 1\n" * (50 + 40 * i))
+    return sorted(root.rglob("*.py"))
+
+
+def test_stdlib_files_are_the_standard_library_only():
+    files = stdlib_files()
+    assert len(files) > 500
+    assert all(f.suffix == ".py" for f in files)
+    assert not [f for f in files if "site-packages" in f.parts]
+
+
+def test_select_files_is_deterministic_and_fits_the_budget(corpus):
+    budget = 6000
+    a = select_files(corpus, budget, seed=0)
+    assert a == select_files(list(reversed(corpus)), budget, seed=0)
+    total = sum(p.stat().st_size for p in a)
+    assert 0.9 * budget <= total <= budget
+    # whole folders first: the subset is not spread thinly over every folder
+    assert len({p.parent for p in a}) < 3
+    assert select_files(corpus, budget, seed=1) != a
+
+
+def test_select_files_takes_everything_under_a_large_budget(corpus):
+    assert select_files(corpus, 10**9, seed=0) == sorted(corpus)
+
+
+def test_choose_valid_holds_out_some_but_not_all(corpus):
+    valid = choose_valid(corpus, fraction=0.05, seed=0)
+    assert len(valid) == 3  # at least three files
+    assert set(valid) < set(corpus)
+    assert all(p.stat().st_size >= 1024 for p in valid)
+    assert choose_valid(corpus, fraction=0.05, seed=0) == valid
+    with pytest.raises(InputError, match="at least 2"):
+        choose_valid(corpus[:1], fraction=0.5, seed=0)
+
+
+def test_config_validation_names_the_field():
+    with pytest.raises(ValueError, match="minutes"):
+        QuickstartConfig(minutes=0.5)
+
+
+def test_a_stored_plan_is_reused_and_other_settings_are_refused(tmp_path):
+    out = tmp_path / "qs"
+    out.mkdir()
+    cfg = QuickstartConfig(out=str(out), minutes=10)
+    stored = {
+        "version": 1,
+        "settings": {"corpus": [], "minutes": 10.0, "seed": 0},
+        "files": ["a.py"],
+        "valid_files": ["a.py"],
+        "corpus_bytes": 10,
+        "database": {},
+        "model": {},
+        "train": {},
+        "eval": {},
+        "max_new_tokens": 8,
+        "measured": {},
+        "estimate_seconds": {},
+    }
+    (out / "plan.json").write_text(json.dumps(stored))
+    plan = load_or_make_plan(cfg, out, embedder=None)  # no measurement: the plan is reused
+    assert plan.files == ["a.py"]
+    with pytest.raises(MismatchError, match="other settings"):
+        load_or_make_plan(QuickstartConfig(out=str(out), minutes=20), out, embedder=None)
+
+
+def test_missing_corpus_is_a_clear_error(tmp_path):
+    from retrolm.cli import main
+
+    assert (
+        main(["quickstart", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    )
