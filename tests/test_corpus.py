@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -35,7 +36,10 @@ def _events(paths, **kw):
     return list(iter_corpus(paths, **kw))
 
 
-def test_folder_yields_documents_in_stable_order_and_skips_bad_files(tmp_path, caplog):
+def test_folder_yields_documents_in_stable_order_and_skips_bad_files(tmp_path, caplog, monkeypatch):
+    monkeypatch.setattr(
+        logging.getLogger("retrolm"), "propagate", True
+    )  # the CLI may have unset it
     root = _corpus(tmp_path)
     events = _events([root])
     docs = [item for _, item in events if isinstance(item, Document)]

@@ -285,7 +285,16 @@ def run_chunks(
         source["done"] = True
         source["end_cursor"] = writer.cursor.to_dict()
         save_manifest(folder, manifest)
-    _finish_chunks(folder, manifest, config)
+    if not (manifest["stages"]["chunks"] and _tables_ok(folder, manifest)):
+        _finish_chunks(folder, manifest, config)
+
+
+def _tables_ok(folder: Path, manifest: dict[str, Any]) -> bool:
+    chunks = manifest["chunks"]
+    return bool(chunks.get("documents_file")) and all(
+        block_ok(folder, chunks[f"{name}_file"], chunks[f"{name}_sha256"])
+        for name in ("documents", "chunk_doc")
+    )
 
 
 def _chunk_source(

@@ -338,8 +338,12 @@ class Database:
 
 def _verify(folder: Path, manifest: dict[str, Any]) -> None:
     """Check every recorded file's sha256."""
-    pairs = []
-    for b in manifest["chunks"]["blocks"]:
+    chunks = manifest["chunks"]
+    pairs = [
+        (chunks["documents_file"], chunks["documents_sha256"]),
+        (chunks["chunk_doc_file"], chunks["chunk_doc_sha256"]),
+    ]
+    for b in chunks["blocks"]:
         pairs += [(b["file"], b["sha256"]), (b["docs_file"], b["docs_sha256"])]
     for rec in manifest["embeddings"]["blocks"].values():
         pairs.append((rec["file"], rec["sha256"]))
