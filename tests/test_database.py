@@ -317,7 +317,7 @@ def test_corpus_without_documents_is_an_input_error(setup, tmp_path, capsys):
     assert code == 2 and "a.bin: binary" in capsys.readouterr().err
 
 
-def test_open_refuses_non_databases_and_unfinished_ones(setup, tmp_path):
+def test_open_refuses_non_databases_and_unfinished_ones(setup, tmp_path, capsys):
     _, bert, corpus, _ = setup
     with pytest.raises(InputError, match="not a retrolm database"):
         Database.open(tmp_path)
@@ -329,6 +329,8 @@ def test_open_refuses_non_databases_and_unfinished_ones(setup, tmp_path):
     folder = chunk_stage([corpus], tmp_path / "half", tiny_config(bert), show_progress=False)
     with pytest.raises(InputError, match="unfinished"):
         Database.open(folder)
+    assert cli_main(["db", "info", str(folder)]) == 0  # info works mid-build
+    assert "embeddings NOT done" in capsys.readouterr().out
     manifest = json.loads((folder / "manifest.json").read_text())
     manifest["format_version"] = 99
     (folder / "manifest.json").write_text(json.dumps(manifest))

@@ -133,24 +133,27 @@ def _add(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from retrolm.database import Database
+    from retrolm.database.db import database_info
 
-    info = Database.open(args.db).info()
+    info = database_info(args.db)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    counts, index, emb = info["counts"], info["index"], info["embedder"]
+    counts, index, emb, tok = info["counts"], info["index"], info["embedder"], info["tokenizer"]
     skipped = ", ".join(f"{n} {r}" for r, n in sorted(counts["skipped"].items())) or "none"
     lines = [
         f"database   {info['path']} (format {info['format_version']})",
         f"documents  {counts['documents']} ({counts['bytes']} bytes); skipped inputs: {skipped}",
         f"chunks     {counts['chunks']} of {info['settings']['chunk_size']} tokens "
         f"({counts['train_chunks']} train, {counts['valid_chunks']} valid) in {counts['blocks']} blocks",
-        f"tokenizer  vocabulary {info['tokenizer']['vocab_size']}, sha256 {info['tokenizer']['sha256'][:16]}",
+        f"tokenizer  vocabulary {tok['vocab_size']}, sha256 {tok['sha256'][:16]}"
+        if tok
+        else "tokenizer  (not yet)",
         f"embedder   {emb['spec']} (dim {emb['dim']}, metric {emb['metric']})",
         f"index      {index['kind']} {index['factory']!r}, {index['ntotal']} vectors, search {index['search_params']}",
         f"neighbours {info['settings']['neighbours']} per chunk",
-        f"stages     {', '.join(s for s, done in info['stages'].items() if done)}",
+        "stages     "
+        + ", ".join(f"{s} {'done' if done else 'NOT done'}" for s, done in info["stages"].items()),
         f"on disk    {info['bytes_on_disk']['total'] / 2**20:.1f} MiB "
         + ", ".join(
             f"{k} {v / 2**20:.1f}" for k, v in info["bytes_on_disk"].items() if k != "total"

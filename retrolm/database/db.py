@@ -314,26 +314,37 @@ class Database:
     # ------------------------------------------------------------------ inspection
     def info(self) -> dict[str, Any]:
         """Settings, counts, sizes on disk and stages (what `retrolm db info` shows)."""
-        sizes: dict[str, int] = {}
-        for entry in self.path.iterdir():
-            files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
-            sizes[entry.name] = sum(p.stat().st_size for p in files)
-        index = self.manifest["index"]
-        return {
-            "path": str(self.path),
-            "format_version": self.manifest["format_version"],
-            "settings": self.manifest["settings"],
-            "fingerprint": self.manifest["fingerprint"],
-            "tokenizer": self.manifest["tokenizer"],
-            "embedder": {k: self.manifest["embeddings"][k] for k in ("spec", "dim", "metric")},
-            "index": {
-                k: index[k] for k in ("kind", "factory", "metric", "search_params", "ntotal")
-            },
-            "counts": {**self.manifest["counts"], "blocks": len(self.manifest["chunks"]["blocks"])},
-            "sources": [s["inputs"] for s in self.manifest["sources"]],
-            "stages": self.manifest["stages"],
-            "bytes_on_disk": {"total": sum(sizes.values()), **sizes},
-        }
+        return database_info(self.path)
+
+
+def database_info(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """What `retrolm db info` shows, from the manifest alone (works on an unfinished build)."""
+    folder = Path(path)
+    manifest = load_manifest(folder)
+    sizes: dict[str, int] = {}
+    for entry in sorted(folder.iterdir()):
+        files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
+        sizes[entry.name] = sum(p.stat().st_size for p in files)
+    index = manifest["index"] or {}
+    blocks = manifest["chunks"]["blocks"]
+    counts = manifest["counts"]
+    if not manifest["stages"]["chunks"]:  # mid-build: what the finished blocks hold so far
+        last = blocks[-1]["cursor"] if blocks else {}
+        counts = {**counts, "documents": last.get("documents", 0), "chunks": last.get("chunks", 0)}
+    keys = ("kind", "factory", "metric", "search_params", "ntotal")
+    return {
+        "path": str(folder),
+        "format_version": manifest["format_version"],
+        "settings": manifest["settings"],
+        "fingerprint": manifest["fingerprint"],
+        "tokenizer": manifest["tokenizer"],
+        "embedder": {k: manifest["embeddings"][k] for k in ("spec", "dim", "metric")},
+        "index": {k: index.get(k) for k in keys},
+        "counts": {**counts, "blocks": len(blocks)},
+        "sources": [s["inputs"] for s in manifest["sources"]],
+        "stages": manifest["stages"],
+        "bytes_on_disk": {"total": sum(sizes.values()), **sizes},
+    }
 
 
 def _verify(folder: Path, manifest: dict[str, Any]) -> None:
