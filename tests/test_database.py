@@ -373,3 +373,28 @@ def test_cli_info_search_and_help(setup, capsys):
     assert (
         out.returncode == 0 and "--valid-fraction" in out.stdout and "--index-memory" in out.stdout
     )
+
+
+def test_stages_run_one_by_one_equal_a_full_build(setup, tmp_path):
+    from retrolm.database import chunk_stage, embed_stage, index_stage, neighbours_stage
+
+    root, bert, corpus, folder = setup
+    out = chunk_stage([corpus], tmp_path / "db", tiny_config(bert), show_progress=False)
+    with pytest.raises(InputError, match="no finished embeddings stage"):
+        index_stage(out, show_progress=False)
+    embed_stage(out, overrides={"embed_batch_size": 64}, show_progress=False)
+    index_stage(out, show_progress=False)
+    neighbours_stage(out, show_progress=False)
+    assert arrays(out) == arrays(folder)
+    with pytest.raises(MismatchError, match="chunk_size"):
+        embed_stage(out, overrides={"chunk_size": 8}, show_progress=False)
+
+
+def test_trained_index_factory_uses_a_seeded_sample(setup, tmp_path):
+    root, bert, corpus, _ = setup
+    config = tiny_config(bert, index="IVF4,Flat", index_train_size=200)
+    db = Database.open(build_database([corpus], tmp_path / "db", config, show_progress=False))
+    assert db.manifest["index"]["factory"] == "IVF4,Flat"
+    assert db.manifest["index"]["search_params"]["nprobe"] == 4  # all cells: exact
+    ids, _ = db.neighbours(np.arange(db.num_chunks))
+    assert (db.chunk_doc[ids] != db.chunk_doc[np.arange(db.num_chunks)][:, None]).all()
