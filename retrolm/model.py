@@ -88,8 +88,31 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + rotated * sin
 
 
+# Keys up to this many use the matmul path in bf16/fp16 on CPU (see `attention`).
+SHORT_KEYS = 256
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, is_causal: bool = False
+) -> Tensor:
+    """`F.scaled_dot_product_attention`, with one measured exception.
+
+    On CPU in bf16/fp16, for non-causal attention over at most SHORT_KEYS keys (the encoder,
+    its cross-attention and CCA), the fused flash kernel's backward pass is 2-3x slower than
+    two batched matmuls with a float32 softmax (benchmarks/model_speed.py), so that path is used
+    there; it computes the same function (tests/test_model.py checks both agree).
+    """
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    if q.device.type == "cpu" and low_precision and not is_causal and k.shape[-2] <= SHORT_KEYS:
+        scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (..., i, j)
+        if attn_mask is not None:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        return scores.softmax(dim=-1).to(v.dtype) @ v  # (..., i, hd)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
 def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
-    """SDPA with a key padding mask; rows whose keys are all masked output zeros, not NaN.
+    """Attention with a key padding mask; rows whose keys are all masked output zeros, not NaN.
 
     Args:
         q: (N, h, i, hd); k, v: (N, h, j, hd).
@@ -98,11 +121,11 @@ def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -
         (N, h, i, hd)
     """
     if key_mask is None or bool(key_mask.all()):
-        return F.scaled_dot_product_attention(q, k, v)
+        return attention(q, k, v)
     any_key = key_mask.any(dim=-1)  # (N,)
     # an empty row would softmax to NaN: let it attend everything, then zero its output
     safe = key_mask | ~any_key[:, None]  # (N, j)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=safe[:, None, None, :])
+    out = attention(q, k, v, attn_mask=safe[:, None, None, :])
     return out * any_key[:, None, None, None].to(out.dtype)
 
 
@@ -113,7 +136,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(mult * dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down(F.gelu(self.up(x), approximate="tanh"))
+        return self.down(F.gelu(self.up(x)))
 
 
 @dataclass
@@ -167,7 +190,7 @@ class SelfAttention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = _cache_write(cache, layer, k, v)  # (B, h, S, hd)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out(out.transpose(1, 2).reshape(B, T, dim))  # (B, T, dim)
 
 
@@ -573,6 +596,35 @@ class RETRO(nn.Module):
         Raises:
             ValueError: wrong shapes, dtypes or token ids.
         """
+        return self.lm_head(self.hidden_states(tokens, neighbours))  # (B, n, vocab)
+
+    def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored.
+
+        Equal to `F.cross_entropy(model(tokens, neighbours).flatten(0, 1), targets.flatten(),
+        ignore_index=pad_id)`, but the (B, n, vocab) logits are never materialised: the output
+        layer and the loss run in row blocks, gradients computed in the same pass (faster, and
+        far less memory, in training).
+
+        Raises:
+            ValueError: wrong shapes, dtypes or token ids.
+        """
+        if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
+            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(
+                f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
+            )
+        hidden = self.hidden_states(tokens, neighbours).flatten(0, 1)  # (B*n, d)
+        weight = self.lm_head.weight  # (V, d)
+        if torch.is_autocast_enabled("cpu") and hidden.device.type == "cpu":
+            dtype = torch.get_autocast_dtype("cpu")
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return _LinearCrossEntropy.apply(hidden, weight, targets.flatten(), self.cfg.pad_id)
+
+    def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """The decoder's final (normalised) hidden states (B, n, d); see `forward`."""
         self._check_tokens(tokens)
         B, n = tokens.shape
         if neighbours is not None:
@@ -610,7 +662,7 @@ class RETRO(nn.Module):
                     ),
                 )
             x = block.ff_res(x, block.ff)
-        return self.lm_head(self.norm(x))  # (B, n, vocab)
+        return self.norm(x)  # (B, n, d)
 
     # ---- generation
 
@@ -908,6 +960,63 @@ class RETRO(nn.Module):
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and all(cls._is_retrieval_name(k) for k in missing)
         return model
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Output layer + cross-entropy in row blocks; the gradients are computed in the forward.
+
+    In float32/float64 each block's logit gradient goes straight into the weight gradient
+    (addmm_). In bf16/fp16 the blocks' gradients (N, V) are kept in that precision (half the
+    size of float32 logits) and multiplied once at the end, as autocast's own backward would.
+    """
+
+    ROWS = 256  # rows per block
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore: int) -> Tensor:
+        # hidden (N, d), weight (V, d), targets (N,)
+        N, rows = hidden.shape[0], _LinearCrossEntropy.ROWS
+        acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for doubles
+        low = hidden.dtype != acc
+        keep = targets != ignore  # (N,)
+        count = keep.sum().clamp(min=1)
+        need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        grad_hidden = grad_weight = grad_logits = None
+        if need_grad and low:
+            grad_logits = hidden.new_empty(N, weight.shape[0])  # (N, V)
+        elif need_grad:
+            grad_hidden = torch.empty_like(hidden)  # (N, d)
+            grad_weight = torch.zeros_like(weight)  # (V, d)
+        total = hidden.new_zeros((), dtype=acc)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, N, rows):
+                h, t, kept = hidden[s : s + rows], targets[s : s + rows], keep[s : s + rows]
+                logits = (h @ weight.T).to(acc)  # (rows, V)
+                lse = logits.logsumexp(dim=-1)  # (rows,)
+                picked = t.clamp(min=0)[:, None]  # (rows, 1)
+                total += ((lse - logits.gather(1, picked).squeeze(1)) * kept).sum()
+                if not need_grad:
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place (rows, V)
+                grad.scatter_add_(1, picked, torch.full_like(lse, -1.0)[:, None])
+                grad.mul_((kept.to(acc) / count)[:, None])
+                if low:
+                    grad_logits[s : s + rows] = grad
+                else:
+                    grad_hidden[s : s + rows] = grad @ weight  # (rows, d)
+                    grad_weight.addmm_(grad.T, h)  # (V, d)
+            if need_grad and low:
+                grad_hidden = grad_logits @ weight  # (N, d)
+                grad_weight = grad_logits.T @ hidden  # (V, d)
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        return total / count
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_w = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        return grad_h, grad_w, None, None
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

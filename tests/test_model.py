@@ -331,3 +331,68 @@ def test_config_round_trip_and_presets() -> None:
     with pytest.raises(ValueError, match="unknown RetroConfig field"):
         RetroConfig.preset("tiny", widht=3)
     assert math.isclose(RETRO(RetroConfig.preset("tiny")).num_params() / 1e6, 0.37, abs_tol=0.05)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fused training loss and the low-precision attention path
+
+
+def test_fused_loss_equals_logits_cross_entropy_with_gradients() -> None:
+    cfg = CONFIGS["tiny"]
+    model = make_model(cfg)
+    tokens = random_tokens(cfg, 3, 100)  # 300 rows: two row blocks of the fused loss
+    targets = random_tokens(cfg, 3, 100, seed=4)
+    targets[0, :10] = cfg.pad_id  # ignored
+    neighbours = random_tokens(cfg, 3, 12, 2, cfg.neighbour_len, seed=3)
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, fused_grads = grads(lambda: model.loss(tokens, targets, neighbours))
+    plain, plain_grads = grads(
+        lambda: torch.nn.functional.cross_entropy(
+            model(tokens, neighbours).flatten(0, 1), targets.flatten(), ignore_index=cfg.pad_id
+        )
+    )
+    torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-9, atol=1e-12, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model.loss(tokens, targets, neighbours), plain)
+    with pytest.raises(ValueError, match="targets must have the shape of tokens"):
+        model.loss(tokens, targets[:, :-1])
+
+
+def test_fused_loss_under_bf16_autocast_matches_autocast_logits() -> None:
+    cfg = CONFIGS["tiny"]
+    torch.manual_seed(0)
+    model = RETRO(cfg)
+    tokens, targets = random_tokens(cfg, 2, 64), random_tokens(cfg, 2, 64, seed=4)
+    neighbours = random_tokens(cfg, 2, 8, 2, cfg.neighbour_len, seed=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = model.loss(tokens, targets, neighbours)
+        logits = model(tokens, neighbours).float()
+    plain = torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-4)
+    fused.backward()
+    assert model.lm_head.weight.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_low_precision_attention_path_matches_sdpa(masked: bool) -> None:
+    from retrolm.model import SHORT_KEYS, masked_attention
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(6, 2, n, 16, generator=g) for n in (8, SHORT_KEYS, SHORT_KEYS))
+    mask = torch.rand(6, SHORT_KEYS, generator=g) > 0.5 if masked else None
+    if masked:
+        mask[2] = False  # a row with nothing to attend: zeros
+    reference = masked_attention(q, k, v, mask)  # float32: SDPA
+    low = masked_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)  # matmul path
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low.float(), reference, rtol=0.05, atol=0.02)
+    if masked:
+        assert (low[2] == 0).all() and (reference[2] == 0).all()
