@@ -398,3 +398,30 @@ def test_trained_index_factory_uses_a_seeded_sample(setup, tmp_path):
     assert db.manifest["index"]["search_params"]["nprobe"] == 4  # all cells: exact
     ids, _ = db.neighbours(np.arange(db.num_chunks))
     assert (db.chunk_doc[ids] != db.chunk_doc[np.arange(db.num_chunks)][:, None]).all()
+
+
+def test_interrupted_add_resumes_to_the_same_database(setup, tmp_path, monkeypatch):
+    import retrolm.database.build as build_module
+
+    root, bert, corpus, folder = setup
+    extra = make_corpus(tmp_path / "extra", 6, seed=4, prefix="more")
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    shutil.copytree(folder, straight)
+    shutil.copytree(folder, resumed)
+    add_documents(straight, [extra], show_progress=False)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as if killed after the new chunks and embeddings
+
+    with monkeypatch.context() as patch:
+        patch.setattr(build_module, "_run_index", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            add_documents(resumed, [extra], show_progress=False)
+    with pytest.raises(InputError, match="unfinished"):
+        Database.open(resumed)
+    other = make_corpus(tmp_path / "other", 2, seed=5, prefix="x")
+    with pytest.raises(InputError, match="unfinished"):
+        add_documents(resumed, [other], show_progress=False)  # finish the first add first
+    add_documents(resumed, [extra], show_progress=False)
+    assert arrays(resumed) == arrays(straight)
+    assert Database.open(resumed).num_chunks == Database.open(straight).num_chunks
