@@ -282,6 +282,16 @@ def test_add_documents_appends_without_rebuild(setup, tmp_path):
     assert not (copy / old.manifest["index"]["file"]).exists()  # the replaced index is removed
     with pytest.raises(InputError, match="already in the database"):
         add_documents(copy, [extra], show_progress=False)
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "x.bin").write_bytes(b"\x00\x00")
+    with pytest.raises(InputError, match=r"yielded no documents \(1 binary\); nothing was added"):
+        add_documents(copy, [junk], show_progress=False)
+    after = Database.open(copy)  # still complete and unchanged
+    assert (
+        len(after.documents) == 38
+        and after.manifest["counts"]["skipped"] == new.manifest["counts"]["skipped"]
+    )
 
 
 def test_bm25_retriever(setup, tmp_path):

@@ -550,6 +550,24 @@ def add_documents(
         for stage in ("chunks", *DOWNSTREAM):
             manifest["stages"][stage] = False
         save_manifest(folder, manifest)
+    documents_before = manifest["sources"][-1]["first_documents"] = manifest["sources"][-1].get(
+        "first_documents", manifest["counts"]["documents"]
+    )
     run_chunks(folder, manifest, config, _tokenizer(folder, manifest), show_progress)
+    if manifest["counts"]["documents"] == documents_before:  # nothing to add: undo the source
+        skipped = manifest["sources"].pop()["end_cursor"]["skipped"]
+        manifest["counts"]["skipped"] = skipped_before = manifest["sources"][-1]["end_cursor"][
+            "skipped"
+        ]
+        for stage in manifest["stages"]:
+            manifest["stages"][stage] = True
+        save_manifest(folder, manifest)
+        new = {
+            r: n - skipped_before.get(r, 0)
+            for r, n in skipped.items()
+            if n > skipped_before.get(r, 0)
+        }
+        detail = ", ".join(f"{n} {r}" for r, n in sorted(new.items())) or "no input files"
+        raise InputError(f"{', '.join(inputs)} yielded no documents ({detail}); nothing was added")
     _downstream(folder, manifest, config, embedder, show_progress)
     return folder

@@ -375,11 +375,11 @@ def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfi
         inputs = [p for s in sources for p in s["inputs"]]
         raise InputError(_no_documents_message(inputs, end.skipped))
     blocks = manifest["chunks"]["blocks"]
-    chunk_doc = np.lib.format.open_memmap  # streamed: the map is filled block by block
     doc_path = folder / CHUNK_DOC_FILE
     with atomic_open(folder / DOCUMENTS_FILE, "w", encoding="utf-8") as table:
         tmp_map = doc_path.with_name(doc_path.name + ".tmp-build")
-        mapping = chunk_doc(tmp_map, mode="w+", dtype=np.int64, shape=(end.chunks,))
+        # streamed: the memory-mapped map is filled block by block, never held in memory
+        mapping = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int64, shape=(end.chunks,))
         for block in blocks:
             with open(folder / block["docs_file"], encoding="utf-8") as f:
                 for line in f:
