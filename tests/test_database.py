@@ -377,6 +377,11 @@ def test_cli_info_search_and_help(setup, capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["db", sub, "--help"])
         assert exit_info.value.code == 0
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["db", "build", "c", "--out", "d", "--retriever", "sparse"])
+    assert exit_info.value.code == 2
+    assert cli_main(["db", "build", "c", "--out", "d", "--chunk-size", "0"]) == 2
+    assert "chunk_size must be" in capsys.readouterr().err
     out = subprocess.run(
         [sys.executable, "-m", "retrolm", "db", "build", "--help"], capture_output=True, text=True
     )

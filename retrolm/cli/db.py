@@ -54,6 +54,12 @@ CONTENT_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--neighbours", "neighbours", int, "neighbours stored per chunk (K)"),
     ("--block-rows", "block_rows", int, "chunks per block file"),
     ("--seed", "seed", int, "seed of the index training sample"),
+    (
+        "--tokenizer-train-bytes",
+        "tokenizer_train_bytes",
+        int,
+        "most bytes of train text used to train the tokenizer",
+    ),
 ]
 SPEED_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--embed-batch-size", "embed_batch_size", int, "chunks per embedding batch"),
@@ -62,11 +68,26 @@ SPEED_FLAGS: list[tuple[str, str, Any, str]] = [
 ]
 
 
+CHOICES = {
+    "retriever": ("dense", "bm25"),
+    "dtype": ("float16", "float32"),
+    "embed_dtype": ("float32", "bfloat16"),
+}
+METAVARS = {int: "N", float: "F"}
+SHOWN_DEFAULTS = {"index_memory": "4G"}
+
+
 def _add_flags(parser: argparse.ArgumentParser, flags: list[tuple[str, str, Any, str]]) -> None:
     for flag, name, kind, text in flags:
-        default = getattr(DEFAULTS, name)
+        default = SHOWN_DEFAULTS.get(name, getattr(DEFAULTS, name))
         parser.add_argument(
-            flag, dest=name, type=kind, default=None, help=f"{text} (default: {default})"
+            flag,
+            dest=name,
+            type=kind,
+            default=None,
+            choices=CHOICES.get(name),
+            metavar=None if name in CHOICES else METAVARS.get(kind, "TEXT"),
+            help=f"{text} (default: {default})",
         )
 
 
