@@ -208,18 +208,21 @@ def bench_generation(args: argparse.Namespace) -> dict[str, list[float]]:
     torch.manual_seed(0)
     ours = RETRO(retrolm_config(total_len)).eval()
     theirs = theirs_model(total_len).eval()
-    prompt = torch.randint(1, VOCAB, (1, PROMPT), generator=torch.Generator().manual_seed(1))
+    prompt = torch.randint(
+        1, VOCAB, (args.gen_batch, PROMPT), generator=torch.Generator().manual_seed(1)
+    )
     ours.generate(prompt, 8, retrieve=random_retrieve)  # warm-up
     theirs_generate(theirs, prompt, 8, 1)
     rates: dict[str, list[float]] = {"retrolm": [], "RETRO-pytorch": []}
     for _ in range(args.gen_repeats):
         start = time.perf_counter()
         ours.generate(prompt, new, retrieve=random_retrieve)
-        rates["retrolm"].append(new / (time.perf_counter() - start))
-        rates["RETRO-pytorch"].append(new / theirs_generate(theirs, prompt, new, args.slow_stride))
+        rates["retrolm"].append(new * len(prompt) / (time.perf_counter() - start))
+        theirs_time = theirs_generate(theirs, prompt, new, args.slow_stride)
+        rates["RETRO-pytorch"].append(new * len(prompt) / theirs_time)
     start = time.perf_counter()
     ours.generate(prompt, new, retrieve=random_retrieve)  # once more: bracket the slow side
-    rates["retrolm"].append(new / (time.perf_counter() - start))
+    rates["retrolm"].append(new * len(prompt) / (time.perf_counter() - start))
     return rates
 
 
@@ -257,6 +260,10 @@ def main() -> None:
         default=1,
         help="time every n-th RETRO-pytorch decoding step and extrapolate (1: time all)",
     )
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads (default: torch's)"
+    )
+    parser.add_argument("--gen-batch", type=int, default=1, help="prompts generated at once")
     parser.add_argument("--quick", action="store_true", help="a smoke run, not a measurement")
     parser.add_argument("--skip-train", action="store_true")
     parser.add_argument(
@@ -267,6 +274,8 @@ def main() -> None:
     )
     parser.add_argument("--skip-generate", action="store_true")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.train_steps, args.new_tokens, args.slow_stride = 1, 1, 64, 8
 

@@ -68,16 +68,13 @@ class Rotary(nn.Module):
         angles = torch.cat([angles, angles], dim=-1)  # (len, hd)
         return angles.cos().float().to(device), angles.sin().float().to(device)
 
-    def forward(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        """cos, sin (..., hd) float32 for integer `positions` (...)."""
-        need = int(positions.max()) + 1 if positions.numel() else 1
+    def forward(self, start: int, end: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """cos, sin (end - start, hd) float32 for positions start..end-1 (views, no copy)."""
         table = self._table
-        if table is None or table[0].shape[0] < need or table[0].device != positions.device:
-            table = self._build(
-                max(need, 2 * table[0].shape[0] if table else 256), positions.device
-            )
+        if table is None or table[0].shape[0] < end or table[0].device != device:
+            table = self._build(max(end, 2 * table[0].shape[0] if table else 256), device)
             self._table = table
-        return table[0][positions], table[1][positions]
+        return table[0][start:end], table[1][start:end]
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -172,22 +169,22 @@ class SelfAttention(nn.Module):
         self,
         x: Tensor,
         rotary: Rotary,
-        positions: Tensor,
+        start: int,
         mask: Tensor | None = None,
         causal: bool = False,
         cache: KVCache | None = None,
         layer: int = 0,
     ) -> Tensor:
-        """x (B, T, dim) at `positions` (T,); mask (B, 1, T, S) bool or None.
+        """x (B, T, dim) at positions start..start+T-1; mask (B, 1, T, S) bool or None.
 
         With a cache, keys/values are written at positions cache.length.. and all S filled
         positions are attended (the mask, if any, says which).
         """
         B, T, dim = x.shape
         hd = dim // self.heads
-        q, k, v = self.qkv(x).view(B, T, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # (B,h,T,hd)
-        cos, sin = rotary(positions)  # (T, hd)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        qkv = self.qkv(x).view(B, T, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # (3,B,h,T,hd)
+        qk = apply_rotary(qkv[:2], *rotary(start, start + T, x.device))  # (2, B, h, T, hd)
+        q, k, v = qk[0], qk[1], qkv[2]
         if cache is not None:
             k, v = _cache_write(cache, layer, k, v)  # (B, h, S, hd)
         out = attention(q, k, v, attn_mask=mask, is_causal=causal)
@@ -222,8 +219,9 @@ class ChunkedCrossAttention(nn.Module):
         hd = dim // self.heads
         kv = self.kv(encoded).view(B, U, K, R, 2, self.heads, hd)
         kv = kv.permute(4, 0, 1, 5, 2, 3, 6)  # (2, B, U, h, k, r, hd)
-        cos, sin = rotary(torch.arange(R, device=encoded.device))  # (r, hd)
-        keys = apply_rotary(kv[0], cos, sin).reshape(B, U, self.heads, K * R, hd)
+        keys = apply_rotary(kv[0], *rotary(0, R, encoded.device)).reshape(
+            B, U, self.heads, K * R, hd
+        )
         values = kv[1].reshape(B, U, self.heads, K * R, hd)
         return keys, values
 
@@ -258,15 +256,14 @@ class ChunkedCrossAttention(nn.Module):
         q = self.q(x[:, first - start :])  # (B, T', d)
         if groups == 1:  # one group (always so when decoding a token): no padding needed
             q = q.view(B, -1, h, hd).transpose(1, 2)  # (B, h, T', hd)
-            pos = torch.arange(lead, lead + q.shape[2], device=x.device) + m - 1
-            q = apply_rotary(q, *rotary(pos))
+            q = apply_rotary(q, *rotary(lead + m - 1, lead + m - 1 + q.shape[2], x.device))
             out = masked_attention(q, keys[:, u0], values[:, u0], key_mask[:, u0])  # (B,h,T',hd)
             out = out.transpose(1, 2).reshape(B, -1, dim)  # (B, T', d)
         else:
             trail = groups * m - lead - (end - first)
             q = F.pad(q, (0, 0, lead, trail))  # (B, G*m, d), one group of m per chunk
             q = q.view(B, groups, m, h, hd).permute(0, 1, 3, 2, 4)  # (B, G, h, m, hd)
-            q = apply_rotary(q, *rotary(torch.arange(m - 1, 2 * m - 1, device=x.device)))
+            q = apply_rotary(q, *rotary(m - 1, 2 * m - 1, x.device))
             out = masked_attention(
                 q.flatten(0, 1),
                 keys[:, u0 : u1 + 1].flatten(0, 1),
@@ -322,9 +319,9 @@ class EncoderBlock(nn.Module):
         C, M, _ = chunk.shape
         h, hd = self.heads, e // self.heads
         q = self.cross_q(x).view(C, k, R, h, hd).permute(0, 3, 1, 2, 4)  # (C, h, k, r, hd)
-        q = apply_rotary(q, *rotary(torch.arange(R, device=x.device))).reshape(C, h, k * R, hd)
+        q = apply_rotary(q, *rotary(0, R, x.device)).reshape(C, h, k * R, hd)
         kv = self.cross_kv(chunk).view(C, M, 2, h, hd).permute(2, 0, 3, 1, 4)  # (2, C, h, m, hd)
-        keys = apply_rotary(kv[0], *rotary(torch.arange(M, device=x.device)))
+        keys = apply_rotary(kv[0], *rotary(0, M, x.device))
         out = masked_attention(q, keys, kv[1], chunk_mask)  # (C, h, k*r, hd)
         out = out.view(C, h, k, R, hd).permute(0, 2, 3, 1, 4).reshape(N, R, e)
         return self.cross_out(out)
@@ -339,8 +336,7 @@ class EncoderBlock(nn.Module):
         rotary: Rotary,
         k: int,
     ) -> Tensor:
-        positions = torch.arange(x.shape[1], device=x.device)
-        x = self.self_res(x, lambda y: self.self_attn(y, rotary, positions, mask=self_mask))
+        x = self.self_res(x, lambda y: self.self_attn(y, rotary, 0, mask=self_mask))
         x = self.cross_res(x, lambda y: self.cross_attention(y, chunk, chunk_mask, rotary, k))
         return self.ff_res(x, self.ff)
 
@@ -633,14 +629,11 @@ class RETRO(nn.Module):
         L = n // m  # chunks whose neighbours some position reads
         x = self.tok_emb(tokens)  # (B, n, d)
         mask, causal = self._self_attn_mask(tokens == self.cfg.pad_id, 0, n)
-        positions = torch.arange(n, device=tokens.device)
         encoded = nb_mask = None
         for block in self.blocks:
             x = block.attn_res(
                 x,
-                partial(
-                    block.attn, rotary=self.rotary, positions=positions, mask=mask, causal=causal
-                ),
+                partial(block.attn, rotary=self.rotary, start=0, mask=mask, causal=causal),
             )
             if block.cca is not None and block.cca_res is not None and neighbours is not None:
                 keys = values = None
@@ -677,7 +670,6 @@ class RETRO(nn.Module):
         start, end = cache.length, cache.length + T
         cache.token_ids[:, start:end] = tokens
         mask, causal = self._self_attn_mask(cache.token_ids[:, :end] == self.cfg.pad_id, start, T)
-        positions = torch.arange(start, end, device=tokens.device)
         new_chunks = 0 if neighbours is None else neighbours.shape[1]
         total_chunks = cache.num_chunks + new_chunks
         x = self.tok_emb(tokens)  # (B, T, d)
@@ -688,7 +680,7 @@ class RETRO(nn.Module):
                 partial(
                     block.attn,
                     rotary=self.rotary,
-                    positions=positions,
+                    start=start,
                     mask=mask,
                     causal=causal,
                     cache=cache,
