@@ -326,7 +326,8 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    # foreach: one fused kernel per group instead of one per tensor (also on the CPU)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
 def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
@@ -374,6 +375,7 @@ class Trainer:
     tokens_seen: int = 0
     show_progress: bool = True
     writer: Any = None  # TensorBoard SummaryWriter or None
+    data_seconds: float = 0.0  # time the last step spent building its batches
 
 
 def setup(
@@ -419,6 +421,8 @@ def setup(
     dist_ = init_distributed(device)
     if resume and (out / RUN_FILE).is_file():
         check_database(read_json(out / RUN_FILE)["database"], source, str(out))
+    if cfg.retrofit:
+        check_database(read_run_meta(cfg.retrofit)["database"], source, cfg.retrofit)
     dist_.barrier()  # every rank has checked the folder before rank 0 changes it
     if dist_.is_main and overwrite and not resume and out.exists():
         shutil.rmtree(out)
@@ -611,7 +615,9 @@ def train_step(trainer: Trainer) -> float:
     lr = get_lr(trainer.step, cfg, trainer.total_steps)
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
+    t0 = time.perf_counter()
     micro = [trainer.train_data.get(ix) for ix in trainer.sampler.next_step()]
+    trainer.data_seconds = time.perf_counter() - t0
     count = trainer.dist.sum(
         torch.tensor(sum(int((b.targets != pad).sum()) for b in micro), dtype=torch.float64)
     )
@@ -717,6 +723,7 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
             "tokens": trainer.tokens_seen,
             "tokens_per_s": tok_s,
             "step_s": dt,
+            "data_s": trainer.data_seconds,
         }
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {trainer.step}; lower --lr")
