@@ -980,18 +980,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_hidden = torch.empty_like(hidden)  # (N, d)
             grad_weight = torch.zeros_like(weight)  # (V, d)
         total = hidden.new_zeros((), dtype=acc)
+        block = hidden.new_empty(min(rows, N), weight.shape[0], dtype=acc)  # reused (rows, V)
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, N, rows):
                 h, t, kept = hidden[s : s + rows], targets[s : s + rows], keep[s : s + rows]
-                logits = (h @ weight.T).to(acc)  # (rows, V)
-                lse = logits.logsumexp(dim=-1)  # (rows,)
+                logits = block[: h.shape[0]]
+                logits.copy_(h @ weight.T)  # (rows, V), in `acc` precision
                 picked = t.clamp(min=0)[:, None]  # (rows, 1)
-                total += ((lse - logits.gather(1, picked).squeeze(1)) * kept).sum()
+                target_logit = logits.gather(1, picked).squeeze(1)  # (rows,)
+                top = logits.amax(dim=-1, keepdim=True)  # (rows, 1)
+                probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
+                total_exp = probs.sum(dim=-1, keepdim=True)  # (rows, 1)
+                lse = (total_exp.log() + top).squeeze(1)  # (rows,)
+                total += ((lse - target_logit) * kept).sum()
                 if not need_grad:
                     continue
-                grad = logits.sub_(lse[:, None]).exp_()  # softmax, in place (rows, V)
-                grad.scatter_add_(1, picked, torch.full_like(lse, -1.0)[:, None])
-                grad.mul_((kept.to(acc) / count)[:, None])
+                grad = probs.mul_((kept.to(acc) / count)[:, None] / total_exp)  # softmax / count
+                grad.scatter_add_(1, picked, (-kept.to(acc) / count)[:, None])  # minus one-hot
                 if low:
                     grad_logits[s : s + rows] = grad
                 else:
