@@ -440,3 +440,14 @@ def test_interrupted_add_resumes_to_the_same_database(setup, tmp_path, monkeypat
     add_documents(resumed, [extra], show_progress=False)
     assert arrays(resumed) == arrays(straight)
     assert Database.open(resumed).num_chunks == Database.open(straight).num_chunks
+
+
+def test_pickled_database_reopens_its_files(db):
+    import pickle
+
+    data = pickle.dumps(db)
+    assert len(data) < 1000  # the path, not the arrays
+    again = pickle.loads(data)
+    ids = np.arange(db.num_chunks)
+    assert np.array_equal(again.chunk_tokens(ids), db.chunk_tokens(ids))
+    assert np.array_equal(again.neighbours(ids)[0], db.neighbours(ids)[0])
