@@ -19,12 +19,17 @@ Choices (documented because the paper leaves them open):
 - Decoder self-attention is causal; CCA is shifted by m-1 so that the neighbours of chunk u reach
   positions u*m + m-1 .. (u+1)*m + m-2 and nothing earlier.
 - `neighbours=None` (RETRO[OFF]) skips CCA; a config with no `cca_layers` builds no encoder.
+- `use_deepnet`: post-norm residuals norm(alpha * x + f(x)) with DeepNet's encoder-decoder
+  alpha/beta (Wang et al. 2022), as RETRO-pytorch's `use_deepnet`. With post-norm, the CCA
+  residual is applied (with f = 0 where nothing is read) whenever neighbours are given.
+- Speed: all attention goes through `F.scaled_dot_product_attention`, except short non-causal
+  attention in bf16/fp16 on CPU (see `attention`); `RETRO.loss` fuses the output layer and the
+  cross-entropy so that training never materialises (B, n, vocab) logits.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -39,8 +44,6 @@ from torch import Tensor, nn
 from retrolm.config import RetroConfig
 from retrolm.errors import CorruptArtifactError, InputError, MismatchError
 from retrolm.io import atomic_path, write_json
-
-logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -329,7 +332,6 @@ class EncoderBlock(nn.Module):
     def forward(
         self,
         x: Tensor,
-        tokens_mask: Tensor,
         self_mask: Tensor | None,
         chunk: Tensor,
         chunk_mask: Tensor,
@@ -352,7 +354,6 @@ class Encoder(nn.Module):
         self.blocks = nn.ModuleList(EncoderBlock(cfg, alpha) for _ in range(cfg.enc_depth))
         self.norm = nn.Identity() if cfg.use_deepnet else nn.LayerNorm(cfg.enc_dim, cfg.norm_eps)
         self.rotary = Rotary(cfg.enc_dim // cfg.enc_heads, cfg.rotary_base)
-        self.pad_id = cfg.pad_id
 
     def forward(
         self, neighbour_emb: Tensor, neighbour_mask: Tensor, chunk: Tensor, chunk_mask: Tensor
@@ -377,7 +378,7 @@ class Encoder(nn.Module):
             self_mask = safe[:, None, None, :]  # (C*k, 1, 1, r)
         chunk = self.chunk_norm(chunk)
         for block in self.blocks:
-            x = block(x, tokens_mask, self_mask, chunk, chunk_mask, self.rotary, K)
+            x = block(x, self_mask, chunk, chunk_mask, self.rotary, K)
         return self.norm(x).view(C, K, R, -1)
 
 
@@ -743,6 +744,10 @@ class RETRO(nn.Module):
     def _retrieve(self, retrieve: Retrieve, chunk: Tensor, shape: list[int]) -> Tensor:
         """Call `retrieve` on one completed chunk (B, m) and check its answer (B, k, r)."""
         neighbours = retrieve(chunk)
+        if not isinstance(neighbours, Tensor) and hasattr(neighbours, "__array__"):
+            neighbours = torch.as_tensor(neighbours)  # a numpy array from the database
+        if isinstance(neighbours, Tensor) and neighbours.dtype in (torch.int32, torch.int16):
+            neighbours = neighbours.long()
         B = chunk.shape[0]
         expected = f"(batch={B}, k, r)" if not shape else f"(batch={B}, k={shape[0]}, r={shape[1]})"
         if (

@@ -257,3 +257,14 @@ def test_from_baseline_loads_the_decoder_and_fresh_retrieval(tmp_path) -> None:
     RETRO(cfg).save(tmp_path / "retro")  # a RETRO model carries extra (retrieval) weights
     with pytest.raises(CorruptArtifactError, match=r"unexpected: blocks\.1\.cca"):
         RETRO.from_baseline(tmp_path / "retro", cfg)
+
+
+def test_retrieve_may_return_numpy_int32() -> None:
+    cfg = CONFIGS["tiny"]
+    model = make_model(cfg)
+    prompt = torch.randint(1, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(7))
+    as_tensor = TableRetriever(cfg)
+    as_numpy = TableRetriever(cfg)
+    expected = model.generate(prompt, 12, retrieve=as_tensor)
+    out = model.generate(prompt, 12, retrieve=lambda c: as_numpy(c).numpy().astype("int32"))
+    assert torch.equal(out, expected)
