@@ -74,9 +74,7 @@ def model_only(db: Path, args: argparse.Namespace, run: Path) -> dict[str, float
     for i in range(args.steps):
         b = batches[i % len(batches)]
         t0 = time.perf_counter()
-        nll, count = token_nll(
-            model, b.tokens, b.neighbours, b.targets, model.cfg.pad_id, args.bf16
-        )
+        nll, count = token_nll(model, b.tokens, b.neighbours, b.targets, args.bf16)
         (nll / count).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

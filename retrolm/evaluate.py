@@ -43,7 +43,7 @@ class EvalConfig:
     """Settings of an evaluation; written into the report."""
 
     split: str = "valid"  # documents evaluated
-    window: int | None = None  # tokens per window; default the model's max_seq_len
+    window: int | None = None  # tokens per window; default the run's training seq_len
     stride: int | None = None  # tokens a window moves; default window // 2 (paper: 2048 / 1024)
     num_neighbours: int | None = None  # k at evaluation; default the model's training k
     max_tokens: int | None = None  # evaluate only the first chunks of the split (None: all)
@@ -337,7 +337,7 @@ def evaluate_run(
         models["baseline"] = base_model
     mcfg = model.cfg
     m = source.chunk_size
-    window = cfg.window or mcfg.max_seq_len
+    window = cfg.window or int(meta.get("seq_len") or mcfg.max_seq_len)  # as trained
     stride = cfg.stride or max(m, (window // 2) // m * m)
     k = cfg.num_neighbours or mcfg.num_neighbours
     device = resolve_device(cfg.device)

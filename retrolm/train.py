@@ -34,7 +34,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
 from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
@@ -362,7 +361,7 @@ class Trainer:
     cfg: TrainConfig
     out: Path
     model: nn.Module  # the RETRO (unwrapped)
-    ddp_model: nn.Module  # the model wrapped for DDP (or the model itself)
+    ddp_model: nn.Module  # SummedLoss(model), wrapped for DDP when distributed
     optimizer: torch.optim.Optimizer
     train_data: RetroSamples
     valid_data: RetroSamples | None
@@ -526,12 +525,13 @@ def freeze_for_retrofit(model: nn.Module, cfg: TrainConfig) -> None:
 
 
 def wrap_ddp(model: nn.Module, device: torch.device, dist_: Dist) -> nn.Module:
+    """The module a training step calls: SummedLoss(model), wrapped in DDP when distributed."""
     if not dist_.enabled:
-        return model
+        return SummedLoss(model)
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=ids)
+    return DistributedDataParallel(SummedLoss(model), device_ids=ids)
 
 
 def restore(trainer: Trainer, ckpt: Path) -> None:
@@ -589,19 +589,43 @@ def read_metrics(run: str | Path) -> list[dict[str, Any]]:
 # the loop
 
 
-def token_nll(model: nn.Module, batch_tokens, batch_neighbours, targets, pad_id, bf16) -> Any:
+class SummedLoss(nn.Module):
+    """Wraps a RETRO so that its forward (the one DDP hooks) returns the summed target loss.
+
+    Uses the model's fused output-layer + cross-entropy (`RETRO.loss`), which never builds the
+    (B, n, vocab) logits.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        targets: torch.Tensor,
+        neighbours: torch.Tensor | None,
+        bf16: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(summed negative log-likelihood in nats, number of non-pad targets)."""
+        pad_id = self.model.cfg.pad_id
+        count = (targets != pad_id).sum()
+        ctx = torch.autocast(tokens.device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+        with ctx:
+            mean = self.model.loss(tokens, targets, neighbours)  # 0 when nothing to predict
+        return mean.float() * count, count
+
+
+def token_nll(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    neighbours: torch.Tensor | None,
+    targets: torch.Tensor,
+    bf16: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed negative log-likelihood (nats) of the non-pad targets, and their count."""
-    device_type = batch_tokens.device.type
-    ctx = torch.autocast(device_type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    with ctx:
-        logits = model(batch_tokens, neighbours=batch_neighbours)
-    nll = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=pad_id,
-        reduction="sum",
-    )
-    return nll, (targets != pad_id).sum()
+    loss_module = model if isinstance(model, SummedLoss) else SummedLoss(model)
+    return loss_module(tokens, targets, neighbours, bf16)
 
 
 def to_device(batch, device: torch.device):
@@ -627,7 +651,7 @@ def train_step(trainer: Trainer) -> float:
         sync = not trainer.dist.enabled or i == len(micro) - 1
         with nullcontext() if sync else model.no_sync():
             tokens, neighbours, targets = to_device(batch, trainer.device)
-            nll, _ = token_nll(model, tokens, neighbours, targets, pad, cfg.bf16)
+            nll, _ = model(tokens, targets, neighbours, cfg.bf16)
             (nll * scale).backward()
         loss_sum += nll.detach().double().cpu()
     if cfg.grad_clip > 0:
@@ -655,8 +679,7 @@ def validate(trainer: Trainer) -> float | None:
     for start in range(0, len(mine), micro):
         batch = data.get(mine[start : start + micro])
         tokens, neighbours, targets = to_device(batch, trainer.device)
-        pad = trainer.pad_id
-        nll, cnt = token_nll(trainer.model, tokens, neighbours, targets, pad, cfg.bf16)
+        nll, cnt = token_nll(trainer.model, tokens, neighbours, targets, cfg.bf16)
         total += torch.stack([nll.double().cpu(), cnt.double().cpu()])
     trainer.model.train()
     total = trainer.dist.sum(total)

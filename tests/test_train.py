@@ -206,3 +206,55 @@ def test_bf16_and_grad_accum_run(tmp_path):
         tiny_config(max_steps=2, bf16=True, grad_accum=2), src, tmp_path / "r", show_progress=False
     )
     assert all(math.isfinite(x) for x in losses(run))
+
+
+def _run_cli(args: list[str]):
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-m", "retrolm", "-q", *args])
+
+
+def _wait_for(predicate, proc, timeout: float = 120.0) -> bool:
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and proc.poll() is None:
+        if predicate():
+            return True
+        time.sleep(0.002)
+    return False
+
+
+@pytest.mark.slow
+def test_sigkill_during_training_and_saving_then_resume_gives_the_same_losses(tmp_path):
+    """`retrolm train` killed (SIGKILL) mid-step and mid-save, resumed each time: same losses."""
+    from tests.test_evaluate import build_world
+
+    world = build_world(tmp_path / "world")
+    args = ["train", "--db", str(world["db"]), "--preset", "tiny", "--steps", "24"]
+    args += ["--batch-size", "4", "--seq-len", "64", "--checkpoint-every", "3", "--no-progress"]
+    args += ["--eval-every", "6"]
+    assert _run_cli([*args, "--out", str(tmp_path / "ref")]).wait() == 0
+    run = tmp_path / "cut"
+    ckpts = run / "checkpoints"
+
+    def saving() -> bool:  # a checkpoint folder is being written
+        return ckpts.is_dir() and any(".tmp-" in p.name for p in ckpts.iterdir())
+
+    def past(step: int):
+        return lambda: (ckpts / "latest.json").is_file() and read_metrics(run)[-1]["step"] > step
+
+    kills = 0
+    for when in (past(4), saving, past(13), saving):
+        proc = _run_cli([*args, "--out", str(run), "--resume"])
+        if _wait_for(when, proc):
+            proc.kill()
+            kills += 1
+        proc.wait()
+        assert latest_checkpoint(ckpts) is None or RETRO.load(latest_checkpoint(ckpts) / "model")
+    assert kills >= 2
+    assert _run_cli([*args, "--out", str(run), "--resume"]).wait() == 0
+    ref, got = losses(tmp_path / "ref"), losses(run)
+    assert [r["step"] for r in read_metrics(run)] == list(range(1, 25))
+    assert got == ref, [(i, a, b) for i, (a, b) in enumerate(zip(got, ref)) if a != b]

@@ -21,7 +21,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", type=Path, required=True, help="database folder")
     p.add_argument("--split", default="valid", choices=("valid", "train"))
     p.add_argument("--baseline", type=Path, help="a no-retrieval run to compare with")
-    p.add_argument("--window", type=int, help="tokens per window (default max_seq_len)")
+    p.add_argument(
+        "--window", type=int, help="tokens per window (default: the training sequence length)"
+    )
     p.add_argument("--stride", type=int, help="tokens a window moves (default window/2)")
     p.add_argument("--neighbours", type=int, help="k neighbours per chunk (default training k)")
     p.add_argument("--max-tokens", type=int, help="evaluate only the first N tokens")
