@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -110,20 +111,27 @@ def sample_rows(num_vectors: int, sample_size: int, seed: int = 0) -> np.ndarray
     return np.sort(rng.choice(num_vectors, size=size, replace=False)).astype(np.int64)
 
 
-def _set_seeds(index: Any, seed: int) -> None:
-    """Seed every k-means / OPQ inside `index` so that training is reproducible."""
+def _configure_training(index: Any, seed: int) -> None:
+    """Seed every k-means inside `index` so that training is reproducible, and bound its cost.
+
+    OPQ runs 20 alternations (faiss's default of 50 gains little after ~10 and costs minutes
+    on large training samples); polysemous code ordering is skipped (searches never use it).
+    """
     ivf = faiss.try_extract_index_ivf(index)
     if ivf is not None:
         ivf.cp.seed = seed
-        pq = getattr(faiss.downcast_index(ivf), "pq", None)
+        ivf = faiss.downcast_index(ivf)
+        pq = getattr(ivf, "pq", None)
         if pq is not None:
             pq.cp.seed = seed + 1
+        if hasattr(ivf, "do_polysemous_training"):
+            ivf.do_polysemous_training = False
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
         for i in range(inner.chain.size()):
             vt = faiss.downcast_VectorTransform(inner.chain.at(i))
             if isinstance(vt, faiss.OPQMatrix):
-                vt.niter = max(vt.niter, 25)
+                vt.niter = 20
 
 
 def _supports_ids(index: Any) -> bool:
@@ -175,7 +183,7 @@ def build_index(
                 f"index {factory!r} has {ivf.nlist} IVF cells but only {len(sample)} training "
                 "vectors: use fewer cells or a smaller database index (--index Flat)"
             )
-        _set_seeds(index, seed)
+        _configure_training(index, seed)
         try:
             index.train(sample)
         except RuntimeError as e:
@@ -239,6 +247,97 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     ids = ids.astype(np.int64, copy=False)
     dists[ids < 0] = -np.inf if metric_of(index) == "ip" else np.inf
     return dists, ids
+
+
+def exact_search_blocks(
+    queries: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]],
+    k: int,
+    metric: str,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force k nearest neighbours of `queries` over a stream of (vectors, ids) blocks.
+
+    Memory stays at one block plus the running (n, k) results, whatever the database size: the
+    ground truth for `tune_search_params` on a database that does not fit in memory.
+
+    Returns:
+        distances (n, k) float32 and ids (n, k) int64, like `search`.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    similarity = _metric_type(metric) == faiss.METRIC_INNER_PRODUCT
+    worst = -np.inf if similarity else np.inf
+    best_d = np.full((len(queries), k), worst, dtype=np.float32)
+    best_i = np.full((len(queries), k), -1, dtype=np.int64)
+    for vectors, ids in blocks:
+        flat = build_index("Flat", queries.shape[1], metric, None)
+        add_vectors(flat, vectors, ids)
+        d, i = search(flat, queries, k)
+        all_d = np.concatenate([best_d, d], axis=1)
+        all_i = np.concatenate([best_i, i], axis=1)
+        order = np.argsort(-all_d if similarity else all_d, axis=1, kind="stable")[:, :k]
+        best_d = np.take_along_axis(all_d, order, axis=1)
+        best_i = np.take_along_axis(all_i, order, axis=1)
+    return best_d, best_i
+
+
+def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
+    """Mean fraction of each row's true neighbours (ids >= 0) that were found."""
+    hits, total = 0, 0
+    for found, true in zip(found_ids, true_ids):
+        true_set = {int(t) for t in true if t >= 0}
+        hits += len(true_set.intersection(int(f) for f in found))
+        total += len(true_set)
+    return hits / total if total else 1.0
+
+
+def tune_search_params(
+    index: faiss.Index,
+    queries: np.ndarray,
+    true_ids: np.ndarray,
+    *,
+    target_recall: float = 0.95,
+) -> tuple[dict[str, int], float]:
+    """The cheapest nprobe / efSearch whose recall@k against `true_ids` reaches `target_recall`.
+
+    Tries powers of two (nprobe from 1 to the number of cells, efSearch from 16 to 4096) and
+    leaves the index set to the returned parameters. `true_ids` (n, k) come from an exact search
+    (`exact_search_blocks`) over the same vectors.
+
+    Returns:
+        (params, recall reached); the largest setting tried when the target is never reached.
+    """
+    k = true_ids.shape[1]
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is not None:
+        name, values = "nprobe", [2**i for i in range(int(math.log2(ivf.nlist)) + 1)]
+        if values[-1] != ivf.nlist:
+            values.append(ivf.nlist)
+    elif _find_hnsw(index) is not None:
+        name, values = (
+            "efSearch",
+            [max(16, k) * 2**i for i in range(9) if max(16, k) * 2**i <= 4096],
+        )
+    else:
+        return {}, recall_at_k(search(index, queries, k)[1], true_ids)
+    recall = 0.0
+    for value in values:
+        apply_search_params(index, {name: value})
+        recall = recall_at_k(search(index, queries, k)[1], true_ids)
+        if recall >= target_recall:
+            break
+    return {name: value}, recall
+
+
+def _find_hnsw(index: Any) -> Any:
+    """The IndexHNSW inside `index` (through IDMap / pre-transform wrappers), or None."""
+    inner = faiss.downcast_index(index)
+    while True:
+        if isinstance(inner, faiss.IndexHNSW):
+            return inner
+        sub = getattr(inner, "index", None)
+        if sub is None:
+            return None
+        inner = faiss.downcast_index(sub)
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:

@@ -1,0 +1,230 @@
+"""faiss index helpers: exact search equals brute force, approximate recall bounds, custom
+factory strings, atomic save and (memory-mapped) load."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from retrolm.database import index as ix
+from retrolm.errors import CorruptArtifactError, InputError
+
+
+@pytest.fixture(autouse=True)
+def one_faiss_thread():
+    """faiss's OpenMP threads spin-wait at every barrier: on a shared, oversubscribed CI machine
+    k-means then runs 5-10x slower with 2 threads than with 1. Results do not depend on it."""
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)
+
+
+def clustered(n: int, d: int, n_clusters: int, spread: float, seed: int) -> np.ndarray:
+    """Gaussian clusters whose spread (per dimension) equals the spread of their centres at
+    spread=1.0: neighbourhoods cross cell boundaries, as in real embeddings."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_clusters, d)).astype(np.float32)
+    assign = rng.integers(0, n_clusters, n)
+    return centres[assign] + spread * rng.standard_normal((n, d)).astype(np.float32)
+
+
+def brute_force(db: np.ndarray, q: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, ...]:
+    if metric == "ip":
+        scores = q.astype(np.float64) @ db.T.astype(np.float64)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    else:
+        scores = ((q[:, None, :].astype(np.float64) - db[None].astype(np.float64)) ** 2).sum(-1)
+        order = np.argsort(scores, axis=1, kind="stable")[:, :k]
+    return np.take_along_axis(scores, order, axis=1), order
+
+
+def built(factory, db, metric, ids=None, seed=0, train_size=None):
+    """An index of `factory` over `db`, trained on a seeded sample, filled in blocks."""
+    n, d = db.shape
+    ids = np.arange(n) if ids is None else ids
+    size = train_size or ix.training_sample_size(factory, n)
+    sample = db[ix.sample_rows(n, size, seed)] if size else None
+    index = ix.build_index(factory, d, metric, sample, seed=seed)
+    for start in range(0, n, 7000):  # filled block by block, as the database stage does
+        ix.add_vectors(index, db[start : start + 7000], ids[start : start + 7000])
+    ix.apply_search_params(index, ix.default_search_params(factory, n))
+    return index
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_exact_search_equals_brute_force(metric):
+    rng = np.random.default_rng(1)
+    db = rng.standard_normal((3000, 24)).astype(np.float32)
+    q = rng.standard_normal((50, 24)).astype(np.float32)
+    if metric == "ip":
+        db /= np.linalg.norm(db, axis=1, keepdims=True)
+        q /= np.linalg.norm(q, axis=1, keepdims=True)
+    assert ix.choose_factory(len(db), 24, 1 << 30) == "Flat"
+    ids = np.arange(len(db), dtype=np.int64) + 10_000  # global ids, not row numbers
+    index = built("Flat", db, metric, ids)
+    dists, found = ix.search(index, q, 10)
+    true_d, true_rows = brute_force(db, q, 10, metric)
+    assert found.dtype == np.int64 and dists.dtype == np.float32
+    np.testing.assert_array_equal(found, true_rows + 10_000)
+    np.testing.assert_allclose(dists, true_d, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("metric,fill", [("ip", -np.inf), ("l2", np.inf)])
+def test_fewer_results_than_k_give_minus_one(metric, fill):
+    db = np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32)
+    index = built("Flat", db, metric)
+    dists, ids = ix.search(index, db[:2], 8)
+    assert (ids[:, :5] >= 0).all() and (ids[:, 5:] == -1).all()
+    assert (dists[:, 5:] == fill).all() and np.isfinite(dists[:, :5]).all()
+
+
+@pytest.mark.parametrize("metric,d", [("ip", 32), pytest.param("l2", 64, marks=pytest.mark.slow)])
+def test_auto_index_for_100k_vectors_reaches_recall_95(metric, d):
+    n = 100_000
+    x = clustered(n + 400, d, 2000, spread=1.0, seed=2)
+    if metric == "ip":
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    db, q = x[:n], x[n:]
+    factory = ix.choose_factory(n, d, memory_budget_bytes=1 << 30)
+    assert factory.startswith("IVF") and factory.endswith(",Flat")
+    index = built(factory, db, metric)
+    _, found = ix.search(index, q, 10)
+    _, true_rows = _exact(db, q, metric)
+    assert ix.recall_at_k(found, true_rows) >= 0.95
+
+
+def _exact(db, q, metric):
+    return ix.search(built("Flat", db, metric), q, 10)
+
+
+@pytest.mark.slow
+def test_opq_pq_index_when_vectors_exceed_the_budget():
+    n, d = 60_000, 64
+    x = clustered(n + 200, d, 500, spread=0.5, seed=3)
+    db, q = x[:n], x[n:]
+    budget = n * 40  # 40 bytes per vector: raw float32 (256 B) does not fit, 32-byte codes do
+    factory = ix.choose_factory(n, d, budget)
+    assert factory.startswith("OPQ32_") and ",IVF" in factory and factory.endswith("PQ32")
+    index = built(factory, db, "l2")
+    _, found = ix.search(index, q, 10)
+    _, true_rows = _exact(db, q, "l2")
+    recall = ix.recall_at_k(found, true_rows)
+    assert recall >= 0.6, recall  # compressed distances: a bound, not exactness
+    assert index.ntotal == n
+
+
+def test_small_opq_pq_index_builds_and_searches():
+    """The OPQ + IVF-PQ path at test size (4-bit codes train fast); the slow test above
+    checks the factory `choose_factory` picks, at a realistic size."""
+    db = clustered(6000, 32, 60, spread=0.5, seed=8)
+    q = db[:100] + 0.01
+    index = built("OPQ8_32,IVF16,PQ8x4", db, "l2", train_size=2000)
+    _, found = ix.search(index, q, 10)
+    _, true_rows = _exact(db, q, "l2")
+    assert ix.recall_at_k(found, true_rows) >= 0.3  # 4 bytes per vector: coarse but useful
+    assert (found[:, 0] == np.arange(100)).mean() >= 0.5  # the query's own vector, mostly
+
+
+def test_choose_factory_by_size_and_budget():
+    assert ix.choose_factory(50_000, 384, 1 << 30) == "Flat"
+    assert ix.choose_factory(1_000_000, 384, 8 << 30).startswith("IVF4096,Flat")
+    assert ix.choose_factory(10_000_000, 384, 2 << 30).startswith("OPQ64_256,IVF16384,PQ64")
+    # Small databases that do not fit are compressed too.
+    assert ix.choose_factory(50_000, 384, 10_000_000).startswith("OPQ")
+    with pytest.raises(InputError, match="index-memory"):
+        ix.choose_factory(10_000_000, 384, 1 << 20)
+    with pytest.raises(InputError):
+        ix.choose_factory(0, 384, 1 << 20)
+
+
+@pytest.mark.parametrize(
+    "factory,min_recall",
+    [("HNSW32", 0.95), ("IVF64,SQ8", 0.9), ("IDMap,Flat", 1.0), ("PCA32,IVF64,Flat", 0.5)],
+)
+def test_custom_factory_strings_work_with_global_ids(factory, min_recall):
+    n, d = 8000, 48
+    x = clustered(n + 100, d, 100, spread=0.5, seed=4)
+    db, q = x[:n], x[n:]
+    ids = np.arange(n, dtype=np.int64) * 3 + 7  # sparse global ids
+    index = built(factory, db, "l2", ids)
+    _, found = ix.search(index, q, 10)
+    _, true_rows = _exact(db, q, "l2")
+    assert set(np.unique(found)) <= set(ids)
+    assert ix.recall_at_k(found, true_rows * 3 + 7) >= min_recall
+
+
+@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat", "OPQ8_32,IVF16,PQ8x4", "HNSW16"])
+def test_save_load_and_mmap_give_identical_results(tmp_path, factory):
+    db = clustered(12_000, 32, 50, spread=0.5, seed=5)
+    # (OPQ trains 8-bit codebooks whatever the index's code size: keep its sample small here)
+    index = built(factory, db, "ip", np.arange(len(db)) + 5, train_size=3000)
+    dists, ids = ix.search(index, db[:40], 7)
+    path = tmp_path / "sub" / "index.faiss"
+    ix.save_index(index, path)
+    assert [p.name for p in path.parent.iterdir()] == ["index.faiss"]  # no temporary left
+    for mmap in (False, True):
+        loaded = ix.load_index(path, mmap=mmap)
+        d2, i2 = ix.search(loaded, db[:40], 7)
+        np.testing.assert_array_equal(i2, ids)
+        np.testing.assert_array_equal(d2, dists)
+        assert ix.metric_of(loaded) == "ip" and loaded.ntotal == len(db)
+
+
+def test_training_is_deterministic_for_a_seed():
+    db = clustered(20_000, 32, 200, spread=1.0, seed=6)
+    a = ix.search(built("IVF64,Flat", db, "l2", seed=3), db[:50], 10)[1]
+    b = ix.search(built("IVF64,Flat", db, "l2", seed=3), db[:50], 10)[1]
+    np.testing.assert_array_equal(a, b)
+
+
+def test_streamed_exact_search_and_tuning():
+    db = clustered(30_000, 32, 300, spread=1.0, seed=7)
+    q = db[:100] + 0.01
+    blocks = (
+        (db[s : s + 4096], np.arange(s, min(s + 4096, len(db)))) for s in range(0, 30_000, 4096)
+    )
+    d_stream, i_stream = ix.exact_search_blocks(q, blocks, 10, "l2")
+    d_flat, i_flat = _exact(db, q, "l2")
+    np.testing.assert_array_equal(i_stream, i_flat)
+    np.testing.assert_allclose(d_stream, d_flat, rtol=1e-5)
+    index = built("IVF256,Flat", db, "l2")
+    params, recall = ix.tune_search_params(index, q, i_flat, target_recall=0.95)
+    assert recall >= 0.95 and 1 <= params["nprobe"] <= 256
+    _, found = ix.search(index, q, 10)  # the index is left at the tuned setting
+    assert ix.recall_at_k(found, i_flat) == recall
+    if params["nprobe"] > 1:  # and the setting below it was not enough
+        ix.apply_search_params(index, {"nprobe": params["nprobe"] // 2})
+        assert ix.recall_at_k(ix.search(index, q, 10)[1], i_flat) < 0.95
+
+
+def test_bad_inputs_raise_input_errors(tmp_path):
+    with pytest.raises(InputError, match="faiss cannot build index 'NoSuchIndex9'"):
+        ix.build_index("NoSuchIndex9", 16, "l2", None)
+    with pytest.raises(InputError, match="unknown metric"):
+        ix.build_index("Flat", 16, "cosine", None)
+    with pytest.raises(InputError, match="needs training vectors"):
+        ix.build_index("IVF16,Flat", 16, "l2", None)
+    with pytest.raises(InputError, match="IVF cells"):
+        ix.build_index("IVF64,Flat", 16, "l2", np.zeros((10, 16), np.float32))
+    index = ix.build_index("Flat", 16, "l2", None)
+    with pytest.raises(InputError, match="expects"):
+        ix.add_vectors(index, np.zeros((3, 8), np.float32), np.arange(3))
+    with pytest.raises(InputError, match="ids"):
+        ix.add_vectors(index, np.zeros((3, 16), np.float32), np.arange(2))
+    with pytest.raises(InputError, match="expects"):
+        ix.search(index, np.zeros((3, 8), np.float32), 2)
+    with pytest.raises(InputError, match="no faiss index"):
+        ix.load_index(tmp_path / "missing.faiss")
+    bad = tmp_path / "bad.faiss"
+    bad.write_bytes(b"not an index at all")
+    with pytest.raises(CorruptArtifactError, match="not a readable faiss index"):
+        ix.load_index(bad)
+    good = tmp_path / "good.faiss"
+    ix.add_vectors(index, np.ones((4, 16), np.float32), np.arange(4))
+    ix.save_index(index, good)
+    good.write_bytes(good.read_bytes()[:-20])  # truncated
+    for mmap in (False, True):
+        with pytest.raises(CorruptArtifactError):
+            ix.load_index(good, mmap=mmap)
