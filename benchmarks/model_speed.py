@@ -7,11 +7,12 @@ both alike:
    chunk 64, k = 2 neighbours of r = 128 tokens, batch 4, vocabulary 28996; plus achieved
    GFLOP/s (model FLOPs from `RETRO.flops_per_token`, the same count for both sides) against
    a measured matmul peak of this machine;
-2. generation tokens/s: 512 new tokens after a 64-token prompt, batch 1, greedy, retrieval at
-   every chunk (a `retrieve` that returns random tokens, so only the models are timed).
-   retrolm: `RETRO.generate` (KV cache). RETRO-pytorch: the way its
+2. generation tokens/s: 512 new tokens after a 64-token prompt, batch 1 (--gen-batch), greedy,
+   retrieval at every chunk (a `retrieve` that returns random tokens, so only the models are
+   timed). retrolm: `RETRO.generate` (KV cache). RETRO-pytorch: the way its
    `TrainingWrapper.generate` decodes, i.e. its model's full forward over the whole sequence
-   for every new token, with the neighbours of every completed chunk.
+   for every new token, with the neighbours of every completed chunk. --slow-stride n times
+   only every n-th of its steps (spread over all lengths) and multiplies by n.
 
 RETRO-pytorch needs `numpy<2` and `pyarrow<15` (its autofaiss dependency), so it lives in a
 separate environment, never as a retrolm dependency. Create it once (the folder is gitignored):
@@ -307,7 +308,8 @@ def main() -> None:
             statistics.median(rates["RETRO-pytorch"]),
         )
         note = "RETRO-pytorch extrapolated" if args.slow_stride > 1 else "all steps timed"
-        rows.append((f"generation tokens/s ({args.new_tokens} new)", ours, theirs, 30.0, note))
+        label = f"generation tokens/s ({args.new_tokens} new, batch {args.gen_batch})"
+        rows.append((label, ours, theirs, 30.0, note))
     print(f"model FLOPs per trained token (fwd+bwd): {flops / 1e6:.1f} MFLOP")
     print()
     print("| measure | retrolm | RETRO-pytorch | ratio | target | met | notes |")
