@@ -6,8 +6,8 @@ RSS does not grow with the corpus (the stages stream fixed-size blocks). If the 
 engineer's `benchmarks/embedding_speed.py` is present, its embedding-vs-FLOP-bound and
 vs-BERT-base figures are appended.
 
-    python benchmarks/database_speed.py                 # ~5-10 minutes on 2 CPU cores
-    python benchmarks/database_speed.py --files 60 --small 100 --large 400   # quicker
+    python benchmarks/database_speed.py --out benchmarks/results/database.md  # ~10 minutes, 2 cores
+    python benchmarks/database_speed.py --files 20 --small 30 --repeats 1 2   # quicker
 
 Prints a Markdown report (stdout); `--out FILE` also writes it.
 """
@@ -103,35 +103,40 @@ def stage_table(corpus: Path, work: Path, embedder: str, block_rows: int) -> lis
 
 
 def rss_table(
-    files: list[Path], sizes: list[int], work: Path, embedder: str, block_rows: int
+    files: list[Path], small: int, repeats: list[int], work: Path, embedder: str, block_rows: int
 ) -> list[str]:
+    """`db build` on the same documents repeated r times: the corpus grows, its documents do not
+    (peak memory legitimately depends on the largest document and batch, not on their number)."""
+    base = work / "rss-base.jsonl"
+    write_jsonl(files[:small], base)
+    records = base.read_text(encoding="utf-8")
     rows = []
-    for size in sizes:
-        corpus = work / f"corpus-{size}.jsonl"
-        nbytes = write_jsonl(files[:size], corpus)
-        db = work / f"build-{size}"
-        wall, rss = run(
-            retrolm(
-                "build",
-                str(corpus),
-                "--out",
-                str(db),
-                "--embedder",
-                embedder,
-                "--block-rows",
-                str(block_rows),
-            )
+    for r in repeats:
+        corpus = work / f"corpus-x{r}.jsonl"
+        corpus.write_text(records * r, encoding="utf-8")
+        db = work / f"build-x{r}"
+        command = retrolm(
+            "build",
+            str(corpus),
+            "--out",
+            str(db),
+            "--embedder",
+            embedder,
+            "--block-rows",
+            str(block_rows),
         )
+        wall, rss = run(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
         c = counts(db)
         rows.append(
-            f"| {size} | {nbytes / 2**20:.1f} | {c['chunks']} | {wall:.1f} | {c['chunks'] / wall:.0f} | {rss:.0f} |"
+            f"| {small} x {r} | {c['documents']} | {c['bytes'] / 2**20:.1f} | {c['chunks']} | "
+            f"{wall:.1f} | {c['chunks'] / wall:.0f} | {rss:.0f} |"
         )
     return [
         f"`retrolm db build` with a tiny BERT (`bert-mean`), block_rows {block_rows}, one torch "
-        "thread (OMP_NUM_THREADS=1):",
+        "thread (OMP_NUM_THREADS=1), on the first stdlib files repeated r times:",
         "",
-        "| files | text MiB | chunks | wall s | chunks/s | peak RSS MiB |",
-        "|---|---|---|---|---|---|",
+        "| files x r | documents | text MiB | chunks | wall s | chunks/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|",
         *rows,
     ]
 
@@ -163,7 +168,11 @@ def main() -> None:
         "--small", type=int, default=75, help="files of the small corpus for the RSS comparison"
     )
     parser.add_argument(
-        "--large", type=int, default=0, help="files of the large corpus (default: all)"
+        "--repeats",
+        type=int,
+        nargs="+",
+        default=[1, 4],
+        help="corpus repetitions for the RSS comparison",
     )
     parser.add_argument("--block-rows", type=int, default=2048, help="chunks per block file")
     parser.add_argument("--embedder", default="default", help="embedder of the per-stage table")
@@ -172,7 +181,6 @@ def main() -> None:
     args = parser.parse_args()
 
     files = stdlib_files()
-    large = args.large or len(files)
     load = os.getloadavg()
     lines = [
         "## Database build (benchmarks/database_speed.py)",
@@ -201,7 +209,7 @@ def main() -> None:
             "A tiny BERT embedder (2 layers, width 32) keeps the model's own memory small, so any",
             "growth with the corpus would show.",
             "",
-            *rss_table(files, [args.small, large], work, tiny, args.block_rows),
+            *rss_table(files, args.small, args.repeats, work, tiny, args.block_rows),
             "",
         ]
     if not args.no_embedding_speed:

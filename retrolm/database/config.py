@@ -62,8 +62,9 @@ class DatabaseConfig:
     text_field: str = "text"
     # stop on the first bad input instead of skipping it with a warning
     strict: bool = False
-    # at most this many bytes of train text are used to train the tokenizer
-    tokenizer_train_bytes: int = 1 << 30
+    # at most this many bytes of train text are used to train the tokenizer (its memory grows
+    # with the text it sees: about 15 bytes per byte of text)
+    tokenizer_train_bytes: int = 64 << 20
     # "dense" (embeddings + faiss) or "bm25" (bm25s, no embeddings)
     retriever: str = "dense"
     # "default" (all-MiniLM-L6-v2), a local sentence-transformers folder, or "bert-mean:PATH"
@@ -86,8 +87,8 @@ class DatabaseConfig:
     neighbours: int = 10
     # chunks per block file (the last block of a run may be shorter)
     block_rows: int = 16384
-    # UTF-8 bytes of documents tokenized per parallel batch
-    tokenize_batch_bytes: int = 8 << 20
+    # bytes of documents tokenized per parallel batch (peak memory ~40x this)
+    tokenize_batch_bytes: int = 1 << 20
     # seed of the index training sample
     seed: int = 0
 
