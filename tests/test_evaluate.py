@@ -27,7 +27,7 @@ from retrolm.evaluate import (
     token_byte_lengths,
 )
 from retrolm.model import RETRO
-from retrolm.train import TrainConfig, train
+from retrolm.train import TrainConfig, read_metrics, train
 
 WORDS = [
     "the",
@@ -259,3 +259,26 @@ def test_cli_eval_json(world, capsys):
     assert code == 0
     d = json.loads(capsys.readouterr().out)
     assert d["tokens"] > 0 and d["chunks"] == 16 and "retro_bpb" in d
+
+
+def test_cli_train_config_file_refusal_resume_and_errors(world, tmp_path, capsys):
+    """`retrolm train` on a real database: YAML config + flags, refusal, resume, bad input."""
+    run = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text("preset: tiny\nbatch_size: 4\nseq_len: 64\nlr: 0.002\neval_every: 1\n")
+    args = ["train", "--db", str(world["db"]), "--out", str(run), "--config", str(config)]
+    assert cli_main([*args, "--steps", "2", "--no-progress"]) == 0
+    stored = json.loads((run / "train_config.json").read_text())
+    assert stored["lr"] == 0.002 and stored["max_steps"] == 2 and stored["preset"] == "tiny"
+    assert [r["valid_loss"] > 0 for r in read_metrics(run)] == [True, True]
+    capsys.readouterr()
+    assert cli_main([*args, "--steps", "2", "--no-progress"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0  # finished
+    assert cli_main(["train", "--out", str(tmp_path / "new"), "--preset", "tiny"]) == 2
+    assert "--db is required" in capsys.readouterr().err
+    missing = ["train", "--db", str(tmp_path / "nodb"), "--out", str(tmp_path / "x")]
+    assert cli_main(missing) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli_main([*args[:4], str(tmp_path / "y"), "--batch-size", "0"]) == 2
+    assert "batch_size" in capsys.readouterr().err
