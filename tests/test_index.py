@@ -104,14 +104,14 @@ def test_opq_pq_index_when_vectors_exceed_the_budget():
     n, d = 60_000, 64
     x = clustered(n + 200, d, 500, spread=0.5, seed=3)
     db, q = x[:n], x[n:]
-    budget = n * 40  # 40 bytes per vector: raw float32 (256 B) does not fit, 32-byte codes do
+    budget = n * 24  # 24 bytes per vector: raw float32 (256 B) does not fit, 16-byte codes do
     factory = ix.choose_factory(n, d, budget)
-    assert factory.startswith("OPQ32_") and ",IVF" in factory and factory.endswith("PQ32")
-    index = built(factory, db, "l2")
+    assert factory == "OPQ16_64,IVF1024,PQ16"
+    index = built(factory, db, "l2", train_size=20_000)
     _, found = ix.search(index, q, 10)
     _, true_rows = _exact(db, q, "l2")
     recall = ix.recall_at_k(found, true_rows)
-    assert recall >= 0.6, recall  # compressed distances: a bound, not exactness
+    assert recall >= 0.5, recall  # 16-byte codes: a bound, not exactness
     assert index.ntotal == n
 
 

@@ -313,15 +313,20 @@ def load_embedder(
 
 
 def _probe(model: torch.nn.Module, tokenizer: Any, dev: torch.device) -> np.ndarray:
-    """Embed two fixed texts to learn the output dimension and whether it is normalized."""
-    batch = tokenizer(["retrieval", "a chunk of text"], padding=True, return_tensors="pt")
-    features = {
-        "input_ids": batch["input_ids"].to(dev),
-        "attention_mask": batch["attention_mask"].to(dev),
-        "token_type_ids": torch.zeros_like(batch["input_ids"]).to(dev),
-    }
+    """Embed two fixed texts to learn the output dimension and whether it is normalized.
+
+    One text per call, so that a tokenizer without a padding token is no obstacle here."""
+    rows = []
     with torch.inference_mode():
-        return model(features).float().cpu().numpy()
+        for text in ("retrieval", "a chunk of text"):
+            ids = torch.tensor([tokenizer(text)["input_ids"]], device=dev)
+            features = {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "token_type_ids": torch.zeros_like(ids),
+            }
+            rows.append(model(features).float().cpu().numpy()[0])
+    return np.stack(rows)
 
 
 # ---------------------------------------------------------------------------------------------
