@@ -16,6 +16,7 @@ from pathlib import Path
 import bm25s
 import numpy as np
 
+from retrolm.database.neighbours import SearchFn
 from retrolm.errors import CorruptArtifactError, InputError
 from retrolm.io import atomic_dir, read_json, save_npy, write_json
 
@@ -79,7 +80,7 @@ class BM25Index:
         scores[:, :kk] = np.where(hit, found, -np.inf)
         return scores, ids
 
-    def search_fn(self, texts: Sequence[str]):  # noqa: ANN201 (a SearchFn)
+    def search_fn(self, texts: Sequence[str]) -> SearchFn:
         """A `search_fn(rows, kk)` for `search_excluding_documents` over the given query texts."""
 
         def search_fn(rows: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
