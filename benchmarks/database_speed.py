@@ -106,37 +106,38 @@ def rss_table(
     files: list[Path], small: int, repeats: list[int], work: Path, embedder: str, block_rows: int
 ) -> list[str]:
     """`db build` on the same documents repeated r times: the corpus grows, its documents do not
-    (peak memory legitimately depends on the largest document and batch, not on their number)."""
+    (peak memory legitimately depends on the largest document and batch, not on their number).
+    Run twice: training the tokenizer (its trainer's memory grows with the training text, up to
+    `tokenizer_train_bytes`), and with the tokenizer given (every other stage)."""
     base = work / "rss-base.jsonl"
     write_jsonl(files[:small], base)
     records = base.read_text(encoding="utf-8")
     rows = []
-    for r in repeats:
-        corpus = work / f"corpus-x{r}.jsonl"
-        corpus.write_text(records * r, encoding="utf-8")
-        db = work / f"build-x{r}"
-        command = retrolm(
-            "build",
-            str(corpus),
-            "--out",
-            str(db),
-            "--embedder",
-            embedder,
-            "--block-rows",
-            str(block_rows),
-        )
-        wall, rss = run(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        c = counts(db)
-        rows.append(
-            f"| {small} x {r} | {c['documents']} | {c['bytes'] / 2**20:.1f} | {c['chunks']} | "
-            f"{wall:.1f} | {c['chunks'] / wall:.0f} | {rss:.0f} |"
-        )
+    given: Path | None = None
+    for tokenizer in ("trained", "given"):
+        for r in repeats:
+            corpus = work / f"corpus-x{r}.jsonl"
+            corpus.write_text(records * r, encoding="utf-8")
+            db = work / f"build-{tokenizer}-x{r}"
+            flags = ["--embedder", embedder, "--block-rows", str(block_rows)]
+            if given is not None:
+                flags += ["--tokenizer", str(given)]
+            wall, rss = run(
+                retrolm("build", str(corpus), "--out", str(db), *flags),
+                env={**os.environ, "OMP_NUM_THREADS": "1"},
+            )
+            c = counts(db)
+            rows.append(
+                f"| {small} x {r} | {tokenizer} | {c['documents']} | {c['bytes'] / 2**20:.1f} | "
+                f"{c['chunks']} | {wall:.1f} | {c['chunks'] / wall:.0f} | {rss:.0f} |"
+            )
+            given = given or db / "tokenizer.json"
     return [
         f"`retrolm db build` with a tiny BERT (`bert-mean`), block_rows {block_rows}, one torch "
         "thread (OMP_NUM_THREADS=1), on the first stdlib files repeated r times:",
         "",
-        "| files x r | documents | text MiB | chunks | wall s | chunks/s | peak RSS MiB |",
-        "|---|---|---|---|---|---|---|",
+        "| files x r | tokenizer | documents | text MiB | chunks | wall s | chunks/s | peak RSS MiB |",
+        "|---|---|---|---|---|---|---|---|",
         *rows,
     ]
 
@@ -200,6 +201,7 @@ def main() -> None:
     parser.add_argument(
         "--baseline-chunks", type=int, default=64, help="chunks for the BERT-base baseline"
     )
+    parser.add_argument("--skip-stages", action="store_true", help="skip the per-stage table")
     parser.add_argument("--no-embedding-speed", action="store_true", help="skip embedding_speed.py")
     parser.add_argument("--out", type=Path, help="also write the report here")
     args = parser.parse_args()
