@@ -190,7 +190,7 @@ def main() -> None:
         "--repeats",
         type=int,
         nargs="+",
-        default=[1, 4],
+        default=[1, 4, 8],
         help="corpus repetitions for the RSS comparison",
     )
     parser.add_argument("--block-rows", type=int, default=2048, help="chunks per block file")
