@@ -51,16 +51,30 @@ def write_jsonl(files: list[Path], path: Path) -> int:
     return total
 
 
+# Linux keeps a process's peak RSS across execve, so a child started directly from this
+# process (which has imported torch) would report at least this process's RSS. A small launcher
+# process starts the measured command and reports the peak RSS of that grandchild alone.
+LAUNCHER = """
+import json, os, subprocess, sys
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(p.pid, 0)
+print(json.dumps({"code": os.waitstatus_to_exitcode(status), "maxrss_kib": usage.ru_maxrss}))
+"""
+
+
 def run(command: list[str], env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run a command; return (wall seconds, peak RSS in MiB of that process)."""
+    """Run a command; return (wall seconds, peak RSS in MiB of that process alone)."""
     start = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
-    _, status, usage = os.wait4(process.pid, 0)
+    done = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *command], capture_output=True, text=True, env=env
+    )
     wall = time.perf_counter() - start
-    stderr = process.stderr.read().decode() if process.stderr else ""
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"failed: {' '.join(command)}\n{stderr[-2000:]}")
-    return wall, usage.ru_maxrss / 1024  # ru_maxrss is in KiB on Linux
+    result = (
+        json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {"code": -1}
+    )
+    if result["code"] != 0:
+        raise SystemExit(f"failed: {' '.join(command)}\n{done.stderr[-2000:]}")
+    return wall, result["maxrss_kib"] / 1024  # ru_maxrss is in KiB on Linux
 
 
 def retrolm(*args: str) -> list[str]:
@@ -223,12 +237,13 @@ def main() -> None:
         tiny = f"bert-mean:{make_tiny_bert(work / 'tiny-bert')}"
         corpus = work / "stages.jsonl"
         write_jsonl(files[: args.files], corpus)
-        lines += [
-            "### Per stage",
-            "",
-            *stage_table(corpus, work, args.embedder, args.block_rows),
-            "",
-        ]
+        if not args.skip_stages:
+            lines += [
+                "### Per stage",
+                "",
+                *stage_table(corpus, work, args.embedder, args.block_rows),
+                "",
+            ]
         lines += [
             "### Peak RSS against corpus size",
             "",
