@@ -67,6 +67,8 @@ class GenerationResult:
         lines = []
         for c in self.attribution:
             where = "prompt" if c.in_prompt else "generated"
+            if not c.in_prompt and c.start_token < self.prompt_tokens:
+                where = "prompt + generated"
             lines.append(
                 f"chunk {c.chunk_index} ({where}, tokens {c.start_token}..): {_snip(c.text, snippet)}"
             )
