@@ -4,7 +4,7 @@
 completes, the prompt's chunks included; here that searches the database with the chunk's text
 (`db.search_chunks`: decode -> embed -> index, or BM25) and returns the neighbours with their
 continuations (`db.neighbour_tokens`). Every call is recorded, so the result says which database
-chunks fed which part of the text. The text is streamed chunk by chunk as it completes.
+chunks fed which part of the text. The text is streamed token by token as it is sampled.
 """
 
 from __future__ import annotations
@@ -170,9 +170,14 @@ def generate_text(
         u = len(history)
         history.append(tokens[0].tolist())
         attribution.append(_attribute(source, u, m, len(ids), tokens[0], nb_ids[0], dists[0]))
-        if streamer is not None:
-            streamer.update([t for c in history for t in c][len(ids) :])
         return neighbours.to(dev)
+
+    generated: list[int] = []  # batch row 0
+
+    def on_token(token: torch.Tensor) -> None:
+        generated.append(int(token[0]))
+        if streamer is not None:
+            streamer.update(generated)
 
     generator = torch.Generator(device=dev).manual_seed(seed)
     t_start = time.perf_counter()
@@ -185,6 +190,7 @@ def generate_text(
             top_k=top_k,
             top_p=top_p,
             generator=generator,
+            on_token=on_token,
         )
     seconds = time.perf_counter() - t_start
     tokens = out[0].tolist()

@@ -782,6 +782,7 @@ class RETRO(nn.Module):
         top_k: int | None = None,
         top_p: float | None = None,
         generator: torch.Generator | None = None,
+        on_token: Callable[[Tensor], None] | None = None,
     ) -> Tensor:
         """Continue `prompt` by `max_new_tokens` tokens, with a KV cache.
 
@@ -798,6 +799,7 @@ class RETRO(nn.Module):
             top_k: sample among the k most likely tokens only.
             top_p: nucleus sampling: the smallest set of tokens with probability >= top_p.
             generator: torch.Generator for reproducible sampling.
+            on_token: called with each new token (B,) as soon as it is sampled (for streaming).
         Returns:
             (B, P + max_new_tokens) int64.
         Raises:
@@ -838,6 +840,8 @@ class RETRO(nn.Module):
                     )  # (B, new chunks, k, r)
                 logits = self._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
                 out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+                if on_token is not None:
+                    on_token(out[:, t])
                 feed_from = t
             return out
         finally:

@@ -75,7 +75,9 @@ def test_prompt_shorter_than_a_chunk_and_streaming(world):
     assert result.prompt_tokens < 16
     assert len(result.tokens) == result.prompt_tokens + 40
     assert result.attribution and not result.attribution[0].in_prompt
-    assert "".join(pieces) == result.text and len(pieces) >= 2  # streamed in parts
+    assert "".join(pieces) == result.text
+    # streamed token by token, not chunk by chunk: far more pieces than the 3 chunks generated
+    assert len(pieces) >= 10
 
 
 def test_sampling_is_seeded(world):

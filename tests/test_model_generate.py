@@ -268,3 +268,14 @@ def test_retrieve_may_return_numpy_int32() -> None:
     expected = model.generate(prompt, 12, retrieve=as_tensor)
     out = model.generate(prompt, 12, retrieve=lambda c: as_numpy(c).numpy().astype("int32"))
     assert torch.equal(out, expected)
+
+
+def test_on_token_streams_each_new_token_in_order() -> None:
+    torch.manual_seed(0)
+    cfg = RetroConfig.preset("tiny")
+    model = RETRO(cfg)
+    prompt = torch.randint(1, cfg.vocab_size, (2, 5))
+    seen: list[torch.Tensor] = []
+    out = model.generate(prompt, 20, retrieve=None, on_token=lambda t: seen.append(t.clone()))
+    assert len(seen) == 20
+    assert torch.equal(torch.stack(seen, dim=1), out[:, 5:])
