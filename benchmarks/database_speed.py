@@ -6,7 +6,7 @@ RSS does not grow with the corpus (the stages stream fixed-size blocks). If the 
 engineer's `benchmarks/embedding_speed.py` is present, its embedding-vs-FLOP-bound and
 vs-BERT-base figures are appended.
 
-    python benchmarks/database_speed.py --out benchmarks/results/database.md  # ~10 minutes, 2 cores
+    python benchmarks/database_speed.py --out /tmp/database_speed.md  # ~10 minutes, 2 cores
     python benchmarks/database_speed.py --files 20 --small 30 --repeats 1 2   # quicker
 
 Prints a Markdown report (stdout); `--out FILE` also writes it.
