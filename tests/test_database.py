@@ -89,15 +89,6 @@ def arrays(folder: Path) -> dict[str, bytes]:
     return out
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two threads on a shared 2-core machine make the tiny BERT ~10x slower (spin waits).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def keep_logging():
     # the CLI's setup_logging adds a handler bound to this test's captured stderr: undo it

@@ -78,14 +78,6 @@ def build_world(root: Path, *, vocab_size: int = 300, chunk_size: int = 16) -> d
     return {"root": root, "bert": bert, "db": db, "retro": retro, "base": base}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world"))

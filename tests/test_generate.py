@@ -18,14 +18,6 @@ from tests.test_evaluate import build_world
 PROMPT = "the quick brown fox jumps over a lazy dog while seven wizards quietly hex bad jugs " * 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     return build_world(tmp_path_factory.mktemp("world"))

@@ -26,15 +26,6 @@ CONFIGS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models are overhead-bound: one thread is faster on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_model(cfg: RetroConfig, seed: int = 0) -> RETRO:
     torch.manual_seed(seed)
     model = RETRO(cfg).double().eval()

@@ -5,21 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from retrolm.cli import main as cli_main
 from retrolm.errors import InputError
 from retrolm.plot import plot_runs
 from retrolm.train import train
 from tests.test_train import make_source, tiny_config
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_plot_several_runs(tmp_path):

@@ -24,15 +24,6 @@ from retrolm.train import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and the test machine's cores are shared)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_source(seed: int = 0, num_docs: int = 30, m: int = 8) -> ArrayChunkSource:
     """Random documents of 2-9 chunks of the tiny preset's chunk size, 4 stored neighbours."""
     rng = np.random.default_rng(seed)
