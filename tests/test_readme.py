@@ -83,3 +83,75 @@ def test_cli_unknown_command_is_an_error():
     with pytest.raises(SystemExit) as e:
         main(["frobnicate"])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_readme_worked_example_runs_end_to_end(tmp_path):
+    """Every command of the README's worked example, run as shown (fewer steps), succeeds."""
+    import os
+    import subprocess
+    import sysconfig
+
+    block = next(b for b in code_blocks("bash") if "db build" in b)
+    scale = block.replace("--steps 300", "--steps 3")
+    env = os.environ | {"STDLIB": sysconfig.get_paths()["stdlib"], "HF_HUB_OFFLINE": "1"}
+    ran = []
+    for line in scale.splitlines():
+        if not line.startswith("retrolm "):
+            continue
+        done = subprocess.run(
+            line, shell=True, cwd=tmp_path, env=env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"`{line}` failed:\n{done.stderr[-3000:]}"
+        ran.append((line, done.stdout))
+    assert len(ran) == 8
+    assert (tmp_path / "email-loss.png").stat().st_size > 0
+    search_out = dict(ran)[next(c for c, _ in ran if " db search " in c)]
+    assert "email" in search_out  # hits come from the email package
+    assert (tmp_path / "email-retro" / "model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end_and_rerun_reuses_everything(tmp_path):
+    import json
+    import subprocess
+    import sysconfig
+    import time
+
+    corpus = Path(sysconfig.get_paths()["stdlib"]) / "json"
+    out = tmp_path / "qs"
+    cmd = [
+        "retrolm",
+        "quickstart",
+        "--corpus",
+        str(corpus),
+        "--out",
+        str(out),
+        "--minutes",
+        "3",
+        "--no-progress",
+    ]
+    first = subprocess.run(cmd, capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    for key in (
+        "retro_bpb",
+        "retro_off_bpb",
+        "baseline_bpb",
+        "filtered",
+        "train_tokens",
+        "database_chunks",
+        "wall_seconds",
+    ):
+        assert key in report
+    assert set(report["filtered"]) == {"0.125", "0.25", "0.5", "0.75", "1.0"}
+    assert 0 < report["retro_bpb"] < 16 and 0 < report["baseline_bpb"] < 16
+    assert (out / "loss.png").stat().st_size > 0
+    text = (out / "report.md").read_text()
+    assert "RETRO[ON]" in text and "Retrieved for each completed chunk" in text
+    start = time.perf_counter()
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "reusing the plan" in again.stderr and "already finished" in again.stderr
+    assert json.loads((out / "report.json").read_text())["retro_bpb"] == report["retro_bpb"]
+    assert time.perf_counter() - start < report["wall_seconds"]
