@@ -478,6 +478,7 @@ def report_json(
         "train_tokens": plan.train["max_steps"] * plan.train["batch_size"] * plan.train["seq_len"],
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
+        "database_index": {k: db.manifest["index"].get(k) for k in ("factory", "metric", "ntotal")},
         "eval": {
             k: figures[k]
             for k in ("tokens", "bytes", "chunks", "documents", "window", "stride", "k")
@@ -498,6 +499,8 @@ def report_markdown(
         return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
     r, off, base = result["retro_bpb"], result["retro_off_bpb"], result["baseline_bpb"]
+    index = result["database_index"]
+    nearer = "higher" if index["metric"] == "ip" else "lower"
     gain = (1 - r / base) * 100 if r and base else float("nan")
     lines = [
         "# retrolm quickstart report",
@@ -505,7 +508,8 @@ def report_markdown(
         f"Database: {result['database_documents']} documents, {result['database_chunks']} chunks of "
         f"{plan.database['chunk_size']} tokens ({plan.corpus_bytes / 1e6:.1f} MB of text, "
         f"{len(plan.files)} files), byte-level BPE of {plan.database['vocab_size']} tokens, "
-        "all-MiniLM-L6-v2 embeddings, exact faiss search, 10 neighbours stored per chunk.",
+        f"all-MiniLM-L6-v2 embeddings, faiss index `{index['factory']}` ({index['metric']}) over "
+        f"{index['ntotal']} train chunks, 10 neighbours stored per chunk.",
         "",
         f"Models: decoder {plan.model['dec_dim']}x{plan.model['dec_depth']}, sequence "
         f"{plan.train['seq_len']}; RETRO adds chunked cross-attention at layers "
@@ -563,8 +567,8 @@ def report_markdown(
         sample.text.rstrip("\n"),
         "```",
         "",
-        "Retrieved for each completed chunk (distance is inner product of normalised embeddings: "
-        "higher is nearer):",
+        f"Retrieved for each completed chunk (faiss distance, metric {index['metric']}: "
+        f"{nearer} is nearer):",
         "",
         "```",
         sample.attribution_text(snippet=100),
