@@ -318,6 +318,20 @@ def test_corpus_without_documents_is_an_input_error(setup, tmp_path, capsys):
     assert code == 2 and "a.bin: binary" in capsys.readouterr().err
 
 
+def test_a_build_that_found_no_documents_leaves_nothing_behind(setup, tmp_path):
+    corpus, bert, _, _ = setup
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "a.bin").write_bytes(b"\x00\x00")
+    out = tmp_path / "db"
+    with pytest.raises(InputError, match="yielded no documents"):
+        build_database([empty], out, tiny_config(bert), show_progress=False)
+    assert not out.exists() or not any(out.iterdir())
+    # so the corrected command, even with other settings, builds into the same folder
+    build_database([corpus], out, tiny_config(bert, retriever="bm25"), show_progress=False)
+    assert Database.open(out).num_chunks > 0
+
+
 def test_open_refuses_non_databases_and_unfinished_ones(setup, tmp_path, capsys):
     _, bert, corpus, _ = setup
     with pytest.raises(InputError, match="not a retrolm database"):

@@ -417,10 +417,27 @@ def chunk_stage(
             folder that is not a database.
         MismatchError: `out` holds a database built with other settings or another corpus.
     """
+    fresh = not manifest_path(Path(out)).is_file()
     folder, manifest = _start(corpus_paths, out, config)
-    tokenizer = run_tokenizer(folder, manifest, config, show_progress)
-    run_chunks(folder, manifest, config, tokenizer, show_progress)
+    try:
+        tokenizer = run_tokenizer(folder, manifest, config, show_progress)
+        run_chunks(folder, manifest, config, tokenizer, show_progress)
+    except InputError:
+        if fresh and not manifest["chunks"]["blocks"]:
+            # Nothing usable was written (e.g. the corpus yielded no documents): leave no
+            # half-made database behind that would refuse a corrected rerun into the same --out.
+            _discard_new(folder)
+        raise
     return folder
+
+
+def _discard_new(folder: Path) -> None:
+    """Empty a database folder that this run created and that holds no chunk block."""
+    for p in folder.iterdir():
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
 
 
 def embed_stage(
