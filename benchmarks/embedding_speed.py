@@ -115,6 +115,30 @@ def time_call(fn: Any, *args: Any, **kwargs: Any) -> float:
     return time.perf_counter() - start
 
 
+def rate_record(
+    embedder: str,
+    dtype: str,
+    batch_size: int,
+    sort: bool,
+    tokens: np.ndarray,
+    flops: float,
+    seconds: float,
+) -> dict[str, Any]:
+    """One row of the results table: chunks/s and GFLOP/s of embedding `len(tokens)` chunks."""
+    return {
+        "embedder": embedder,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "sorted_by_length": sort,
+        "chunks": len(tokens),
+        "seconds": seconds,
+        "chunks_per_s": len(tokens) / seconds,
+        "gflops_per_s": flops / seconds / 1e9,
+        "mean_tokens": float(tokens.mean()),
+        "gflop_per_chunk": flops / len(tokens) / 1e9,
+    }
+
+
 def measure_retrolm(
     texts: list[str], dtype: str, batch_sizes: tuple[int, ...], sort: bool = True
 ) -> list[dict[str, Any]]:
@@ -131,20 +155,8 @@ def measure_retrolm(
                 time_call(embedder.embed, texts[s : s + batch_size], batch_size=batch_size)
                 for s in range(0, len(texts), batch_size)
             )
-        results.append(
-            {
-                "embedder": "all-MiniLM-L6-v2 (retrolm)",
-                "dtype": dtype,
-                "batch_size": batch_size,
-                "sorted_by_length": sort,
-                "chunks": len(texts),
-                "seconds": seconds,
-                "chunks_per_s": len(texts) / seconds,
-                "gflops_per_s": flops / seconds / 1e9,
-                "mean_tokens": float(tokens.mean()),
-                "gflop_per_chunk": flops / len(texts) / 1e9,
-            }
-        )
+        name = "all-MiniLM-L6-v2 (retrolm)"
+        results.append(rate_record(name, dtype, batch_size, sort, tokens, flops, seconds))
         logger.info("%s", results[-1])
     return results
 
@@ -195,18 +207,8 @@ def measure_bert_base(texts: list[str], batch_size: int = 16) -> dict[str, Any]:
     with torch.no_grad():  # warm-up
         model(**tokenizer(texts[:batch_size], padding=True, return_tensors="pt"))
     seconds = time_call(embed_all)
-    return {
-        "embedder": "BERT-base mean (RETRO-pytorch's choice)",
-        "dtype": "float32",
-        "batch_size": batch_size,
-        "sorted_by_length": False,
-        "chunks": len(texts),
-        "seconds": seconds,
-        "chunks_per_s": len(texts) / seconds,
-        "gflops_per_s": flops / seconds / 1e9,
-        "mean_tokens": float(tokens.mean()),
-        "gflop_per_chunk": flops / len(texts) / 1e9,
-    }
+    name = "BERT-base mean (RETRO-pytorch's choice)"
+    return rate_record(name, "float32", batch_size, False, tokens, flops, seconds)
 
 
 # -------------------------------------------------------------------------------------- run
