@@ -36,22 +36,10 @@ import torch
 from retrolm.data import ArrayChunkSource, ChunkSource, RetroSamples
 from retrolm.database import Database
 from retrolm.model import RETRO
+from retrolm.quickstart import MODEL
 from retrolm.train import TrainConfig, train
 
 NGRAM = 3  # target plus the two tokens before it
-MODEL = dict(
-    chunk_size=64,
-    neighbour_len=128,
-    num_neighbours=2,
-    dec_dim=128,
-    dec_depth=4,
-    dec_heads=4,
-    cca_layers=(2, 4),
-    enc_dim=128,
-    enc_depth=2,
-    enc_heads=4,
-    max_seq_len=256,
-)
 
 
 def oracle_source(db: Database, seed: int = 0) -> ArrayChunkSource:

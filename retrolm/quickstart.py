@@ -197,6 +197,24 @@ def measure_train_step(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: b
     return min(times)
 
 
+# The quickstart's model: narrow, so that the budget buys many steps, which the retrieval path
+# needs (benchmarks/RESULTS.md, "Can the quickstart's RETRO learn to read neighbours?": it is not
+# learned within 1,500 steps of this model yet). benchmarks/retrieval_learning.py trains it too.
+MODEL: dict[str, Any] = dict(
+    chunk_size=64,
+    neighbour_len=128,
+    num_neighbours=2,
+    dec_dim=128,
+    dec_depth=4,
+    dec_heads=4,
+    cca_layers=(2, 4),
+    enc_dim=128,
+    enc_depth=2,
+    enc_heads=4,
+    max_seq_len=256,
+)
+
+
 def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     """Measure this machine, then size corpus, model and steps to fit `cfg.minutes`."""
     from retrolm.config import RetroConfig
@@ -211,22 +229,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     texts = [t for t in texts if t.strip()][:96] or ["def f(x):\n    return x\n" * 8]
     embed_rate = measure_embedding(embedder, texts)
 
-    # A narrow model trained for many steps learns to read its neighbours sooner than a wide one
-    # trained for few (measured: retrolm's 128x4 RETRO led its baseline by step 100-200 on the
-    # standard library, while a 256x4 one still trailed at step 150); see the issue notes.
-    model = dict(
-        chunk_size=64,
-        neighbour_len=128,
-        num_neighbours=2,
-        dec_dim=128,
-        dec_depth=4,
-        dec_heads=4,
-        cca_layers=(2, 4),
-        enc_dim=128,
-        enc_depth=2,
-        enc_heads=4,
-        max_seq_len=256,
-    )
+    model = dict(MODEL)
     batch, seq_len, k = 8, 256, 2
     vocab = 8192
     retro_cfg = RetroConfig(vocab_size=vocab, **model)
