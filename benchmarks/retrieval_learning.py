@@ -16,6 +16,12 @@ Two questions, answered side by side on one database:
    model has not yet learned to read neighbours at all, whatever their quality.
 
     python benchmarks/retrieval_learning.py --db DB [--steps 300] [--quality-only]
+    python benchmarks/retrieval_learning.py --synthetic [--distractor] [--steps 1000]
+
+`--synthetic` needs no database: random tokens (256 ids, chunk 16), each chunk's neighbour 0
+is the chunk and its true continuation (and, with `--distractor`, neighbour 1 random tokens);
+it prints the loss of the first chunk (nothing to read: ln 256 = 5.55) and of the later chunks
+(everything copyable) every 50 steps, i.e. when the model starts to copy through CCA.
 
 The model and training settings are those of `retrolm quickstart` (128x4 decoder, CCA at
 layers 2 and 4, 2-layer encoder, k=2, batch 8 x 256 tokens, lr 3e-3), fp32.
@@ -122,9 +128,40 @@ def held_out_loss(model: RETRO, source: ChunkSource, k: int, samples: int, seed:
     return round(on / len(idx), 4), round(off / len(idx), 4)
 
 
+def synthetic(steps: int, distractor: bool, seed: int) -> None:
+    """Train the quickstart-width model on the random-token copy task; print when it copies."""
+    from retrolm.config import RetroConfig
+
+    torch.manual_seed(seed)
+    m, vocab, n, batch = 16, 256, 128, 16
+    k = 2 if distractor else 1
+    cfg = RetroConfig(**dict(MODEL, vocab_size=vocab, chunk_size=m, neighbour_len=2 * m,
+                             num_neighbours=k, max_seq_len=n))  # fmt: skip
+    model = RETRO(cfg)
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    for step in range(steps + 1):
+        seq = torch.randint(1, vocab, (batch, n + 2 * m))
+        x, y = seq[:, :n], seq[:, 1 : n + 1]
+        nb = torch.randint(1, vocab, (batch, n // m, k, 2 * m))
+        for u in range(n // m):  # neighbour 0: chunk u and the chunk that really follows it
+            nb[:, u, 0] = seq[:, u * m : u * m + 2 * m]
+        logits = model(x, nb)
+        per = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1), y.flatten(), reduction="none"
+        ).view(batch, n)
+        per.mean().backward()
+        opt.step()
+        opt.zero_grad()
+        if step % 50 == 0:
+            first, later = per[:, : m - 1].mean().item(), per[:, m - 1 :].mean().item()
+            print(f"step {step}: first chunk {first:.3f}, later chunks {later:.3f}", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--db", required=True, help="a database built with chunk size 64")
+    ap.add_argument("--db", help="a database built with chunk size 64")
+    ap.add_argument("--synthetic", action="store_true", help="the random-token copy task")
+    ap.add_argument("--distractor", action="store_true", help="synthetic: add a random neighbour")
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--samples", type=int, default=128, help="held-out samples measured")
     ap.add_argument("--seed", type=int, default=0)
@@ -135,6 +172,11 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.synthetic:
+        synthetic(args.steps, args.distractor, args.seed)
+        return
+    if not args.db:
+        raise SystemExit("error: give --db DB (a built database) or --synthetic")
 
     db = Database.open(args.db)
     if db.chunk_size != MODEL["chunk_size"]:
