@@ -41,6 +41,7 @@ import torch
 
 from retrolm.data import ArrayChunkSource, ChunkSource, RetroSamples
 from retrolm.database import Database
+from retrolm.errors import RetrolmError
 from retrolm.model import RETRO
 from retrolm.quickstart import MODEL
 from retrolm.train import TrainConfig, train
@@ -178,9 +179,23 @@ def main() -> None:
     if not args.db:
         raise SystemExit("error: give --db DB (a built database) or --synthetic")
 
-    db = Database.open(args.db)
+    if args.steps < 1 or args.samples < 1:
+        raise SystemExit("error: --steps and --samples must be at least 1")
+    try:
+        db = Database.open(args.db)
+    except RetrolmError as e:
+        raise SystemExit(f"error: {e}") from None
     if db.chunk_size != MODEL["chunk_size"]:
         raise SystemExit(f"error: {args.db} has chunk size {db.chunk_size}; this needs 64")
+    samples_per_split = {
+        split: len(RetroSamples(db, split, MODEL["max_seq_len"], 0)) for split in ("train", "valid")
+    }
+    if min(samples_per_split.values()) < 8:
+        raise SystemExit(
+            f"error: {args.db} holds {samples_per_split} samples of {MODEL['max_seq_len']} tokens "
+            "per split; this needs at least 8 in each (build it with more documents, or a larger "
+            "--valid-fraction)"
+        )
     k = MODEL["num_neighbours"]
     oracle = oracle_source(db, args.seed)
     report: dict = {"database": str(args.db), "copyable": quality(db, oracle, k, 64, args.seed)}
