@@ -353,7 +353,7 @@ def evaluate_run(
     bits: dict[str, np.ndarray] = {}
     for name, mdl in models.items():
         mdl.to(device)
-        use = nbr_tokens[:, :, :k] if name == "retro_on" else None
+        use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
         bits[name] = score_stream(
             mdl,
             stream,
