@@ -80,6 +80,10 @@ class RetroConfig:
     norm_eps: float = 1e-5  # LayerNorm epsilon
     init_std: float = 0.02  # std of the normal initialisation of linear and embedding weights
     use_deepnet: bool = False  # DeepNet post-norm with scaled residuals (for very deep models)
+    # retrolm extension, not in the paper (0 turns it off): each CCA head adds a learned bonus
+    # to the attention score of a neighbour token whose preceding tokens equal the query's last
+    # cca_match tokens, one weight per lag and head (a copy prior; see ChunkedCrossAttention)
+    cca_match: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in config.json
 
     def __post_init__(self) -> None:
@@ -101,6 +105,15 @@ class RetroConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"RetroConfig.{name} must be a positive integer, got {value!r}")
+        if (
+            not isinstance(self.cca_match, int)
+            or isinstance(self.cca_match, bool)
+            or not (0 <= self.cca_match <= self.chunk_size)
+        ):
+            raise ValueError(
+                f"RetroConfig.cca_match must be an integer in 0..chunk_size ({self.chunk_size}), "
+                f"got {self.cca_match!r}"
+            )
         if not isinstance(self.enc_depth, int) or self.enc_depth < 0:
             raise ValueError(f"RetroConfig.enc_depth must be >= 0, got {self.enc_depth!r}")
         for dim, heads, prefix in (

@@ -105,27 +105,35 @@ def attention(
     low_precision = q.dtype in (torch.bfloat16, torch.float16)
     if q.device.type == "cpu" and low_precision and not is_causal and k.shape[-2] <= SHORT_KEYS:
         scores = (q @ k.transpose(-1, -2)).float() * q.shape[-1] ** -0.5  # (..., i, j)
-        if attn_mask is not None:
+        if attn_mask is not None and attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
+        elif attn_mask is not None:  # an additive float bias
+            scores = scores + attn_mask.float()
         return scores.softmax(dim=-1).to(v.dtype) @ v  # (..., i, hd)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
 
 
-def masked_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None) -> Tensor:
+def masked_attention(
+    q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, bias: Tensor | None = None
+) -> Tensor:
     """Attention with a key padding mask; rows whose keys are all masked output zeros, not NaN.
 
     Args:
         q: (N, h, i, hd); k, v: (N, h, j, hd).
         key_mask: (N, j) bool, True where a key may be attended; None attends all.
+        bias: (N, h, i, j) float added to the attention scores, or None.
     Returns:
         (N, h, i, hd)
     """
     if key_mask is None or bool(key_mask.all()):
-        return attention(q, k, v)
+        return attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
     any_key = key_mask.any(dim=-1)  # (N,)
     # an empty row would softmax to NaN: let it attend everything, then zero its output
     safe = key_mask | ~any_key[:, None]  # (N, j)
-    out = attention(q, k, v, attn_mask=safe[:, None, None, :])
+    mask = safe[:, None, None, :]
+    if bias is not None:
+        mask = bias.masked_fill(~mask, float("-inf")).to(q.dtype)
+    out = attention(q, k, v, attn_mask=mask)
     return out * any_key[:, None, None, None].to(out.dtype)
 
 
@@ -153,6 +161,7 @@ class KVCache:
     cca_keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, chunks, h, k*r, hd)
     cca_values: dict[int, Tensor] = field(default_factory=dict)
     cca_mask: Tensor | None = None  # (B, chunks, k*r) True where a neighbour token is real
+    cca_ids: Tensor | None = None  # (B, chunks, k, r) neighbour token ids (for cca_match)
 
     @property
     def size(self) -> int:
@@ -206,14 +215,50 @@ def _cache_write(cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tens
 
 
 class ChunkedCrossAttention(nn.Module):
-    """Decoder positions read the encoded neighbours of the chunk that ended m-1 tokens before."""
+    """Decoder positions read the encoded neighbours of the chunk that ended m-1 tokens before.
 
-    def __init__(self, dim: int, enc_dim: int, heads: int, chunk_size: int) -> None:
+    With `match` > 0 lags (RetroConfig.cca_match, a retrolm extension), head h adds
+    sum_l match_weight[l, h] * [token at i-l == neighbour token at j-1-l] to the score of query
+    position i for neighbour token j: a neighbour token that follows a copy of the query's last
+    tokens is attended from the first step, so CCA can learn to copy it (its value carries the
+    token) without first discovering the matching itself, which takes the paper's CCA ~1,000
+    steps at small scale (benchmarks/RESULTS.md).
+    """
+
+    MATCH_INIT = 3.0  # initial weight of each lag: a full 2-lag match scores +6 (e^6 ~ 400)
+
+    def __init__(self, dim: int, enc_dim: int, heads: int, chunk_size: int, match: int = 0):
         super().__init__()
         self.heads, self.chunk_size = heads, chunk_size
         self.q = nn.Linear(dim, dim, bias=False)
         self.kv = nn.Linear(enc_dim, 2 * dim, bias=False)
         self.out = nn.Linear(dim, dim, bias=False)
+        self.match_weight = (
+            # flat (lag-major, then head) so that, as a 1-d parameter, it gets no weight decay
+            nn.Parameter(torch.full((match * heads,), self.MATCH_INIT)) if match > 0 else None
+        )
+
+    def match_bias(self, ids: Tensor, nb_ids: Tensor, rows: Tensor) -> Tensor:
+        """Score bonus (B, G, h, R, k*r) for query rows at absolute positions `rows` (G, R).
+
+        Args:
+            ids: (B, S) the decoder's token ids at positions 0..S-1, pad_id as -2 (rows past
+                S-1 are padding, whose output is dropped).
+            nb_ids: (B, G, k, r) the neighbour ids read by each group of rows, pad_id as -1.
+        """
+        assert self.match_weight is not None
+        B, S = ids.shape
+        bias = None
+        for lag, weight in enumerate(self.match_weight.view(-1, self.heads)):  # weight: (h,)
+            pos = rows - lag  # (G, R)
+            q_ids = ids[:, pos.clamp(0, S - 1)]  # (B, G, R)
+            q_ids = q_ids.masked_fill(((pos < 0) | (pos >= S))[None], -2)
+            prev = F.pad(nb_ids, (lag + 1, 0), value=-1)[..., : nb_ids.shape[-1]]  # j-1-lag
+            eq = q_ids[..., None] == prev.flatten(2)[:, :, None, :]  # (B, G, R, k*r)
+            term = eq[:, :, None].to(weight.dtype) * weight[None, None, :, None, None]
+            bias = term if bias is None else bias + term
+        assert bias is not None
+        return bias
 
     def keys_values(self, encoded: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor]:
         """encoded (B, U, k, r, e) -> keys, values (B, U, h, k*r, hd), keys rotated by j < r."""
@@ -236,6 +281,8 @@ class ChunkedCrossAttention(nn.Module):
         values: Tensor | None,
         key_mask: Tensor | None,
         rotary: Rotary,
+        ids: Tensor | None = None,
+        nb_ids: Tensor | None = None,
     ) -> Tensor:
         """CCA output for x (B, T, d) at absolute positions start..start+T-1.
 
@@ -243,6 +290,8 @@ class ChunkedCrossAttention(nn.Module):
             keys, values: (B, U, h, k*r, hd) for chunks 0..U-1 (every chunk read here); None
                 when no position here reads a chunk.
             key_mask: (B, U, k*r) True where a neighbour token may be attended.
+            ids, nb_ids: with cca_match only: the decoder token ids (B, >= start+T) from
+                position 0 on, pad_id as -2; the neighbour ids (B, U, k, r), pad_id as -1.
         Returns:
             (B, T, d); zeros at positions < m-1, which read no chunk.
         """
@@ -257,21 +306,34 @@ class ChunkedCrossAttention(nn.Module):
         groups = u1 - u0 + 1
         lead = first - (u0 * m + m - 1)  # rows of group u0 before `first`
         q = self.q(x[:, first - start :])  # (B, T', d)
+        match = self.match_weight is not None
+        if match and (ids is None or nb_ids is None):
+            raise ValueError("this model has cca_match > 0: CCA needs the token ids")
         if groups == 1:  # one group (always so when decoding a token): no padding needed
             q = q.view(B, -1, h, hd).transpose(1, 2)  # (B, h, T', hd)
             q = apply_rotary(q, *rotary(lead + m - 1, lead + m - 1 + q.shape[2], x.device))
-            out = masked_attention(q, keys[:, u0], values[:, u0], key_mask[:, u0])  # (B,h,T',hd)
+            bias = None
+            if match:
+                rows = torch.arange(first, end, device=x.device)[None]  # (1, T')
+                bias = self.match_bias(ids, nb_ids[:, u0 : u0 + 1], rows)[:, 0]  # (B,h,T',kr)
+            out = masked_attention(q, keys[:, u0], values[:, u0], key_mask[:, u0], bias)
             out = out.transpose(1, 2).reshape(B, -1, dim)  # (B, T', d)
         else:
             trail = groups * m - lead - (end - first)
             q = F.pad(q, (0, 0, lead, trail))  # (B, G*m, d), one group of m per chunk
             q = q.view(B, groups, m, h, hd).permute(0, 1, 3, 2, 4)  # (B, G, h, m, hd)
             q = apply_rotary(q, *rotary(m - 1, 2 * m - 1, x.device))
+            bias = None
+            if match:
+                rows = torch.arange(u0 * m + m - 1, u0 * m + m - 1 + groups * m, device=x.device)
+                bias = self.match_bias(ids, nb_ids[:, u0 : u1 + 1], rows.view(groups, m))
+                bias = bias.flatten(0, 1)  # (B*G, h, m, k*r)
             out = masked_attention(
                 q.flatten(0, 1),
                 keys[:, u0 : u1 + 1].flatten(0, 1),
                 values[:, u0 : u1 + 1].flatten(0, 1),
                 key_mask[:, u0 : u1 + 1].flatten(0, 1),
+                bias,
             )  # (B*G, h, m, hd)
             out = out.view(B, groups, h, m, hd).permute(0, 1, 3, 2, 4).reshape(B, -1, dim)
             out = out[:, lead : lead + end - first]  # (B, T', d)
@@ -392,7 +454,7 @@ class DecoderBlock(nn.Module):
         self.attn = SelfAttention(d, cfg.dec_heads)
         self.cca_res = Residual(d, cfg.norm_eps, post, alpha, cfg.dropout) if has_cca else None
         self.cca = (
-            ChunkedCrossAttention(d, cfg.enc_dim, cfg.dec_heads, cfg.chunk_size)
+            ChunkedCrossAttention(d, cfg.enc_dim, cfg.dec_heads, cfg.chunk_size, cfg.cca_match)
             if has_cca
             else None
         )
@@ -437,6 +499,9 @@ class RETRO(nn.Module):
             elif isinstance(module, nn.LayerNorm):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
+        for module in self.modules():
+            if isinstance(module, ChunkedCrossAttention) and module.match_weight is not None:
+                nn.init.constant_(module.match_weight, module.MATCH_INIT)
         if cfg.use_deepnet:  # DeepNet (Wang et al. 2022) encoder-decoder beta
             dec_beta = (12 * cfg.dec_depth) ** -0.25
             enc_beta = 0.87 * (cfg.enc_depth**4 * cfg.dec_depth) ** (-1 / 16)
@@ -556,6 +621,11 @@ class RETRO(nn.Module):
         allowed = (k_pos <= q_pos) & (~key_pad[:, None, :] | (k_pos == q_pos))  # (B, T, S)
         return allowed[:, None], False
 
+    def _match_ids(self, tokens: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
+        """Token ids as CCA's match bias reads them: pad_id as -2 (decoder), -1 (neighbours)."""
+        pad = self.cfg.pad_id
+        return tokens.masked_fill(tokens == pad, -2), neighbours.masked_fill(neighbours == pad, -1)
+
     def _encode(
         self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
     ) -> tuple[Tensor, Tensor]:
@@ -631,6 +701,9 @@ class RETRO(nn.Module):
         x = self.tok_emb(tokens)  # (B, n, d)
         mask, causal = self._self_attn_mask(tokens == self.cfg.pad_id, 0, n)
         encoded = nb_mask = None
+        ids = nb_ids = None
+        if self.cfg.cca_match and neighbours is not None:
+            ids, nb_ids = self._match_ids(tokens, neighbours[:, :L])
         for block in self.blocks:
             x = block.attn_res(
                 x,
@@ -653,6 +726,8 @@ class RETRO(nn.Module):
                         values=values,
                         key_mask=nb_mask,
                         rotary=self.rotary,
+                        ids=ids,
+                        nb_ids=nb_ids,
                     ),
                 )
             x = block.ff_res(x, block.ff)
@@ -703,11 +778,21 @@ class RETRO(nn.Module):
             if encoded is not None and nb_mask is not None:
                 keys, values = block.cca.keys_values(encoded, self.rotary)
                 self._store_cca(cache, i, keys, values, nb_mask)
-            keys = values = key_mask = None
+                if i == self.first_cca and self.cfg.cca_match and neighbours is not None:
+                    if cache.cca_ids is None:
+                        shape = (B, cache.size // m, *neighbours.shape[2:])
+                        cache.cca_ids = neighbours.new_full(shape, -1)
+                    span = slice(cache.num_chunks, total_chunks)
+                    cache.cca_ids[:, span] = self._match_ids(tokens, neighbours)[1]
+            keys = values = key_mask = ids = nb_ids = None
             if total_chunks > 0:
                 keys = cache.cca_keys[i][:, :total_chunks]
                 values = cache.cca_values[i][:, :total_chunks]
                 key_mask = cache.cca_mask[:, :total_chunks] if cache.cca_mask is not None else None
+                if cache.cca_ids is not None:
+                    ids = cache.token_ids[:, :end]
+                    ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
+                    nb_ids = cache.cca_ids[:, :total_chunks]
             x = block.cca_res(
                 x,
                 partial(
@@ -717,6 +802,8 @@ class RETRO(nn.Module):
                     values=values,
                     key_mask=key_mask,
                     rotary=self.rotary,
+                    ids=ids,
+                    nb_ids=nb_ids,
                 ),
             )
             x = block.ff_res(x, block.ff)

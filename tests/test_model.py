@@ -10,10 +10,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from retrolm.config import RetroConfig
-from retrolm.model import RETRO
+from retrolm.model import RETRO, ChunkedCrossAttention, Rotary
 
 # small configs covering: the tiny preset, chunk 4 with r != 2m and CCA in the first layer,
-# DeepNet post-norm, and odd head counts
+# DeepNet post-norm, odd head counts, and the CCA match bias (a retrolm extension)
 CONFIGS = {
     "tiny": RetroConfig.preset("tiny"),
     "m4": RetroConfig.preset(
@@ -23,6 +23,8 @@ CONFIGS = {
     "heads": RetroConfig.preset(
         "tiny", dec_dim=48, dec_heads=2, enc_dim=36, enc_heads=3, dec_depth=3, cca_layers=(3,)
     ),
+    # 16 token ids: random neighbours match the query's last tokens often
+    "match": RetroConfig.preset("tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2),
 }
 
 
@@ -95,6 +97,36 @@ def test_neighbours_reach_exactly_the_shifted_positions(name: str) -> None:
                 assert diff[u, first:].all()
         else:
             assert not diff[u].any()
+
+
+def test_match_bias_attends_the_token_after_a_copy_of_the_last_tokens() -> None:
+    """cca_match: with no learned scores, a query attends where its last 2 tokens recur."""
+    m, k, r = 4, 2, 6
+    cca = ChunkedCrossAttention(dim=k * r, enc_dim=k * r, heads=1, chunk_size=m, match=2)
+    with torch.no_grad():
+        cca.q.weight.zero_()  # content scores all 0: only the match bias differs
+        cca.out.weight.copy_(torch.eye(k * r))
+    keys = torch.zeros(1, 1, 1, k * r, k * r)
+    values = torch.eye(k * r)[None, None, None]  # value j = one-hot(j): the output is the weights
+    key_mask = torch.ones(1, 1, k * r, dtype=torch.bool)
+    # chunk 0 is read by positions 3..6; neighbour 0 of chunk 0 is "10 11 12 13 14 15"
+    ids = torch.tensor([[1, 2, 3, 10, 11, 12, 5]])  # position 4 ends "10 11", position 5 "11 12"
+    nb_ids = torch.tensor([[[[10, 11, 12, 13, 14, 15], [6, 7, 8, 9, 1, 2]]]])  # (B, U, k, r)
+    x = torch.randn(1, 7, k * r)
+    rotary = Rotary(k * r, 10000.0)
+
+    def weights(scale: float) -> torch.Tensor:
+        with torch.no_grad():
+            cca.match_weight.fill_(scale)
+            return cca(x, 0, keys, values, key_mask, rotary, ids=ids, nb_ids=nb_ids)[0]
+
+    w = weights(10.0)  # (7, k*r): row i is position i's attention over the 12 neighbour tokens
+    assert w[:3].abs().max() == 0  # positions 0..2 read no chunk
+    assert w[4].argmax() == 2 and w[4, 2] > 0.99  # "10 11" -> attends 12, the token after
+    assert w[5].argmax() == 3 and w[5, 3] > 0.99  # "11 12" -> 13
+    # one lag matching is enough: position 3 ("10") -> 11; position 6 ("12 5"), lag 1 -> 14
+    assert w[3].argmax() == 1 and w[6].argmax() == 4
+    assert torch.allclose(weights(0.0)[3:], torch.full((4, k * r), 1 / (k * r)))
 
 
 def test_retro_off_matches_no_retrieval_before_first_read() -> None:

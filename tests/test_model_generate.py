@@ -18,6 +18,8 @@ CONFIGS = {
         "tiny", chunk_size=4, neighbour_len=6, dec_depth=2, cca_layers=(1,), enc_depth=1
     ),
     "deepnet": RetroConfig.preset("tiny", dec_depth=3, cca_layers=(2, 3), use_deepnet=True),
+    # the CCA match bias, over 16 token ids so that neighbours often match the query
+    "match": RetroConfig.preset("tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2),
 }
 
 
@@ -65,7 +67,7 @@ def greedy_by_recomputation(model: RETRO, prompt: torch.Tensor, new: int, retrie
 
 @pytest.mark.parametrize(
     "name, prompt_len",
-    [("tiny", 11), ("tiny", 3), ("m4", 6), ("deepnet", 16)],
+    [("tiny", 11), ("tiny", 3), ("m4", 6), ("deepnet", 16), ("match", 5)],
 )
 def test_cached_greedy_equals_full_recomputation(name: str, prompt_len: int) -> None:
     cfg = CONFIGS[name]
