@@ -129,14 +129,14 @@ def held_out_loss(model: RETRO, source: ChunkSource, k: int, samples: int, seed:
     return round(on / len(idx), 4), round(off / len(idx), 4)
 
 
-def synthetic(steps: int, distractor: bool, seed: int) -> None:
+def synthetic(steps: int, distractor: bool, seed: int, model_cfg: dict) -> None:
     """Train the quickstart-width model on the random-token copy task; print when it copies."""
     from retrolm.config import RetroConfig
 
     torch.manual_seed(seed)
     m, vocab, n, batch = 16, 256, 128, 16
     k = 2 if distractor else 1
-    cfg = RetroConfig(**dict(MODEL, vocab_size=vocab, chunk_size=m, neighbour_len=2 * m,
+    cfg = RetroConfig(**dict(model_cfg, vocab_size=vocab, chunk_size=m, neighbour_len=2 * m,
                              num_neighbours=k, max_seq_len=n))  # fmt: skip
     model = RETRO(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3)
@@ -169,12 +169,15 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--quality-only", action="store_true", help="skip the two training runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--cca-match", type=int, default=MODEL.get("cca_match", 0),
+                    help="RetroConfig.cca_match of the trained models (0: the paper's CCA)")  # fmt: skip
     args = ap.parse_args()
+    model_cfg = dict(MODEL, cca_match=args.cca_match)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.synthetic:
-        synthetic(args.steps, args.distractor, args.seed)
+        synthetic(args.steps, args.distractor, args.seed, model_cfg)
         return
     if not args.db:
         raise SystemExit("error: give --db DB (a built database) or --synthetic")
@@ -201,7 +204,7 @@ def main() -> None:
     report: dict = {"database": str(args.db), "copyable": quality(db, oracle, k, 64, args.seed)}
     print(f"copyable held-out targets ({NGRAM}-gram in a visible neighbour): {report['copyable']}")
     if not args.quality_only:
-        model = dict(MODEL, vocab_size=int(db.tokenizer.vocab_size))
+        model = dict(model_cfg, vocab_size=int(db.tokenizer.vocab_size))
         with tempfile.TemporaryDirectory() as tmp:
             for name, source in (("stored", db), ("oracle", oracle)):
                 cfg = TrainConfig(
