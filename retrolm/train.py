@@ -78,6 +78,9 @@ class TrainConfig:
     log_every: int = 1  # steps between metrics.jsonl records
     no_retrieval: bool = False  # train the same decoder without encoder and CCA (the baseline)
     retrofit: str | None = None  # a finished baseline run: freeze it and train encoder + CCA
+    # share of training samples that see no neighbours (all absent) at a step, so that the model
+    # also learns to predict without retrieval (RETRO[OFF] nearer the baseline); 0: the paper
+    neighbour_dropout: float = 0.0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     tensorboard: bool = False  # also write TensorBoard events (if tensorboard is installed)
 
@@ -103,6 +106,10 @@ class TrainConfig:
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(
                 f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"
+            )
+        if not 0 <= self.neighbour_dropout <= 1:
+            raise ValueError(
+                f"TrainConfig.neighbour_dropout must lie in [0, 1], got {self.neighbour_dropout}"
             )
         if self.weight_decay < 0 or self.grad_clip < 0:
             raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0")
@@ -633,6 +640,16 @@ def to_device(batch, device: torch.device):
     return batch.tokens.to(device), nb, batch.targets.to(device)
 
 
+def neighbour_drop_mask(sample_ids: np.ndarray, seed: int, step: int, rate: float) -> np.ndarray:
+    """(B,) bool: which samples train without neighbours at `step`.
+
+    A function of (seed, step, sample id) alone, so the same on any number of processes or
+    micro-batches, and on resume.
+    """
+    draws = [np.random.default_rng([seed, step, int(i)]).random() for i in sample_ids]
+    return np.asarray(draws, dtype=np.float64) < rate
+
+
 def train_step(trainer: Trainer) -> float:
     """One optimizer step over this rank's micro-batches; returns the global mean loss."""
     cfg, model, pad = trainer.cfg, trainer.ddp_model, trainer.pad_id
@@ -640,7 +657,13 @@ def train_step(trainer: Trainer) -> float:
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
-    micro = [trainer.train_data.get(ix) for ix in trainer.sampler.next_step()]
+    indices = trainer.sampler.next_step()
+    micro = [trainer.train_data.get(ix) for ix in indices]
+    if cfg.neighbour_dropout > 0:
+        for ix, batch in zip(indices, micro):
+            if batch.neighbours is not None:  # all-pad neighbours are absent (RETRO[OFF])
+                drop = neighbour_drop_mask(ix, cfg.seed, trainer.step, cfg.neighbour_dropout)
+                batch.neighbours[torch.from_numpy(drop)] = pad
     trainer.data_seconds = time.perf_counter() - t0
     count = trainer.dist.sum(
         torch.tensor(sum(int((b.targets != pad).sum()) for b in micro), dtype=torch.float64)

@@ -18,6 +18,7 @@ from retrolm.train import (
     fit,
     get_lr,
     main,
+    neighbour_drop_mask,
     read_metrics,
     setup,
     train,
@@ -96,9 +97,14 @@ def test_optimizer_does_not_decay_norms_biases_embeddings():
     assert len(decay) + len(no_decay) == len(list(model.parameters()))
 
 
-def test_resume_gives_the_same_per_step_losses(tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [{}, {"neighbour_dropout": 0.5, "model": {"cca_match": 2}}],
+    ids=["plain", "dropout+match"],
+)
+def test_resume_gives_the_same_per_step_losses(tmp_path, extra):
     src = make_source()
-    cfg = tiny_config(max_steps=7, checkpoint_every=2)
+    cfg = tiny_config(max_steps=7, checkpoint_every=2, **extra)
     train(cfg, src, tmp_path / "ref", show_progress=False)
     ref = losses(tmp_path / "ref")
     assert len(ref) == 7 and ref[-1] < ref[0]
@@ -119,6 +125,30 @@ def test_resume_gives_the_same_per_step_losses(tmp_path):
     # resuming a finished run does nothing
     train(None, src, tmp_path / "cut", resume=True, show_progress=False)
     assert losses(tmp_path / "cut") == ref
+
+
+def test_neighbour_drop_mask_is_per_sample_whatever_the_layout():
+    ids = np.arange(4000)
+    mask = neighbour_drop_mask(ids, seed=0, step=3, rate=0.25)
+    assert 0.22 < mask.mean() < 0.28
+    split = np.empty_like(mask)  # four processes (or micro-batches) drawing their own samples
+    for rank in range(4):
+        split[ids[rank::4]] = neighbour_drop_mask(ids[rank::4], seed=0, step=3, rate=0.25)
+    assert np.array_equal(split, mask)
+    assert not np.array_equal(neighbour_drop_mask(ids, seed=0, step=4, rate=0.25), mask)
+    assert not neighbour_drop_mask(ids, seed=0, step=3, rate=0.0).any()
+
+
+def test_full_neighbour_dropout_trains_as_without_neighbours(tmp_path):
+    src = make_source()
+    absent = ArrayChunkSource(
+        src.tokens, src.chunk_doc, src.chunk_split, np.full_like(src.stored_neighbours, -1), pad_id=0
+    )
+    train(tiny_config(neighbour_dropout=1.0), src, tmp_path / "dropped", show_progress=False)
+    train(tiny_config(), absent, tmp_path / "absent", show_progress=False)
+    train(tiny_config(), src, tmp_path / "read", show_progress=False)
+    assert losses(tmp_path / "dropped") == losses(tmp_path / "absent")
+    assert losses(tmp_path / "read") != losses(tmp_path / "absent")
 
 
 def test_kill_during_checkpoint_save_keeps_the_latest_readable(tmp_path, monkeypatch):

@@ -30,6 +30,7 @@ _FIELDS = {
     "eval_batches": "eval_batches",
     "no_retrieval": "no_retrieval",
     "retrofit": "retrofit",
+    "neighbour_dropout": "neighbour_dropout",
     "device": "device",
     "tensorboard": "tensorboard",
 }
@@ -72,6 +73,9 @@ def register(subparsers: Any) -> None:
         "--no-retrieval", action="store_true", default=None, help="train the baseline decoder"
     )
     p.add_argument("--retrofit", help="finished baseline run: freeze it, train encoder + CCA")
+    p.add_argument(
+        "--neighbour-dropout", type=float, help="share of samples trained without neighbours"
+    )
     p.add_argument("--device", choices=("auto", "cpu", "cuda"))
     p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
