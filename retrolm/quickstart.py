@@ -19,8 +19,10 @@ import hashlib
 import logging
 import math
 import os
+import re
 import sysconfig
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +34,7 @@ from retrolm.io import atomic_open, read_json, write_json
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: folders chosen by redundancy, CCA with cca_match
 BYTES_PER_TOKEN = 3.6  # of Python source under an 8k byte-level BPE, padding included (measured)
 
 
@@ -100,13 +102,42 @@ def corpus_files(paths: list[str], glob: str = "**/*") -> list[Path]:
     return sorted(set(files))
 
 
+SHINGLE = 8  # word n-gram length of the redundancy measure
+_WORD = re.compile(r"\w+|[^\w\s]")
+
+
+def folder_redundancy(files: list[Path], max_bytes: int = 65536) -> dict[Path, float]:
+    """Per folder: the share of its files' word 8-grams that also occur in another of its files.
+
+    The first `max_bytes` of each file are read. A held-out file of a redundant folder has text
+    in common with the rest of the folder, which is what retrieval can use.
+    """
+    folders: dict[Path, list[Path]] = {}
+    for p in files:
+        folders.setdefault(p.parent, []).append(p)
+    result = {}
+    for folder, members in folders.items():
+        shingles = []
+        for p in members:
+            words = _WORD.findall(_read_text(p)[:max_bytes])
+            shingles.append(
+                {hash(tuple(words[i : i + SHINGLE])) for i in range(len(words) - SHINGLE + 1)}
+            )
+        counts = Counter(x for s in shingles for x in s)
+        total = sum(len(s) for s in shingles)
+        shared = sum(1 for s in shingles for x in s if counts[x] > 1)
+        result[folder] = shared / total if total else 0.0
+    return result
+
+
 def select_files(files: list[Path], byte_budget: int, seed: int) -> list[Path]:
     """A deterministic subset of `files` of about `byte_budget` bytes, kept in whole folders.
 
-    Folders are ordered by a seeded hash of their path and taken, each whole, until the budget
-    is reached (the last one partly), so that the subset keeps families of related files
-    together (as a real corpus does: a held-out file has relatives in the database) rather than
-    a thin sample of everything.
+    Folders are taken whole, most redundant first (`folder_redundancy`, ties broken by a seeded
+    hash of the path), until the budget is reached (the last one partly). A held-out file then
+    has relatives in the database, as in a real corpus with near-duplicates, which is where
+    retrieval helps; a thin sample of everything leaves little to retrieve (benchmarks/
+    RESULTS.md: 10% of held-out tokens copyable from the stored neighbours, against 30% here).
     """
 
     root = Path(os.path.commonpath(files)) if files else Path()
@@ -117,8 +148,11 @@ def select_files(files: list[Path], byte_budget: int, seed: int) -> list[Path]:
     folders: dict[Path, list[Path]] = {}
     for p in files:
         folders.setdefault(p.parent, []).append(p)
+    redundancy = (
+        folder_redundancy(files) if sum(p.stat().st_size for p in files) > byte_budget else {}
+    )
     chosen, total = [], 0
-    for folder in sorted(folders, key=key):
+    for folder in sorted(folders, key=lambda f: (-round(redundancy.get(f, 0.0), 6), key(f))):
         for p in sorted(folders[folder], key=key):
             size = p.stat().st_size
             if total + size > byte_budget and chosen:
@@ -197,9 +231,11 @@ def measure_train_step(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: b
     return min(times)
 
 
-# The quickstart's model: narrow, so that the budget buys many steps, which the retrieval path
-# needs (benchmarks/RESULTS.md, "Can the quickstart's RETRO learn to read neighbours?": it is not
-# learned within 1,500 steps of this model yet). benchmarks/retrieval_learning.py trains it too.
+# The quickstart's model: narrow, so that the budget buys many steps. cca_match=4 (a retrolm
+# extension, RetroConfig) lets CCA read its neighbours within the budget: with the paper's CCA
+# this model had not learned to read them after 1,500 steps, even perfect ones (benchmarks/
+# RESULTS.md, "Can the quickstart's RETRO learn to read neighbours?").
+# benchmarks/retrieval_learning.py trains this model too.
 MODEL: dict[str, Any] = dict(
     chunk_size=64,
     neighbour_len=128,
@@ -212,6 +248,7 @@ MODEL: dict[str, Any] = dict(
     enc_depth=2,
     enc_heads=4,
     max_seq_len=256,
+    cca_match=4,
 )
 
 
@@ -297,12 +334,18 @@ def load_or_make_plan(cfg: QuickstartConfig, out: Path, embedder: Any) -> Quicks
     """Reuse `out/plan.json` when it was made with the same settings, else make a new plan.
 
     Raises:
-        MismatchError: `out` holds a quickstart made with other settings.
+        MismatchError: `out` holds a quickstart made with other settings or another plan version.
     """
     path = out / PLAN_FILE
     if path.is_file():
         stored = read_json(path)
-        if stored.get("version") != PLAN_VERSION or stored.get("settings") != _plan_settings(cfg):
+        if stored.get("version") != PLAN_VERSION:
+            raise MismatchError(
+                f"{out} holds a quickstart planned by another retrolm version (plan version "
+                f"{stored.get('version')}, this one makes {PLAN_VERSION}); use another --out, or "
+                "delete that folder to start over"
+            )
+        if stored.get("settings") != _plan_settings(cfg):
             raise MismatchError(
                 f"{out} holds a quickstart made with other settings ({stored.get('settings')}); "
                 "use another --out, or delete that folder to start over"

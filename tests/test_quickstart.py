@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import random
 
 import pytest
 
 from retrolm.errors import InputError, MismatchError
 from retrolm.quickstart import (
+    PLAN_VERSION,
     QuickstartConfig,
     choose_valid,
+    folder_redundancy,
     load_or_make_plan,
     select_files,
     stdlib_files,
@@ -48,6 +51,25 @@ def test_select_files_takes_everything_under_a_large_budget(corpus):
     assert select_files(corpus, 10**9, seed=0) == sorted(corpus)
 
 
+def test_the_most_redundant_folders_are_taken_first(tmp_path):
+    rng = random.Random(0)
+    shared = " ".join(f"w{rng.randrange(10**6)}" for _ in range(200))
+    for folder in ("a_unique", "b_shared", "c_unique"):
+        (tmp_path / folder).mkdir()
+        for i in range(6):
+            words = " ".join(f"w{rng.randrange(10**6)}" for _ in range(200))
+            text = f"{words}\n{shared}\n" if folder == "b_shared" else f"{words}\n{words[::-1]}\n"
+            (tmp_path / folder / f"f{i}.txt").write_text(text)
+    files = sorted(tmp_path.rglob("*.txt"))
+    redundancy = folder_redundancy(files)
+    assert redundancy[tmp_path / "b_shared"] > 0.4
+    assert redundancy[tmp_path / "a_unique"] < 0.05 and redundancy[tmp_path / "c_unique"] < 0.05
+    one_folder = sum(p.stat().st_size for p in files if p.parent.name == "b_shared")
+    for seed in range(4):  # whatever the seed, the shared folder wins
+        chosen = select_files(files, one_folder, seed=seed)
+        assert {p.parent.name for p in chosen} == {"b_shared"}
+
+
 def test_choose_valid_holds_out_some_but_not_all(corpus):
     valid = choose_valid(corpus, fraction=0.05, seed=0)
     assert len(valid) == 3  # at least three files
@@ -68,7 +90,7 @@ def test_a_stored_plan_is_reused_and_other_settings_are_refused(tmp_path):
     out.mkdir()
     cfg = QuickstartConfig(out=str(out), minutes=10)
     stored = {
-        "version": 1,
+        "version": PLAN_VERSION,
         "settings": {"corpus": [], "minutes": 10.0, "seed": 0},
         "files": ["a.py"],
         "valid_files": ["a.py"],
@@ -86,6 +108,9 @@ def test_a_stored_plan_is_reused_and_other_settings_are_refused(tmp_path):
     assert plan.files == ["a.py"]
     with pytest.raises(MismatchError, match="other settings"):
         load_or_make_plan(QuickstartConfig(out=str(out), minutes=20), out, embedder=None)
+    (out / "plan.json").write_text(json.dumps(stored | {"version": PLAN_VERSION - 1}))
+    with pytest.raises(MismatchError, match="another retrolm version"):
+        load_or_make_plan(cfg, out, embedder=None)
 
 
 def test_missing_corpus_is_a_clear_error(tmp_path):
