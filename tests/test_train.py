@@ -142,7 +142,11 @@ def test_neighbour_drop_mask_is_per_sample_whatever_the_layout():
 def test_full_neighbour_dropout_trains_as_without_neighbours(tmp_path):
     src = make_source()
     absent = ArrayChunkSource(
-        src.tokens, src.chunk_doc, src.chunk_split, np.full_like(src.stored_neighbours, -1), pad_id=0
+        src.tokens,
+        src.chunk_doc,
+        src.chunk_split,
+        np.full_like(src.stored_neighbours, -1),
+        pad_id=0,
     )
     train(tiny_config(neighbour_dropout=1.0), src, tmp_path / "dropped", show_progress=False)
     train(tiny_config(), absent, tmp_path / "absent", show_progress=False)
