@@ -105,15 +105,19 @@ def corpus_files(paths: list[str], glob: str = "**/*") -> list[Path]:
 
 
 SHINGLE = 8  # word n-gram length of the redundancy measure
+REDUNDANCY_READ_BYTES = 128 * 2**20  # read at most about this much to rank the folders
 _WORD = re.compile(r"\w+|[^\w\s]")
 
 
-def folder_redundancy(files: list[Path], max_bytes: int = 65536) -> dict[Path, float]:
+def folder_redundancy(files: list[Path], max_bytes: int | None = None) -> dict[Path, float]:
     """Per folder: the share of its files' word 8-grams that also occur in another of its files.
 
-    The first `max_bytes` of each file are read. A held-out file of a redundant folder has text
-    in common with the rest of the folder, which is what retrieval can use.
+    The first `max_bytes` of each file are read (default: 64 kB, less for a corpus of more than
+    2,048 files so that about 128 MB in all are read, but at least 2 kB). A held-out file of a
+    redundant folder has text in common with the rest of the folder, which retrieval can use.
     """
+    if max_bytes is None:
+        max_bytes = min(65536, max(2048, REDUNDANCY_READ_BYTES // max(1, len(files))))
     folders: dict[Path, list[Path]] = {}
     for p in files:
         folders.setdefault(p.parent, []).append(p)
