@@ -225,7 +225,7 @@ class ChunkedCrossAttention(nn.Module):
     steps at small scale (benchmarks/RESULTS.md).
     """
 
-    MATCH_INIT = 3.0  # initial weight of each lag: a full 2-lag match scores +6 (e^6 ~ 400)
+    MATCH_INIT = 3.0  # initial weight per lag: a match over all L lags scores +3L (e^6 ~ 400)
 
     def __init__(self, dim: int, enc_dim: int, heads: int, chunk_size: int, match: int = 0):
         super().__init__()
