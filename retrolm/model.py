@@ -248,17 +248,18 @@ class ChunkedCrossAttention(nn.Module):
         """
         assert self.match_weight is not None
         B, S = ids.shape
-        bias = None
-        for lag, weight in enumerate(self.match_weight.view(-1, self.heads)):  # weight: (h,)
+        lags = self.match_weight.numel() // self.heads
+        matches = []
+        for lag in range(lags):
             pos = rows - lag  # (G, R)
             q_ids = ids[:, pos.clamp(0, S - 1)]  # (B, G, R)
             q_ids = q_ids.masked_fill(((pos < 0) | (pos >= S))[None], -2)
             prev = F.pad(nb_ids, (lag + 1, 0), value=-1)[..., : nb_ids.shape[-1]]  # j-1-lag
-            eq = q_ids[..., None] == prev.flatten(2)[:, :, None, :]  # (B, G, R, k*r)
-            term = eq[:, :, None].to(weight.dtype) * weight[None, None, :, None, None]
-            bias = term if bias is None else bias + term
-        assert bias is not None
-        return bias
+            matches.append(q_ids[..., None] == prev.flatten(2)[:, :, None, :])  # (B, G, R, k*r)
+        weight = self.match_weight.view(lags, self.heads)
+        # one small matmul over the lags instead of a broadcast multiply-add per lag
+        bias = torch.stack(matches, dim=-1).to(weight.dtype) @ weight  # (B, G, R, k*r, h)
+        return bias.permute(0, 1, 4, 2, 3)  # (B, G, h, R, k*r)
 
     def keys_values(self, encoded: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor]:
         """encoded (B, U, k, r, e) -> keys, values (B, U, h, k*r, hd), keys rotated by j < r."""
