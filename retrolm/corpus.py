@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 PARQUET_SUFFIXES = (".parquet",)
-SPLITS = ("train", "valid")
+SPLITS = ("train", "valid", "retrieval")  # retrieval: indexed only (never trained or scored)
 
 
 @dataclass(frozen=True)

@@ -456,3 +456,72 @@ def test_pickled_database_reopens_its_files(db):
     ids = np.arange(db.num_chunks)
     assert np.array_equal(again.chunk_tokens(ids), db.chunk_tokens(ids))
     assert np.array_equal(again.neighbours(ids)[0], db.neighbours(ids)[0])
+
+
+def test_retrieval_only_documents_are_indexed_but_never_trained_or_scored(setup, tmp_path):
+    from retrolm.data import RetroSamples
+    from retrolm.evaluate import split_stream
+
+    root, bert, corpus, _ = setup
+    # copies of the corpus under other names: each train chunk then has an exact twin that
+    # only the retrieval-only documents hold
+    extra = tmp_path / "extra"
+    shutil.copytree(corpus, extra)
+    cfg = tiny_config(bert)
+    folder = build_database(
+        [corpus], tmp_path / "db", cfg, retrieval_only=[extra], show_progress=False
+    )
+    db = Database.open(folder)
+    retrieval_docs = {d.index for d in db.documents if d.split == "retrieval"}
+    assert len(retrieval_docs) == 30 and len(db.documents) == 60
+    assert all(db.documents[i].name.startswith(extra.as_posix()) for i in retrieval_docs)
+    train, valid = db.split_chunk_ids("train"), db.split_chunk_ids("valid")
+    retrieval = db.split_chunk_ids("retrieval")
+    assert np.array_equal(
+        np.sort(np.concatenate([train, valid, retrieval])), np.arange(db.num_chunks)
+    )
+    counts = db.manifest["counts"]
+    assert counts["retrieval_chunks"] == len(retrieval) and counts["valid_chunks"] == len(valid)
+    assert db.manifest["index"]["ntotal"] == len(train) + len(retrieval)
+    # never sampled for training, never scored in evaluation
+    samples = RetroSamples(db, "train", seq_len=32, num_neighbours=2)
+    windows = samples.window_ids(np.arange(len(samples)))
+    assert not np.isin(windows, retrieval).any()
+    assert not np.isin(split_stream(db, "valid", None), retrieval).any()
+    # neighbours of train and valid chunks are exact over train + retrieval-only chunks
+    queries = np.concatenate([train, valid])
+    ids, dists = db.neighbours(queries)
+    assert np.isin(ids, retrieval).mean() > 0.3  # the twins are found
+    vectors = np.concatenate(
+        [np.load(db.path / r["file"]) for r in db.manifest["embeddings"]["blocks"].values()]
+    ).astype(np.float32)
+    indexed = np.concatenate([train, retrieval])
+    d2 = ((vectors[queries][:, None, :] - vectors[None, indexed, :]) ** 2).sum(-1)
+    d2[db.chunk_doc[queries][:, None] == db.chunk_doc[indexed][None, :]] = np.inf
+    np.testing.assert_allclose(dists, np.sort(d2, axis=1)[:, :4], rtol=1e-4, atol=1e-5)
+    # retrieval-only chunks are never queried: nothing reads their neighbours
+    none, _ = db.neighbours(retrieval)
+    assert (none == -1).all()
+    # a rerun of the same command changes nothing; other retrieval-only inputs are refused
+    before = arrays(folder)
+    build_database([corpus], folder, cfg, retrieval_only=[extra], show_progress=False)
+    assert arrays(folder) == before
+    with pytest.raises(MismatchError, match="--retrieval-only"):
+        build_database([corpus], folder, cfg, show_progress=False)
+
+
+def test_cli_add_retrieval_only_and_info(setup, tmp_path, capsys):
+    root, bert, corpus, folder = setup
+    copy = tmp_path / "db"
+    shutil.copytree(folder, copy)
+    extra = make_corpus(tmp_path / "extra", 6, seed=3, prefix="ref")
+    assert cli_main(["-q", "db", "add", str(copy), "--retrieval-only", str(extra)]) == 0
+    db = Database.open(copy)
+    added = [d for d in db.documents if d.name.startswith(extra.as_posix())]
+    assert len(added) == 6 and {d.split for d in added} == {"retrieval"}
+    capsys.readouterr()
+    assert cli_main(["db", "info", str(copy)]) == 0
+    n = db.manifest["counts"]["retrieval_chunks"]
+    assert n > 0 and f"{n} retrieval-only" in capsys.readouterr().out
+    assert cli_main(["-q", "db", "add", str(copy)]) == 2
+    assert "--retrieval-only" in capsys.readouterr().err

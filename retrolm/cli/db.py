@@ -8,6 +8,7 @@ from dataclasses import fields
 from typing import Any
 
 from retrolm.database.config import DatabaseConfig
+from retrolm.errors import InputError
 
 DEFAULTS = DatabaseConfig()
 
@@ -118,7 +119,11 @@ def _build(args: argparse.Namespace) -> int:
     from retrolm.database import build_database
 
     folder = build_database(
-        args.corpus, args.out, _config(args), show_progress=not args.no_progress
+        args.corpus,
+        args.out,
+        _config(args),
+        retrieval_only=args.retrieval_only or (),
+        show_progress=not args.no_progress,
     )
     print(folder)
     return 0
@@ -145,11 +150,20 @@ def _stage(name: str):  # noqa: ANN202
 def _add(args: argparse.Namespace) -> int:
     from retrolm.database import add_documents
 
-    print(
-        add_documents(
-            args.db, args.corpus, overrides=_overrides(args), show_progress=not args.no_progress
+    if not args.corpus and not args.retrieval_only:
+        raise InputError(
+            "db add: name the documents to add (CORPUS... or --retrieval-only EXTRA...)"
         )
-    )
+    for paths, retrieval_only in ((args.corpus, False), (args.retrieval_only, True)):
+        if paths:
+            folder = add_documents(
+                args.db,
+                paths,
+                overrides=_overrides(args),
+                retrieval_only=retrieval_only,
+                show_progress=not args.no_progress,
+            )
+    print(folder)
     return 0
 
 
@@ -166,7 +180,8 @@ def _info(args: argparse.Namespace) -> int:
         f"database   {info['path']} (format {info['format_version']})",
         f"documents  {counts['documents']} ({counts['bytes']} bytes); skipped inputs: {skipped}",
         f"chunks     {counts['chunks']} of {info['settings']['chunk_size']} tokens "
-        f"({counts['train_chunks']} train, {counts['valid_chunks']} valid) in {counts['blocks']} blocks",
+        f"({counts['train_chunks']} train, {counts['valid_chunks']} valid, "
+        f"{counts.get('retrieval_chunks', 0)} retrieval-only) in {counts['blocks']} blocks",
         f"tokenizer  vocabulary {tok['vocab_size']}, sha256 {tok['sha256'][:16]}"
         if tok
         else "tokenizer  (not yet)",
@@ -231,6 +246,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             action="store_true",
             help="stop at the first bad input instead of skipping it",
         )
+        if name == "build":
+            p.add_argument(
+                "--retrieval-only",
+                nargs="+",
+                metavar="EXTRA",
+                help="more inputs that are indexed and retrieved from but never trained on or "
+                "evaluated (split 'retrieval'): a database larger than the training set",
+            )
         _add_flags(p, CONTENT_FLAGS)
         _add_flags(p, SPEED_FLAGS)
         _common(p)
@@ -249,7 +272,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("add", help="append documents to a finished database without a rebuild")
     p.add_argument("db", metavar="DB")
-    p.add_argument("corpus", nargs="+", metavar="CORPUS")
+    p.add_argument(
+        "corpus", nargs="*", metavar="CORPUS", help="documents to add (split by name hash)"
+    )
+    p.add_argument(
+        "--retrieval-only",
+        nargs="+",
+        metavar="EXTRA",
+        help="documents to add as retrieval-only (indexed, never trained on or evaluated)",
+    )
     _add_flags(p, SPEED_FLAGS)
     _common(p)
     p.set_defaults(handler=_add)

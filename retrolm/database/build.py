@@ -192,7 +192,7 @@ def _run_index(
         manifest["stages"]["index"] = True
         save_manifest(folder, manifest)
         return
-    if store.train_chunks() == 0:
+    if store.indexed_chunks() == 0:
         raise InputError(
             f"the database {folder} has no train chunks to index; lower --valid-fraction"
         )
@@ -242,7 +242,7 @@ def _build_faiss(
     emb = manifest["embeddings"]
     dim, metric = emb["dim"], emb["metric"]
     blocks = manifest["chunks"]["blocks"]
-    num_train = store.train_chunks()
+    num_train = store.indexed_chunks()
     if previous is not None:  # db add: the trained index takes the new blocks' vectors
         index = faiss_index.load_index(folder / previous["file"])
         factory, first_block = previous["factory"], previous["blocks"]
@@ -253,9 +253,9 @@ def _build_faiss(
             else config.index
         )
         size = min(faiss_index.training_sample_size(factory, num_train), config.index_train_size)
-        sample = store.train_sample(size, config.seed) if size > 0 else None
+        sample = store.indexed_sample(size, config.seed) if size > 0 else None
         log.info(
-            "index %r over %d train chunks (trained on %d)",
+            "index %r over %d train and retrieval-only chunks (trained on %d)",
             factory,
             num_train,
             0 if sample is None else len(sample),
@@ -269,7 +269,7 @@ def _build_faiss(
         show=show_progress,
     )
     for block in blocks[first_block:]:
-        ids = store.train_ids_of_block(block)
+        ids = store.indexed_ids_of_block(block)
         if len(ids):
             vectors = store.embeddings_of_block(block)[ids - block["start"]]
             faiss_index.add_vectors(index, vectors.astype(np.float32), ids)
@@ -302,7 +302,7 @@ def _build_bm25(
     ids: list[np.ndarray] = []
     blocks = store.blocks
     for block in progress(blocks, desc="bm25 texts", unit="block", show=show_progress):
-        train = store.train_ids_of_block(block)
+        train = store.indexed_ids_of_block(block)
         tokens = store.tokens_of_block(block)[train - block["start"]]
         texts.extend(tokenizer.decode_batch(tokens))
         ids.append(train)
@@ -328,8 +328,6 @@ def _build_bm25(
 def _run_neighbours(
     folder: Path, manifest: dict[str, Any], config: DatabaseConfig, show_progress: bool
 ) -> None:
-    from retrolm.database.neighbours import index_search_fn, search_excluding_documents
-
     _require(manifest, "index", folder)
     store = BlockStore(folder, manifest)
     record = manifest["neighbours"]
@@ -342,29 +340,12 @@ def _run_neighbours(
     if todo:
         index = store.load_index()
         metric = manifest["index"]["metric"]
-        chunk_doc = store.chunk_doc
         (folder / "neighbours").mkdir(exist_ok=True)
         bar = progress(
             desc="neighbours", total=sum(b["rows"] for b in todo), unit="chunk", show=show_progress
         )
         for block in todo:
-            if manifest["index"]["kind"] == "bm25":
-                texts = store.tokenizer.decode_batch(store.tokens_of_block(block))
-                search_fn = index.search_fn(texts)
-            else:
-                search_fn = index_search_fn(
-                    index, store.embeddings_of_block(block).astype(np.float32)
-                )
-            query_docs = chunk_doc[block["start"] : block["start"] + block["rows"]]
-            ids, dists = search_excluding_documents(
-                search_fn,
-                block["rows"],
-                query_docs,
-                chunk_doc,
-                k,
-                max(int(index.ntotal), 1),
-                metric=metric,
-            )
+            ids, dists = _block_neighbours(store, block, index, metric, k)
             i = block["index"]
             ids_file, dists_file = f"neighbours/ids-{i:06d}.npy", f"neighbours/dists-{i:06d}.npy"
             entry = {
@@ -381,6 +362,45 @@ def _run_neighbours(
     record["k"] = k
     manifest["stages"]["neighbours"] = True
     save_manifest(folder, manifest)
+
+
+def _block_neighbours(
+    store: BlockStore, block: dict[str, Any], index: Any, metric: str, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k nearest indexed chunks of other documents for each chunk of a block.
+
+    Retrieval-only chunks are not queried (nothing reads their neighbours): -1 / inf rows.
+    """
+    from retrolm.database.neighbours import (
+        SIMILARITY_METRICS,
+        index_search_fn,
+        search_excluding_documents,
+    )
+
+    rows = store.query_rows_of_block(block)
+    ids = np.full((block["rows"], k), -1, dtype=np.int64)
+    worst = -np.inf if metric in SIMILARITY_METRICS else np.inf
+    dists = np.full((block["rows"], k), worst, dtype=np.float32)
+    if len(rows) == 0:
+        return ids, dists
+    if store.manifest["index"]["kind"] == "bm25":
+        texts = store.tokenizer.decode_batch(store.tokens_of_block(block)[rows])
+        search_fn = index.search_fn(texts)
+    else:
+        vectors = np.asarray(store.embeddings_of_block(block)[rows], dtype=np.float32)
+        search_fn = index_search_fn(index, vectors)
+    query_docs = store.chunk_doc[block["start"] + rows]
+    found, found_dists = search_excluding_documents(
+        search_fn,
+        len(rows),
+        query_docs,
+        store.chunk_doc,
+        k,
+        max(int(index.ntotal), 1),
+        metric=metric,
+    )
+    ids[rows], dists[rows] = found, found_dists
+    return ids, dists
 
 
 def _neighbours_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, Any]) -> bool:
@@ -503,6 +523,7 @@ def build_database(
     config: DatabaseConfig | None = None,
     *,
     embedder: Any = None,
+    retrieval_only: Paths = (),
     show_progress: bool = True,
 ) -> Path:
     """Run every stage; rerunning after an interruption resumes and gives the same database.
@@ -512,6 +533,9 @@ def build_database(
         out: the database folder.
         config: settings (default `DatabaseConfig()`).
         embedder: an already loaded `Embedder` to use instead of loading `config.embedder`.
+        retrieval_only: more inputs whose documents are indexed and retrieved (split
+            "retrieval") but never trained on or evaluated: a database larger than the
+            training set, as in the paper.
         show_progress: progress bars on stderr.
 
     Returns:
@@ -521,11 +545,44 @@ def build_database(
         InputError, MismatchError: see `chunk_stage`; also a missing embedder path.
     """
     config = config or DatabaseConfig()
+    extra = _inputs(retrieval_only) if retrieval_only else None
     folder = chunk_stage(corpus_paths, out, config, show_progress=show_progress)
     manifest = load_manifest(folder)
+    recorded = manifest["sources"][1]["inputs"] if len(manifest["sources"]) > 1 else None
+    if len(manifest["sources"]) > 1 and not manifest["sources"][1].get("retrieval_only"):
+        recorded = None  # documents added by `db add`: not part of this build command
+    if recorded is not None and recorded != extra:
+        raise MismatchError(
+            f"the database {folder} was built with --retrieval-only {' '.join(recorded)}, not "
+            f"{' '.join(extra or ['(none)'])}; rerun with the same inputs to resume, or use "
+            "`retrolm db add --retrieval-only` to add documents"
+        )
+    if extra is not None and recorded is None:
+        if len(manifest["sources"]) > 1:
+            raise MismatchError(
+                f"the database {folder} already has documents added with `retrolm db add`; add "
+                "the retrieval-only documents with `retrolm db add --retrieval-only`"
+            )
+        _append_source(folder, manifest, extra, retrieval_only=True)
+    if extra is not None:
+        run_chunks(folder, manifest, config, _tokenizer(folder, manifest), show_progress)
     _downstream(folder, manifest, config, embedder, show_progress)
     log.info("database ready: %s", folder)
     return folder
+
+
+def _append_source(
+    folder: Path, manifest: dict[str, Any], inputs: list[str], *, retrieval_only: bool
+) -> None:
+    """Record a new source of documents after the last one; its stages are to be done."""
+    last = manifest["sources"][-1]
+    source = {"inputs": inputs, "first_event": last["end_cursor"]["event"], "done": False}
+    if retrieval_only:
+        source["retrieval_only"] = True
+    manifest["sources"].append(source)
+    for stage in ("chunks", *DOWNSTREAM):
+        manifest["stages"][stage] = False
+    save_manifest(folder, manifest)
 
 
 def add_documents(
@@ -534,12 +591,15 @@ def add_documents(
     *,
     overrides: dict[str, Any] | None = None,
     embedder: Any = None,
+    retrieval_only: bool = False,
     show_progress: bool = True,
 ) -> Path:
     """Append a corpus to a finished database: new chunk blocks, embeddings, index entries, and
     the neighbours of the new chunks. Resumable like a build (rerun the same command).
 
     Existing chunks keep their stored neighbours (computed before the new documents existed).
+    With `retrieval_only`, the new documents get the split "retrieval": indexed and retrieved,
+    never trained on or evaluated.
 
     Raises:
         InputError: the database is unfinished, or this corpus was already added.
@@ -561,12 +621,7 @@ def add_documents(
             )
         if any(s["inputs"] == inputs for s in manifest["sources"]):
             raise InputError(f"{inputs} is already in the database {folder}; nothing to add")
-        manifest["sources"].append(
-            {"inputs": inputs, "first_event": last["end_cursor"]["event"], "done": False}
-        )
-        for stage in ("chunks", *DOWNSTREAM):
-            manifest["stages"][stage] = False
-        save_manifest(folder, manifest)
+        _append_source(folder, manifest, inputs, retrieval_only=retrieval_only)
     documents_before = manifest["sources"][-1]["first_documents"] = manifest["sources"][-1].get(
         "first_documents", manifest["counts"]["documents"]
     )

@@ -47,6 +47,7 @@ class Cursor:
     documents: int = 0  # documents started so far (the next document's index)
     chunks: int = 0  # chunks written so far (the next chunk's id)
     train_chunks: int = 0
+    retrieval_chunks: int = 0
     bytes: int = 0  # UTF-8 bytes of the documents started so far
     skipped: dict[str, int] = field(default_factory=dict)
 
@@ -194,6 +195,8 @@ class _BlockWriter:
             self.cursor.chunks += take
             if split == "train":
                 self.cursor.train_chunks += take
+            elif split == "retrieval":
+                self.cursor.retrieval_chunks += take
             if self.count == self.config.block_rows:
                 done = position == len(rows)
                 self.cursor.event, self.cursor.offset = (
@@ -326,7 +329,11 @@ def _chunk_source(
             rows = chunk_document(
                 next(token_lists), tokenizer.eos_id, tokenizer.pad_id, config.chunk_size
             )
-            split = assign_split(item.name, config.valid_fraction, names)
+            split = (
+                "retrieval"
+                if source.get("retrieval_only")
+                else assign_split(item.name, config.valid_fraction, names)
+            )
             resuming = event == resume_event and resume_offset > 0
             record = None
             if not resuming:
@@ -398,16 +405,18 @@ def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfi
         documents=end.documents,
         chunks=end.chunks,
         train_chunks=end.train_chunks,
-        valid_chunks=end.chunks - end.train_chunks,
+        valid_chunks=end.chunks - end.train_chunks - end.retrieval_chunks,
+        retrieval_chunks=end.retrieval_chunks,
         bytes=end.bytes,
         skipped=dict(end.skipped),
     )
     manifest["stages"]["chunks"] = True
     save_manifest(folder, manifest)
     log.info(
-        "chunks: %d documents, %d chunks (%d train), %d inputs skipped",
+        "chunks: %d documents, %d chunks (%d train, %d retrieval-only), %d inputs skipped",
         end.documents,
         end.chunks,
         end.train_chunks,
+        end.retrieval_chunks,
         sum(end.skipped.values()),
     )

@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from retrolm.corpus import SPLITS
 from retrolm.database.config import DatabaseConfig
 from retrolm.database.manifest import CONFIG_FILE, STAGES, load_manifest
 from retrolm.database.store import BlockStore, load_block
@@ -31,7 +32,7 @@ class DocumentRecord:
         int  # id of its first chunk; its chunks are first_chunk .. first_chunk+num_chunks-1
     )
     num_chunks: int
-    split: str  # "train" or "valid"
+    split: str  # "train", "valid", or "retrieval" (indexed only: never trained on or scored)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ class Database:
             load_block(path / nb[str(b["index"])]["dists_file"], b["rows"], "neighbour")
             for b in blocks
         ]
-        self._doc_split = np.array([d.split == "valid" for d in self.documents], dtype=np.int8)
+        self._doc_split = np.array([SPLITS.index(d.split) for d in self.documents], dtype=np.int8)
         self._index: Any = None
         self._embedder: Any = None
 
@@ -193,17 +194,18 @@ class Database:
         return self.tokenizer.decode(self.chunk_tokens(np.array([chunk_id]))[0])
 
     def split_chunk_ids(self, split: str) -> np.ndarray:
-        """Ids of the chunks of documents in `split` ("train" or "valid"), ascending."""
-        if split not in ("train", "valid"):
-            raise ValueError(f"split must be 'train' or 'valid', got {split!r}")
-        wanted = 1 if split == "valid" else 0
+        """Ids of the chunks of documents in `split` ("train", "valid" or "retrieval"), ascending."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+        wanted = SPLITS.index(split)
         return np.flatnonzero(self._doc_split[self.chunk_doc] == wanted).astype(np.int64)
 
     # ------------------------------------------------------------------ neighbours
     def neighbours(self, chunk_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Precomputed neighbours of `chunk_ids` (n,) -> (ids (n, K) int64, dists (n, K) float32).
 
-        Neighbours are train chunks of other documents than the chunk's own, nearest first;
+        Neighbours are indexed chunks (train or retrieval-only) of other documents than the
+        chunk's own, nearest first;
         -1 (and an infinite distance) where fewer than K exist.
         """
         ids = self._check_ids(chunk_ids)

@@ -46,6 +46,7 @@ def new_manifest(config: DatabaseConfig) -> dict[str, Any]:
             "chunks": 0,
             "train_chunks": 0,
             "valid_chunks": 0,
+            "retrieval_chunks": 0,
             "bytes": 0,
             "skipped": {},
         },

@@ -15,6 +15,8 @@ from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
 
+INDEXED_SPLITS = ("train", "retrieval")  # the splits whose chunks the index holds
+
 
 def load_block(path: Path, rows: int, what: str) -> np.ndarray:
     """Memory-map a block file, refusing one that is missing or of the wrong length."""
@@ -41,7 +43,7 @@ class BlockStore:
         self.manifest = manifest
         self.blocks: list[dict[str, Any]] = manifest["chunks"]["blocks"]
         self.starts = np.array([b["start"] for b in self.blocks], dtype=np.int64)
-        self._train_chunks: int | None = None
+        self._indexed_chunks: int | None = None
 
     # -- chunks and documents
     def tokens_of_block(self, block: dict[str, Any]) -> np.ndarray:
@@ -74,30 +76,44 @@ class BlockStore:
             ) from None
 
     @cached_property
-    def doc_is_train(self) -> np.ndarray:
-        """(num_documents,) bool: whether each document is in the train split."""
-        return np.array([d["split"] == "train" for d in self.documents()], dtype=bool)
+    def doc_split(self) -> np.ndarray:
+        """(num_documents,) str: the split of each document (train, valid or retrieval)."""
+        return np.array([d["split"] for d in self.documents()], dtype=object).astype(str)
 
-    def train_ids_of_block(self, block: dict[str, Any]) -> np.ndarray:
-        """Global ids of the train chunks of a block, ascending."""
+    @cached_property
+    def doc_is_indexed(self) -> np.ndarray:
+        """(num_documents,) bool: whether the index holds the document's chunks.
+
+        The index holds the train and the retrieval-only documents, never the held-out ones.
+        """
+        return np.isin(self.doc_split, INDEXED_SPLITS)
+
+    def indexed_ids_of_block(self, block: dict[str, Any]) -> np.ndarray:
+        """Global ids of the chunks of a block that the index holds, ascending."""
         docs = self.chunk_doc[block["start"] : block["start"] + block["rows"]]
-        return np.flatnonzero(self.doc_is_train[docs]).astype(np.int64) + block["start"]
+        return np.flatnonzero(self.doc_is_indexed[docs]).astype(np.int64) + block["start"]
 
-    def train_chunks(self) -> int:
-        """Number of train chunks (counted from the blocks, so it is right mid-way through an add)."""
-        if self._train_chunks is None:
-            self._train_chunks = int(sum(len(self.train_ids_of_block(b)) for b in self.blocks))
-        return self._train_chunks
+    def query_rows_of_block(self, block: dict[str, Any]) -> np.ndarray:
+        """Rows of a block whose neighbours are stored: all but retrieval-only chunks (which are
+        never trained on or scored, so nothing reads their neighbours)."""
+        docs = self.chunk_doc[block["start"] : block["start"] + block["rows"]]
+        return np.flatnonzero(self.doc_split[docs] != "retrieval").astype(np.int64)
 
-    def train_sample(self, size: int, seed: int) -> np.ndarray:
-        """Embeddings of a seeded random sample of `size` train chunks, read block by block."""
+    def indexed_chunks(self) -> int:
+        """Number of indexed chunks (counted from the blocks, so right mid-way through an add)."""
+        if self._indexed_chunks is None:
+            self._indexed_chunks = int(sum(len(self.indexed_ids_of_block(b)) for b in self.blocks))
+        return self._indexed_chunks
+
+    def indexed_sample(self, size: int, seed: int) -> np.ndarray:
+        """Embeddings of a seeded random sample of `size` indexed chunks, read block by block."""
         from retrolm.database.index import sample_rows
 
-        positions = sample_rows(self.train_chunks(), size, seed)  # ranks among train chunks
+        positions = sample_rows(self.indexed_chunks(), size, seed)  # ranks among indexed chunks
         parts: list[np.ndarray] = []
         seen = 0
         for block in self.blocks:
-            ids = self.train_ids_of_block(block)
+            ids = self.indexed_ids_of_block(block)
             lo, hi = np.searchsorted(positions, [seen, seen + len(ids)])
             if hi > lo:
                 rows = ids[positions[lo:hi] - seen] - block["start"]
