@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from retrolm.comparators import KnnLMConfig, check_comparators, knnlm_bits, ralm_bits
 from retrolm.data import ChunkSource
 from retrolm.errors import InputError
 from retrolm.log import progress
@@ -87,7 +88,22 @@ class EvalReport:
     bpb: dict[str, float]
     filtered: list[dict[str, Any]] = field(default_factory=list)  # per alpha
 
-    NAMES = {"retro_on": "retro_bpb", "retro_off": "retro_off_bpb", "baseline": "baseline_bpb"}
+    comparators: dict[str, Any] = field(default_factory=dict)  # settings found, e.g. kNN-LM's
+
+    NAMES = {
+        "retro_on": "retro_bpb",
+        "retro_off": "retro_off_bpb",
+        "baseline": "baseline_bpb",
+        "ralm": "ralm_bpb",
+        "knnlm": "knnlm_bpb",
+    }
+    HEADS = {
+        "retro_on": "RETRO[ON]",
+        "retro_off": "RETRO[OFF]",
+        "baseline": "baseline",
+        "ralm": "RALM",
+        "knnlm": "kNN-LM",
+    }
 
     def to_dict(self) -> dict[str, Any]:
         """JSON form: retro_bpb / retro_off_bpb / baseline_bpb, filtered[alpha] and counts."""
@@ -109,12 +125,14 @@ class EvalReport:
             k=self.k,
             config=self.config,
         )
+        if self.comparators:
+            d["comparators"] = self.comparators
         return d
 
     def to_text(self) -> str:
         """A plain table for the terminal."""
-        cols = [k for k in ("retro_on", "retro_off", "baseline") if k in self.bpb]
-        head = {"retro_on": "RETRO[ON]", "retro_off": "RETRO[OFF]", "baseline": "baseline"}
+        cols = [k for k in self.NAMES if k in self.bpb]
+        head = self.HEADS
         lines = [
             f"{self.run}: {self.documents} documents, {self.chunks} chunks, {self.tokens} tokens,"
             f" {self.bytes} bytes (window {self.window}, stride {self.stride}, k {self.k})",
@@ -179,6 +197,22 @@ def sliding_windows(length: int, window: int, stride: int) -> list[tuple[int, in
     return out
 
 
+def window_batches(
+    length: int, window: int, stride: int, chunk_size: int, batch_size: int
+) -> list[list[tuple[int, int, int]]]:
+    """The sliding windows of a stream (see `sliding_windows`), grouped into batches of windows
+    of one length."""
+    if window % chunk_size or stride % chunk_size or not 0 < stride <= window:
+        raise ValueError(
+            f"EvalConfig.window ({window}) and stride ({stride}) must be multiples of the chunk "
+            f"size {chunk_size}, with 0 < stride <= window"
+        )
+    groups: dict[int, list[tuple[int, int, int]]] = {}
+    for w in sliding_windows(length, window, stride):
+        groups.setdefault(w[1], []).append(w)
+    return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+
+
 @torch.no_grad()
 def score_stream(
     model: nn.Module,
@@ -194,28 +228,24 @@ def score_stream(
     bf16: bool = False,
     desc: str = "eval",
     show_progress: bool = False,
-) -> np.ndarray:
+    hidden: bool = False,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """Negative log-likelihood in bits of every token of a stream (NaN where not scored).
 
     Args:
         model: called as `model(tokens (B, n), neighbours=(B, ceil(n/m), k, r) | None)`.
         tokens: (T,) the stream, T a multiple of `chunk_size`.
         neighbours: (T // m, k, r) neighbour tokens of each chunk of the stream, or None.
+        hidden: also return the model's final hidden state that predicted each token (the
+            query of kNN-LM); the model needs `hidden_states` and `lm_head`.
 
     Returns:
-        (T,) float64 bits; NaN for token 0 and for padding targets.
+        (T,) float64 bits; NaN for token 0 and for padding targets. With `hidden`, also
+        (T, d) float32 hidden states (zeros where not scored).
     """
-    if window % chunk_size or stride % chunk_size or not 0 < stride <= window:
-        raise ValueError(
-            f"EvalConfig.window ({window}) and stride ({stride}) must be multiples of the chunk "
-            f"size {chunk_size}, with 0 < stride <= window"
-        )
     bits = np.full(len(tokens), np.nan)
-    wins = sliding_windows(len(tokens), window, stride)
-    groups: dict[int, list[tuple[int, int, int]]] = {}
-    for w in wins:
-        groups.setdefault(w[1], []).append(w)
-    batches = [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
+    states: np.ndarray | None = None
+    batches = window_batches(len(tokens), window, stride, chunk_size, batch_size)
     stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     model.eval()
     for batch in progress(batches, desc=desc, unit="batch", show=show_progress):
@@ -230,12 +260,22 @@ def score_stream(
             ).to(device)
         ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
         with ctx:
-            logits = model(x, neighbours=nb)
+            if hidden:
+                h = model.hidden_states(x, nb)  # (B, n, d)
+                logits = model.lm_head(h)
+            else:
+                logits = model(x, neighbours=nb)
         logp = torch.log_softmax(logits.float(), dim=-1)
         nll = -logp.gather(-1, y[..., None])[..., 0] / math.log(2)  # (B, n) bits
         nll = nll.masked_fill(y == pad_id, float("nan")).double().cpu().numpy()
+        if hidden and states is None:
+            states = np.zeros((len(tokens), h.shape[-1]), dtype=np.float32)
         for row, (s, _, first) in enumerate(batch):
             bits[s + 1 + first : s + 1 + n] = nll[row, first:]
+            if hidden:
+                states[s + 1 + first : s + 1 + n] = h[row, first:].float().cpu().numpy()
+    if hidden:
+        return bits, states if states is not None else np.zeros((len(tokens), 0), np.float32)
     return bits
 
 
@@ -302,6 +342,8 @@ def evaluate_run(
     *,
     config: EvalConfig | None = None,
     baseline: str | Path | None = None,
+    compare: tuple[str, ...] = (),
+    knnlm: KnnLMConfig | None = None,
     show_progress: bool = True,
 ) -> EvalReport:
     """Bits per byte of a run on a database's held-out documents, with leakage buckets.
@@ -312,6 +354,9 @@ def evaluate_run(
             from the training database if tokenizer and chunk size match.
         config: evaluation settings.
         baseline: a no-retrieval run to evaluate side by side.
+        compare: comparators scored with the baseline model on the same database and tokens:
+            "ralm" (In-Context RALM), "knnlm" (kNN-LM); see `retrolm.comparators`.
+        knnlm: kNN-LM settings (default `KnnLMConfig()`).
         show_progress: progress bars on stderr.
 
     Returns:
@@ -323,6 +368,7 @@ def evaluate_run(
             chunk size than the run.
     """
     cfg = config or EvalConfig()
+    compare = check_comparators(compare)
     model, meta = load_run_model(run)
     source = open_database(db)
     check_database(meta["database"], source, str(run))
@@ -350,14 +396,17 @@ def evaluate_run(
     nbytes[0] = 0  # token 0 is context only
     nbr_ids, nbr_tokens = stream_neighbours(source, chunk_ids, max(k, cfg.leakage_neighbours))
 
-    bits: dict[str, np.ndarray] = {}
-    for name, mdl in models.items():
-        mdl.to(device)
-        use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
-        bits[name] = score_stream(
+    if compare and "baseline" not in models:
+        raise InputError(
+            f"--compare {' '.join(compare)} scores a no-retrieval model reading the database: "
+            "give it with --baseline BASE_RUN"
+        )
+
+    def score(mdl: nn.Module, tokens: np.ndarray, nbrs: np.ndarray | None, **kw: Any) -> Any:
+        return score_stream(
             mdl,
-            stream,
-            use,
+            tokens,
+            nbrs,
             chunk_size=m,
             window=window,
             stride=stride,
@@ -365,9 +414,49 @@ def evaluate_run(
             batch_size=cfg.batch_size,
             device=device,
             bf16=cfg.bf16,
-            desc=name,
+            show_progress=show_progress,
+            **kw,
+        )
+
+    bits: dict[str, np.ndarray] = {}
+    hidden = None
+    for name, mdl in models.items():
+        mdl.to(device)
+        use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
+        if name == "baseline" and "knnlm" in compare:
+            bits[name], hidden = score(mdl, stream, None, desc=name, hidden=True)
+        else:
+            bits[name] = score(mdl, stream, use, desc=name)
+    comparators: dict[str, Any] = {}
+    if "ralm" in compare:
+        bits["ralm"] = ralm_bits(
+            models["baseline"],
+            stream,
+            nbr_tokens[:, 0],
+            chunk_size=m,
+            window=window,
+            pad_id=mcfg.pad_id,
+            batch_size=cfg.batch_size,
+            device=device,
+            bf16=cfg.bf16,
             show_progress=show_progress,
         )
+        comparators["ralm"] = {"retrieved": "nearest neighbour + continuation of chunk c-1"}
+    if "knnlm" in compare:
+        train_ids = np.asarray(source.split_chunk_ids("train"), dtype=np.int64)
+        train_stream = np.asarray(source.chunk_tokens(train_ids), dtype=np.int64).reshape(-1)
+        train_docs = np.repeat(np.asarray(source.chunk_doc)[train_ids], m)
+        result = knnlm_bits(
+            train_stream,
+            train_docs,
+            bits["baseline"],
+            hidden,
+            stream,
+            score=lambda tokens: score(models["baseline"], tokens, None, desc="knnlm", hidden=True),
+            cfg=knnlm,
+        )
+        bits["knnlm"] = result.bits
+        comparators["knnlm"] = result.info
     scored = ~np.isnan(next(iter(bits.values())))
     every = np.ones(len(chunk_ids), dtype=bool)
     report = EvalReport(
@@ -382,6 +471,7 @@ def evaluate_run(
         stride=stride,
         k=k,
         bpb={name: bucket_bpb(b, nbytes, chunk_of, every) for name, b in bits.items()},
+        comparators=comparators,
     )
     r = leakage_ratio(chunk_tokens, nbr_tokens[:, : cfg.leakage_neighbours], m, mcfg.pad_id)
     for alpha in cfg.alphas:

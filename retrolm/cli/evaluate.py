@@ -22,6 +22,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--split", default="valid", choices=("valid", "train"))
     p.add_argument("--baseline", type=Path, help="a no-retrieval run to compare with")
     p.add_argument(
+        "--compare",
+        nargs="+",
+        default=[],
+        metavar="NAME",
+        help="also score the --baseline model with the same database: ralm (In-Context RALM, "
+        "the retrieved text prepended in its context), knnlm (kNN-LM over its hidden states)",
+    )
+    p.add_argument(
         "--window", type=int, help="tokens per window (default: the training sequence length)"
     )
     p.add_argument("--stride", type=int, help="tokens a window moves (default window/2)")
@@ -51,7 +59,12 @@ def run(args: argparse.Namespace) -> int:
         device=args.device,
     )
     report = evaluate_run(
-        args.run, args.db, config=config, baseline=args.baseline, show_progress=not args.no_progress
+        args.run,
+        args.db,
+        config=config,
+        baseline=args.baseline,
+        compare=tuple(args.compare),
+        show_progress=not args.no_progress,
     )
     if args.out:
         write_json(args.out, report.to_dict())

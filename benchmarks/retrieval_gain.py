@@ -1,0 +1,264 @@
+"""Which retrieval pays? RETRO against a same-size baseline on one corpus, one variant at a time.
+
+Every variant uses the quickstart's model (retrolm.quickstart.MODEL), training settings and
+held-out files, and changes one thing: the retriever (MiniLM or BM25), the database size (the
+training subset, 4x it, or the whole corpus, the text beyond the subset added as retrieval-only
+documents), or how RETRO is trained (from scratch, or RETRO-fitted onto the trained baseline).
+Steps are fixed (not wall time), so the figures do not depend on the machine's load; the wall
+times are recorded as measured.
+
+    python benchmarks/retrieval_gain.py --corpus stdlib --out /tmp/gain/stdlib-s0 --seed 0
+    python benchmarks/retrieval_gain.py --corpus /usr/share/perl/5.36.0/pod --out DIR \\
+        --variants bm25 bm25-all --compare ralm knnlm --json
+
+The held-out files are the quickstart's choice for the seed (a seeded hash of the file names,
+among files of at least 1 kB of the training subset), fixed before any result is seen. Each
+finished variant is cached in OUT/results/VARIANT.json, so a rerun only does what is missing.
+The last line with --json is one JSON object: {variant: figures}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from retrolm.errors import RetrolmError
+
+log = logging.getLogger("retrieval_gain")
+
+
+@dataclass(frozen=True)
+class Variant:
+    retriever: str  # "dense" (MiniLM) or "bm25"
+    database: str  # "subset" (the training files), "x4" (4x their bytes), "all" (whole corpus)
+    training: str  # "scratch" (RETRO trained like the baseline) or "retrofit" (onto it)
+
+
+VARIANTS = {
+    "minilm": Variant("dense", "subset", "scratch"),  # the quickstart before this benchmark
+    "bm25": Variant("bm25", "subset", "scratch"),
+    "bm25-x4": Variant("bm25", "x4", "scratch"),
+    "bm25-all": Variant("bm25", "all", "scratch"),
+    "minilm-retrofit": Variant("dense", "subset", "retrofit"),
+    "bm25-retrofit": Variant("bm25", "subset", "retrofit"),
+    "bm25-all-retrofit": Variant("bm25", "all", "retrofit"),
+}
+
+
+def corpus_plan(corpus: str, subset_bytes: int, seed: int) -> dict[str, list[Path]]:
+    """Training subset, held-out files and the rest of the corpus, as the quickstart picks them."""
+    from retrolm.quickstart import choose_valid, corpus_files, select_files, stdlib_files
+
+    files = stdlib_files() if corpus == "stdlib" else corpus_files([corpus])
+    subset = select_files(files, subset_bytes, seed)
+    valid = choose_valid(subset, fraction=0.05, seed=seed)
+    chosen = set(subset)
+    rest = [p for p in files if p not in chosen]
+    rest_bytes = sum(p.stat().st_size for p in rest)
+    x4 = select_files(rest, 3 * subset_bytes, seed) if rest_bytes > 3 * subset_bytes else rest
+    return {"subset": subset, "valid": valid, "x4": x4, "all": rest}
+
+
+def build(out: Path, plan: dict[str, list[Path]], v: Variant, seed: int, embedder: Any) -> Path:
+    """The variant's database (shared by the variants with the same retriever and size)."""
+    from retrolm.database import DatabaseConfig, build_database
+
+    folder = out / f"db-{v.retriever}-{v.database}"
+    valid_list = out / "valid_files.txt"
+    if not valid_list.is_file():
+        valid_list.write_text("".join(f"{p}\n" for p in plan["valid"]), encoding="utf-8")
+    cfg = DatabaseConfig(
+        vocab_size=8192, chunk_size=64, seed=seed, valid_list=str(valid_list), retriever=v.retriever
+    )
+    extra = [] if v.database == "subset" else plan[v.database]
+    t0 = time.perf_counter()
+    build_database(
+        [str(p) for p in plan["subset"]],
+        folder,
+        cfg,
+        embedder=embedder if v.retriever == "dense" else None,
+        retrieval_only=[str(p) for p in extra],
+        show_progress=False,
+    )
+    log.info("database %s ready (%.0f s)", folder.name, time.perf_counter() - t0)
+    return folder
+
+
+def train_config(steps: int, seed: int, **kw: Any) -> Any:
+    from retrolm.quickstart import MODEL
+    from retrolm.train import TrainConfig
+
+    return TrainConfig(
+        model=dict(MODEL),
+        max_steps=steps,
+        batch_size=8,
+        seq_len=256,
+        num_neighbours=2,
+        lr=3e-3,
+        warmup_steps=max(5, min(30, steps // 10)),
+        eval_every=0,
+        checkpoint_every=steps,
+        seed=seed,
+        **kw,
+    )
+
+
+def timed_train(cfg: Any, db: Path, run: Path) -> float:
+    """Train (or reuse a finished run); returns the training wall time as recorded."""
+    from retrolm.train import train
+
+    seconds_file = run / "wall_seconds.json"
+    if seconds_file.is_file():
+        return json.loads(seconds_file.read_text())["seconds"]
+    t0 = time.perf_counter()
+    train(cfg, db, run, overwrite=run.exists(), show_progress=False)
+    seconds = time.perf_counter() - t0
+    seconds_file.write_text(json.dumps({"seconds": seconds}))
+    return seconds
+
+
+def run_variant(
+    name: str, out: Path, plan: dict[str, list[Path]], args: argparse.Namespace, embedder: Any
+) -> dict[str, Any]:
+    from retrolm.evaluate import EvalConfig, evaluate_run
+
+    v = VARIANTS[name]
+    db = build(out, plan, v, args.seed, embedder)
+    base_run = out / "baseline"
+    base_seconds = timed_train(train_config(args.steps, args.seed, no_retrieval=True), db, base_run)
+    if v.training == "scratch":
+        cfg, steps = train_config(args.steps, args.seed), args.steps
+    else:
+        steps = args.retrofit_steps
+        cfg = train_config(steps, args.seed, retrofit=str(base_run), lr=args.retrofit_lr)
+    run = out / f"retro-{name}"
+    retro_seconds = timed_train(cfg, db, run)
+    t0 = time.perf_counter()
+    report = evaluate_run(
+        run,
+        db,
+        config=EvalConfig(max_tokens=args.eval_tokens, batch_size=8),
+        baseline=base_run,
+        compare=tuple(args.compare),
+        show_progress=False,
+    )
+    figures = report.to_dict()
+    info = json.loads((db / "manifest.json").read_text())["counts"]
+    return {
+        "variant": name,
+        **v.__dict__,
+        "seed": args.seed,
+        "steps": steps,
+        "baseline_steps": args.steps,
+        "retro_bpb": figures.get("retro_bpb"),
+        "retro_off_bpb": figures.get("retro_off_bpb"),
+        "baseline_bpb": figures.get("baseline_bpb"),
+        **{f"{c}_bpb": figures.get(f"{c}_bpb") for c in args.compare},
+        "gain": 1 - figures["retro_bpb"] / figures["baseline_bpb"],
+        "filtered": figures["filtered"],
+        "eval_tokens": figures["tokens"],
+        "eval_documents": figures["documents"],
+        "database_chunks": info["chunks"],
+        "indexed_chunks": info["train_chunks"] + info.get("retrieval_chunks", 0),
+        "train_seconds": {"baseline": round(base_seconds, 1), "retro": round(retro_seconds, 1)},
+        "eval_seconds": round(time.perf_counter() - t0, 1),
+    }
+
+
+def equal_compute(out: Path, plan: dict[str, list[Path]], args: argparse.Namespace) -> dict:
+    """The baseline trained for as long as RETRO (from scratch) trained: steps scaled by the
+    measured wall-time ratio of the two runs of the first scratch variant."""
+    from retrolm.evaluate import EvalConfig, evaluate_run
+
+    scratch = [n for n in args.variants if VARIANTS[n].training == "scratch"]
+    first = json.loads((out / "results" / f"{scratch[0]}.json").read_text())
+    ratio = first["train_seconds"]["retro"] / first["train_seconds"]["baseline"]
+    steps = int(round(args.steps * ratio))
+    db = out / f"db-{VARIANTS[scratch[0]].retriever}-{VARIANTS[scratch[0]].database}"
+    run = out / "baseline-equal-compute"
+    seconds = timed_train(train_config(steps, args.seed, no_retrieval=True), db, run)
+    report = evaluate_run(
+        run, db, config=EvalConfig(max_tokens=args.eval_tokens, batch_size=8), show_progress=False
+    )
+    return {
+        "variant": "baseline-equal-compute",
+        "steps": steps,
+        "wall_ratio": round(ratio, 3),
+        "baseline_bpb": report.to_dict()["baseline_bpb"],
+        "filtered": report.to_dict()["filtered"],
+        "train_seconds": {"baseline": round(seconds, 1)},
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default="stdlib", help="'stdlib' or a folder of text files")
+    parser.add_argument("--out", required=True, type=Path, help="work folder (reused on rerun)")
+    parser.add_argument("--seed", type=int, default=0, help="held-out files, init, data order")
+    parser.add_argument("--subset-mb", type=float, default=3.5, help="training subset, MB")
+    parser.add_argument("--steps", type=int, default=500, help="steps of baseline and RETRO")
+    parser.add_argument("--retrofit-steps", type=int, default=250, help="steps of a retrofit")
+    parser.add_argument("--retrofit-lr", type=float, default=3e-3)
+    parser.add_argument("--eval-tokens", type=int, default=131072)
+    parser.add_argument(
+        "--variants", nargs="+", default=["minilm", "bm25", "bm25-all"], choices=list(VARIANTS)
+    )
+    parser.add_argument("--compare", nargs="*", default=[], choices=["ralm", "knnlm"])
+    parser.add_argument("--equal-compute", action="store_true", help="add the equal-compute row")
+    parser.add_argument("--json", action="store_true", help="last line: one JSON object")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if args.steps <= 0 or args.retrofit_steps <= 0 or args.subset_mb <= 0:
+        print("retrieval_gain.py: --steps, --retrofit-steps and --subset-mb must be > 0",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "results").mkdir(exist_ok=True)
+        plan = corpus_plan(args.corpus, int(args.subset_mb * 1e6), args.seed)
+        embedder = None
+        if any(VARIANTS[n].retriever == "dense" for n in args.variants):
+            from retrolm.database.embed import load_embedder
+
+            embedder = load_embedder("default")
+        results: dict[str, Any] = {}
+        names = list(args.variants) + (["baseline-equal-compute"] if args.equal_compute else [])
+        for name in names:
+            path = args.out / "results" / f"{name}.json"
+            if not path.is_file():
+                log.info("== %s", name)
+                result = (
+                    equal_compute(args.out, plan, args)
+                    if name == "baseline-equal-compute"
+                    else run_variant(name, args.out, plan, args, embedder)
+                )
+                path.write_text(json.dumps(result, indent=1))
+            results[name] = json.loads(path.read_text())
+    except RetrolmError as e:
+        print(f"retrieval_gain.py: {e}", file=sys.stderr)
+        return 2
+    print_table(results)
+    if args.json:
+        print(json.dumps(results))
+    return 0
+
+
+def print_table(results: dict[str, Any]) -> None:
+    cols = ["retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb"]
+    print(f"{'variant':>24}" + "".join(f"{c[:-4]:>11}" for c in cols) + f"{'gain':>8}{'r<=.125':>16}")
+    for name, r in results.items():
+        vals = "".join(f"{r[c]:>11.4f}" if r.get(c) else f"{'-':>11}" for c in cols)
+        f = r["filtered"].get("0.125", {})
+        bucket = f"{f.get('retro_bpb') or 0:.4f}/{f.get('baseline_bpb') or 0:.4f}"
+        gain = f"{100 * r['gain']:>7.1f}%" if "gain" in r else f"{'':>8}"
+        print(f"{name:>24}{vals}{gain}{bucket:>16}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

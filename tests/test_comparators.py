@@ -1,0 +1,151 @@
+"""In-Context RALM and kNN-LM, the comparators scored beside RETRO on the same tokens."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from retrolm.cli import main as cli_main
+from retrolm.comparators import KnnLMConfig, interpolate, knn_log_probs, knnlm_bits, ralm_bits
+from retrolm.config import RetroConfig
+from retrolm.evaluate import evaluate_run, score_stream
+from retrolm.model import RETRO
+from tests.test_evaluate import build_world
+
+M, WINDOW = 16, 64
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("comparators"))
+
+
+@pytest.fixture(scope="module")
+def lm():
+    torch.manual_seed(0)
+    cfg = RetroConfig.preset("tiny", cca_layers=(), chunk_size=M, max_seq_len=WINDOW)
+    return RETRO(cfg).eval()
+
+
+def direct_bits(model, inputs: list[int], targets: list[int]) -> np.ndarray:
+    """Bits of `targets`, predicted by the last len(targets) outputs of one unpadded input."""
+    with torch.no_grad():
+        logp = torch.log_softmax(model(torch.tensor([inputs]))[0].double(), dim=-1)
+    out = logp[len(inputs) - len(targets) :]
+    return -out[torch.arange(len(targets)), torch.tensor(targets)].numpy() / math.log(2)
+
+
+def test_ralm_scores_each_chunk_after_the_previous_chunks_retrieved_text(lm):
+    rng = np.random.default_rng(0)
+    pad = lm.cfg.pad_id
+    stream = rng.integers(3, 200, size=6 * M)
+    retrieved = rng.integers(3, 200, size=(6, 2 * M))
+    retrieved[2, 20:] = pad  # a neighbour without continuation: padding is dropped
+    retrieved[4] = pad  # no neighbour at all: plain context
+    bits = ralm_bits(lm, stream, retrieved, chunk_size=M, window=WINDOW, pad_id=pad, batch_size=4)
+    assert np.isnan(bits[0]) and not np.isnan(bits[1:]).any()
+    # chunk 0: nothing retrieved yet, plain context
+    np.testing.assert_allclose(
+        bits[1:M], direct_bits(lm, list(stream[: M - 1]), list(stream[1:M])), atol=1e-4
+    )
+    for c in range(1, 6):
+        text = [t for t in retrieved[c - 1] if t != pad][: WINDOW // 2]
+        context = min(c * M - 1, WINDOW - len(text) - M)
+        inputs = text + list(stream[c * M - 1 - context : c * M + M - 1])
+        expected = direct_bits(lm, inputs, list(stream[c * M : c * M + M]))
+        np.testing.assert_allclose(bits[c * M : c * M + M], expected, atol=1e-4)
+    # the retrieved text of chunk c-1 changes chunk c's bits only; the last chunk's none
+    changed = retrieved.copy()
+    changed[2] = rng.integers(3, 200, size=2 * M)
+    changed[5] = rng.integers(3, 200, size=2 * M)
+    other = ralm_bits(lm, stream, changed, chunk_size=M, window=WINDOW, pad_id=pad, batch_size=4)
+    differs = np.flatnonzero(np.abs(np.nan_to_num(other - bits)) > 1e-6)
+    assert differs.min() >= 3 * M and differs.max() < 4 * M
+
+
+def test_knn_log_probs_and_interpolation_on_a_constructed_case():
+    values = np.array([5, 7, 5, 9])
+    dists = np.array([[0.0, 1.0, 2.0]])
+    ids = np.array([[0, 1, 2]])
+    w = np.exp(-np.array([0.0, 1.0, 2.0]))
+    got = knn_log_probs(dists, ids, values, np.array([5]), temperature=1.0)
+    np.testing.assert_allclose(got, np.log((w[0] + w[2]) / w.sum()))
+    assert knn_log_probs(dists, ids, values, np.array([9]), 1.0)[0] == -np.inf
+    lm_bits = np.array([3.0, 1.5])
+    np.testing.assert_array_equal(interpolate(lm_bits, np.array([-1.0, -np.inf]), 0.0), lm_bits)
+    mixed = interpolate(np.array([1.0]), np.array([math.log(0.25)]), 0.5)
+    np.testing.assert_allclose(mixed, [-math.log2(0.5 * 0.5 + 0.5 * 0.25)])
+
+
+def knnlm_on(lm, stream, train_stream, train_docs, cfg):
+    def score(tokens):
+        return score_stream(
+            lm,
+            tokens,
+            None,
+            chunk_size=M,
+            window=WINDOW,
+            stride=WINDOW // 2,
+            pad_id=lm.cfg.pad_id,
+            hidden=True,
+        )
+
+    bits, hidden = score(stream)
+    return bits, knnlm_bits(train_stream, train_docs, bits, hidden, stream, score=score, cfg=cfg)
+
+
+def test_knnlm_with_lambda_zero_is_the_baseline_and_a_datastore_of_the_text_itself_wins(lm):
+    rng = np.random.default_rng(1)
+    stream = rng.integers(3, 200, size=8 * M)
+    other = rng.integers(3, 200, size=16 * M)
+    docs = np.repeat(np.arange(4), 4 * M)
+    bits, result = knnlm_on(lm, stream, other, docs, KnnLMConfig(lambdas=(0.0,)))
+    np.testing.assert_array_equal(result.bits, bits)
+    # the datastore holds the evaluated text (document 0) and tunes on a copy of it (document 1)
+    train = np.concatenate([stream, stream])
+    docs = np.repeat([0, 1], len(stream))
+    cfg = KnnLMConfig(tune_fraction=0.0)  # at least one tuning document is always taken
+    bits, result = knnlm_on(lm, stream, train, docs, cfg)
+    assert result.info["tuning_documents"] == 1 and result.info["lambda"] > 0.3
+    assert np.nansum(result.bits) < 0.3 * np.nansum(bits)
+
+
+def test_evaluate_run_scores_comparators_on_the_same_tokens(world):
+    report = evaluate_run(
+        world["retro"],
+        world["db"],
+        baseline=world["base"],
+        compare=("ralm", "knnlm"),
+        show_progress=False,
+    )
+    d = report.to_dict()
+    for key in ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb"):
+        assert math.isfinite(d[key]), key
+    assert set(d["comparators"]) == {"ralm", "knnlm"} and d["comparators"]["knnlm"]["datastore"] > 0
+    assert all("ralm_bpb" in f and "knnlm_bpb" in f for f in d["filtered"].values())
+    assert "RALM" in report.to_text() and "kNN-LM" in report.to_text()
+    zero = evaluate_run(
+        world["retro"],
+        world["db"],
+        baseline=world["base"],
+        compare=("knnlm",),
+        knnlm=KnnLMConfig(lambdas=(0.0,)),
+        show_progress=False,
+    ).to_dict()
+    assert zero["knnlm_bpb"] == zero["baseline_bpb"] == d["baseline_bpb"]
+
+
+def test_cli_compare_json_and_its_errors(world, capsys):
+    args = ["eval", str(world["retro"]), "--db", str(world["db"]), "--baseline", str(world["base"])]
+    assert cli_main([*args, "--compare", "ralm", "--json", "--no-progress"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert math.isfinite(d["ralm_bpb"]) and "knnlm_bpb" not in d
+    assert cli_main([*args, "--compare", "magic", "--no-progress"]) == 2
+    assert "--compare" in capsys.readouterr().err
+    no_base = ["eval", str(world["retro"]), "--db", str(world["db"]), "--compare", "ralm"]
+    assert cli_main([*no_base, "--no-progress"]) == 2
+    assert "--baseline" in capsys.readouterr().err
