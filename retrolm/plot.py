@@ -19,17 +19,21 @@ def plot_runs(
     *,
     labels: Sequence[str] | None = None,
     x: str = "tokens",
-    smooth: int = 1,
+    smooth: int | None = None,
     title: str | None = None,
 ) -> Path:
     """Draw train loss (solid) and validation loss (dashed, markers) of each run.
+
+    A small batch's loss jumps by nats from step to step, so the train loss is drawn twice: the
+    raw values faintly, and their moving average on top.
 
     Args:
         runs: run folders (each with a metrics.jsonl).
         out: image file to write (format from the suffix, e.g. .png, .svg, .pdf).
         labels: legend names (default: the run folders' names).
         x: "tokens" or "step" on the horizontal axis.
-        smooth: moving-average window (steps) for the train loss.
+        smooth: moving-average window (records) for the train loss; None: about 1/40 of the
+            longest run (1 draws the raw curve only).
         title: figure title.
 
     Returns:
@@ -50,16 +54,23 @@ def plot_runs(
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for i, run in enumerate(runs):
-        records = read_metrics(run)
+    all_records = [read_metrics(run) for run in runs]
+    for run, records in zip(runs, all_records):
         if not records:
             raise InputError(f"{run}/metrics.jsonl holds no records yet")
+    if smooth is None:
+        smooth = max(1, max(len(r) for r in all_records) // 40)
+    for i, (run, records) in enumerate(zip(runs, all_records)):
         label = labels[i] if labels is not None else Path(run).resolve().name
         color = f"C{i}"
         train = [r for r in records if "loss" in r]
         xs = [r.get(x, r["step"]) for r in train]
-        ys = _moving_average([r["loss"] for r in train], smooth)
-        ax.plot(xs, ys, color=color, lw=1.2, label=f"{label} train")
+        raw = [r["loss"] for r in train]
+        if smooth > 1:
+            ax.plot(xs, raw, color=color, lw=0.5, alpha=0.25)
+        ys = _moving_average(raw, smooth)
+        name = f"{label} train" + (f" (mean of {smooth})" if smooth > 1 else "")
+        ax.plot(xs, ys, color=color, lw=1.5, label=name)
         valid = [r for r in records if r.get("valid_loss") is not None]
         if valid:
             ax.plot(

@@ -551,6 +551,20 @@ def report_json(
     }
 
 
+FENCE_LANGUAGES = {
+    ".py": "python", ".pyi": "python", ".rst": "rst", ".md": "markdown", ".c": "c", ".h": "c",
+    ".cc": "cpp", ".cpp": "cpp", ".hpp": "cpp", ".js": "javascript", ".ts": "typescript",
+    ".sh": "bash", ".pl": "perl", ".pm": "perl", ".pod": "perl", ".rb": "ruby", ".go": "go",
+    ".rs": "rust", ".java": "java", ".json": "json", ".yaml": "yaml", ".yml": "yaml",
+    ".toml": "toml", ".html": "html", ".xml": "xml", ".tex": "latex", ".sql": "sql",
+}  # fmt: skip
+
+
+def fence_language(name: str) -> str:
+    """The Markdown code-fence language of a document, from its file suffix ('' if unknown)."""
+    return FENCE_LANGUAGES.get(Path(name.split(":")[0]).suffix.lower(), "")
+
+
 def report_markdown(
     plan: QuickstartPlan, result: dict[str, Any], report: Any, sample: Any, source: str
 ) -> str:
@@ -560,6 +574,7 @@ def report_markdown(
         return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
 
     r, off, base = result["retro_bpb"], result["retro_off_bpb"], result["baseline_bpb"]
+    fence = fence_language(source)
     index = result["database_index"]
     nearer = "higher" if index["metric"] == "ip" else "lower"
     gain = (1 - r / base) * 100 if r and base else float("nan")
@@ -628,14 +643,14 @@ def report_markdown(
         "",
         "Prompt:",
         "",
-        "```python",
+        f"```{fence}",
         sample.prompt.rstrip("\n"),
         "```",
         "",
         f"Generated ({plan.max_new_tokens} tokens, sampled at temperature {SAMPLE_TEMPERATURE}"
         f" from the top {SAMPLE_TOP_K} tokens, seed {plan.settings['seed']}):",
         "",
-        "```python",
+        f"```{fence}",
         sample.text.rstrip("\n"),
         "```",
         "",

@@ -42,3 +42,25 @@ def test_plot_bad_inputs(tmp_path, capsys):
     assert cli_main(["plot", str(tmp_path / "missing"), "--out", str(tmp_path / "x.png")]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "x.png").exists()
+
+
+def test_noisy_train_loss_is_drawn_raw_and_smoothed(tmp_path):
+    import numpy as np
+
+    from retrolm.plot import _moving_average
+
+    rng = np.random.default_rng(0)
+    losses = (3 + rng.normal(0, 1.5, 200)).tolist()  # jumps of nats from step to step
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / "metrics.jsonl", "w") as f:
+        for step, loss in enumerate(losses, start=1):
+            f.write(json.dumps({"step": step, "tokens": 64 * step, "loss": loss}) + "\n")
+    smoothed = _moving_average(losses, 5)
+    expected = [np.mean(losses[max(0, i - 4) : i + 1]) for i in range(len(losses))]
+    np.testing.assert_allclose(smoothed, expected)
+    assert np.std(np.diff(smoothed)) < 0.5 * np.std(np.diff(losses))
+    svg = plot_runs([run], tmp_path / "loss.svg", labels=["r"]).read_text()
+    assert "r train (mean of 5)" in svg  # default window: 1/40 of the run
+    raw = plot_runs([run], tmp_path / "raw.svg", labels=["r"], smooth=1).read_text()
+    assert "mean of" not in raw

@@ -119,3 +119,12 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
     assert (
         main(["quickstart", "--corpus", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
     )
+
+
+def test_the_report_fences_a_sample_in_its_files_language():
+    from retrolm.quickstart import fence_language
+
+    assert fence_language("/usr/lib/python3.11/email/utils.py") == "python"
+    assert fence_language("/usr/share/perl/5.36.0/pod/perlre.pod") == "perl"
+    assert fence_language("Documentation/admin-guide/README.rst") == "rst"
+    assert fence_language("notes/README") == "" and fence_language("data.jsonl:12") == ""

@@ -17,7 +17,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="image file (.png, .svg, .pdf)")
     p.add_argument("--labels", nargs="+", help="legend names, one per run")
     p.add_argument("--x", default="tokens", choices=("tokens", "step"))
-    p.add_argument("--smooth", type=int, default=1, help="moving average of the train loss")
+    p.add_argument(
+        "--smooth",
+        type=int,
+        help="moving-average window of the train loss (default: 1/40 of the run; 1: raw only)",
+    )
     p.add_argument("--title")
     p.set_defaults(handler=run)
 
