@@ -207,6 +207,61 @@ def equal_compute(out: Path, plan: dict[str, list[Path]], args: argparse.Namespa
     }
 
 
+def size_curve(out: Path, plan: dict[str, list[Path]], args: argparse.Namespace) -> dict:
+    """One trained RETRO (the first scratch variant) evaluated with retrieval from databases of
+    growing size, as in the paper's Figure 1: the training subset, 4x it, the whole corpus.
+    The databases share the tokenizer and chunks of the subset, so only the retrieval differs."""
+    from retrolm.evaluate import EvalConfig, evaluate_run
+
+    name = next(n for n in args.variants if VARIANTS[n].training == "scratch")
+    trained = VARIANTS[name]
+    run, points = out / f"retro-{name}", []
+    for size in ("subset", "x4", "all"):
+        v = Variant(trained.retriever, size, "scratch")
+        db = build(out, plan, v, args.seed, None)
+        report = evaluate_run(
+            run,
+            db,
+            config=EvalConfig(max_tokens=args.eval_tokens, batch_size=8),
+            baseline=out / "baseline",
+            show_progress=False,
+        ).to_dict()
+        counts = json.loads((db / "manifest.json").read_text())["counts"]
+        points.append(
+            {
+                "database": size,
+                "indexed_chunks": counts["train_chunks"] + counts.get("retrieval_chunks", 0),
+                "retro_bpb": report["retro_bpb"],
+                "baseline_bpb": report["baseline_bpb"],
+                "gain": 1 - report["retro_bpb"] / report["baseline_bpb"],
+            }
+        )
+    return {"variant": "size-curve", "model": name, "points": points}
+
+
+def plot_size_curves(results: list[dict[str, Any]], path: Path) -> None:
+    """Gain of RETRO[ON] over the baseline against the number of indexed chunks, per corpus."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, curve in results:
+        xs = [p["indexed_chunks"] for p in curve["points"]]
+        ax.plot(xs, [100 * p["gain"] for p in curve["points"]], marker="o", label=label)
+    ax.set_xscale("log")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.set_xlabel("chunks in the retrieval database")
+    ax.set_ylabel("bpb gain of RETRO[ON] over the baseline (%)")
+    ax.set_title("Gain against retrieval database size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="stdlib", help="'stdlib' or a folder of text files")
@@ -222,6 +277,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--compare", nargs="*", default=[], choices=["ralm", "knnlm"])
     parser.add_argument("--equal-compute", action="store_true", help="add the equal-compute row")
+    parser.add_argument(
+        "--size-curve",
+        action="store_true",
+        help="evaluate the first scratch RETRO with retrieval "
+        "from the subset, 4x and the whole corpus (the paper's Figure 1)",
+    )
+    parser.add_argument(
+        "--plot",
+        nargs="+",
+        metavar="LABEL=DIR",
+        help="only draw the size curves of finished "
+        "--size-curve runs into --out/gain_vs_database.png",
+    )
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -235,6 +303,13 @@ def main(argv: list[str] | None = None) -> int:
         print("retrieval_gain.py: --steps, --retrofit-steps and --subset-mb must be > 0",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.plot:
+        curves = [(spec.split("=", 1)[0], json.loads((Path(spec.split("=", 1)[1]) / "results" /
+                   "size-curve.json").read_text())) for spec in args.plot]  # fmt: skip
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_size_curves(curves, args.out / "gain_vs_database.png")
+        print(args.out / "gain_vs_database.png")
+        return 0
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results").mkdir(exist_ok=True)
@@ -246,15 +321,17 @@ def main(argv: list[str] | None = None) -> int:
             embedder = load_embedder("default")
         results: dict[str, Any] = {}
         names = list(args.variants) + (["baseline-equal-compute"] if args.equal_compute else [])
+        names += ["size-curve"] if args.size_curve else []
         for name in names:
             path = args.out / "results" / f"{name}.json"
             if not path.is_file():
                 log.info("== %s", name)
-                result = (
-                    equal_compute(args.out, plan, args)
-                    if name == "baseline-equal-compute"
-                    else run_variant(name, args.out, plan, args, embedder)
-                )
+                if name == "baseline-equal-compute":
+                    result = equal_compute(args.out, plan, args)
+                elif name == "size-curve":
+                    result = size_curve(args.out, plan, args)
+                else:
+                    result = run_variant(name, args.out, plan, args, embedder)
                 path.write_text(json.dumps(result, indent=1))
             results[name] = json.loads(path.read_text())
     except RetrolmError as e:
@@ -272,6 +349,11 @@ def print_table(results: dict[str, Any]) -> None:
         f"{'variant':>24}" + "".join(f"{c[:-4]:>11}" for c in cols) + f"{'gain':>8}{'r<=.125':>16}"
     )
     for name, r in results.items():
+        if name == "size-curve":
+            for p in r["points"]:
+                print(f"{'size ' + p['database']:>24} {p['indexed_chunks']:>9} chunks: RETRO[ON] "
+                      f"{p['retro_bpb']:.4f}, gain {100 * p['gain']:.1f}%")  # fmt: skip
+            continue
         vals = "".join(f"{r[c]:>11.4f}" if r.get(c) else f"{'-':>11}" for c in cols)
         f = r["filtered"].get("0.125", {})
         bucket = f"{f.get('retro_bpb') or 0:.4f}/{f.get('baseline_bpb') or 0:.4f}"
