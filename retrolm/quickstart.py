@@ -34,10 +34,16 @@ from retrolm.io import atomic_open, read_json, write_json
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 2  # 2: folders chosen by redundancy, CCA with cca_match
+PLAN_VERSION = 3  # 2: folders by redundancy, cca_match; 3: BM25 + retrieval-only, comparators
 # the report's sample: greedy decoding of a model this small repeats one line over and over
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.7, 40
 BYTES_PER_TOKEN = 3.6  # of Python source under an 8k byte-level BPE, padding included (measured)
+PASSES = 1.5  # at most this many passes over the training subset
+# Measured choices (benchmarks/retrieval_gain.py, benchmarks/RESULTS.md, issue 10):
+TRAIN_SHARE = 0.6  # of the budget for training both runs, with BM25 (the rest: database,
+# evaluation with the comparators, generation, report, and a margin)
+RETRIEVAL_ONLY_MAX_BYTES = 64 * 2**20  # the corpus beyond the subset, indexed for retrieval
+COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
 
 
 @dataclass
@@ -48,11 +54,16 @@ class QuickstartConfig:
     out: str = "retrolm-quickstart"  # folder of the database, the runs and the report
     minutes: float = 15.0  # wall-time budget of the whole pipeline on this machine
     seed: int = 0  # corpus subset, initialisation, sample order
+    # "bm25": retrieve with BM25 from the training subset plus the rest of the corpus (as
+    # retrieval-only documents); "dense": all-MiniLM-L6-v2 + faiss over the subset alone
+    retriever: str = "bm25"
     show_progress: bool = True  # progress bars on stderr
 
     def __post_init__(self) -> None:
         if not 3 <= self.minutes <= 24 * 60:
             raise ValueError(f"minutes must lie between 3 and 1440, got {self.minutes}")
+        if self.retriever not in ("bm25", "dense"):
+            raise ValueError(f"retriever must be bm25 or dense, got {self.retriever!r}")
         self.corpus = [str(p) for p in self.corpus]
 
 
@@ -65,10 +76,13 @@ class QuickstartPlan:
     files: list[str]  # corpus files used
     valid_files: list[str]  # of which held out (the `valid` split)
     corpus_bytes: int
+    retrieval_only: list[str]  # more corpus files, indexed for retrieval only (never trained on)
+    retrieval_only_bytes: int
     database: dict[str, Any]  # DatabaseConfig fields
     model: dict[str, Any]  # RetroConfig overrides shared by RETRO and the baseline
     train: dict[str, Any]  # TrainConfig fields shared by both runs
     eval: dict[str, Any]  # EvalConfig fields
+    compare: list[str]  # comparators scored beside RETRO (evaluate_run's `compare`)
     max_new_tokens: int
     measured: dict[str, float]  # the calibration figures the sizes were derived from
     estimate_seconds: dict[str, float]  # expected wall time per stage
@@ -260,18 +274,24 @@ MODEL: dict[str, Any] = dict(
 
 
 def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
-    """Measure this machine, then size corpus, model and steps to fit `cfg.minutes`."""
+    """Measure this machine, then size corpus, model and steps to fit `cfg.minutes`.
+
+    Args:
+        embedder: the dense embedder, measured for its speed (None with `retriever="bm25"`).
+    """
     from retrolm.config import RetroConfig
 
     budget = cfg.minutes * 60.0
     files = corpus_files(cfg.corpus) if cfg.corpus else stdlib_files()
     if not files:
         raise InputError("the standard library of this Python has no .py files; pass --corpus")
-    sample_text = "".join(_read_text(p) for p in files[:: max(1, len(files) // 20)][:20])
-    chunk_chars = int(64 * BYTES_PER_TOKEN)
-    texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
-    texts = [t for t in texts if t.strip()][:96] or ["def f(x):\n    return x\n" * 8]
-    embed_rate = measure_embedding(embedder, texts)
+    embed_rate = None
+    if cfg.retriever == "dense":
+        sample_text = "".join(_read_text(p) for p in files[:: max(1, len(files) // 20)][:20])
+        chunk_chars = int(64 * BYTES_PER_TOKEN)
+        texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
+        texts = [t for t in texts if t.strip()][:96] or ["def f(x):\n    return x\n" * 8]
+        embed_rate = measure_embedding(embedder, texts)
 
     model = dict(MODEL)
     batch, seq_len, k = 8, 256, 2
@@ -283,28 +303,40 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     bf16 = t_bf16 < 0.8 * t_fp32  # only where the CPU (or GPU) has fast bfloat16 matmuls
     t_retro = min(t_fp32, t_bf16) if bf16 else t_fp32
     t_base = measure_train_step(base_cfg, batch, seq_len, k, bf16=bf16)
+    step_tokens = batch * seq_len
 
-    # Budget shares: embedding 25%, training both runs 45%, the rest (tokenizer, chunking,
-    # index, neighbours, evaluation, generation, report) about 10%, and 20% kept as margin.
-    embed_chunks = int(0.25 * budget * embed_rate)
-    corpus_bytes = int(embed_chunks * 64 * BYTES_PER_TOKEN)
+    if embed_rate is not None:
+        # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
+        corpus_bytes = int(0.25 * budget * embed_rate * 64 * BYTES_PER_TOKEN)
+        train_share = 0.45
+    else:
+        # BM25 costs seconds: training takes TRAIN_SHARE; the corpus is sized to it.
+        train_share = TRAIN_SHARE
+        steps = int(train_share * budget / (t_retro + t_base))
+        corpus_bytes = int(steps * step_tokens * BYTES_PER_TOKEN / PASSES)
     chosen = select_files(files, corpus_bytes, cfg.seed)
     chosen_bytes = sum(p.stat().st_size for p in chosen)
-    # At most ~1.5 passes over the corpus: more would measure memorisation.
-    max_steps_data = int(1.5 * chosen_bytes / BYTES_PER_TOKEN / (batch * seq_len))
-    steps = max(20, min(max_steps_data, int(0.45 * budget / (t_retro + t_base))))
+    # At most PASSES passes over the corpus: more would measure memorisation.
+    max_steps_data = int(PASSES * chosen_bytes / BYTES_PER_TOKEN / step_tokens)
+    steps = max(20, min(max_steps_data, int(train_share * budget / (t_retro + t_base))))
     valid = choose_valid(chosen, fraction=0.05, seed=cfg.seed)
     valid_bytes = sum(p.stat().st_size for p in valid)
     # every held-out file, up to ~130k tokens (about 1 min for the three models on 2 cores):
     # the first 32k tokens alone were a few files of one or two folders
     eval_tokens = max(4096, min(131072, int(valid_bytes / BYTES_PER_TOKEN)))
+    extra = retrieval_only_files(files, chosen) if cfg.retriever == "bm25" else []
+    estimate = dict(train_retro=round(steps * t_retro, 1), train_baseline=round(steps * t_base, 1))
+    if embed_rate is not None:
+        estimate["embed"] = round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1)
     return QuickstartPlan(
         version=PLAN_VERSION,
         settings=_plan_settings(cfg),
         files=[str(p) for p in chosen],
         valid_files=[str(p) for p in valid],
         corpus_bytes=chosen_bytes,
-        database=dict(vocab_size=vocab, chunk_size=64, seed=cfg.seed),
+        retrieval_only=[str(p) for p in extra],
+        retrieval_only_bytes=sum(p.stat().st_size for p in extra),
+        database=dict(vocab_size=vocab, chunk_size=64, seed=cfg.seed, retriever=cfg.retriever),
         model=model,
         train=dict(
             max_steps=steps,
@@ -320,23 +352,35 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
             seed=cfg.seed,
         ),
         eval=dict(max_tokens=eval_tokens, batch_size=8),
+        compare=list(COMPARE),
         max_new_tokens=128,
         measured=dict(
-            embed_chunks_per_s=round(embed_rate, 2),
+            embed_chunks_per_s=None if embed_rate is None else round(embed_rate, 2),
             retro_step_s_fp32=round(t_fp32, 4),
             retro_step_s_bf16=round(t_bf16, 4),
             baseline_step_s=round(t_base, 4),
         ),
-        estimate_seconds=dict(
-            embed=round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1),
-            train_retro=round(steps * t_retro, 1),
-            train_baseline=round(steps * t_base, 1),
-        ),
+        estimate_seconds=estimate,
     )
 
 
+def retrieval_only_files(files: list[Path], chosen: list[Path]) -> list[Path]:
+    """The corpus beyond the training subset, for retrieval only: every other file, up to
+    RETRIEVAL_ONLY_MAX_BYTES (the most redundant folders first, as `select_files` orders them)."""
+    taken = set(chosen)
+    rest = [p for p in files if p not in taken]
+    if sum(p.stat().st_size for p in rest) <= RETRIEVAL_ONLY_MAX_BYTES:
+        return rest
+    return select_files(rest, RETRIEVAL_ONLY_MAX_BYTES, seed=0)
+
+
 def _plan_settings(cfg: QuickstartConfig) -> dict[str, Any]:
-    return {"corpus": cfg.corpus, "minutes": cfg.minutes, "seed": cfg.seed}
+    return {
+        "corpus": cfg.corpus,
+        "minutes": cfg.minutes,
+        "seed": cfg.seed,
+        "retriever": cfg.retriever,
+    }
 
 
 def load_or_make_plan(cfg: QuickstartConfig, out: Path, embedder: Any) -> QuickstartPlan:
@@ -426,14 +470,17 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     resumed = (out / PLAN_FILE).is_file()
-    embedder = load_embedder("default")
+    embedder = load_embedder("default") if cfg.retriever == "dense" else None
     plan = clock.run("plan", lambda: load_or_make_plan(cfg, out, embedder))
     if resumed:
         log.info("resuming the quickstart in %s: finished stages are reused", out)
     log.info(
-        "plan: %d files (%.1f MB), %d steps of batch %d x %d tokens per run",
+        "plan: %d files (%.1f MB) to train on, %d more (%.1f MB) to retrieve from, %d steps of "
+        "batch %d x %d tokens per run",
         len(plan.files),
         plan.corpus_bytes / 1e6,
+        len(plan.retrieval_only),
+        plan.retrieval_only_bytes / 1e6,
         plan.train["max_steps"],
         plan.train["batch_size"],
         plan.train["seq_len"],
@@ -448,7 +495,12 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     clock.run(
         "database",
         lambda: build_database(
-            plan.files, db_path, db_cfg, embedder=embedder, show_progress=cfg.show_progress
+            plan.files,
+            db_path,
+            db_cfg,
+            embedder=embedder,
+            retrieval_only=plan.retrieval_only,
+            show_progress=cfg.show_progress,
         ),
     )
     db = Database.open(db_path)
@@ -475,6 +527,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
             db,
             config=eval_cfg,
             baseline=runs["baseline"],
+            compare=tuple(plan.compare),
             show_progress=cfg.show_progress,
         ),
     )
@@ -535,10 +588,14 @@ def report_json(
         "retro_bpb": figures.get("retro_bpb"),
         "retro_off_bpb": figures.get("retro_off_bpb"),
         "baseline_bpb": figures.get("baseline_bpb"),
+        "ralm_bpb": figures.get("ralm_bpb"),
+        "knnlm_bpb": figures.get("knnlm_bpb"),
+        "comparators": figures.get("comparators", {}),
         "filtered": figures.get("filtered", {}),
         "train_tokens": plan.train["max_steps"] * plan.train["batch_size"] * plan.train["seq_len"],
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
+        "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
         "database_index": {k: db.manifest["index"].get(k) for k in ("factory", "metric", "ntotal")},
         "eval": {
             k: figures[k]
@@ -565,6 +622,42 @@ def fence_language(name: str) -> str:
     return FENCE_LANGUAGES.get(Path(name.split(":")[0]).suffix.lower(), "")
 
 
+COMPARATOR_NAMES = {"ralm": "In-Context RALM", "knnlm": "kNN-LM"}
+
+
+def comparator_rows(result: dict[str, Any], fmt: Callable[[float | None], str]) -> list[str]:
+    """The comparators' rows of the bits-per-byte table."""
+    rows = []
+    if result.get("ralm_bpb") is not None:
+        rows.append(
+            f"| In-Context RALM (the baseline reading the previous chunk's neighbour in its "
+            f"context) | {fmt(result['ralm_bpb'])} |"
+        )
+    if result.get("knnlm_bpb") is not None:
+        knn = result.get("comparators", {}).get("knnlm", {})
+        rows.append(
+            f"| kNN-LM (the baseline interpolated with a datastore of {knn.get('datastore', 0):,} "
+            f"training positions, lambda {knn.get('lambda', 0):.2f}) | {fmt(result['knnlm_bpb'])} |"
+        )
+    return rows
+
+
+def comparator_verdict(result: dict[str, Any]) -> list[str]:
+    """One sentence on which use of the database wins, and by how much."""
+    entries = {"RETRO[ON]": result.get("retro_bpb")}
+    entries.update({COMPARATOR_NAMES[c]: result.get(f"{c}_bpb") for c in COMPARATOR_NAMES})
+    entries = {k: v for k, v in entries.items() if v is not None and math.isfinite(v)}
+    if len(entries) < 2:
+        return []
+    best = min(entries, key=entries.get)
+    others = ", ".join(
+        f"{name} by {100 * (v / entries[best] - 1):.1f}%"
+        for name, v in sorted(entries.items(), key=lambda kv: kv[1])
+        if name != best
+    )
+    return ["", f"Best use of the database: {best}, ahead of {others} (bits per byte)."]
+
+
 def report_markdown(
     plan: QuickstartPlan, result: dict[str, Any], report: Any, sample: Any, source: str
 ) -> str:
@@ -584,10 +677,22 @@ def report_markdown(
         f"Database: {result['database_documents']} documents, {result['database_chunks']} chunks of "
         f"{plan.database['chunk_size']} tokens ({plan.corpus_bytes / 1e6:.1f} MB of text, "
         f"{len(plan.files)} files in {len({Path(f).parent for f in plan.files})} folders; "
-        "beyond the budget, whole folders are taken, most redundant first), byte-level BPE "
-        f"of {plan.database['vocab_size']} tokens, "
-        f"all-MiniLM-L6-v2 embeddings, faiss index `{index['factory']}` ({index['metric']}) over "
-        f"{index['ntotal']} train chunks, 10 neighbours stored per chunk.",
+        "beyond the budget, whole folders are taken, most redundant first)"
+        + (
+            f", plus {len(plan.retrieval_only)} more files ({plan.retrieval_only_bytes / 1e6:.1f} "
+            f"MB, {result['retrieval_only_chunks']} chunks) of the corpus that are retrieved "
+            "from but never trained on or evaluated"
+            if plan.retrieval_only
+            else ""
+        )
+        + f"; byte-level BPE of {plan.database['vocab_size']} tokens; "
+        + (
+            f"a BM25 index over {index['ntotal']} chunks"
+            if index["metric"] == "bm25"
+            else f"all-MiniLM-L6-v2 embeddings, faiss index `{index['factory']}` "
+            f"({index['metric']}) over {index['ntotal']} train chunks"
+        )
+        + "; 10 neighbours stored per chunk (never from the chunk's own document).",
         "",
         f"Models: decoder {plan.model['dec_dim']}x{plan.model['dec_depth']}, sequence "
         f"{plan.train['seq_len']}; RETRO adds chunked cross-attention at layers "
@@ -616,9 +721,11 @@ def report_markdown(
         f"| RETRO[ON] (retrieval) | {fmt(r)} |",
         f"| RETRO[OFF] (same model, no retrieval) | {fmt(off)} |",
         f"| baseline (no retrieval, same size and data) | {fmt(base)} |",
+        *comparator_rows(result, fmt),
         "",
         f"RETRO[ON] vs baseline: {gain:+.1f}% bits per byte "
         f"({'better' if gain > 0 else 'worse'} with retrieval).",
+        *comparator_verdict(result),
         "",
         "## Leakage-filtered (paper, section 2.6)",
         "",
@@ -626,12 +733,14 @@ def report_markdown(
         "chunks, over the chunk size. Rows keep the chunks with r(C) <= alpha; small alpha means "
         "little overlap, so gains there come from generalisation, not copying.",
         "",
-        "| alpha | chunks | RETRO[ON] | baseline |",
-        "|---|---|---|---|",
+        "| alpha | chunks | RETRO[ON] | baseline |"
+        + "".join(f" {COMPARATOR_NAMES[c]} |" for c in plan.compare),
+        "|---|---|---|---|" + "---|" * len(plan.compare),
     ]
     for alpha, f in result["filtered"].items():
         lines.append(
             f"| {alpha} | {f['chunks']} | {fmt(f.get('retro_bpb'))} | {fmt(f.get('baseline_bpb'))} |"
+            + "".join(f" {fmt(f.get(c + '_bpb'))} |" for c in plan.compare)
         )
     lines += [
         "",

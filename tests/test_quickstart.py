@@ -91,14 +91,17 @@ def test_a_stored_plan_is_reused_and_other_settings_are_refused(tmp_path):
     cfg = QuickstartConfig(out=str(out), minutes=10)
     stored = {
         "version": PLAN_VERSION,
-        "settings": {"corpus": [], "minutes": 10.0, "seed": 0},
+        "settings": {"corpus": [], "minutes": 10.0, "seed": 0, "retriever": "bm25"},
         "files": ["a.py"],
         "valid_files": ["a.py"],
         "corpus_bytes": 10,
+        "retrieval_only": [],
+        "retrieval_only_bytes": 0,
         "database": {},
         "model": {},
         "train": {},
         "eval": {},
+        "compare": [],
         "max_new_tokens": 8,
         "measured": {},
         "estimate_seconds": {},

@@ -32,6 +32,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--seed", type=int, default=0, help="seed of corpus subset, initialisation and data order"
     )
+    p.add_argument(
+        "--retriever",
+        default="bm25",
+        choices=("bm25", "dense"),
+        help="bm25 (default): BM25 over the training subset and the rest of the corpus, as "
+        "retrieval-only documents; dense: all-MiniLM-L6-v2 + faiss over the subset",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -44,10 +51,12 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         minutes=args.minutes,
         seed=args.seed,
+        retriever=args.retriever,
         show_progress=not args.no_progress,
     )
     result = quickstart(cfg)
-    summary = {k: result[k] for k in ("retro_bpb", "retro_off_bpb", "baseline_bpb", "wall_seconds")}
+    keys = ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb", "wall_seconds")
+    summary = {k: result.get(k) for k in keys}
     print(json.dumps(summary, indent=2))
     print(f"report: {args.out}/report.md", file=sys.stderr)
     return 0
