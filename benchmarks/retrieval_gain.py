@@ -183,13 +183,19 @@ def run_variant(
 
 
 def equal_compute(out: Path, plan: dict[str, list[Path]], args: argparse.Namespace) -> dict:
-    """The baseline trained for as long as RETRO (from scratch) trained: steps scaled by the
-    measured wall-time ratio of the two runs of the first scratch variant."""
+    """The baseline trained for as long as RETRO (from scratch) trains: its steps scaled by the
+    ratio of a RETRO step to a baseline step, measured side by side now (wall times of runs made
+    at different moments of a shared machine's load are not comparable)."""
+    from retrolm.config import RetroConfig
     from retrolm.evaluate import EvalConfig, evaluate_run
+    from retrolm.quickstart import MODEL, measure_train_step
 
     scratch = [n for n in args.variants if VARIANTS[n].training == "scratch"]
-    first = json.loads((out / "results" / f"{scratch[0]}.json").read_text())
-    ratio = first["train_seconds"]["retro"] / first["train_seconds"]["baseline"]
+    retro_cfg = RetroConfig(vocab_size=8192, **MODEL)
+    base_cfg = RetroConfig(vocab_size=8192, **(MODEL | {"cca_layers": ()}))
+    t_retro = min(measure_train_step(retro_cfg, 8, 256, 2, bf16=False) for _ in range(2))
+    t_base = min(measure_train_step(base_cfg, 8, 256, 2, bf16=False) for _ in range(2))
+    ratio = t_retro / t_base
     steps = int(round(args.steps * ratio))
     db = out / f"db-{VARIANTS[scratch[0]].retriever}-{VARIANTS[scratch[0]].database}"
     run = out / "baseline-equal-compute"
@@ -200,7 +206,8 @@ def equal_compute(out: Path, plan: dict[str, list[Path]], args: argparse.Namespa
     return {
         "variant": "baseline-equal-compute",
         "steps": steps,
-        "wall_ratio": round(ratio, 3),
+        "step_ratio": round(ratio, 3),
+        "step_seconds": {"retro": round(t_retro, 4), "baseline": round(t_base, 4)},
         "baseline_bpb": report.to_dict()["baseline_bpb"],
         "filtered": report.to_dict()["filtered"],
         "train_seconds": {"baseline": round(seconds, 1)},
