@@ -131,3 +131,16 @@ def test_the_report_fences_a_sample_in_its_files_language():
     assert fence_language("/usr/share/perl/5.36.0/pod/perlre.pod") == "perl"
     assert fence_language("Documentation/admin-guide/README.rst") == "rst"
     assert fence_language("notes/README") == "" and fence_language("data.jsonl:12") == ""
+
+
+def test_retrieval_only_files_are_the_rest_of_the_corpus_never_the_held_out(corpus, monkeypatch):
+    import retrolm.quickstart as qs
+
+    chosen = select_files(corpus, 6000, seed=0)
+    valid = choose_valid(chosen, fraction=0.05, seed=0)
+    extra = qs.retrieval_only_files(corpus, chosen)
+    assert sorted(extra + chosen) == sorted(corpus) and not set(extra) & set(valid)
+    rest_bytes = sum(p.stat().st_size for p in extra)
+    monkeypatch.setattr(qs, "RETRIEVAL_ONLY_MAX_BYTES", rest_bytes // 2)
+    capped = qs.retrieval_only_files(corpus, chosen)
+    assert set(capped) < set(extra) and sum(p.stat().st_size for p in capped) <= rest_bytes // 2
