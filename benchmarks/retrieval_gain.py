@@ -272,7 +272,7 @@ def plot_size_curves(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--corpus", default="stdlib", help="'stdlib' or a folder of text files")
-    parser.add_argument("--out", required=True, type=Path, help="work folder (reused on rerun)")
+    parser.add_argument("--out", type=Path, help="work folder (reused on rerun)")
     parser.add_argument("--seed", type=int, default=0, help="held-out files, init, data order")
     parser.add_argument("--subset-mb", type=float, default=3.5, help="training subset, MB")
     parser.add_argument("--steps", type=int, default=500, help="steps of baseline and RETRO")
@@ -297,6 +297,12 @@ def main(argv: list[str] | None = None) -> int:
         help="only draw the size curves of finished "
         "--size-curve runs into --out/gain_vs_database.png",
     )
+    parser.add_argument(
+        "--table",
+        nargs="+",
+        metavar="LABEL=DIR",
+        help="only print a Markdown table of the finished variants of these work folders",
+    )
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -306,10 +312,17 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     logging.getLogger("bm25s").setLevel(logging.ERROR)  # one line per empty query otherwise
+    if args.out is None and not args.table:
+        print("retrieval_gain.py: --out DIR is required", file=sys.stderr)
+        return 2
     if args.steps <= 0 or args.retrofit_steps <= 0 or args.subset_mb <= 0:
         print("retrieval_gain.py: --steps, --retrofit-steps and --subset-mb must be > 0",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.table:
+        print(markdown_table([(spec.split("=", 1)[0], Path(spec.split("=", 1)[1]))
+                              for spec in args.table]))  # fmt: skip
+        return 0
     if args.plot:
         curves = [(spec.split("=", 1)[0], json.loads((Path(spec.split("=", 1)[1]) / "results" /
                    "size-curve.json").read_text())) for spec in args.plot]  # fmt: skip
@@ -348,6 +361,33 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(results))
     return 0
+
+
+def markdown_table(folders: list[tuple[str, Path]]) -> str:
+    """One row per (corpus, seed, variant): the five bpb figures, the gain, the r<=0.125 bucket."""
+    head = (
+        "| corpus | seed | variant | indexed chunks | baseline | RETRO[OFF] | RETRO[ON] | RALM | "
+        "kNN-LM | ON vs base | r<=0.125: chunks, base / ON / kNN-LM |"
+    )
+    lines = [head, "|" + "---|" * 11]
+
+    def f(x: float | None) -> str:
+        return "-" if x is None else f"{x:.4f}"
+
+    for label, folder in folders:
+        for path in sorted((folder / "results").glob("*.json")):
+            r = json.loads(path.read_text())
+            if r.get("variant") in (None, "size-curve"):
+                continue
+            b = r["filtered"].get("0.125", {})
+            gain = f"{-100 * r['gain']:+.1f}%" if "gain" in r else "-"
+            lines.append(
+                f"| {label} | {r.get('seed', '-')} | {r['variant']} | {r.get('indexed_chunks', '-')} "
+                f"| {f(r.get('baseline_bpb'))} | {f(r.get('retro_off_bpb'))} | {f(r.get('retro_bpb'))} "
+                f"| {f(r.get('ralm_bpb'))} | {f(r.get('knnlm_bpb'))} | {gain} | {b.get('chunks', '-')}: "
+                f"{f(b.get('baseline_bpb'))} / {f(b.get('retro_bpb'))} / {f(b.get('knnlm_bpb'))} |"
+            )
+    return "\n".join(lines)
 
 
 def print_table(results: dict[str, Any]) -> None:
