@@ -94,7 +94,7 @@ def train_config(steps: int, seed: int, **kw: Any) -> Any:
     from retrolm.quickstart import MODEL
     from retrolm.train import TrainConfig
 
-    return TrainConfig(
+    settings: dict[str, Any] = dict(
         model=dict(MODEL),
         max_steps=steps,
         batch_size=8,
@@ -105,8 +105,8 @@ def train_config(steps: int, seed: int, **kw: Any) -> Any:
         eval_every=0,
         checkpoint_every=steps,
         seed=seed,
-        **kw,
     )
+    return TrainConfig(**(settings | kw))
 
 
 def timed_train(cfg: Any, db: Path, run: Path) -> float:
