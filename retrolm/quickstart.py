@@ -43,6 +43,7 @@ PASSES = 1.5  # at most this many passes over the training subset
 TRAIN_SHARE = 0.6  # of the budget for training both runs, with BM25 (the rest: database,
 # evaluation with the comparators, generation, report, and a margin)
 RETRIEVAL_ONLY_MAX_BYTES = 64 * 2**20  # the corpus beyond the subset, indexed for retrieval
+DB_SHARE = 0.15  # of the budget for the BM25 database, which caps the retrieval-only part
 COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
 
 
@@ -218,6 +219,22 @@ def measure_embedding(embedder: Any, texts: list[str]) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
+def measure_bm25(texts: list[str], queries: int = 256) -> float:
+    """Seconds per (query chunk x indexed chunk) of a BM25 neighbour search, on `texts`.
+
+    The neighbour stage queries every train and held-out chunk against every indexed one, so
+    its time grows with their product; the retrieval-only part of the database is capped by it.
+    """
+    import numpy as np
+
+    from retrolm.database.bm25 import BM25Index
+
+    index = BM25Index.build(texts, np.arange(len(texts)))
+    start = time.perf_counter()
+    index.search(texts[:queries], 12)
+    return (time.perf_counter() - start) / (min(queries, len(texts)) * len(texts))
+
+
 def measure_train_step(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool) -> float:
     """Seconds of one training step (forward, backward, AdamW) of a model, on random data."""
     import torch
@@ -285,13 +302,15 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     files = corpus_files(cfg.corpus) if cfg.corpus else stdlib_files()
     if not files:
         raise InputError("the standard library of this Python has no .py files; pass --corpus")
-    embed_rate = None
+    embed_rate = bm25_cost = None
+    sample_text = "".join(_read_text(p)[:65536] for p in files[:: max(1, len(files) // 64)][:64])
+    chunk_chars = int(64 * BYTES_PER_TOKEN)
+    texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
+    texts = [t for t in texts if t.strip()] or ["def f(x):\n    return x\n" * 8]
     if cfg.retriever == "dense":
-        sample_text = "".join(_read_text(p) for p in files[:: max(1, len(files) // 20)][:20])
-        chunk_chars = int(64 * BYTES_PER_TOKEN)
-        texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
-        texts = [t for t in texts if t.strip()][:96] or ["def f(x):\n    return x\n" * 8]
-        embed_rate = measure_embedding(embedder, texts)
+        embed_rate = measure_embedding(embedder, texts[:96])
+    else:
+        bm25_cost = measure_bm25(texts[:4096])
 
     model = dict(MODEL)
     batch, seq_len, k = 8, 256, 2
@@ -324,7 +343,13 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     # every held-out file, up to ~130k tokens (about 1 min for the three models on 2 cores):
     # the first 32k tokens alone were a few files of one or two folders
     eval_tokens = max(4096, min(131072, int(valid_bytes / BYTES_PER_TOKEN)))
-    extra = retrieval_only_files(files, chosen) if cfg.retriever == "bm25" else []
+    extra: list[Path] = []
+    if bm25_cost is not None:
+        # the neighbour stage: (train + held-out chunks) x indexed chunks, within DB_SHARE
+        query_chunks = chosen_bytes / (64 * BYTES_PER_TOKEN)
+        indexed_max = DB_SHARE * budget / (bm25_cost * max(query_chunks, 1.0))
+        extra_bytes = int(max(0.0, indexed_max - query_chunks) * 64 * BYTES_PER_TOKEN)
+        extra = retrieval_only_files(files, chosen, min(extra_bytes, RETRIEVAL_ONLY_MAX_BYTES))
     estimate = dict(train_retro=round(steps * t_retro, 1), train_baseline=round(steps * t_base, 1))
     if embed_rate is not None:
         estimate["embed"] = round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1)
@@ -356,6 +381,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         max_new_tokens=128,
         measured=dict(
             embed_chunks_per_s=None if embed_rate is None else round(embed_rate, 2),
+            bm25_ns_per_pair=None if bm25_cost is None else round(bm25_cost * 1e9, 3),
             retro_step_s_fp32=round(t_fp32, 4),
             retro_step_s_bf16=round(t_bf16, 4),
             baseline_step_s=round(t_base, 4),
@@ -364,14 +390,18 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     )
 
 
-def retrieval_only_files(files: list[Path], chosen: list[Path]) -> list[Path]:
+def retrieval_only_files(
+    files: list[Path], chosen: list[Path], max_bytes: int | None = None
+) -> list[Path]:
     """The corpus beyond the training subset, for retrieval only: every other file, up to
-    RETRIEVAL_ONLY_MAX_BYTES (the most redundant folders first, as `select_files` orders them)."""
+    `max_bytes` (default RETRIEVAL_ONLY_MAX_BYTES; the most redundant folders first, as
+    `select_files` orders them)."""
+    max_bytes = RETRIEVAL_ONLY_MAX_BYTES if max_bytes is None else max_bytes
     taken = set(chosen)
     rest = [p for p in files if p not in taken]
-    if sum(p.stat().st_size for p in rest) <= RETRIEVAL_ONLY_MAX_BYTES:
+    if sum(p.stat().st_size for p in rest) <= max_bytes:
         return rest
-    return select_files(rest, RETRIEVAL_ONLY_MAX_BYTES, seed=0)
+    return select_files(rest, max_bytes, seed=0) if max_bytes > 0 else []
 
 
 def _plan_settings(cfg: QuickstartConfig) -> dict[str, Any]:
