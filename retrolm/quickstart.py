@@ -45,6 +45,10 @@ TRAIN_SHARE = 0.6  # of the budget for training both runs, with BM25 (the rest: 
 RETRIEVAL_ONLY_MAX_BYTES = 64 * 2**20  # the corpus beyond the subset, indexed for retrieval
 DB_SHARE = 0.15  # of the budget for the BM25 database, which caps the retrieval-only part
 COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
+# "retrofit": RETRO is the trained baseline, frozen, with encoder + CCA trained RETROFIT_RATIO
+# of its steps (RETRO[OFF] equals the baseline by construction); "scratch": trained like it
+RETRO_TRAINING = "retrofit"
+RETROFIT_RATIO = 0.5
 
 
 @dataclass
@@ -84,6 +88,7 @@ class QuickstartPlan:
     train: dict[str, Any]  # TrainConfig fields shared by both runs
     eval: dict[str, Any]  # EvalConfig fields
     compare: list[str]  # comparators scored beside RETRO (evaluate_run's `compare`)
+    retrofit_steps: int  # > 0: RETRO is the trained baseline RETRO-fitted for this many steps
     max_new_tokens: int
     measured: dict[str, float]  # the calibration figures the sizes were derived from
     estimate_seconds: dict[str, float]  # expected wall time per stage
@@ -235,15 +240,23 @@ def measure_bm25(texts: list[str], queries: int = 256) -> float:
     return (time.perf_counter() - start) / (min(queries, len(texts)) * len(texts))
 
 
-def measure_train_step(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool) -> float:
-    """Seconds of one training step (forward, backward, AdamW) of a model, on random data."""
+def measure_train_step(
+    model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool, retrofit: bool = False
+) -> float:
+    """Seconds of one training step (forward, backward, AdamW) of a model, on random data.
+
+    With `retrofit`, only the encoder and CCA are trained (the decoder frozen)."""
     import torch
 
     from retrolm.model import RETRO
 
     g = torch.Generator().manual_seed(0)
     model = RETRO(model_cfg)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    if retrofit:
+        model.requires_grad_(False)
+        for _, p in model.retrieval_parameters():
+            p.requires_grad_(True)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     tokens = torch.randint(1, model_cfg.vocab_size, (batch, seq_len), generator=g)
     chunks = seq_len // model_cfg.chunk_size
     shape = (batch, chunks, k, model_cfg.neighbour_len)
@@ -323,6 +336,11 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     t_retro = min(t_fp32, t_bf16) if bf16 else t_fp32
     t_base = measure_train_step(base_cfg, batch, seq_len, k, bf16=bf16)
     step_tokens = batch * seq_len
+    retrofit = RETRO_TRAINING == "retrofit"
+    if retrofit:  # RETRO-fitted onto the trained baseline, RETROFIT_RATIO of its steps
+        t_retro = RETROFIT_RATIO * measure_train_step(
+            retro_cfg, batch, seq_len, k, bf16=bf16, retrofit=True
+        )
 
     if embed_rate is not None:
         # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
@@ -350,6 +368,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         indexed_max = DB_SHARE * budget / (bm25_cost * max(query_chunks, 1.0))
         extra_bytes = int(max(0.0, indexed_max - query_chunks) * 64 * BYTES_PER_TOKEN)
         extra = retrieval_only_files(files, chosen, min(extra_bytes, RETRIEVAL_ONLY_MAX_BYTES))
+    retrofit_steps = max(10, int(RETROFIT_RATIO * steps)) if retrofit else 0
     estimate = dict(train_retro=round(steps * t_retro, 1), train_baseline=round(steps * t_base, 1))
     if embed_rate is not None:
         estimate["embed"] = round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1)
@@ -377,6 +396,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
             seed=cfg.seed,
         ),
         eval=dict(max_tokens=eval_tokens, batch_size=8),
+        retrofit_steps=retrofit_steps,
         compare=list(COMPARE),
         max_new_tokens=128,
         measured=dict(
@@ -535,9 +555,11 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     )
     db = Database.open(db_path)
 
-    runs = {"retro": out / "retro", "baseline": out / "baseline"}
+    runs = {"baseline": out / "baseline", "retro": out / "retro"}  # a retrofit needs the baseline
     for name, run in runs.items():
         tcfg = TrainConfig(model=dict(plan.model), no_retrieval=name == "baseline", **plan.train)
+        if name == "retro" and plan.retrofit_steps:
+            tcfg = retrofit_config(tcfg, runs["baseline"], plan.retrofit_steps)
         clock.run(
             f"train {name}",
             lambda tcfg=tcfg, run=run: train(
@@ -591,6 +613,19 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     return result
 
 
+def retrofit_config(base: Any, baseline_run: Path, steps: int) -> Any:
+    """The baseline's training settings for RETRO-fitting it: `steps` steps of encoder + CCA."""
+    fields = base.to_dict() | dict(
+        retrofit=str(baseline_run),
+        no_retrieval=False,
+        max_steps=steps,
+        warmup_steps=max(5, min(30, steps // 10)),
+        eval_every=max(10, steps // 8),
+        checkpoint_every=max(10, steps // 4),
+    )
+    return type(base)(**fields)
+
+
 def held_out_prompt(db: Any, max_lines: int = 12, min_tokens: int = 100) -> tuple[str, str]:
     """The first lines of a held-out document, long enough to complete a chunk or two."""
     import numpy as np
@@ -623,6 +658,7 @@ def report_json(
         "comparators": figures.get("comparators", {}),
         "filtered": figures.get("filtered", {}),
         "train_tokens": plan.train["max_steps"] * plan.train["batch_size"] * plan.train["seq_len"],
+        "retrofit_steps": plan.retrofit_steps,
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
         "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
@@ -735,10 +771,17 @@ def report_markdown(
             if plan.model.get("cca_match")
             else ""
         )
-        + f". Both trained "
-        f"{plan.train['max_steps']} steps of {plan.train['batch_size']} sequences "
-        f"({result['train_tokens']:,} tokens), same seed and data order"
-        f"{', bfloat16 autocast' if plan.train.get('bf16') else ''}.",
+        + (
+            f". The baseline trained {plan.train['max_steps']} steps of "
+            f"{plan.train['batch_size']} sequences ({result['train_tokens']:,} tokens); RETRO is "
+            f"that baseline RETRO-fitted (its decoder frozen, only the encoder and CCA trained) "
+            f"for {plan.retrofit_steps} more steps of the same data, so RETRO[OFF] is the baseline"
+            if plan.retrofit_steps
+            else f". Both trained {plan.train['max_steps']} steps of "
+            f"{plan.train['batch_size']} sequences ({result['train_tokens']:,} tokens), same seed "
+            "and data order"
+        )
+        + f"{', bfloat16 autocast' if plan.train.get('bf16') else ''}.",
         "",
         "## Held-out bits per byte (lower is better)",
         "",

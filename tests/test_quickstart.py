@@ -102,6 +102,7 @@ def test_a_stored_plan_is_reused_and_other_settings_are_refused(tmp_path):
         "train": {},
         "eval": {},
         "compare": [],
+        "retrofit_steps": 0,
         "max_new_tokens": 8,
         "measured": {},
         "estimate_seconds": {},
