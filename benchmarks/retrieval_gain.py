@@ -220,7 +220,7 @@ def size_curve(out: Path, plan: dict[str, list[Path]], args: argparse.Namespace)
     The databases share the tokenizer and chunks of the subset, so only the retrieval differs."""
     from retrolm.evaluate import EvalConfig, evaluate_run
 
-    name = next(n for n in args.variants if VARIANTS[n].training == "scratch")
+    name = args.size_curve_of or next(n for n in args.variants if VARIANTS[n].training == "scratch")
     trained = VARIANTS[name]
     run, points = out / f"retro-{name}", []
     for size in ("subset", "x4", "all"):
@@ -294,8 +294,13 @@ def main(argv: list[str] | None = None) -> int:
         "--plot",
         nargs="+",
         metavar="LABEL=DIR",
-        help="only draw the size curves of finished "
-        "--size-curve runs into --out/gain_vs_database.png",
+        help="only draw the size curves of finished --size-curve runs (their "
+        "results/size-curve*.json files) into --out/gain_vs_database.png",
+    )
+    parser.add_argument(
+        "--size-curve-of",
+        choices=list(VARIANTS),
+        help="the trained variant of --size-curve (default: the first scratch variant)",
     )
     parser.add_argument(
         "--table",
@@ -324,8 +329,8 @@ def main(argv: list[str] | None = None) -> int:
                               for spec in args.table]))  # fmt: skip
         return 0
     if args.plot:
-        curves = [(spec.split("=", 1)[0], json.loads((Path(spec.split("=", 1)[1]) / "results" /
-                   "size-curve.json").read_text())) for spec in args.plot]  # fmt: skip
+        curves = [(spec.split("=", 1)[0], json.loads(Path(spec.split("=", 1)[1]).read_text()))
+                  for spec in args.plot]  # fmt: skip
         args.out.mkdir(parents=True, exist_ok=True)
         plot_size_curves(curves, args.out / "gain_vs_database.png")
         print(args.out / "gain_vs_database.png")
@@ -341,14 +346,15 @@ def main(argv: list[str] | None = None) -> int:
             embedder = load_embedder("default")
         results: dict[str, Any] = {}
         names = list(args.variants) + (["baseline-equal-compute"] if args.equal_compute else [])
-        names += ["size-curve"] if args.size_curve else []
+        if args.size_curve:
+            names.append("size-curve" + (f"-{args.size_curve_of}" if args.size_curve_of else ""))
         for name in names:
             path = args.out / "results" / f"{name}.json"
             if not path.is_file():
                 log.info("== %s", name)
                 if name == "baseline-equal-compute":
                     result = equal_compute(args.out, plan, args)
-                elif name == "size-curve":
+                elif name.startswith("size-curve"):
                     result = size_curve(args.out, plan, args)
                 else:
                     result = run_variant(name, args.out, plan, args, embedder)
@@ -396,7 +402,7 @@ def print_table(results: dict[str, Any]) -> None:
         f"{'variant':>24}" + "".join(f"{c[:-4]:>11}" for c in cols) + f"{'gain':>8}{'r<=.125':>16}"
     )
     for name, r in results.items():
-        if name == "size-curve":
+        if name.startswith("size-curve"):
             for p in r["points"]:
                 print(f"{'size ' + p['database']:>24} {p['indexed_chunks']:>9} chunks: RETRO[ON] "
                       f"{p['retro_bpb']:.4f}, gain {100 * p['gain']:.1f}%")  # fmt: skip
