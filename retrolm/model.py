@@ -876,12 +876,15 @@ class RETRO(nn.Module):
 
         Each time a chunk of m tokens is complete (prompt chunks included) and a later token
         is about to be fed, `retrieve(chunk (B, m)) -> (B, k, r)` gives its neighbours, which are
-        encoded once; self-attention and CCA keys/values are cached. Greedy output equals
-        decoding by full re-computation with `model(tokens, neighbours)`.
+        encoded once; self-attention and CCA keys/values are cached. The model reads a window
+        of at most max_seq_len tokens starting at a chunk boundary (`window_start`): when it is
+        full, the oldest whole chunk is dropped and the kept tokens are encoded again (with the
+        neighbours already retrieved for their chunks), so generation may run past max_seq_len.
+        Greedy output equals decoding by full re-computation with `model(window, neighbours)`.
 
         Args:
-            prompt: (B, P) int64, P >= 1.
-            max_new_tokens: tokens to add; P + max_new_tokens <= max_seq_len.
+            prompt: (B, P) int64, 1 <= P <= max_seq_len.
+            max_new_tokens: tokens to add (any number >= 0).
             retrieve: neighbours for a completed chunk; None decodes with RETRO[OFF].
             temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / T).
             top_k: sample among the k most likely tokens only.
@@ -898,11 +901,6 @@ class RETRO(nn.Module):
         B, P = prompt.shape
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if P + max_new_tokens > cfg.max_seq_len:
-            raise ValueError(
-                f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
-                f"({cfg.max_seq_len}); shorten the prompt or generate fewer tokens"
-            )
         _check_sampling(temperature, top_k, top_p)
         if retrieve is not None and not cfg.retrieval:
             raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
@@ -911,21 +909,28 @@ class RETRO(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=prompt.device)
+            total = P + max_new_tokens
+            out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
             out[:, :P] = prompt
-            cache = KVCache(token_ids=torch.zeros_like(out), retrieval=retrieve is not None)
-            m, shape = cfg.chunk_size, []
-            feed_from = 0
-            for t in range(P, P + max_new_tokens):
+            m, N, shape = cfg.chunk_size, cfg.max_seq_len, []
+            chunk_neighbours: list[Tensor] = []  # (B, k, r) per chunk of the sequence
+            cache, start = None, 0
+            for t in range(P, total):
+                if retrieve is not None:  # chunks completed: retrieved once, kept across slides
+                    for u in range(len(chunk_neighbours), t // m):
+                        chunk = out[:, u * m : (u + 1) * m]
+                        chunk_neighbours.append(self._retrieve(retrieve, chunk, shape))
+                s = window_start(t, N, m)
+                if cache is None or s != start:  # first step, or the window slid: re-encode
+                    size = min(N, total)
+                    cache = KVCache(
+                        token_ids=out.new_zeros(B, size), retrieval=retrieve is not None
+                    )
+                    start = feed_from = s
+                done = start // m + cache.num_chunks  # chunks whose neighbours are encoded
                 neighbours = None
-                if retrieve is not None and t // m > cache.num_chunks:  # chunks completed
-                    neighbours = torch.stack(
-                        [
-                            self._retrieve(retrieve, out[:, u * m : (u + 1) * m], shape)
-                            for u in range(cache.num_chunks, t // m)
-                        ],
-                        dim=1,
-                    )  # (B, new chunks, k, r)
+                if retrieve is not None and t // m > done:
+                    neighbours = torch.stack(chunk_neighbours[done : t // m], dim=1)  # (B,U,k,r)
                 logits = self._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
                 out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
                 if on_token is not None:
@@ -1111,6 +1116,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None
+
+
+def window_start(length: int, max_seq_len: int, chunk_size: int) -> int:
+    """First position of the window the model reads to predict token `length`.
+
+    The window holds tokens window_start .. length-1: all of them while length <= max_seq_len;
+    past that, it starts at the first chunk boundary that leaves at most max_seq_len tokens
+    (the oldest whole chunks are dropped, the fewest that make room), so it holds between
+    max_seq_len - chunk_size + 1 and max_seq_len tokens and every kept chunk keeps its
+    neighbours. `RETRO.generate` and the server's batched decoding both follow this rule.
+    """
+    over = length - max_seq_len
+    return 0 if over <= 0 else -(-over // chunk_size) * chunk_size
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
