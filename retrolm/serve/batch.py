@@ -24,7 +24,8 @@ from torch import Tensor
 
 from retrolm.model import RETRO, sample_next, window_start
 
-# retrieve(chunks (C, m) int64 numpy) -> neighbour tokens (C, k, r) int64 (numpy or tensor)
+# retrieve(chunks (C, m) int64 numpy) -> neighbour tokens (C, k, r) int64 (numpy or tensor),
+# or (tokens, [info per chunk]): each info is kept in `Sequence.retrieved` (e.g. for attribution)
 BatchRetrieve = Callable[[np.ndarray], Any]
 
 
@@ -45,6 +46,7 @@ class Sequence:
     slot: int | None = None
     start: int = -1  # first position of the window in the row (-1: not encoded yet)
     neighbours: list[Tensor] = field(default_factory=list)  # (k, r) per chunk, retrieved once
+    retrieved: list[Any] = field(default_factory=list)  # the retriever's info per chunk, if any
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.tokens)
@@ -167,7 +169,9 @@ class BatchDecoder:
                 wanted.setdefault(id(s.retrieve), (s.retrieve, []))[1].append((s, u))
         for retrieve, items in wanted.values():
             chunks = np.array([s.tokens[u * m : (u + 1) * m] for s, u in items], dtype=np.int64)
-            found = retrieve(chunks)
+            found, infos = retrieve(chunks), None
+            if isinstance(found, tuple):
+                found, infos = found
             found = torch.as_tensor(np.asarray(found) if not isinstance(found, Tensor) else found)
             if found.dim() != 3 or found.shape[0] != len(items) or found.shape[1] != self.k:
                 raise ValueError(
@@ -175,6 +179,8 @@ class BatchDecoder:
                     f"({len(items)}, k={self.k}, r={self.cfg.neighbour_len})"
                 )
             found = found.to(self.device, torch.long)
-            for (s, u), nb in zip(items, found):
+            for j, ((s, u), nb) in enumerate(zip(items, found)):
                 assert u == len(s.neighbours)
                 s.neighbours.append(nb)
+                if infos is not None:
+                    s.retrieved.append(infos[j])
