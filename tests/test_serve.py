@@ -88,11 +88,13 @@ class Server:
         return self.app.state.engine
 
 
-def serve(world, db=None, **settings) -> Server:
+def serve(world, db=None, run=None, **settings) -> Server:
+    """A server of the varied model (or of `run`'s own model) on the world's database."""
     settings.setdefault("api_key", KEY)
     settings.setdefault("reload_interval", 0)
+    model = world["model"] if run is None else None
     app = create_app(
-        world["retro"], db or world["db"], ServeSettings(**settings), model=world["model"]
+        run or world["retro"], db or world["db"], ServeSettings(**settings), model=model
     )
     return Server(app)
 
@@ -224,6 +226,14 @@ def test_generation_past_the_window(server, world):
     assert r["choices"][0]["text"] == alone.text
     assert r["usage"]["completion_tokens"] == n
     assert len(r["retrieved"]) == (alone.prompt_tokens + n - 1) // 16
+
+
+def test_a_baseline_run_is_served_without_retrieval(world):
+    with serve(world, run=world["base"]) as s:
+        d = complete(s.url, prompt=PROMPT, max_tokens=20, temperature=0).json()
+        alone = generate_text(world["base"], world["db"], PROMPT, max_new_tokens=20)
+        assert d["choices"][0]["text"] == alone.text and d["retrieved"] == []
+        assert httpx.get(f"{s.url}/health").json()["retrieval"] is False
 
 
 def test_stop_strings_and_seeded_sampling(server):

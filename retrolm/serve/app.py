@@ -196,7 +196,12 @@ def create_app(
     device = resolve_device(settings.device)
     model = model.to(device).eval()
     cfg = model.cfg
-    live = LiveDatabase(db, database, settings.reload_interval)
+    live = LiveDatabase(
+        db,
+        database,
+        settings.reload_interval,
+        check=lambda new: check_database(meta["database"], new, str(run)),
+    )
     engine = Engine(
         model,
         live,

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrolm.errors import InputError
 from retrolm.generate import RetrievedChunk, _attribute
 from retrolm.serve.batch import BatchDecoder, Sequence
 
@@ -47,9 +49,16 @@ class LiveDatabase:
     manifest that is mid-update (an unfinished `db add`) is retried at the next poll.
     """
 
-    def __init__(self, path: str | os.PathLike[str], opened: Any, interval: float = 1.0):
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        opened: Any,
+        interval: float = 1.0,
+        check: Callable[[Any], None] | None = None,
+    ) -> None:
         self.path = Path(path)
         self.interval = interval
+        self.check = check  # raises if a reopened database no longer suits the model
         self.current = opened
         self.version = 1
         self.lock = threading.Lock()  # searches of every snapshot (shared embedder / index)
@@ -96,12 +105,17 @@ class LiveDatabase:
         old = self.current
         try:
             db = Database.open(self.path)
+            if self.check is not None:
+                self.check(db)
             if db.manifest["index"]["kind"] != "bm25":
                 with contextlib.suppress(Exception):  # same embedder: reuse the loaded one
                     db.set_embedder(old.embedder)
             self._prepare(db)
-        except Exception as exc:  # unfinished or mid-write: keep serving the old snapshot
+        except InputError as exc:  # unfinished (a `db add` under way): keep the old snapshot
             log.info("database %s changed but cannot be opened yet (%s); retrying", self.path, exc)
+            return False
+        except Exception as exc:  # mid-write, or no longer the model's tokenizer / chunk size
+            log.warning("database %s changed but is not served (%s); retrying", self.path, exc)
             return False
         self.current = db
         self.version += 1
@@ -227,6 +241,8 @@ class Engine:
         with self._cond:
             if self._stop:
                 raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:  # requests given up on leave first
+                self._pending = deque(c for c in self._pending if not c.cancelled)
             if len(self._pending) >= self.max_queue:
                 raise QueueFull(
                     f"{len(self._pending)} requests are waiting already (--max-queue "
