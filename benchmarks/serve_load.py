@@ -52,7 +52,9 @@ def make_prompts(db_path: Path, tokens: int, count: int = 64) -> list[str]:
         ids = db.chunk_tokens(np.arange(d.first_chunk, d.first_chunk + need)).reshape(-1)
         prompts.append(db.tokenizer.decode(ids[:tokens].tolist()))
     if not prompts:
-        raise SystemExit(f"error: no document of {tokens} tokens in {db_path}; lower --prompt-tokens")
+        raise SystemExit(
+            f"error: no document of {tokens} tokens in {db_path}; lower --prompt-tokens"
+        )
     return prompts
 
 
@@ -177,7 +179,9 @@ def main() -> None:
             code = server.wait(timeout=60)
     print(f"load average after: {os.getloadavg()}; server exit status {code}")
     print()
-    print("| clients | requests/s | tokens/s | latency p50 / p95 / p99 (s) | TTFT p50 / p95 (s) | errors |")
+    print(
+        "| clients | requests/s | tokens/s | latency p50 / p95 / p99 (s) | TTFT p50 / p95 (s) | errors |"
+    )
     print("|---:|---:|---:|---|---|---:|")
     for r in results:
         print(
