@@ -132,7 +132,9 @@ def generate_text(
         The generated text and, per completed chunk, the retrieved database chunks.
 
     Raises:
-        InputError: empty prompt, missing run, a sequence longer than the model's max_seq_len;
+        InputError: empty prompt, missing run, a prompt longer than the model's max_seq_len
+            (generation may run past it: the window drops its oldest chunks, see
+            `retrolm.model.window_start`);
             MismatchError: a database with another tokenizer or chunk size.
     """
     if not prompt:
@@ -147,10 +149,10 @@ def generate_text(
     check_database(meta["database"], source, str(run))
     cfg = model.cfg
     ids = source.tokenizer.encode(prompt)
-    if len(ids) + max_new_tokens > cfg.max_seq_len:
+    if len(ids) > cfg.max_seq_len:
         raise InputError(
-            f"the prompt ({len(ids)} tokens) plus --max-new-tokens {max_new_tokens} exceeds the "
-            f"model's max_seq_len {cfg.max_seq_len}; shorten one of them"
+            f"the prompt ({len(ids)} tokens) is longer than the model's max_seq_len "
+            f"{cfg.max_seq_len}; shorten it (generation itself may run past max_seq_len)"
         )
     dev = resolve_device(device)
     model.to(dev).eval()

@@ -829,6 +829,179 @@ class RETRO(nn.Module):
                 cache.cca_mask = nb_mask.new_zeros(B, cache.size // self.cfg.chunk_size, KR)
             cache.cca_mask[:, u0:u1] = nb_mask
 
+    # ---- batched decoding: rows at different positions (what the server runs)
+
+    def slot_cache(
+        self, slots: int, k: int, retrieval: bool = True, device: torch.device | str = "cpu"
+    ) -> KVCache:
+        """A cache of `slots` independent rows of max_seq_len positions, every tensor allocated.
+
+        Each row holds one sequence: `prefill_row` encodes a window into a row (any row, at any
+        time), `decode_rows` feeds one token to each of several rows at their own positions in
+        one forward pass. `k` is the number of neighbours per chunk (r is cfg.neighbour_len).
+        The cache's `length` and `num_chunks` are unused: the caller keeps each row's position.
+        """
+        cfg = self.cfg
+        N, m, r, d = cfg.max_seq_len, cfg.chunk_size, cfg.neighbour_len, cfg.dec_dim
+        h, hd = cfg.dec_heads, cfg.dec_dim // cfg.dec_heads
+        dtype = self.tok_emb.weight.dtype
+        zeros = partial(torch.zeros, device=device, dtype=dtype)
+        cache = KVCache(
+            token_ids=torch.zeros(slots, N, dtype=torch.long, device=device),
+            retrieval=retrieval and cfg.retrieval,
+        )
+        for i in range(cfg.dec_depth):
+            cache.keys[i], cache.values[i] = zeros(slots, h, N, hd), zeros(slots, h, N, hd)
+        if cache.retrieval:
+            cache.chunk_acts = zeros(slots, N, d)
+            for i, block in enumerate(self.blocks):
+                if block.cca is not None:
+                    cache.cca_keys[i] = zeros(slots, N // m, h, k * r, hd)
+                    cache.cca_values[i] = zeros(slots, N // m, h, k * r, hd)
+            cache.cca_mask = torch.zeros(slots, N // m, k * r, dtype=torch.bool, device=device)
+            if cfg.cca_match:
+                cache.cca_ids = torch.full((slots, N // m, k, r), -1, device=device)
+        return cache
+
+    @torch.inference_mode()
+    def prefill_row(
+        self, cache: KVCache, row: int, tokens: Tensor, neighbours: Tensor | None = None
+    ) -> Tensor:
+        """Encode a window `tokens` (T,) into row `row` of a `slot_cache`, from position 0.
+
+        `neighbours` (T // m, k, r) belong to the window's completed chunks (None: RETRO[OFF]
+        or no chunk complete). Returns the logits (V,) that predict the next token.
+        """
+        view = KVCache(
+            token_ids=cache.token_ids[row : row + 1],
+            retrieval=cache.retrieval,
+            keys={i: t[row : row + 1] for i, t in cache.keys.items()},
+            values={i: t[row : row + 1] for i, t in cache.values.items()},
+            chunk_acts=None if cache.chunk_acts is None else cache.chunk_acts[row : row + 1],
+            cca_keys={i: t[row : row + 1] for i, t in cache.cca_keys.items()},
+            cca_values={i: t[row : row + 1] for i, t in cache.cca_values.items()},
+            cca_mask=None if cache.cca_mask is None else cache.cca_mask[row : row + 1],
+            cca_ids=None if cache.cca_ids is None else cache.cca_ids[row : row + 1],
+        )
+        if neighbours is not None and (not cache.retrieval or neighbours.shape[0] == 0):
+            neighbours = None
+        nb = None if neighbours is None else neighbours[None]
+        return self._forward_cached(tokens[None], view, nb)[0]
+
+    @torch.inference_mode()
+    def decode_rows(
+        self,
+        cache: KVCache,
+        rows: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        neighbours: Tensor | None = None,
+    ) -> Tensor:
+        """One decoding step for several rows of a `slot_cache`, each at its own position.
+
+        Row rows[i] holds positions 0..positions[i]-1 (from `prefill_row` and earlier steps);
+        tokens[i] is fed at positions[i]. The result equals `prefill_row` / `generate` on each
+        row alone (tests/test_serve_batching.py), up to float rounding.
+
+        Args:
+            rows: (R,) distinct slot indices; tokens, positions: (R,) int64.
+            neighbours: (C, k, r) for the rows whose token completes a chunk
+                ((position + 1) % m == 0), in the order of `rows`; required with retrieval.
+        Returns:
+            (R, V) logits predicting each row's next token.
+        """
+        cfg = self.cfg
+        m, pad, R = cfg.chunk_size, cfg.pad_id, rows.shape[0]
+        dev = tokens.device
+        pos = positions
+        first, last = int(rows[0]), int(rows[-1])
+        contiguous = last - first + 1 == R and bool((rows.diff() == 1).all()) if R > 1 else True
+        sel = slice(first, last + 1) if contiguous else rows  # slices read without a copy
+        cache.token_ids[rows, pos] = tokens
+        S = int(pos.max()) + 1
+        ids = cache.token_ids[sel, :S]  # (R, S)
+        k_pos = torch.arange(S, device=dev)[None]  # (1, S)
+        allowed = (k_pos <= pos[:, None]) & ((ids != pad) | (k_pos == pos[:, None]))
+        mask = allowed[:, None, None, :]  # (R, 1, 1, S)
+        cos, sin = self.rotary(0, max(S, 2 * m), dev)
+        rot = (cos[pos][:, None, None], sin[pos][:, None, None])  # (R, 1, 1, hd)
+        complete = (pos + 1) % m == 0  # rows whose token ends a chunk
+        done = complete.nonzero()[:, 0] if cache.retrieval else pos[:0]
+        if (
+            cache.retrieval
+            and done.numel()
+            and (neighbours is None or len(neighbours) != len(done))
+        ):
+            raise ValueError(
+                f"decode_rows: {len(done)} rows complete a chunk; give their neighbours"
+            )
+        reads = pos >= m - 1  # rows whose position reads a chunk's neighbours
+        u_read = (pos - m + 1).clamp(min=0) // m  # (R,)
+        q_rot = (cos[pos - u_read * m][:, None, None], sin[pos - u_read * m][:, None, None])
+        x = self.tok_emb(tokens)[:, None]  # (R, 1, d)
+        encoded = None
+        for i, block in enumerate(self.blocks):
+            x = block.attn_res(x, partial(self._attend_rows, block.attn, cache, i, rows, sel,
+                                          pos, S, mask, rot))  # fmt: skip
+            if block.cca is None or block.cca_res is None or not cache.retrieval:
+                x = block.ff_res(x, block.ff)
+                continue
+            if i == self.first_cca:
+                assert cache.chunk_acts is not None and cache.cca_mask is not None
+                cache.chunk_acts[rows, pos] = x[:, 0]
+                if done.numel():
+                    assert neighbours is not None
+                    new_rows, u_new = rows[done], pos[done] // m  # (C,)
+                    span = u_new[:, None] * m + torch.arange(m, device=dev)  # (C, m)
+                    encoded, nb_mask = self._encode(
+                        neighbours[:, None],
+                        cache.chunk_acts[new_rows[:, None], span],
+                        cache.token_ids[new_rows[:, None], span],
+                    )  # (C, 1, k, r, e), (C, 1, k*r)
+                    cache.cca_mask[new_rows, u_new] = nb_mask[:, 0]
+                    if cache.cca_ids is not None:
+                        cache.cca_ids[new_rows, u_new] = self._match_ids(tokens, neighbours)[1]
+            if encoded is not None:
+                keys, values = block.cca.keys_values(encoded, self.rotary)  # (C, 1, h, k*r, hd)
+                cache.cca_keys[i][new_rows, u_new] = keys[:, 0]
+                cache.cca_values[i][new_rows, u_new] = values[:, 0]
+            x = block.cca_res(x, partial(self._cca_rows, block.cca, cache, i, rows, pos,
+                                         reads, u_read, q_rot))  # fmt: skip
+            x = block.ff_res(x, block.ff)
+        return self.lm_head(self.norm(x[:, 0]))  # (R, V)
+
+    @staticmethod
+    def _attend_rows(attn, cache, layer, rows, sel, pos, S, mask, rot, x: Tensor) -> Tensor:
+        """Self-attention of one new token per row (R, 1, d) over its row's cached keys."""
+        R, _, dim = x.shape
+        h = attn.heads
+        qkv = attn.qkv(x).view(R, 3, h, dim // h)  # (R, 3, h, hd)
+        q = apply_rotary(qkv[:, 0, :, None], *rot)  # (R, h, 1, hd)
+        k = apply_rotary(qkv[:, 1, :, None], *rot)
+        cache.keys[layer][rows, :, pos] = k[:, :, 0]
+        cache.values[layer][rows, :, pos] = qkv[:, 2]
+        keys, values = cache.keys[layer][sel, :, :S], cache.values[layer][sel, :, :S]
+        out = attention(q, keys, values, attn_mask=mask)  # (R, h, 1, hd)
+        return attn.out(out.reshape(R, 1, dim))
+
+    def _cca_rows(self, cca, cache, layer, rows, pos, reads, u_read, q_rot, x: Tensor) -> Tensor:
+        """CCA of one new token per row (R, 1, d): each reads its row's chunk u_read (if any)."""
+        R, _, dim = x.shape
+        h = cca.heads
+        q = apply_rotary(cca.q(x).view(R, h, 1, dim // h), *q_rot)  # (R, h, 1, hd)
+        key_mask = cache.cca_mask[rows, u_read] & reads[:, None]  # (R, k*r); none: zeros out
+        bias = None
+        if cca.match_weight is not None:
+            lags = cca.match_weight.numel() // h
+            at = pos[:, None] - torch.arange(lags - 1, -1, -1, device=pos.device)  # (R, lags)
+            ids = cache.token_ids[rows[:, None], at.clamp(min=0)]
+            ids = ids.masked_fill((at < 0) | (ids == self.cfg.pad_id), -2)
+            last = torch.tensor([[lags - 1]], device=pos.device)
+            bias = cca.match_bias(ids, cache.cca_ids[rows, u_read][:, None], last)[:, 0]
+        keys, values = cache.cca_keys[layer][rows, u_read], cache.cca_values[layer][rows, u_read]
+        out = masked_attention(q, keys, values, key_mask, bias)  # (R, h, 1, hd)
+        return cca.out(out.reshape(R, 1, dim))
+
     def _retrieve(self, retrieve: Retrieve, chunk: Tensor, shape: list[int]) -> Tensor:
         """Call `retrieve` on one completed chunk (B, m) and check its answer (B, k, r)."""
         neighbours = retrieve(chunk)
@@ -876,12 +1049,15 @@ class RETRO(nn.Module):
 
         Each time a chunk of m tokens is complete (prompt chunks included) and a later token
         is about to be fed, `retrieve(chunk (B, m)) -> (B, k, r)` gives its neighbours, which are
-        encoded once; self-attention and CCA keys/values are cached. Greedy output equals
-        decoding by full re-computation with `model(tokens, neighbours)`.
+        encoded once; self-attention and CCA keys/values are cached. The model reads a window
+        of at most max_seq_len tokens starting at a chunk boundary (`window_start`): when it is
+        full, the oldest whole chunk is dropped and the kept tokens are encoded again (with the
+        neighbours already retrieved for their chunks), so generation may run past max_seq_len.
+        Greedy output equals decoding by full re-computation with `model(window, neighbours)`.
 
         Args:
-            prompt: (B, P) int64, P >= 1.
-            max_new_tokens: tokens to add; P + max_new_tokens <= max_seq_len.
+            prompt: (B, P) int64, 1 <= P <= max_seq_len.
+            max_new_tokens: tokens to add (any number >= 0).
             retrieve: neighbours for a completed chunk; None decodes with RETRO[OFF].
             temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / T).
             top_k: sample among the k most likely tokens only.
@@ -898,11 +1074,6 @@ class RETRO(nn.Module):
         B, P = prompt.shape
         if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        if P + max_new_tokens > cfg.max_seq_len:
-            raise ValueError(
-                f"prompt length {P} + max_new_tokens {max_new_tokens} exceeds max_seq_len "
-                f"({cfg.max_seq_len}); shorten the prompt or generate fewer tokens"
-            )
         _check_sampling(temperature, top_k, top_p)
         if retrieve is not None and not cfg.retrieval:
             raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
@@ -911,21 +1082,28 @@ class RETRO(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            out = torch.empty(B, P + max_new_tokens, dtype=torch.long, device=prompt.device)
+            total = P + max_new_tokens
+            out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
             out[:, :P] = prompt
-            cache = KVCache(token_ids=torch.zeros_like(out), retrieval=retrieve is not None)
-            m, shape = cfg.chunk_size, []
-            feed_from = 0
-            for t in range(P, P + max_new_tokens):
+            m, N, shape = cfg.chunk_size, cfg.max_seq_len, []
+            chunk_neighbours: list[Tensor] = []  # (B, k, r) per chunk of the sequence
+            cache, start = None, 0
+            for t in range(P, total):
+                if retrieve is not None:  # chunks completed: retrieved once, kept across slides
+                    for u in range(len(chunk_neighbours), t // m):
+                        chunk = out[:, u * m : (u + 1) * m]
+                        chunk_neighbours.append(self._retrieve(retrieve, chunk, shape))
+                s = window_start(t, N, m)
+                if cache is None or s != start:  # first step, or the window slid: re-encode
+                    size = min(N, total)
+                    cache = KVCache(
+                        token_ids=out.new_zeros(B, size), retrieval=retrieve is not None
+                    )
+                    start = feed_from = s
+                done = start // m + cache.num_chunks  # chunks whose neighbours are encoded
                 neighbours = None
-                if retrieve is not None and t // m > cache.num_chunks:  # chunks completed
-                    neighbours = torch.stack(
-                        [
-                            self._retrieve(retrieve, out[:, u * m : (u + 1) * m], shape)
-                            for u in range(cache.num_chunks, t // m)
-                        ],
-                        dim=1,
-                    )  # (B, new chunks, k, r)
+                if retrieve is not None and t // m > done:
+                    neighbours = torch.stack(chunk_neighbours[done : t // m], dim=1)  # (B,U,k,r)
                 logits = self._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
                 out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
                 if on_token is not None:
@@ -1111,6 +1289,19 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None
+
+
+def window_start(length: int, max_seq_len: int, chunk_size: int) -> int:
+    """First position of the window the model reads to predict token `length`.
+
+    The window holds tokens window_start .. length-1: all of them while length <= max_seq_len;
+    past that, it starts at the first chunk boundary that leaves at most max_seq_len tokens
+    (the oldest whole chunks are dropped, the fewest that make room), so it holds between
+    max_seq_len - chunk_size + 1 and max_seq_len tokens and every kept chunk keeps its
+    neighbours. `RETRO.generate` and the server's batched decoding both follow this rule.
+    """
+    over = length - max_seq_len
+    return 0 if over <= 0 else -(-over // chunk_size) * chunk_size
 
 
 def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -90,8 +90,8 @@ def test_baseline_generates_without_retrieval(world):
 def test_bad_inputs(world, tmp_path, capsys):
     with pytest.raises(InputError, match="empty"):
         generate_text(world["retro"], world["db"], "", max_new_tokens=5)
-    with pytest.raises(InputError, match="max_seq_len"):
-        generate_text(world["retro"], world["db"], PROMPT, max_new_tokens=500)
+    with pytest.raises(InputError, match="longer than the model's max_seq_len"):
+        generate_text(world["retro"], world["db"], PROMPT * 20, max_new_tokens=5)
     assert cli_main(["generate", str(world["retro"]), "", "--db", str(world["db"])]) == 2
     assert "prompt is empty" in capsys.readouterr().err
     assert cli_main(["generate", str(tmp_path / "none"), "hi", "--db", str(world["db"])]) == 2
@@ -106,3 +106,14 @@ def test_cli_generate_streams_then_lists_sources(world, capsys):
     assert cli_main([*args, "--max-new-tokens", "20", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["attribution"][0]["neighbours"][0]["document"]
+
+
+def test_cli_generates_past_max_seq_len(world, capsys):
+    """--max-new-tokens above max_seq_len: the window slides, retrieval goes on at every chunk."""
+    n = 300  # the tiny model's max_seq_len is 128
+    args = ["generate", str(world["retro"]), PROMPT, "--db", str(world["db"]), "--json"]
+    assert cli_main([*args, "--max-new-tokens", str(n)]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert len(d["tokens"]) == d["prompt_tokens"] + n > 128
+    assert len(d["attribution"]) == (len(d["tokens"]) - 1) // 16  # every chunk, slides or not
+    assert [c["chunk_index"] for c in d["attribution"]] == list(range(len(d["attribution"])))

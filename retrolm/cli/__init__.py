@@ -26,6 +26,7 @@ SUBCOMMAND_MODULES = (
     "retrolm.cli.generate",
     "retrolm.cli.plot",
     "retrolm.cli.quickstart",
+    "retrolm.cli.serve",
 )
 
 log = logging.getLogger("retrolm")

@@ -1,0 +1,380 @@
+"""The model worker: one thread owns the model and runs every decoding step for all requests.
+
+Requests come from the event loop (`Engine.submit`), wait in a bounded queue until a row of the
+`BatchDecoder` is free, and get their results back as events on their own asyncio queue
+(`Completion.events`): text pieces, retrieved chunks as they complete, then "done" (or
+"error"). A cancelled request (client gone, timeout) is dropped at the next step and its row
+freed. `LiveDatabase` reopens the database when its manifest changes; each request keeps the
+snapshot it started with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from retrolm.errors import InputError
+from retrolm.generate import RetrievedChunk, _attribute
+from retrolm.serve.batch import BatchDecoder, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The wait queue holds --max-queue requests already."""
+
+
+# ---------------------------------------------------------------------------------------------
+# the live database
+
+
+class LiveDatabase:
+    """The current `Database` of a folder, reopened when its manifest.json changes.
+
+    `current` is swapped atomically (one reference assignment) once the new database is open,
+    its index loaded and its embedder ready; requests that hold the old snapshot finish on it
+    (its files are replaced by rename, never rewritten, so its memory maps stay valid). A
+    manifest that is mid-update (an unfinished `db add`) is retried at the next poll.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        opened: Any,
+        interval: float = 1.0,
+        check: Callable[[Any], None] | None = None,
+    ) -> None:
+        self.path = Path(path)
+        self.interval = interval
+        self.check = check  # raises if a reopened database no longer suits the model
+        self.current = opened
+        self.version = 1
+        self.lock = threading.Lock()  # searches of every snapshot (shared embedder / index)
+        self._signature = self._stat()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._prepare(opened)
+
+    def _stat(self) -> tuple[int, int] | None:
+        try:
+            st = (self.path / "manifest.json").stat()
+        except OSError:
+            return None
+        return st.st_mtime_ns, st.st_size
+
+    def _prepare(self, db: Any) -> None:
+        _ = db.index  # loaded now, not lazily from files that a later `db add` may replace
+        if db.manifest["index"]["kind"] != "bm25":
+            _ = db.embedder
+
+    def start(self) -> None:
+        if self.interval > 0 and self._thread is None:
+            self._thread = threading.Thread(
+                target=self._watch, name="retrolm-db-watch", daemon=True
+            )
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.interval):
+            signature = self._stat()
+            if signature is None or signature == self._signature:
+                continue
+            self.reload(signature)
+
+    def reload(self, signature: tuple[int, int] | None = None) -> bool:
+        """Open the database again and swap it in; False (old one kept) if it is unfinished."""
+        from retrolm.database import Database
+
+        old = self.current
+        try:
+            db = Database.open(self.path)
+            if self.check is not None:
+                self.check(db)
+            if db.manifest["index"]["kind"] != "bm25":
+                with contextlib.suppress(Exception):  # same embedder: reuse the loaded one
+                    db.set_embedder(old.embedder)
+            self._prepare(db)
+        except InputError as exc:  # unfinished (a `db add` under way): keep the old snapshot
+            log.info("database %s changed but cannot be opened yet (%s); retrying", self.path, exc)
+            return False
+        except Exception as exc:  # mid-write, or no longer the model's tokenizer / chunk size
+            log.warning("database %s changed but is not served (%s); retrying", self.path, exc)
+            return False
+        self.current = db
+        self.version += 1
+        self._signature = signature or self._stat()
+        log.info(
+            "database %s reloaded: %d documents, %d chunks (version %d)",
+            self.path,
+            len(db.documents),
+            db.num_chunks,
+            self.version,
+        )
+        return True
+
+
+class DatabaseRetriever:
+    """`BatchRetrieve` over one database snapshot: neighbour tokens plus (ids, distances)."""
+
+    def __init__(self, db: Any, k: int, lock: threading.Lock) -> None:
+        self.db, self.k, self.lock = db, k, lock
+
+    def __call__(self, chunks: np.ndarray) -> tuple[np.ndarray, list[tuple[Any, Any]]]:
+        with self.lock:
+            ids, dists = self.db.search_chunks(chunks, self.k)
+        tokens = np.asarray(self.db.neighbour_tokens(ids), dtype=np.int64)
+        return tokens, list(zip(ids, dists))
+
+
+# ---------------------------------------------------------------------------------------------
+# requests
+
+
+@dataclass(eq=False)
+class Completion:
+    """One completion request: what it asks for, and where its events go."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    loop: asyncio.AbstractEventLoop | None = None
+    events: asyncio.Queue | None = None
+    cancelled: bool = False
+    # set by the engine
+    db: Any = None
+    sequence: Sequence | None = None
+    text: str = ""  # emitted so far
+    generated: list[int] = field(default_factory=list)
+    chunks_sent: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.loop is None or self.events is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+
+
+def _held_back(text: str, stops: list[str]) -> int:
+    """Characters at the end of `text` that could begin a stop string (not sent yet)."""
+    hold = 0
+    for stop in stops:
+        for n in range(min(len(stop) - 1, len(text)), hold, -1):
+            if text.endswith(stop[:n]):
+                hold = n
+                break
+    return hold
+
+
+# ---------------------------------------------------------------------------------------------
+# the engine
+
+
+class Engine:
+    """Owns the model and the `BatchDecoder`; runs the decoding loop in one worker thread."""
+
+    def __init__(
+        self,
+        model: Any,
+        database: LiveDatabase,
+        *,
+        max_batch: int = 16,
+        max_queue: int = 64,
+        neighbours: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.model = model
+        self.database = database
+        self.k = neighbours or model.cfg.num_neighbours
+        self.decoder = BatchDecoder(model, max_batch, self.k, device)
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.tokenizer = database.current.tokenizer
+        self.eos_id = self.tokenizer.eos_id
+        self._pending: deque[Completion] = deque()
+        self._cond = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._retrievers: dict[int, DatabaseRetriever] = {}
+        self.completed = 0
+        self.failed = 0
+
+    # ---- called from the event loop
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="retrolm-model", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cond:
+            self._stop = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout)
+
+    def submit(self, completion: Completion) -> None:
+        """Queue a request; raises QueueFull when --max-queue requests are waiting already."""
+        with self._cond:
+            if self._stop:
+                raise QueueFull("the server is shutting down")
+            if len(self._pending) >= self.max_queue:  # requests given up on leave first
+                self._pending = deque(c for c in self._pending if not c.cancelled)
+            if len(self._pending) >= self.max_queue:
+                raise QueueFull(
+                    f"{len(self._pending)} requests are waiting already (--max-queue "
+                    f"{self.max_queue}); retry later"
+                )
+            completion.db = self.database.current  # the snapshot it keeps to the end
+            self._pending.append(completion)
+            self._cond.notify_all()
+
+    @property
+    def running(self) -> int:
+        return len(self.decoder.running)
+
+    @property
+    def queued(self) -> int:
+        return len(self._pending)
+
+    # ---- the worker thread
+
+    def _retriever(self, db: Any) -> DatabaseRetriever | None:
+        if not self.model.cfg.retrieval:
+            return None
+        key = id(db)
+        found = self._retrievers.get(key)
+        if found is None or found.db is not db:
+            found = self._retrievers[key] = DatabaseRetriever(db, self.k, self.database.lock)
+            live = {id(c.db) for c in self._pending} | {id(self.database.current)}
+            live |= {id(s.tag.db) for s in self.decoder.running}
+            for stale in [k for k in self._retrievers if k not in live]:  # old snapshots
+                del self._retrievers[stale]
+        return found
+
+    def _admit(self) -> None:
+        with self._cond:
+            while not self._stop and not self._pending and not self.decoder.running:
+                self._cond.wait(0.5)
+            while self._pending and self.decoder.has_room:
+                c = self._pending.popleft()
+                if c.cancelled:
+                    continue
+                generator = None
+                if c.temperature > 0:
+                    seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(6), "big")
+                    generator = torch.Generator(device=self.decoder.device).manual_seed(seed)
+                c.sequence = Sequence(
+                    list(c.prompt_ids),
+                    c.max_tokens,
+                    retrieve=self._retriever(c.db),
+                    temperature=c.temperature,
+                    top_k=c.top_k,
+                    top_p=c.top_p if c.top_p is not None and c.top_p < 1 else None,
+                    generator=generator,
+                    tag=c,
+                )
+                self.decoder.add(c.sequence)
+
+    def _run(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            self._admit()
+            if self._stop:
+                break
+            for seq in [s for s in self.decoder.running if s.tag.cancelled]:
+                self.decoder.remove(seq)
+            if not self.decoder.running:
+                continue
+            try:
+                results = self.decoder.step()
+            except Exception as exc:  # a bug or a broken database: fail these, keep serving
+                log.exception("decoding step failed")
+                for seq in list(self.decoder.running):
+                    self._finish(seq, error=f"generation failed: {exc}")
+                continue
+            for seq, token in results:
+                self._on_token(seq, token)
+        for seq in list(self.decoder.running):
+            self._finish(seq, error="the server shut down before this request finished")
+        for c in self._pending:
+            c.emit({"type": "error", "message": "the server shut down", "error_type": "shutdown"})
+
+    def _send_chunks(self, c: Completion, seq: Sequence) -> None:
+        m = self.decoder.cfg.chunk_size
+        while c.chunks_sent < len(seq.retrieved):
+            u = c.chunks_sent
+            nb_ids, dists = seq.retrieved[u]
+            chunk = np.asarray(seq.tokens[u * m : (u + 1) * m])
+            entry: RetrievedChunk = _attribute(c.db, u, m, seq.prompt_len, chunk, nb_ids, dists)
+            c.emit({"type": "chunk", "chunk": entry})
+            c.chunks_sent += 1
+
+    def _on_token(self, seq: Sequence, token: int) -> None:
+        c: Completion = seq.tag
+        self._send_chunks(c, seq)
+        if c.cancelled:
+            self.decoder.remove(seq)
+            return
+        if token == self.eos_id:
+            self._finish(seq, reason="stop")
+            return
+        c.generated.append(token)
+        final = seq.finished
+        text = self.tokenizer.decode(c.generated)
+        if not final:
+            text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
+        hits = [i for i in (text.find(s) for s in c.stop) if i >= 0]
+        if hits:
+            self._emit_text(c, text[: min(hits)])
+            self._finish(seq, reason="stop")
+            return
+        self._emit_text(c, text if final else text[: len(text) - _held_back(text, c.stop)])
+        if final:
+            self._finish(seq, reason="length")
+
+    @staticmethod
+    def _emit_text(c: Completion, text: str) -> None:
+        if len(text) > len(c.text) and text.startswith(c.text):
+            c.emit({"type": "text", "text": text[len(c.text) :]})
+            c.text = text
+
+    def _finish(self, seq: Sequence, reason: str = "", error: str = "") -> None:
+        c: Completion = seq.tag
+        self.decoder.remove(seq)
+        if error:
+            self.failed += 1
+            c.emit({"type": "error", "message": error, "error_type": "server_error"})
+            return
+        self.completed += 1
+        c.emit(
+            {
+                "type": "done",
+                "finish_reason": reason,
+                "prompt_tokens": len(c.prompt_ids),
+                "completion_tokens": seq.generated,
+            }
+        )
