@@ -186,6 +186,27 @@ def test_encoded_blocks_added_in_order_equal_a_serial_add(factory):
         assert (i == true).mean() > 0.99
 
 
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,PQ4"])
+def test_search_params_are_the_cheapest_reaching_the_target_recall(factory, monkeypatch):
+    monkeypatch.setattr(ix, "TUNE_MIN_VECTORS", 1000)
+    x = clustered(4000, 16, seed=2)
+    index = ix.build_index(factory, 16, "l2", x, seed=0)
+    ix.add_vectors(index, x, np.arange(4000))
+    queries = x[::20]
+    true = ix.exact_search_blocks(queries, [(x, np.arange(4000))], 10, "l2")[1]
+    params, recall = ix.choose_search_params(index, factory, queries, [(x, np.arange(4000))])
+    default = ix.default_search_params(factory, 4000)["nprobe"]
+    assert index.nprobe == params["nprobe"] <= default
+    reached = {}
+    for nprobe in (1, 2, 4, 8, 16, 32, 64):
+        if nprobe <= default:
+            index.nprobe = nprobe
+            reached[nprobe] = ix.recall_at_k(ix.search(index, queries, 10)[1], true)
+    assert recall == reached[params["nprobe"]]
+    goal = min(ix.TUNE_TARGET_RECALL, max(reached.values()) - ix.TUNE_PLATEAU)
+    assert recall >= goal and all(r < goal for p, r in reached.items() if p < params["nprobe"])
+
+
 def test_auto_index_goes_on_disk_only_when_no_index_fits_memory():
     assert choose_layout(1_000_000, 384, 8 << 30) == ("IVF4096,Flat", False)
     factory, ondisk = choose_layout(10_000_000, 384, 64 << 20)  # < 8-byte codes, > centroids

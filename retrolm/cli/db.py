@@ -149,7 +149,7 @@ def _build(args: argparse.Namespace) -> int:
     if args.workers is not None and args.workers < 1:
         raise ValueError(f"--workers must be at least 1, got {args.workers}")
     if args.workers and args.workers > 1 and "WORLD_SIZE" not in os.environ:
-        return launch_local(args.workers, _build_argv(args))
+        return launch_local(args.workers, ["-m", "retrolm", *_build_argv(args)])
     return _ranked(_build_database)(args)
 
 

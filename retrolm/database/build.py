@@ -499,6 +499,25 @@ def _plan_index(
     save_manifest(folder, manifest)
 
 
+def _search_params(
+    index: Any, factory: str, store: BlockStore, config: DatabaseConfig
+) -> tuple[dict[str, int], float | None]:
+    """`choose_search_params` on a seeded sample of train chunks, exact search streamed over
+    the embedding blocks."""
+    from retrolm.database import index as faiss_index
+
+    if index.ntotal <= faiss_index.TUNE_MIN_VECTORS:
+        return faiss_index.choose_search_params(index, factory, np.zeros((0, index.d)))
+    queries = store.train_sample(faiss_index.TUNE_QUERIES, config.seed + 1)
+
+    def blocks() -> Any:
+        for block in store.blocks:
+            ids = store.train_ids_of_block(block)
+            yield np.asarray(store.embeddings_of_block(block)[ids - block["start"]]), ids
+
+    return faiss_index.choose_search_params(index, factory, queries, blocks())
+
+
 def _add_codes(
     folder: Path,
     manifest: dict[str, Any],
@@ -546,8 +565,9 @@ def _add_codes(
             faiss_index.add_encoded(index, codes, ids)
         record["ondisk"] = False
     bar.close()
-    params = faiss_index.default_search_params(factory, int(index.ntotal))
-    faiss_index.apply_search_params(index, params)
+    params, recall = _search_params(index, factory, store, config)
+    if recall is not None:
+        record["search_recall_at_10"] = round(recall, 4)
     faiss_index.save_index(index, folder / file)
     return {
         "kind": "faiss",

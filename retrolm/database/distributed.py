@@ -139,7 +139,7 @@ def session(device: str = "cpu") -> Iterator[Dist]:
 
 
 def launch_local(workers: int, argv: list[str]) -> int:
-    """Run `python -m retrolm ARGV` as `workers` local ranks through torch's elastic launcher
+    """Run `python ARGV` (e.g. `-m retrolm db build ...`) as `workers` local ranks through torch's elastic launcher
     (what `torchrun --standalone --nproc-per-node WORKERS` does), and wait for them.
 
     Each rank gets `OMP_NUM_THREADS` = cores / workers unless it is set. A rank that fails stops
@@ -167,7 +167,7 @@ def launch_local(workers: int, argv: list[str]) -> int:
     )
     log.info("starting %d local ranks", workers)
     try:
-        elastic_launch(config, entrypoint=sys.executable)("-m", "retrolm", *argv)
+        elastic_launch(config, entrypoint=sys.executable)(*argv)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1

@@ -372,6 +372,69 @@ def tune_search_params(
     return {name: value}, recall
 
 
+# Databases larger than this tune their search parameters on a sample (smaller ones keep the
+# defaults, whose recall the tests establish, and are exact or nearly so anyway).
+TUNE_MIN_VECTORS = EXACT_MAX_VECTORS
+TUNE_QUERIES = 1000
+TUNE_TARGET_RECALL = 0.95
+TUNE_PLATEAU = 0.01
+
+
+def choose_search_params(
+    index: faiss.Index,
+    factory: str,
+    queries: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+    *,
+    k: int = 10,
+    true_ids: np.ndarray | None = None,
+) -> tuple[dict[str, int], float | None]:
+    """The search parameters a database records: `default_search_params`, lowered on a large
+    index to the cheapest setting whose recall@k on `queries` against exact search reaches
+    `TUNE_TARGET_RECALL` (the default probes nlist/8 cells: hours of neighbour search at a few
+    million chunks, for a recall that a few dozen cells already give). PQ codes may never reach
+    the target (their distances are approximate): then the cheapest setting within
+    `TUNE_PLATEAU` of the best recall any setting up to the default reached.
+
+    Args:
+        index: the filled index; left set to the returned parameters.
+        factory: its factory string.
+        queries: (n, d) sampled database vectors.
+        blocks: the database as (vectors, ids) blocks, for the exact search (or `true_ids`).
+        true_ids: (n, >= k) exact neighbours of `queries`, when the caller has them already.
+
+    Returns:
+        (params, recall@k reached), recall None when the defaults were kept untested.
+    """
+    default = default_search_params(factory, int(index.ntotal))
+    if index.ntotal <= TUNE_MIN_VECTORS or not default or len(queries) == 0:
+        apply_search_params(index, default)
+        return default, None
+    if true_ids is None:
+        if blocks is None:
+            raise InputError("choose_search_params needs the database blocks or true_ids")
+        true_ids = exact_search_blocks(queries, blocks, k, metric_of(index))[1]
+    true_ids = true_ids[:, :k]
+    name = "nprobe" if "nprobe" in default else "efSearch"
+    top = default[name]
+    tried: list[tuple[int, float]] = []
+    value = 1 if name == "nprobe" else max(16, k)
+    while True:  # powers of two up to the default
+        value = min(value, top)
+        apply_search_params(index, {name: value})
+        tried.append((value, recall_at_k(search(index, queries, k)[1], true_ids)))
+        if tried[-1][1] >= TUNE_TARGET_RECALL or value == top:
+            break
+        value *= 2
+    best = max(r for _, r in tried)
+    # the target, or where compressed codes saturate below it, within 0.01 of the best reached
+    goal = min(TUNE_TARGET_RECALL, best - TUNE_PLATEAU)
+    value, recall = next((v, r) for v, r in tried if r >= goal)
+    params = {**default, name: value}
+    apply_search_params(index, params)
+    return params, recall
+
+
 def _find_hnsw(index: Any) -> Any:
     """The IndexHNSW inside `index` (through IDMap / pre-transform wrappers), or None."""
     inner = faiss.downcast_index(index)
