@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from dataclasses import fields
 from typing import Any
 
@@ -65,14 +66,19 @@ CONTENT_FLAGS: list[tuple[str, str, Any, str]] = [
 SPEED_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--embed-batch-size", "embed_batch_size", int, "chunks per embedding batch"),
     ("--device", "device", str, "torch device of the embedder (cpu, cuda, ...)"),
-    ("--embed-dtype", "embed_dtype", str, "embedder compute dtype: float32 or bfloat16"),
+    (
+        "--embed-dtype",
+        "embed_dtype",
+        str,
+        "embedder compute dtype: auto (bfloat16 where measured faster), float32 or bfloat16",
+    ),
 ]
 
 
 CHOICES = {
     "retriever": ("dense", "bm25"),
     "dtype": ("float16", "float32"),
-    "embed_dtype": ("float32", "bfloat16"),
+    "embed_dtype": ("auto", "float32", "bfloat16"),
 }
 METAVARS = {int: "N", float: "F"}
 SHOWN_DEFAULTS = {"index_memory": "4G"}
@@ -115,36 +121,85 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def _ranked(work):  # noqa: ANN001, ANN202
+    """Run `work(args, dist)` as this process's rank of a torchrun job (or as the only one);
+    only the main rank prints the result and reports user errors."""
+
+    def run(args: argparse.Namespace) -> int:
+        from retrolm.database import distributed
+        from retrolm.errors import RetrolmError
+
+        config_device = getattr(args, "device", None) or DEFAULTS.device
+        with distributed.session(config_device) as dist:
+            try:
+                result = work(args, dist)
+            except RetrolmError as e:
+                if dist.is_main:
+                    raise
+                return e.exit_code  # the main rank prints the message once
+            if dist.is_main:
+                print(result)
+        return 0
+
+    return run
+
+
 def _build(args: argparse.Namespace) -> int:
+    from retrolm.database.distributed import launch_local
+
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+    if args.workers and args.workers > 1 and "WORLD_SIZE" not in os.environ:
+        return launch_local(args.workers, ["-m", "retrolm", *_build_argv(args)])
+    return _ranked(_build_database)(args)
+
+
+def _build_database(args: argparse.Namespace, dist: Any) -> Any:
     from retrolm.database import build_database
 
-    folder = build_database(
+    return build_database(
         args.corpus,
         args.out,
         _config(args),
         retrieval_only=args.retrieval_only or (),
         show_progress=not args.no_progress,
+        dist=dist,
     )
-    print(folder)
-    return 0
+
+
+def _build_argv(args: argparse.Namespace) -> list[str]:
+    """The `retrolm db build` command line of `args`, without --workers (what each rank runs)."""
+    argv = ["-q"] if args.quiet else ["-v"] * args.verbose
+    argv += ["db", "build", *args.corpus, "--out", args.out]
+    for flag, name, _, _ in CONTENT_FLAGS + SPEED_FLAGS:
+        if getattr(args, name, None) is not None:
+            argv += [flag, str(getattr(args, name))]
+    argv += ["--strict"] * bool(args.strict) + ["--no-progress"] * bool(args.no_progress)
+    if args.retrieval_only:
+        argv += ["--retrieval-only", *args.retrieval_only]
+    return argv
 
 
 def _chunk(args: argparse.Namespace) -> int:
     from retrolm.database import chunk_stage
 
-    print(chunk_stage(args.corpus, args.out, _config(args), show_progress=not args.no_progress))
-    return 0
+    return _ranked(
+        lambda a, dist: chunk_stage(
+            a.corpus, a.out, _config(a), show_progress=not a.no_progress, dist=dist
+        )
+    )(args)
 
 
 def _stage(name: str):  # noqa: ANN202
-    def run(args: argparse.Namespace) -> int:
+    def work(args: argparse.Namespace, dist: Any) -> Any:
         import retrolm.database as database
 
         stage = getattr(database, f"{name}_stage")
-        print(stage(args.db, overrides=_overrides(args), show_progress=not args.no_progress))
-        return 0
+        return stage(
+            args.db, overrides=_overrides(args), show_progress=not args.no_progress, dist=dist
+        )
 
-    return run
+    return _ranked(work)
 
 
 def _add(args: argparse.Namespace) -> int:
@@ -186,7 +241,8 @@ def _info(args: argparse.Namespace) -> int:
         if tok
         else "tokenizer  (not yet)",
         f"embedder   {emb['spec']} (dim {emb['dim']}, metric {emb['metric']})",
-        f"index      {index['kind']} {index['factory']!r}, {index['ntotal']} vectors, search {index['search_params']}",
+        f"index      {index['kind']} {index['factory']!r}, {index['ntotal']} vectors, search {index['search_params']}"
+        + (", on-disk inverted lists (memory-mapped)" if index.get("ondisk") else ""),
         f"neighbours {info['settings']['neighbours']} per chunk",
         "stages     "
         + ", ".join(f"{s} {'done' if done else 'NOT done'}" for s, done in info["stages"].items()),
@@ -257,6 +313,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _add_flags(p, CONTENT_FLAGS)
         _add_flags(p, SPEED_FLAGS)
         _common(p)
+        if name == "build":
+            p.add_argument(
+                "--workers",
+                type=int,
+                default=None,
+                metavar="N",
+                help="start N local ranks through torch's elastic launcher (as torchrun "
+                "--nproc-per-node N would); any N gives the same database (default: 1)",
+            )
         p.set_defaults(handler=handler)
 
     for name, text in (

@@ -17,8 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from retrolm.database import distributed
 from retrolm.database.chunks import run_chunks, run_tokenizer
 from retrolm.database.config import DatabaseConfig
+from retrolm.database.distributed import Dist
 from retrolm.database.manifest import (
     CONFIG_FILE,
     block_ok,
@@ -30,7 +32,7 @@ from retrolm.database.manifest import (
     write_config,
 )
 from retrolm.database.store import BlockStore
-from retrolm.errors import InputError, MismatchError
+from retrolm.errors import CorruptArtifactError, InputError, MismatchError
 from retrolm.io import read_json, remove_stale_tmp, save_npy, sha256_file
 from retrolm.log import progress
 from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
@@ -76,7 +78,9 @@ def _start(
             )
         log.info("resuming the database in %s", folder)
     else:
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+        if folder.exists() and (
+            not folder.is_dir() or any(p.name != distributed.LOCK_FILE for p in folder.iterdir())
+        ):
             raise InputError(
                 f"{folder} exists and is not a retrolm database; choose an empty or new --out folder"
             )
@@ -114,6 +118,55 @@ def _tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
     return Tokenizer.load(folder / TOKENIZER_FILE)
 
 
+# ----------------------------------------------------------------------------- ranks
+
+
+def _sync(folder: Path, manifest: dict[str, Any], dist: Dist) -> None:
+    """Wait for every rank; the others then reread the manifest the main rank wrote."""
+    if dist.world == 1:
+        return
+    dist.barrier()
+    if not dist.is_main:
+        fresh = load_manifest(folder)
+        manifest.clear()
+        manifest.update(fresh)
+
+
+def _save(folder: Path, manifest: dict[str, Any], dist: Dist) -> None:
+    if dist.is_main:
+        save_manifest(folder, manifest)
+
+
+def _finish_block(
+    folder: Path,
+    manifest: dict[str, Any],
+    stage: str,
+    blocks: dict[str, Any],
+    index: int,
+    entry: dict[str, Any],
+    dist: Dist,
+) -> None:
+    """Record a finished block: in the manifest at once (one rank), else in a record file."""
+    if dist.world == 1:
+        blocks[str(index)] = entry
+        save_manifest(folder, manifest)
+    else:
+        distributed.write_record(folder, stage, index, entry)
+
+
+def _merge_records(
+    folder: Path, manifest: dict[str, Any], stage: str, blocks: dict[str, Any]
+) -> dict[int, dict[str, Any]]:
+    """Fold the block records ranks left for `stage` into `blocks` (main rank)."""
+    records = distributed.read_records(folder, stage)
+    for index, entry in records.items():
+        blocks[str(index)] = entry
+    if records:
+        save_manifest(folder, manifest)
+        distributed.clear_records(folder, stage)
+    return records
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 
@@ -123,50 +176,132 @@ def _run_embeddings(
     config: DatabaseConfig,
     embedder: Any,
     show_progress: bool,
+    dist: Dist | None = None,
 ) -> None:
+    dist = dist or Dist()
     if config.retriever == "bm25":
         manifest["stages"]["embeddings"] = True  # BM25 needs no embeddings
-        save_manifest(folder, manifest)
+        _save(folder, manifest, dist)
+        _sync(folder, manifest, dist)
         return
     tokenizer = _tokenizer(folder, manifest)
+    record = manifest["embeddings"]
+    if dist.is_main:
+        _merge_embedding_records(folder, manifest)
+    _sync(folder, manifest, dist)
     record = manifest["embeddings"]
     blocks = manifest["chunks"]["blocks"]
     todo = [
         b for b in blocks if not _embedding_ok(folder, record["blocks"].get(str(b["index"])), b)
     ]
-    if todo:
+    if todo and embedder is None and config.embed_dtype == "auto":
+        dist.on_main(lambda: _choose_embed_dtype(folder, manifest, config, tokenizer, todo[0]))
+        _sync(folder, manifest, dist)
+        record = manifest["embeddings"]
+    mine = dist.mine(todo)
+    if mine:
         if embedder is None:
             from retrolm.database.embed import load_embedder
 
             embedder = load_embedder(
-                config.embedder, device=config.device, dtype=config.embed_dtype
+                config.embedder,
+                device=dist.device(config.device),
+                dtype=_compute_dtype(config, manifest),
             )
         if record["spec"] not in (None, embedder.spec):
             raise MismatchError(
                 f"the database {folder} was embedded with {record['spec']!r}, not {embedder.spec!r}; "
                 "use the same --embedder or build a new database"
             )
-        record.update(spec=embedder.spec, dim=int(embedder.dim), metric=embedder.metric)
+        if dist.world == 1:
+            record.update(spec=embedder.spec, dim=int(embedder.dim), metric=embedder.metric)
         (folder / "embeddings").mkdir(exist_ok=True)
         bar = progress(
-            desc="embedding", total=sum(b["rows"] for b in todo), unit="chunk", show=show_progress
+            desc="embedding",
+            total=sum(b["rows"] for b in mine),
+            unit="chunk",
+            show=show_progress and dist.is_main,
         )
-        for block in todo:
+        for block in mine:
             tokens = np.load(folder / block["file"], mmap_mode="r")
             vectors = embedder.embed(
                 tokenizer.decode_batch(tokens), batch_size=config.embed_batch_size
             )
             file = f"embeddings/emb-{block['index']:06d}.npy"
             sha = save_npy(folder / file, np.asarray(vectors).astype(config.dtype))
-            record["blocks"][str(block["index"])] = {
-                "file": file,
-                "sha256": sha,
-                "rows": block["rows"],
-            }
-            save_manifest(folder, manifest)
+            entry = {"file": file, "sha256": sha, "rows": block["rows"]}
+            if dist.world > 1:  # the main rank learns the embedder from the records
+                entry["embedder"] = {
+                    "spec": embedder.spec,
+                    "dim": int(embedder.dim),
+                    "metric": embedder.metric,
+                }
+            _finish_block(
+                folder, manifest, "embeddings", record["blocks"], block["index"], entry, dist
+            )
             bar.update(block["rows"])
         bar.close()
-    manifest["stages"]["embeddings"] = True
+    dist.barrier()
+    if dist.is_main:
+        _merge_embedding_records(folder, manifest)
+        missing = [
+            b["index"]
+            for b in blocks
+            if not _embedding_ok(folder, manifest["embeddings"]["blocks"].get(str(b["index"])), b)
+        ]
+        if missing:  # pragma: no cover - a rank finished without writing its blocks
+            raise CorruptArtifactError(
+                f"embedding blocks {missing[:5]} were not written; rerun the same command"
+            )
+        manifest["stages"]["embeddings"] = True
+        save_manifest(folder, manifest)
+    _sync(folder, manifest, dist)
+
+
+def _merge_embedding_records(folder: Path, manifest: dict[str, Any]) -> None:
+    record = manifest["embeddings"]
+    merged = _merge_records(folder, manifest, "embeddings", record["blocks"])
+    for entry in merged.values():
+        learned = entry.pop("embedder", None)
+        if learned and record["spec"] is None:
+            record.update(learned)
+    if merged:
+        save_manifest(folder, manifest)
+
+
+def _compute_dtype(config: DatabaseConfig, manifest: dict[str, Any]) -> str:
+    """The embedder's compute dtype: the setting, or for `auto` the recorded measurement."""
+    if config.embed_dtype != "auto":
+        return config.embed_dtype
+    choice = manifest["embeddings"].get("dtype_choice")
+    return choice["dtype"] if choice else "float32"
+
+
+def _choose_embed_dtype(
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    tokenizer: Tokenizer,
+    block: dict[str, Any],
+) -> None:
+    """For `--embed-dtype auto`: time float32 against bfloat16 on a few batches of the first
+    block to embed, once per database, and record the faster one in the manifest (every block,
+    and every rank, then uses it; a resumed build reuses the record)."""
+    if manifest["embeddings"].get("dtype_choice"):
+        return
+    from retrolm.database.embed import load_embedder, measure_dtypes
+
+    embedder = load_embedder(config.embedder, device=config.device, dtype="float32")
+    tokens = np.load(folder / block["file"], mmap_mode="r")
+    choice = measure_dtypes(embedder, tokenizer.decode_batch(tokens), config.embed_batch_size)
+    log.info(
+        "embedding dtype %s (float32 %s s, bfloat16 %s s on %d chunks)",
+        choice["dtype"],
+        choice["float32_s"],
+        choice["bfloat16_s"],
+        choice["chunks"],
+    )
+    manifest["embeddings"]["dtype_choice"] = choice
     save_manifest(folder, manifest)
 
 
@@ -182,49 +317,63 @@ def _embedding_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, 
 
 
 def _run_index(
-    folder: Path, manifest: dict[str, Any], config: DatabaseConfig, show_progress: bool
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    show_progress: bool,
+    dist: Dist | None = None,
 ) -> None:
+    dist = dist or Dist()
     _require(manifest, "embeddings", folder)
     store = BlockStore(folder, manifest)
     blocks = manifest["chunks"]["blocks"]
     current = manifest.get("index")
     if current and current["blocks"] == len(blocks) and _index_file_ok(folder, current):
         manifest["stages"]["index"] = True
-        save_manifest(folder, manifest)
+        _save(folder, manifest, dist)
+        _sync(folder, manifest, dist)
         return
     if store.indexed_chunks() == 0:
         raise InputError(
             f"the database {folder} has no train chunks to index; lower --valid-fraction"
         )
-    incremental = (
-        bool(current) and current["blocks"] < len(blocks) and _index_file_ok(folder, current)
-    )
     generation = current["generation"] + 1 if current else 0
     if config.retriever == "bm25":
-        record = _build_bm25(folder, store, generation, show_progress)
-    else:
-        record = _build_faiss(
-            folder,
-            manifest,
-            config,
-            store,
-            current if incremental else None,
-            generation,
-            show_progress,
+        dist.on_main(
+            lambda: _install_index(
+                folder, manifest, _build_bm25(folder, store, generation, show_progress)
+            )
         )
-    old = current
+    else:
+        _build_faiss(folder, manifest, config, store, current, generation, show_progress, dist)
+    _sync(folder, manifest, dist)
+
+
+def _install_index(folder: Path, manifest: dict[str, Any], record: dict[str, Any]) -> None:
+    """Make `record` the database's index, then delete the index it replaces."""
+    old = manifest.get("index")
     manifest["index"] = record
     manifest["stages"]["index"] = True
+    manifest.pop("index_build", None)
     save_manifest(folder, manifest)
-    if old and old["file"] != record["file"]:  # only now is the old index no longer referenced
-        path = folder / old["file"]
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+    if old:  # only now is the old index no longer referenced
+        for key in ("file", "ivfdata_file"):
+            if old.get(key) and old[key] != record.get(key):
+                path = folder / old[key]
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
 
 
 def _index_file_ok(folder: Path, record: dict[str, Any]) -> bool:
     path = folder / record["file"]
     if record["kind"] == "bm25":
         return path.is_dir()
+    if record.get("ondisk") and not block_ok(
+        folder, record["ivfdata_file"], record["ivfdata_sha256"]
+    ):
+        return False
     return block_ok(folder, record["file"], record["sha256"])
 
 
@@ -233,62 +382,204 @@ def _build_faiss(
     manifest: dict[str, Any],
     config: DatabaseConfig,
     store: BlockStore,
-    previous: dict[str, Any] | None,
+    current: dict[str, Any] | None,
     generation: int,
     show_progress: bool,
-) -> dict[str, Any]:
+    dist: Dist | None = None,
+) -> None:
+    """Train once (main rank), encode the blocks in parallel (every rank: `encode_block`),
+    add the codes in block order (main rank), into memory or into on-disk inverted lists."""
     from retrolm.database import index as faiss_index
 
+    dist = dist or Dist()
+    dist.on_main(lambda: _plan_index(folder, manifest, config, store, current, generation))
+    _sync(folder, manifest, dist)
+    plan = manifest["index_build"]
+    codes = plan["codes"]
+    if dist.is_main:
+        _merge_records(folder, manifest, "index-codes", codes)
+    _sync(folder, manifest, dist)
+    blocks = manifest["chunks"]["blocks"][plan["first_block"] :]
+    todo = [b for b in blocks if not _codes_ok(folder, codes.get(str(b["index"])), b)]
+    mine = dist.mine(todo)
+    if mine:
+        trained = faiss_index.load_index(folder / plan["trained_file"], mmap=True)
+        bar = progress(
+            desc="encoding",
+            total=sum(b["rows"] for b in mine),
+            unit="chunk",
+            show=show_progress and dist.is_main,
+        )
+        for block in mine:
+            ids = store.indexed_ids_of_block(block)
+            vectors = np.asarray(store.embeddings_of_block(block)[ids - block["start"]])
+            file = f"index/codes-{generation:04d}-{block['index']:06d}.npy"
+            sha = save_npy(folder / file, faiss_index.encode_block(trained, vectors))
+            entry = {"file": file, "sha256": sha, "rows": int(len(ids))}
+            _finish_block(folder, manifest, "index-codes", codes, block["index"], entry, dist)
+            bar.update(block["rows"])
+        bar.close()
+        del trained
+    dist.barrier()
+    if dist.is_main:
+        _merge_records(folder, manifest, "index-codes", codes)
+        record = _add_codes(folder, manifest, config, store, show_progress)
+        _install_index(folder, manifest, record)
+        for entry in codes.values():
+            (folder / entry["file"]).unlink(missing_ok=True)
+        (folder / plan["trained_file"]).unlink(missing_ok=True)
+
+
+def _codes_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, Any]) -> bool:
+    return record is not None and block_ok(folder, record["file"], record["sha256"])
+
+
+def _plan_index(
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    store: BlockStore,
+    current: dict[str, Any] | None,
+    generation: int,
+) -> None:
+    """Choose and train the index (or reopen the one `db add` extends), write it empty to
+    `index/trained-G.faiss` and record the plan; a resumed build keeps a plan whose trained
+    file is intact."""
+    from retrolm.database import index as faiss_index
+    from retrolm.database.ondisk import choose_layout
+
+    plan = manifest.get("index_build")
+    if (
+        plan
+        and plan["generation"] == generation
+        and block_ok(folder, plan["trained_file"], plan["trained_sha256"])
+    ):
+        return
     emb = manifest["embeddings"]
     dim, metric = emb["dim"], emb["metric"]
-    blocks = manifest["chunks"]["blocks"]
     num_train = store.indexed_chunks()
-    if previous is not None:  # db add: the trained index takes the new blocks' vectors
-        index = faiss_index.load_index(folder / previous["file"])
-        factory, first_block = previous["factory"], previous["blocks"]
+    incremental = (
+        current is not None
+        and current["blocks"] < len(store.blocks)
+        and not current.get("ondisk")
+        and _index_file_ok(folder, current)
+    )
+    if incremental:  # db add: the filled index takes the new blocks' vectors
+        index = faiss_index.load_index(folder / current["file"])
+        factory, ondisk, first_block = current["factory"], False, current["blocks"]
     else:
-        factory = (
-            faiss_index.choose_factory(num_train, dim, config.index_memory)
-            if config.index == "auto"
-            else config.index
-        )
+        if config.index == "auto":
+            factory, ondisk = choose_layout(num_train, dim, config.index_memory)
+        else:
+            factory, ondisk = config.index, False
         size = min(faiss_index.training_sample_size(factory, num_train), config.index_train_size)
         sample = store.indexed_sample(size, config.seed) if size > 0 else None
         log.info(
-            "index %r over %d train and retrieval-only chunks (trained on %d)",
+            "index %r%s over %d train and retrieval-only chunks (trained on %d)",
             factory,
+            " with on-disk inverted lists" if ondisk else "",
             num_train,
             0 if sample is None else len(sample),
         )
         index = faiss_index.build_index(factory, dim, metric, sample, seed=config.seed)
         first_block = 0
+    (folder / "index").mkdir(exist_ok=True)
+    trained_file = f"index/trained-{generation:04d}.faiss"
+    faiss_index.save_index(index, folder / trained_file)
+    manifest["index_build"] = {
+        "generation": generation,
+        "factory": factory,
+        "metric": metric,
+        "ondisk": ondisk,
+        "first_block": first_block,
+        "trained_file": trained_file,
+        "trained_sha256": sha256_file(folder / trained_file),
+        "codes": {},
+    }
+    save_manifest(folder, manifest)
+
+
+def _search_params(
+    index: Any, factory: str, store: BlockStore, config: DatabaseConfig
+) -> tuple[dict[str, int], float | None]:
+    """`choose_search_params` on a seeded sample of train chunks, exact search streamed over
+    the embedding blocks."""
+    from retrolm.database import index as faiss_index
+
+    if index.ntotal <= faiss_index.TUNE_MIN_VECTORS:
+        return faiss_index.choose_search_params(index, factory, np.zeros((0, index.d)))
+    queries = store.indexed_sample(faiss_index.TUNE_QUERIES, config.seed + 1)
+
+    def blocks() -> Any:
+        for block in store.blocks:
+            ids = store.indexed_ids_of_block(block)
+            yield np.asarray(store.embeddings_of_block(block)[ids - block["start"]]), ids
+
+    return faiss_index.choose_search_params(index, factory, queries, blocks())
+
+
+def _add_codes(
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    store: BlockStore,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Add every block's codes, in block order, to the trained index; save it; its record."""
+    from retrolm.database import index as faiss_index
+    from retrolm.database.ondisk import merge_blocks_ondisk
+
+    plan = manifest["index_build"]
+    generation, factory = plan["generation"], plan["factory"]
+    blocks = manifest["chunks"]["blocks"][plan["first_block"] :]
+    trained_path = folder / plan["trained_file"]
+    index = faiss_index.load_index(trained_path)
     bar = progress(
-        desc="indexing",
-        total=sum(b["rows"] for b in blocks[first_block:]),
-        unit="chunk",
-        show=show_progress,
+        desc="indexing", total=sum(b["rows"] for b in blocks), unit="chunk", show=show_progress
     )
-    for block in blocks[first_block:]:
-        ids = store.indexed_ids_of_block(block)
-        if len(ids):
-            vectors = store.embeddings_of_block(block)[ids - block["start"]]
-            faiss_index.add_vectors(index, vectors.astype(np.float32), ids)
-        bar.update(block["rows"])
-    bar.close()
-    params = faiss_index.default_search_params(factory, int(index.ntotal))
-    faiss_index.apply_search_params(index, params)
+
+    def coded_blocks() -> Any:
+        for block in blocks:
+            entry = plan["codes"][str(block["index"])]
+            yield np.load(folder / entry["file"]), store.indexed_ids_of_block(block)
+            bar.update(block["rows"])
+
     file = f"index/index-{generation:04d}.faiss"
+    record: dict[str, Any] = {}
+    if plan["ondisk"]:
+        ivfdata = f"index/lists-{generation:04d}.ivfdata"
+        merge_blocks_ondisk(
+            index,
+            coded_blocks(),
+            folder / ivfdata,
+            folder / "index" / f"shards-{generation:04d}",
+            shard_bytes=max(config.index_memory // 4, 1 << 20),
+            load_trained=lambda: faiss_index.load_index(trained_path),
+        )
+        shutil.rmtree(folder / "index" / f"shards-{generation:04d}", ignore_errors=True)
+        record.update(
+            ondisk=True, ivfdata_file=ivfdata, ivfdata_sha256=sha256_file(folder / ivfdata)
+        )
+    else:
+        for codes, ids in coded_blocks():
+            faiss_index.add_encoded(index, codes, ids)
+        record["ondisk"] = False
+    bar.close()
+    params, recall = _search_params(index, factory, store, config)
+    if recall is not None:
+        record["search_recall_at_10"] = round(recall, 4)
     faiss_index.save_index(index, folder / file)
     return {
         "kind": "faiss",
         "file": file,
         "sha256": sha256_file(folder / file),
         "factory": factory,
-        "metric": metric,
+        "metric": plan["metric"],
         "search_params": params,
         "ntotal": int(index.ntotal),
-        "blocks": len(blocks),
+        "blocks": len(manifest["chunks"]["blocks"]),
         "generation": generation,
+        **record,
     }
 
 
@@ -326,25 +617,39 @@ def _build_bm25(
 
 
 def _run_neighbours(
-    folder: Path, manifest: dict[str, Any], config: DatabaseConfig, show_progress: bool
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    show_progress: bool,
+    dist: Dist | None = None,
 ) -> None:
+    dist = dist or Dist()
     _require(manifest, "index", folder)
-    store = BlockStore(folder, manifest)
     record = manifest["neighbours"]
+    if dist.is_main:
+        _merge_records(folder, manifest, "neighbours", record["blocks"])
+    _sync(folder, manifest, dist)
+    record = manifest["neighbours"]
+    store = BlockStore(folder, manifest)
     k = config.neighbours
     todo = [
         b
         for b in store.blocks
         if not _neighbours_ok(folder, record["blocks"].get(str(b["index"])), b)
     ]
-    if todo:
-        index = store.load_index()
+    mine = dist.mine(todo)
+    if mine:
+        # ranks share one memory-mapped copy of the index (and on-disk lists are mapped anyway)
+        index = store.load_index(mmap=dist.world > 1)
         metric = manifest["index"]["metric"]
         (folder / "neighbours").mkdir(exist_ok=True)
         bar = progress(
-            desc="neighbours", total=sum(b["rows"] for b in todo), unit="chunk", show=show_progress
+            desc="neighbours",
+            total=sum(b["rows"] for b in mine),
+            unit="chunk",
+            show=show_progress and dist.is_main,
         )
-        for block in todo:
+        for block in mine:
             ids, dists = _block_neighbours(store, block, index, metric, k)
             i = block["index"]
             ids_file, dists_file = f"neighbours/ids-{i:06d}.npy", f"neighbours/dists-{i:06d}.npy"
@@ -355,13 +660,16 @@ def _run_neighbours(
                 "dists_sha256": save_npy(folder / dists_file, dists.astype(np.float32)),
                 "rows": block["rows"],
             }
-            record["blocks"][str(i)] = entry
-            save_manifest(folder, manifest)
+            _finish_block(folder, manifest, "neighbours", record["blocks"], i, entry, dist)
             bar.update(block["rows"])
         bar.close()
-    record["k"] = k
-    manifest["stages"]["neighbours"] = True
-    save_manifest(folder, manifest)
+    dist.barrier()
+    if dist.is_main:
+        _merge_records(folder, manifest, "neighbours", record["blocks"])
+        record["k"] = k
+        manifest["stages"]["neighbours"] = True
+        save_manifest(folder, manifest)
+    _sync(folder, manifest, dist)
 
 
 def _block_neighbours(
@@ -421,6 +729,7 @@ def chunk_stage(
     config: DatabaseConfig,
     *,
     show_progress: bool = True,
+    dist: Dist | None = None,
 ) -> Path:
     """Read the corpus, train (or copy) the tokenizer, write the chunk blocks and documents table.
 
@@ -428,6 +737,7 @@ def chunk_stage(
         corpus_paths: folders, text files, .jsonl or .parquet files.
         out: the database folder (created, or resumed when it holds an unfinished build).
         config: the database settings.
+        dist: this process's rank (default: the torch.distributed job it belongs to, if any).
 
     Returns:
         The database folder.
@@ -436,28 +746,63 @@ def chunk_stage(
         InputError: no documents in the corpus, unreadable inputs with `strict`, a non-empty
             folder that is not a database.
         MismatchError: `out` holds a database built with other settings or another corpus.
+        BuildLockedError: another build is writing `out`.
     """
-    fresh = not manifest_path(Path(out)).is_file()
-    folder, manifest = _start(corpus_paths, out, config)
-    try:
-        tokenizer = run_tokenizer(folder, manifest, config, show_progress)
-        run_chunks(folder, manifest, config, tokenizer, show_progress)
-    except InputError:
-        if fresh and not manifest["chunks"]["blocks"]:
-            # Nothing usable was written (e.g. the corpus yielded no documents): leave no
-            # half-made database behind that would refuse a corrected rerun into the same --out.
-            _discard_new(folder)
-        raise
-    return folder
+    dist = dist or distributed.current()
+    with distributed.build_lock(Path(out), dist):
+        return _chunk_stage(corpus_paths, out, config, show_progress, dist)
+
+
+def _chunk_stage(
+    corpus_paths: Paths,
+    out: str | os.PathLike[str],
+    config: DatabaseConfig,
+    show_progress: bool,
+    dist: Dist,
+) -> Path:
+    """The tokenizer and the chunks, on the main rank (the corpus is one ordered stream, and
+    the tokenizer's batches already use every core); the other ranks wait."""
+
+    def work() -> Path:
+        fresh = not manifest_path(Path(out)).is_file()
+        folder, manifest = _start(corpus_paths, out, config)
+        try:
+            tokenizer = run_tokenizer(folder, manifest, config, show_progress)
+            run_chunks(folder, manifest, config, tokenizer, show_progress)
+        except InputError:
+            if fresh and not manifest["chunks"]["blocks"]:
+                # Nothing usable was written (e.g. the corpus yielded no documents): leave no
+                # half-made database behind that would refuse a corrected rerun into --out.
+                _discard_new(folder)
+            raise
+        return folder
+
+    dist.on_main(work)
+    dist.barrier()
+    return Path(out)
 
 
 def _discard_new(folder: Path) -> None:
     """Empty a database folder that this run created and that holds no chunk block."""
     for p in folder.iterdir():
+        if p.name == distributed.LOCK_FILE:
+            continue  # held by this build until it ends
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+
+def _reopen_locked(db_path: str | os.PathLike[str], overrides: dict[str, Any] | None, dist: Dist):  # noqa: ANN202
+    """`_reopen` on the main rank (it cleans up leftovers), then on the others."""
+    result = dist.on_main(lambda: _reopen(db_path, overrides))
+    dist.barrier()
+    if result is None:
+        folder = Path(db_path)
+        manifest = load_manifest(folder)
+        config = DatabaseConfig.from_dict({**read_json(folder / CONFIG_FILE), **(overrides or {})})
+        return folder, manifest, config
+    return result
 
 
 def embed_stage(
@@ -466,6 +811,7 @@ def embed_stage(
     overrides: dict[str, Any] | None = None,
     embedder: Any = None,
     show_progress: bool = True,
+    dist: Dist | None = None,
 ) -> Path:
     """Embed every chunk block not yet embedded (decoded chunk text -> stored vectors).
 
@@ -474,10 +820,13 @@ def embed_stage(
         overrides: speed-only settings to change for this run (embed_batch_size, device,
             embed_dtype); content settings must match the database.
         embedder: an already loaded `Embedder` (default: load `config.embedder`).
+        dist: this process's rank; each rank embeds its share of the blocks.
     """
-    folder, manifest, config = _reopen(db_path, overrides)
-    _require(manifest, "chunks", folder)
-    _run_embeddings(folder, manifest, config, embedder, show_progress)
+    dist = dist or distributed.current()
+    with distributed.build_lock(Path(db_path), dist, create=False):
+        folder, manifest, config = _reopen_locked(db_path, overrides, dist)
+        _require(manifest, "chunks", folder)
+        _run_embeddings(folder, manifest, config, embedder, show_progress, dist)
     return folder
 
 
@@ -486,10 +835,14 @@ def index_stage(
     *,
     overrides: dict[str, Any] | None = None,
     show_progress: bool = True,
+    dist: Dist | None = None,
 ) -> Path:
-    """Train the faiss index on a sample of train chunks and fill it block by block (or BM25)."""
-    folder, manifest, config = _reopen(db_path, overrides)
-    _run_index(folder, manifest, config, show_progress)
+    """Train the faiss index on a sample of train chunks (main rank), encode the blocks on every
+    rank, and add the codes in block order (or build BM25)."""
+    dist = dist or distributed.current()
+    with distributed.build_lock(Path(db_path), dist, create=False):
+        folder, manifest, config = _reopen_locked(db_path, overrides, dist)
+        _run_index(folder, manifest, config, show_progress, dist)
     return folder
 
 
@@ -498,10 +851,14 @@ def neighbours_stage(
     *,
     overrides: dict[str, Any] | None = None,
     show_progress: bool = True,
+    dist: Dist | None = None,
 ) -> Path:
-    """Precompute the K nearest train chunks of every chunk, excluding its own document."""
-    folder, manifest, config = _reopen(db_path, overrides)
-    _run_neighbours(folder, manifest, config, show_progress)
+    """Precompute the K nearest train chunks of every chunk, excluding its own document; each
+    rank queries its share of the blocks against the whole index."""
+    dist = dist or distributed.current()
+    with distributed.build_lock(Path(db_path), dist, create=False):
+        folder, manifest, config = _reopen_locked(db_path, overrides, dist)
+        _run_neighbours(folder, manifest, config, show_progress, dist)
     return folder
 
 
@@ -511,10 +868,12 @@ def _downstream(
     config: DatabaseConfig,
     embedder: Any,
     show_progress: bool,
+    dist: Dist | None = None,
 ) -> None:
-    _run_embeddings(folder, manifest, config, embedder, show_progress)
-    _run_index(folder, manifest, config, show_progress)
-    _run_neighbours(folder, manifest, config, show_progress)
+    dist = dist or Dist()
+    _run_embeddings(folder, manifest, config, embedder, show_progress, dist)
+    _run_index(folder, manifest, config, show_progress, dist)
+    _run_neighbours(folder, manifest, config, show_progress, dist)
 
 
 def build_database(
@@ -525,6 +884,7 @@ def build_database(
     embedder: Any = None,
     retrieval_only: Paths = (),
     show_progress: bool = True,
+    dist: Dist | None = None,
 ) -> Path:
     """Run every stage; rerunning after an interruption resumes and gives the same database.
 
@@ -537,19 +897,38 @@ def build_database(
             "retrieval") but never trained on or evaluated: a database larger than the
             training set, as in the paper.
         show_progress: progress bars on stderr.
+        dist: this process's rank (default: the torch.distributed job it belongs to, if any);
+            any number of ranks gives the same database.
 
     Returns:
         The database folder, ready for `Database.open`.
 
     Raises:
         InputError, MismatchError: see `chunk_stage`; also a missing embedder path.
+        BuildLockedError: another build is writing `out`.
     """
     config = config or DatabaseConfig()
+    dist = dist or distributed.current()
     extra = _inputs(retrieval_only) if retrieval_only else None
-    folder = chunk_stage(corpus_paths, out, config, show_progress=show_progress)
+    with distributed.build_lock(Path(out), dist):
+        folder = _chunk_stage(corpus_paths, out, config, show_progress, dist)
+        dist.on_main(lambda: _retrieval_only_chunks(folder, config, extra, show_progress))
+        dist.barrier()
+        manifest = load_manifest(folder)
+        _downstream(folder, manifest, config, embedder, show_progress, dist)
+    log.info("database ready: %s", folder)
+    return folder
+
+
+def _retrieval_only_chunks(
+    folder: Path, config: DatabaseConfig, extra: list[str] | None, show_progress: bool
+) -> None:
+    """Chunk the retrieval-only inputs of a build (a second source, split "retrieval"), or
+    refuse inputs other than the ones the database was built with."""
     manifest = load_manifest(folder)
-    recorded = manifest["sources"][1]["inputs"] if len(manifest["sources"]) > 1 else None
-    if len(manifest["sources"]) > 1 and not manifest["sources"][1].get("retrieval_only"):
+    sources = manifest["sources"]
+    recorded = sources[1]["inputs"] if len(sources) > 1 else None
+    if len(sources) > 1 and not sources[1].get("retrieval_only"):
         recorded = None  # documents added by `db add`: not part of this build command
     if recorded is not None and recorded != extra:
         raise MismatchError(
@@ -557,18 +936,16 @@ def build_database(
             f"{' '.join(extra or ['(none)'])}; rerun with the same inputs to resume, or use "
             "`retrolm db add --retrieval-only` to add documents"
         )
-    if extra is not None and recorded is None:
-        if len(manifest["sources"]) > 1:
+    if extra is None:
+        return
+    if recorded is None:
+        if len(sources) > 1:
             raise MismatchError(
                 f"the database {folder} already has documents added with `retrolm db add`; add "
                 "the retrieval-only documents with `retrolm db add --retrieval-only`"
             )
         _append_source(folder, manifest, extra, retrieval_only=True)
-    if extra is not None:
-        run_chunks(folder, manifest, config, _tokenizer(folder, manifest), show_progress)
-    _downstream(folder, manifest, config, embedder, show_progress)
-    log.info("database ready: %s", folder)
-    return folder
+    run_chunks(folder, manifest, config, _tokenizer(folder, manifest), show_progress)
 
 
 def _append_source(

@@ -248,7 +248,7 @@ class Database:
             from retrolm.database.embed import load_embedder
 
             self._embedder = load_embedder(
-                self.config.embedder, device=self.config.device, dtype=self.config.embed_dtype
+                self.config.embedder, device=self.config.device, dtype=self._embed_dtype()
             )
             if self._embedder.spec != self.manifest["embeddings"]["spec"]:
                 raise MismatchError(
@@ -256,6 +256,13 @@ class Database:
                     f"built with ({self.manifest['embeddings']['spec']!r})"
                 )
         return self._embedder
+
+    def _embed_dtype(self) -> str:
+        """The compute dtype for queries: the setting, or what `auto` chose for the build."""
+        if self.config.embed_dtype != "auto":
+            return self.config.embed_dtype
+        choice = self.manifest["embeddings"].get("dtype_choice")
+        return choice["dtype"] if choice else "float32"
 
     def set_embedder(self, embedder: Any) -> None:
         """Use an already loaded embedder (it must have the database's spec)."""
@@ -333,7 +340,7 @@ def database_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not manifest["stages"]["chunks"]:  # mid-build: what the finished blocks hold so far
         last = blocks[-1]["cursor"] if blocks else {}
         counts = {**counts, "documents": last.get("documents", 0), "chunks": last.get("chunks", 0)}
-    keys = ("kind", "factory", "metric", "search_params", "ntotal")
+    keys = ("kind", "factory", "metric", "search_params", "ntotal", "ondisk")
     return {
         "path": str(folder),
         "format_version": manifest["format_version"],

@@ -163,6 +163,62 @@ class Embedder:
         return h.hexdigest()
 
 
+# bfloat16 is taken by `--embed-dtype auto` only when at least this much faster than float32:
+# a margin over timing noise, so that a tie (or an overhead-bound tiny model) stays float32.
+BF16_MIN_SPEEDUP = 1.2
+# Encoders narrower than this are overhead-bound (autocast only adds casts): float32, untimed.
+BF16_MIN_DIM = 128
+
+
+def measure_dtypes(
+    embedder: Embedder, texts: Sequence[str], batch_size: int, *, batches: int = 2
+) -> dict[str, Any]:
+    """Time float32 against bfloat16 autocast on a few batches of `texts`; pick the faster.
+
+    Each dtype embeds the same `batches` batches after one warm-up batch, three times in
+    alternation, and keeps its best time. bfloat16 wins only when `BF16_MIN_SPEEDUP` times
+    faster; an encoder narrower than `BF16_MIN_DIM` stays float32 without being timed.
+
+    Returns:
+        {"dtype", "float32_s", "bfloat16_s", "chunks", "device"}: recorded in the manifest
+        (the times are None when nothing was timed).
+    """
+    import time
+
+    if embedder.dim < BF16_MIN_DIM:
+        return {
+            "dtype": "float32",
+            "float32_s": None,
+            "bfloat16_s": None,
+            "chunks": 0,
+            "device": str(embedder.device),
+        }
+    sample = list(texts[: batch_size * batches])
+    warm = sample[:batch_size]
+    original = embedder.dtype
+    best = {"float32": float("inf"), "bfloat16": float("inf")}
+    try:
+        for dtype in best:
+            embedder.dtype = dtype
+            embedder.embed(warm, batch_size=batch_size)
+        for _ in range(3):
+            for dtype in best:
+                embedder.dtype = dtype
+                start = time.perf_counter()
+                embedder.embed(sample, batch_size=batch_size)
+                best[dtype] = min(best[dtype], time.perf_counter() - start)
+    finally:
+        embedder.dtype = original
+    faster = best["bfloat16"] * BF16_MIN_SPEEDUP < best["float32"]
+    return {
+        "dtype": "bfloat16" if faster else "float32",
+        "float32_s": round(best["float32"], 4),
+        "bfloat16_s": round(best["bfloat16"], 4),
+        "chunks": len(sample),
+        "device": str(embedder.device),
+    }
+
+
 class _SentenceTransformerForward(torch.nn.Module):
     """Runs a SentenceTransformer's modules (transformer, pooling, dense, normalize ...)."""
 

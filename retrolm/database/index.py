@@ -202,6 +202,50 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> Non
     index.add_with_ids(vectors, ids)
 
 
+def _code_target(index: faiss.Index) -> Any:
+    """The index that takes `sa_encode` codes through `add_sa_codes`, or None.
+
+    IVF indexes do (the codes carry the list number); an OPQ / PCA pre-transform in front of
+    one does too, its inner IVF index taking the codes that the outer `sa_encode` makes.
+    Flat (IDMap2) and HNSW indexes do not: their blocks are passed on as float32 vectors.
+    """
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    return inner if isinstance(inner, faiss.IndexIVF) else None
+
+
+def encode_block(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+    """One block of vectors as the codes `add_encoded` adds: (n, code_size) uint8 `sa_encode`
+    codes for IVF indexes, the float32 vectors themselves for the others.
+
+    Encoding is the costly part of an add (the coarse assignment and the compression), and it
+    needs only the trained index, so ranks encode their blocks in parallel; adding the codes in
+    block order then gives the very index a serial `add_vectors` of the blocks gives.
+    """
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[1] != index.d:
+        raise InputError(f"vectors have shape {vectors.shape}, index expects (n, {index.d})")
+    if _code_target(index) is None or len(vectors) == 0:
+        return vectors
+    return index.sa_encode(vectors)
+
+
+def add_encoded(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
+    """Add one block made by `encode_block` with its global ids (int64)."""
+    ids = np.ascontiguousarray(ids, dtype=np.int64)
+    if len(ids) != len(codes):
+        raise InputError(f"{len(codes)} codes but {len(ids)} ids")
+    target = _code_target(index)
+    if target is None or codes.dtype != np.uint8:
+        add_vectors(index, codes, ids)
+        return
+    if len(ids) == 0:
+        return
+    target.add_sa_codes(np.ascontiguousarray(codes), ids)
+    index.ntotal = target.ntotal  # a pre-transform's count follows its inner index
+
+
 def default_search_params(factory: str, num_vectors: int) -> dict[str, int]:
     """Search parameters that reach recall@10 >= 0.95 against exact search (see the tests).
 
@@ -328,6 +372,69 @@ def tune_search_params(
     return {name: value}, recall
 
 
+# Databases larger than this tune their search parameters on a sample (smaller ones keep the
+# defaults, whose recall the tests establish, and are exact or nearly so anyway).
+TUNE_MIN_VECTORS = EXACT_MAX_VECTORS
+TUNE_QUERIES = 1000
+TUNE_TARGET_RECALL = 0.95
+TUNE_PLATEAU = 0.01
+
+
+def choose_search_params(
+    index: faiss.Index,
+    factory: str,
+    queries: np.ndarray,
+    blocks: Iterable[tuple[np.ndarray, np.ndarray]] | None = None,
+    *,
+    k: int = 10,
+    true_ids: np.ndarray | None = None,
+) -> tuple[dict[str, int], float | None]:
+    """The search parameters a database records: `default_search_params`, lowered on a large
+    index to the cheapest setting whose recall@k on `queries` against exact search reaches
+    `TUNE_TARGET_RECALL` (the default probes nlist/8 cells: hours of neighbour search at a few
+    million chunks, for a recall that a few dozen cells already give). PQ codes may never reach
+    the target (their distances are approximate): then the cheapest setting within
+    `TUNE_PLATEAU` of the best recall any setting up to the default reached.
+
+    Args:
+        index: the filled index; left set to the returned parameters.
+        factory: its factory string.
+        queries: (n, d) sampled database vectors.
+        blocks: the database as (vectors, ids) blocks, for the exact search (or `true_ids`).
+        true_ids: (n, >= k) exact neighbours of `queries`, when the caller has them already.
+
+    Returns:
+        (params, recall@k reached), recall None when the defaults were kept untested.
+    """
+    default = default_search_params(factory, int(index.ntotal))
+    if index.ntotal <= TUNE_MIN_VECTORS or not default or len(queries) == 0:
+        apply_search_params(index, default)
+        return default, None
+    if true_ids is None:
+        if blocks is None:
+            raise InputError("choose_search_params needs the database blocks or true_ids")
+        true_ids = exact_search_blocks(queries, blocks, k, metric_of(index))[1]
+    true_ids = true_ids[:, :k]
+    name = "nprobe" if "nprobe" in default else "efSearch"
+    top = default[name]
+    tried: list[tuple[int, float]] = []
+    value = 1 if name == "nprobe" else max(16, k)
+    while True:  # powers of two up to the default
+        value = min(value, top)
+        apply_search_params(index, {name: value})
+        tried.append((value, recall_at_k(search(index, queries, k)[1], true_ids)))
+        if tried[-1][1] >= TUNE_TARGET_RECALL or value == top:
+            break
+        value *= 2
+    best = max(r for _, r in tried)
+    # the target, or where compressed codes saturate below it, within 0.01 of the best reached
+    goal = min(TUNE_TARGET_RECALL, best - TUNE_PLATEAU)
+    value, recall = next((v, r) for v, r in tried if r >= goal)
+    params = {**default, name: value}
+    apply_search_params(index, params)
+    return params, recall
+
+
 def _find_hnsw(index: Any) -> Any:
     """The IndexHNSW inside `index` (through IDMap / pre-transform wrappers), or None."""
     inner = faiss.downcast_index(index)
@@ -346,13 +453,16 @@ def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def load_index(path: str | os.PathLike[str], mmap: bool = False) -> faiss.Index:
+def load_index(
+    path: str | os.PathLike[str], mmap: bool = False, *, ondisk: bool = False
+) -> faiss.Index:
     """Read an index written by `save_index`.
 
     Args:
         path: the index file.
         mmap: memory-map the vectors / inverted lists instead of reading them into memory
             (read-only); falls back to a normal read for index types that do not support it.
+        ondisk: the index has on-disk inverted lists in a `.ivfdata` file beside it.
 
     Raises:
         InputError: `path` does not exist.
@@ -361,6 +471,16 @@ def load_index(path: str | os.PathLike[str], mmap: bool = False) -> faiss.Index:
     path = Path(path)
     if not path.is_file():
         raise InputError(f"no faiss index at {path}: build it first (retrolm db index)")
+    if ondisk:
+        # on-disk inverted lists (see `retrolm.database.ondisk`): their .ivfdata file lies
+        # beside the index and is memory-mapped, wherever the database folder was moved
+        try:
+            return faiss.read_index(str(path), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        except RuntimeError as e:
+            raise CorruptArtifactError(
+                f"{path} is not a readable on-disk faiss index ({str(e).strip().splitlines()[-1]}): "
+                "delete it and rerun `retrolm db index`"
+            ) from None
     if mmap:
         for flag in (faiss.IO_FLAG_MMAP_IFC, faiss.IO_FLAG_MMAP):
             try:

@@ -135,6 +135,6 @@ class BlockStore:
             return BM25Index.load(path, mmap=mmap)
         from retrolm.database.index import apply_search_params, load_index
 
-        index = load_index(path, mmap=mmap)
+        index = load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk")))
         apply_search_params(index, record["search_params"])
         return index

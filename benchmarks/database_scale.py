@@ -1,0 +1,382 @@
+"""The index and neighbour stages of `retrolm db build` at scale, on synthetic embeddings.
+
+    python benchmarks/database_scale.py --chunks 1000000 --out /tmp/scale [--workers 2] [--json]
+
+Seeded, clustered, normalised embeddings (documents of 8 consecutive chunks on one topic, a
+topic per 256 chunks, noise 1.5x the centres' scale; so the same-document exclusion has work to
+do and the nearest other documents are the ~31 others of the topic) are generated block by block on the fly, never all at
+once, and go through the functions `db build` calls for its index and neighbour stages:
+`choose_layout` (in memory or on-disk lists), `build_index` on a seeded sample,
+`encode_block` per rank, `add_encoded` in block order (or `merge_blocks_ondisk`),
+`choose_search_params`, and per rank `search_excluding_documents` against the memory-mapped
+index. Ranks run as in `db build --workers N` (torch's elastic launcher, gloo); each stage is
+timed on rank 0 between barriers.
+
+Prints per stage seconds and chunks/s, peak RSS (the largest rank and all ranks together), the
+index chosen, its code bytes, and recall@10 of the stored neighbours against an exact search
+(same-document exclusion included) for 1,000 sampled chunks. With --json the last line is one
+JSON object with at least chunks, seconds, peak_rss_mb, recall_at_10 and index.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from retrolm.database import distributed
+from retrolm.database import index as ix
+from retrolm.database.config import parse_bytes
+from retrolm.database.neighbours import index_search_fn, search_excluding_documents
+from retrolm.database.ondisk import choose_layout, merge_blocks_ondisk
+from retrolm.io import save_npy
+
+DOC_CHUNKS = 8  # chunks per synthetic document
+TOPIC_CHUNKS = 256  # chunks per topic (cluster centre) on average: 32 documents
+NOISE = 1.5  # noise scale against unit-variance centres (per dimension)
+SAMPLE_BLOCKS = 8  # the recall sample is drawn from this many blocks
+
+
+class Synthetic:
+    """Block `b` of a seeded clustered database, made on demand (the same every time)."""
+
+    def __init__(self, chunks: int, dim: int, block_rows: int, seed: int) -> None:
+        self.chunks, self.dim, self.block_rows, self.seed = chunks, dim, block_rows, seed
+        rng = np.random.default_rng([seed, 0])
+        self.topics = max(64, chunks // TOPIC_CHUNKS)
+        self.centres = rng.standard_normal((self.topics, dim)).astype(np.float32)
+        self.blocks = -(-chunks // block_rows)
+
+    def rows(self, b: int) -> tuple[int, int]:
+        start = b * self.block_rows
+        return start, min(start + self.block_rows, self.chunks)
+
+    def ids(self, b: int) -> np.ndarray:
+        return np.arange(*self.rows(b), dtype=np.int64)
+
+    def vectors(self, b: int) -> np.ndarray:
+        ids = self.ids(b)
+        return self._make(ids // DOC_CHUNKS, np.random.default_rng([self.seed, 1, b]))
+
+    def training_sample(self, size: int) -> np.ndarray:
+        """Fresh draws from the same distribution (faiss benchmarks train on a learn set too)."""
+        rng = np.random.default_rng([self.seed, 2])
+        return self._make(rng.integers(0, max(self.chunks // DOC_CHUNKS, 1), size), rng)
+
+    def _make(self, docs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        topics = (docs * 2654435761 + self.seed) % (1 << 32) % self.topics
+        v = self.centres[topics] + NOISE * rng.standard_normal((len(docs), self.dim), np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        return v
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
+    out = Path(args.out)
+    if dist.is_main:
+        shutil.rmtree(out, ignore_errors=True)
+        out.mkdir(parents=True)
+    dist.barrier()
+    data = Synthetic(args.chunks, args.dim, args.block_rows, args.seed)
+    chunk_doc_path = out / "chunk_doc.npy"
+    times: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def stage(name: str) -> None:
+        dist.barrier()
+        now = time.perf_counter()
+        times[name] = now - clock[0]
+        clock[0] = now
+
+    # the chunk -> document map, memory-mapped like a database's chunk_doc.npy
+    if dist.is_main:
+        mapping = np.lib.format.open_memmap(chunk_doc_path, "w+", np.int64, (args.chunks,))
+        for b in range(data.blocks):
+            start, end = data.rows(b)
+            mapping[start:end] = np.arange(start, end) // DOC_CHUNKS
+        mapping.flush()
+        del mapping
+    stage("setup")
+
+    # train (rank 0), as _plan_index does
+    if args.index == "auto":
+        factory, ondisk = choose_layout(args.chunks, args.dim, parse_bytes(args.index_memory))
+    else:
+        factory, ondisk = args.index, False
+    trained_path = out / "trained.faiss"
+    if dist.is_main:
+        size = min(ix.training_sample_size(factory, args.chunks), args.index_train_size)
+        sample = data.training_sample(size) if size else None
+        ix.save_index(ix.build_index(factory, args.dim, "ip", sample, seed=args.seed), trained_path)
+    stage("train")
+
+    # encode (every rank, its blocks), as _build_faiss does
+    trained = ix.load_index(trained_path, mmap=True)
+    for b in dist.mine(list(range(data.blocks))):
+        save_npy(out / f"codes-{b:06d}.npy", ix.encode_block(trained, data.vectors(b)))
+    del trained
+    stage("encode")
+
+    # add in block order (rank 0), as _add_codes does
+    index_path = out / "index.faiss"
+    if dist.is_main:
+        index = ix.load_index(trained_path)
+        coded = ((np.load(out / f"codes-{b:06d}.npy"), data.ids(b)) for b in range(data.blocks))
+        if ondisk:
+            merge_blocks_ondisk(
+                index,
+                coded,
+                out / "lists.ivfdata",
+                out / "shards",
+                shard_bytes=parse_bytes(args.index_memory) // 4,
+                load_trained=lambda: ix.load_index(trained_path),
+            )
+        else:
+            for codes, ids in coded:
+                ix.add_encoded(index, codes, ids)
+        for b in range(data.blocks):
+            (out / f"codes-{b:06d}.npy").unlink()
+    stage("add")
+
+    # search parameters and the exact ground truth of the recall sample (rank 0)
+    rng = np.random.default_rng([args.seed, 3])
+    sample_blocks = np.sort(
+        rng.choice(data.blocks, min(args.search_blocks or SAMPLE_BLOCKS, data.blocks), False)
+    )
+    per_block = -(-args.sample // len(sample_blocks))
+    picks = []
+    for b in sample_blocks:
+        start, end = data.rows(int(b))
+        picks.append(np.sort(rng.choice(np.arange(start, end), min(per_block, end - start), False)))
+    sample_ids = np.concatenate(picks)[: args.sample]
+    recall_truth, params, tuned_recall, code_bytes = None, None, None, None
+    if dist.is_main:
+        queries = np.concatenate(
+            [data.vectors(int(b))[p - data.rows(int(b))[0]] for b, p in zip(sample_blocks, picks)]
+        )[: args.sample]
+        k_exact = args.neighbours + DOC_CHUNKS
+        stream = ((data.vectors(b), data.ids(b)) for b in range(data.blocks))
+        _, exact = ix.exact_search_blocks(queries, stream, k_exact, "ip")
+        params, tuned_recall = ix.choose_search_params(
+            index, factory, queries, true_ids=exact, k=args.neighbours
+        )
+        same_doc = (exact // DOC_CHUNKS) == (sample_ids // DOC_CHUNKS)[:, None]
+        recall_truth = [row[~same][: args.neighbours] for row, same in zip(exact, same_doc)]
+        code_bytes = _code_bytes(index)
+        ix.save_index(index, index_path)
+        del index
+        trained_path.unlink()
+    stage("search params")
+
+    # neighbours (every rank, its blocks, against the memory-mapped index), as _run_neighbours
+    index = ix.load_index(index_path, mmap=not ondisk, ondisk=ondisk)
+    box = [params if dist.is_main else None]
+    if dist.world > 1:
+        import torch.distributed as td
+
+        td.broadcast_object_list(box, src=0)
+    ix.apply_search_params(index, box[0])
+    chunk_doc = np.load(chunk_doc_path, mmap_mode="r")
+    searched = [int(b) for b in sample_blocks] if args.search_blocks else list(range(data.blocks))
+    for b in dist.mine(searched):
+        start, end = data.rows(b)
+        ids, dists = search_excluding_documents(
+            index_search_fn(index, data.vectors(b)),
+            end - start,
+            chunk_doc[start:end],
+            chunk_doc,
+            args.neighbours,
+            int(index.ntotal),
+            metric="ip",
+        )
+        save_npy(out / f"ids-{b:06d}.npy", ids)
+        save_npy(out / f"dists-{b:06d}.npy", dists)
+    del index
+    stage("neighbours")
+
+    rss = [peak_rss_mb()]
+    if dist.world > 1:
+        import torch.distributed as td
+
+        rss = [None] * dist.world
+        td.all_gather_object(rss, peak_rss_mb())
+    if not dist.is_main:
+        return None
+    found = []
+    for b, p in zip(sample_blocks, picks):
+        found.append(np.load(out / f"ids-{int(b):06d}.npy")[p - data.rows(int(b))[0]])
+    found = np.concatenate(found)[: args.sample]
+    recall = ix.recall_at_k(found, np.array(recall_truth))
+    work = {k: v for k, v in times.items() if k != "setup"}
+    searched_chunks = sum(data.rows(b)[1] - data.rows(b)[0] for b in searched)
+    return {
+        "chunks": args.chunks,
+        "dim": args.dim,
+        "ranks": dist.world,
+        "threads_per_rank": args.threads,
+        "index": factory,
+        "ondisk": ondisk,
+        "search_params": box[0],
+        "index_recall_at_10": None if tuned_recall is None else round(tuned_recall, 4),
+        "code_bytes": code_bytes,
+        "index_file_mb": round(
+            sum(p.stat().st_size for p in out.glob("index.faiss")) / 2**20
+            + sum(p.stat().st_size for p in out.glob("lists.ivfdata")) / 2**20,
+            1,
+        ),
+        "seconds": round(sum(work.values()), 2),
+        "stage_seconds": {k: round(v, 2) for k, v in times.items()},
+        "stage_chunks_per_s": {
+            k: round((searched_chunks if k == "neighbours" else args.chunks) / v)
+            for k, v in work.items()
+            if v > 0
+        },
+        "neighbours_searched_chunks": searched_chunks,
+        "neighbour_ms_per_chunk": round(
+            1000 * times["neighbours"] / searched_chunks * dist.world, 4
+        ),
+        "peak_rss_mb": round(max(rss), 1),
+        "peak_rss_mb_all_ranks": round(sum(rss), 1),
+        "recall_at_10": round(recall, 4),
+    }
+
+
+def _code_bytes(index: faiss.Index) -> int:
+    """Bytes of codes and ids the filled index holds (what grows with the database)."""
+    ivf = faiss.try_extract_index_ivf(index)
+    per_vector = (ivf.code_size if ivf is not None else 4 * index.d) + 8
+    return int(index.ntotal) * per_vector
+
+
+def report(result: dict, as_json: bool) -> None:
+    print(
+        f"{result['chunks']} chunks of dim {result['dim']}, {result['ranks']} rank(s) x "
+        f"{result['threads_per_rank']} thread(s): index {result['index']!r}"
+        f"{' (on-disk lists)' if result['ondisk'] else ''}, search {result['search_params']}"
+    )
+    for name, seconds in result["stage_seconds"].items():
+        rate = result["stage_chunks_per_s"].get(name)
+        print(f"  {name:14s} {seconds:9.2f} s" + (f"  {rate:12,d} chunks/s" if rate else ""))
+    print(
+        f"  total {result['seconds']:.1f} s; peak RSS {result['peak_rss_mb']:.0f} MB (largest "
+        f"rank), {result['peak_rss_mb_all_ranks']:.0f} MB (all ranks); index files "
+        f"{result['index_file_mb']} MB; recall@10 of the stored neighbours "
+        f"{result['recall_at_10']:.4f} (index alone {result['index_recall_at_10']})"
+    )
+    if as_json:
+        print(json.dumps(result))
+
+
+def compare_embed_dtypes(corpus: list[str], out: Path, as_json: bool) -> None:
+    """Build one database's chunks, embed them with float32 and with bfloat16 autocast (the
+    default MiniLM embedder), search exact neighbours for both, and report the recall@10 of the
+    bfloat16 neighbours against the float32 ones, and the embedding time of each."""
+    from retrolm.database import (
+        DatabaseConfig,
+        chunk_stage,
+        embed_stage,
+        index_stage,
+        neighbours_stage,
+    )
+    from retrolm.database.manifest import load_manifest
+    from retrolm.database.store import BlockStore
+
+    shutil.rmtree(out, ignore_errors=True)
+    config = DatabaseConfig(vocab_size=4096, glob="**/*.py", index="Flat", embed_dtype="float32")
+    base = chunk_stage(corpus, out / "float32", config, show_progress=False)
+    shutil.copytree(base, out / "bfloat16")
+    ids, seconds = {}, {}
+    for dtype in ("float32", "bfloat16"):
+        folder = out / dtype
+        start = time.perf_counter()
+        embed_stage(folder, overrides={"embed_dtype": dtype}, show_progress=False)
+        seconds[dtype] = time.perf_counter() - start
+        index_stage(folder, show_progress=False)
+        neighbours_stage(folder, show_progress=False)
+        store = BlockStore(folder, load_manifest(folder))
+        record = store.manifest["neighbours"]["blocks"]
+        ids[dtype] = np.concatenate(
+            [np.load(folder / record[str(b["index"])]["ids_file"]) for b in store.blocks]
+        )
+    result = {
+        "corpus": corpus,
+        "chunks": int(len(ids["float32"])),
+        "embed_seconds": {k: round(v, 2) for k, v in seconds.items()},
+        "bf16_speedup": round(seconds["float32"] / seconds["bfloat16"], 3),
+        "recall_at_10": round(ix.recall_at_k(ids["bfloat16"], ids["float32"]), 4),
+    }
+    print(
+        f"{result['chunks']} chunks: embedding float32 {seconds['float32']:.1f} s, bfloat16 "
+        f"{seconds['bfloat16']:.1f} s ({result['bf16_speedup']}x); recall@10 of the bfloat16 "
+        f"neighbours against the float32 ones {result['recall_at_10']:.4f}"
+    )
+    if as_json:
+        print(json.dumps(result))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--chunks", type=int, help="database size in chunks")
+    p.add_argument("--out", required=True, help="work folder (emptied first)")
+    p.add_argument("--json", action="store_true", help="end with one JSON line")
+    p.add_argument("--dim", type=int, default=384, help="embedding dimension (MiniLM: 384)")
+    p.add_argument("--block-rows", type=int, default=16384, help="chunks per block (as db build)")
+    p.add_argument("--index", default="auto", help="'auto' or a faiss factory string")
+    p.add_argument("--index-memory", default="4G", help="--index auto memory budget (as db build)")
+    p.add_argument("--index-train-size", type=int, default=100_000, help="as db build")
+    p.add_argument("--neighbours", type=int, default=10)
+    p.add_argument("--sample", type=int, default=1000, help="chunks whose recall is measured")
+    p.add_argument("--workers", type=int, default=1, help="local ranks (elastic launcher)")
+    p.add_argument("--threads", type=int, default=1, help="faiss threads per rank")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--search-blocks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="search the neighbours of N sampled blocks only (the recall sample's), to time the "
+        "neighbour stage per chunk at a size where searching every block takes hours "
+        "(default: every block)",
+    )
+    p.add_argument(
+        "--compare-embed-dtypes",
+        nargs="+",
+        metavar="CORPUS",
+        help="instead: embed CORPUS with float32 and with bfloat16 (MiniLM) and report the "
+        "recall@10 of the bfloat16 neighbours against the float32 ones",
+    )
+    args = p.parse_args(argv)
+    if args.compare_embed_dtypes:
+        compare_embed_dtypes(args.compare_embed_dtypes, Path(args.out), args.json)
+        return 0
+    if args.chunks is None:
+        p.error("--chunks is required")
+    if args.chunks < args.sample or args.chunks < 1000:
+        p.error("--chunks must be at least 1000 and at least --sample")
+    if args.workers > 1 and "WORLD_SIZE" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        rest = list(argv if argv is not None else sys.argv[1:])
+        i = rest.index("--workers")
+        del rest[i : i + 2]
+        return distributed.launch_local(args.workers, [os.path.abspath(__file__), *rest])
+    faiss.omp_set_num_threads(args.threads)
+    with distributed.session() as dist:
+        result = run(args, dist)
+    if result is not None:
+        report(result, args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
