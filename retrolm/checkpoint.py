@@ -128,33 +128,25 @@ def verify_checkpoint(path: Path) -> str | None:
 def latest_checkpoint(folder: Path) -> Path | None:
     """The newest intact checkpoint folder, or None when there is none.
 
-    The checkpoint `latest.json` names is tried first, then the others from the highest step
-    down; each damaged one is skipped with a warning.
+    Checkpoints are tried from the highest step down, each damaged one skipped with a warning.
+    `latest.json` is not needed to choose: a kill between a step folder's rename and the
+    pointer's update leaves a complete, newer checkpoint, which is the one to use.
 
     Raises:
         CorruptArtifactError: there are checkpoints, and every one is damaged.
     """
-    pointer = folder / LATEST
     candidates = [p for _, p in reversed(_steps(folder))] if folder.is_dir() else []
-    if pointer.is_file():
-        try:
-            named = folder / read_json(pointer)["name"]
-            candidates = [named] + [p for p in candidates if p != named]
-        except (ValueError, KeyError, TypeError, OSError) as e:
-            log.warning(
-                "%s is unreadable (%s); looking for the newest intact checkpoint", pointer, e
-            )
     if not candidates:
         return None
     problems = []
     for path in candidates:
-        problem = verify_checkpoint(path) if path.is_dir() else "missing"
+        problem = verify_checkpoint(path)
         if problem is None:
-            if problems:
+            for damaged, why in problems:
                 log.warning(
                     "checkpoint %s is damaged (%s); using the newest intact one, %s",
-                    problems[0][0].name,
-                    problems[0][1],
+                    damaged.name,
+                    why,
                     path.name,
                 )
             return path

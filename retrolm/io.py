@@ -183,7 +183,11 @@ def write_guard(path: str | os.PathLike[str]) -> Iterator[None]:
     `WriteError` that says what happened and what to do."""
     try:
         yield
-    except RuntimeError as e:
+    except OSError:
+        raise
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         folder = Path(path).parent
         try:
@@ -195,3 +199,8 @@ def write_guard(path: str | os.PathLike[str]) -> Iterator[None]:
             "unwritable: free some space or choose another folder, then rerun (finished work "
             "is kept)"
         ) from e
+
+
+def _is_write_failure(e: Exception) -> bool:
+    """A RuntimeError (faiss, torch's zip writer) or a safetensors error raised by a writer."""
+    return isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"

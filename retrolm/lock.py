@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from retrolm.errors import LockedError
+from retrolm.errors import LockedError, WriteError
 
 LOCK_FILE = ".retrolm.lock"
 
@@ -67,7 +67,13 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "folder") -> Iterato
         yield folder
         return
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise WriteError(
+            f"cannot create the {what} {folder}: {e.strerror or e} ({e.filename}); choose "
+            "another path"
+        ) from e
     key = str(folder.resolve())
     if key in _held:
         _held[key][1] += 1

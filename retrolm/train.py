@@ -10,7 +10,10 @@ A run folder holds::
     model/              the final model (model.save), written when training completes
 
 `--resume` restores model, optimizer, RNG and sampler position, so an interrupted and resumed
-run computes the very same per-step losses as an uninterrupted one. Launched by `torchrun`
+run computes the very same per-step losses as an uninterrupted one: bit for bit, whatever the
+machine's load, given the same torch build, CPU/GPU kind and number of torch threads (float
+sums are split by thread, so the count changes their last bits; a checkpoint records it and a
+resume uses it again). Launched by `torchrun`
 (WORLD_SIZE > 1) it trains data-parallel: gloo on CPU, nccl on GPU; every rank draws the same
 global batch and keeps its share, and losses are normalised by the global number of targets, so
 the result matches a single process with the same global batch.
@@ -632,6 +635,15 @@ def restore(trainer: Trainer, ckpt: Path) -> None:
     trainer_state, state = load_checkpoint_state(ckpt)
     trainer.optimizer.load_state_dict(trainer_state["optimizer"])
     torch.set_rng_state(trainer_state["rng_cpu"])
+    threads = int(trainer_state.get("num_threads") or 0)
+    if threads and threads != torch.get_num_threads():
+        log.info(
+            "using %d torch threads, as the run did (not %d): a float sum is split by thread, so "
+            "another count would change the losses in their last bits",
+            threads,
+            torch.get_num_threads(),
+        )
+        torch.set_num_threads(threads)
     if trainer.device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(trainer_state["rng_cuda"], trainer.device)
     try:
@@ -807,6 +819,8 @@ def checkpoint(trainer: Trainer) -> None:
         trainer_state = {
             "optimizer": trainer.optimizer.state_dict(),
             "rng_cpu": torch.get_rng_state(),
+            # float reductions are split by thread: resume with as many to be bit-exact
+            "num_threads": torch.get_num_threads(),
             "rng_cuda": torch.cuda.get_rng_state(trainer.device)
             if trainer.device.type == "cuda"
             else None,
@@ -895,11 +909,11 @@ def diverged(trainer: Trainer, loss: float, lr: float) -> DivergedError:
 
 def finish(trainer: Trainer) -> Path:
     """Write the final model folder (atomically) and close the run."""
-    from retrolm.io import atomic_dir
+    from retrolm.io import atomic_dir, write_guard
 
     final = trainer.out / MODEL_DIR
     if trainer.dist.is_main:
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp, write_guard(final):
             trainer.model.save(tmp)
         if trainer.writer is not None:
             trainer.writer.close()
