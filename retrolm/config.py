@@ -172,7 +172,9 @@ class RetroConfig:
             ValueError: unknown preset name or invalid override.
         """
         if name not in _PRESETS:
-            raise ConfigError(f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}")
+            raise ConfigError(
+                f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}"
+            )
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown RetroConfig field(s) {sorted(unknown)}")
