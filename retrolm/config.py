@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from retrolm.errors import ConfigError
+
 # name -> field overrides; anything not named keeps the dataclass default
 _PRESETS: dict[str, dict[str, Any]] = {
     # for tests: a few hundred thousand parameters, runs in milliseconds
@@ -104,58 +106,58 @@ class RetroConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"RetroConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"RetroConfig.{name} must be a positive integer, got {value!r}")
         if (
             not isinstance(self.cca_match, int)
             or isinstance(self.cca_match, bool)
             or not (0 <= self.cca_match <= self.chunk_size)
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"RetroConfig.cca_match must be an integer in 0..chunk_size ({self.chunk_size}), "
                 f"got {self.cca_match!r}"
             )
         if not isinstance(self.enc_depth, int) or self.enc_depth < 0:
-            raise ValueError(f"RetroConfig.enc_depth must be >= 0, got {self.enc_depth!r}")
+            raise ConfigError(f"RetroConfig.enc_depth must be >= 0, got {self.enc_depth!r}")
         for dim, heads, prefix in (
             (self.dec_dim, self.dec_heads, "dec"),
             (self.enc_dim, self.enc_heads, "enc"),
         ):
             if dim % heads != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"RetroConfig.{prefix}_dim ({dim}) must be divisible by "
                     f"{prefix}_heads ({heads})"
                 )
             if (dim // heads) % 2 != 0:
-                raise ValueError(
+                raise ConfigError(
                     f"RetroConfig.{prefix}_heads: head size {prefix}_dim/{prefix}_heads = "
                     f"{dim // heads} must be even (rotary embeddings rotate pairs)"
                 )
         bad = [x for x in self.cca_layers if not 1 <= x <= self.dec_depth]
         if bad:
-            raise ValueError(
+            raise ConfigError(
                 f"RetroConfig.cca_layers {bad} out of range: layers are numbered 1..dec_depth "
                 f"({self.dec_depth})"
             )
         if len(set(self.cca_layers)) != len(self.cca_layers):
-            raise ValueError(f"RetroConfig.cca_layers has duplicates: {self.cca_layers}")
+            raise ConfigError(f"RetroConfig.cca_layers has duplicates: {self.cca_layers}")
         self.cca_layers = tuple(sorted(self.cca_layers))
         if self.cca_layers and self.enc_depth < 1:
-            raise ValueError("RetroConfig.enc_depth must be >= 1 when cca_layers is not empty")
+            raise ConfigError("RetroConfig.enc_depth must be >= 1 when cca_layers is not empty")
         if self.max_seq_len % self.chunk_size != 0:
-            raise ValueError(
+            raise ConfigError(
                 f"RetroConfig.max_seq_len ({self.max_seq_len}) must be a multiple of "
                 f"chunk_size ({self.chunk_size})"
             )
         if not 0 <= self.pad_id < self.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"RetroConfig.pad_id ({self.pad_id}) must lie in 0..vocab_size-1 "
                 f"({self.vocab_size - 1})"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"RetroConfig.dropout must lie in [0, 1), got {self.dropout}")
+            raise ConfigError(f"RetroConfig.dropout must lie in [0, 1), got {self.dropout}")
         for name in ("rotary_base", "norm_eps", "init_std"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"RetroConfig.{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"RetroConfig.{name} must be > 0, got {getattr(self, name)}")
 
     @property
     def retrieval(self) -> bool:
@@ -170,10 +172,12 @@ class RetroConfig:
             ValueError: unknown preset name or invalid override.
         """
         if name not in _PRESETS:
-            raise ValueError(f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}")
+            raise ConfigError(
+                f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}"
+            )
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown RetroConfig field(s) {sorted(unknown)}")
+            raise ConfigError(f"unknown RetroConfig field(s) {sorted(unknown)}")
         return cls(**{**_PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
@@ -192,7 +196,7 @@ class RetroConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - names
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown RetroConfig field(s) {sorted(unknown)}; was this config written by a "
                 "newer retrolm?"
             )

@@ -30,7 +30,7 @@ from torch import nn
 
 from retrolm.comparators import KnnLMConfig, check_comparators, knnlm_bits, ralm_bits
 from retrolm.data import ChunkSource
-from retrolm.errors import InputError
+from retrolm.errors import ConfigError, InputError
 from retrolm.log import progress
 from retrolm.train import check_database, load_run_model, open_database, resolve_device
 
@@ -56,13 +56,13 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         if self.split not in ("train", "valid"):
-            raise ValueError(f"EvalConfig.split must be train or valid, got {self.split!r}")
+            raise ConfigError(f"EvalConfig.split must be train or valid, got {self.split!r}")
         for name in ("window", "stride", "num_neighbours", "max_tokens"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value <= 0):
-                raise ValueError(f"EvalConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"EvalConfig.{name} must be a positive integer, got {value!r}")
         if self.batch_size <= 0 or self.leakage_neighbours <= 0:
-            raise ValueError("EvalConfig.batch_size and leakage_neighbours must be positive")
+            raise ConfigError("EvalConfig.batch_size and leakage_neighbours must be positive")
         self.alphas = tuple(float(a) for a in self.alphas)
 
     def to_dict(self) -> dict[str, Any]:
@@ -87,6 +87,7 @@ class EvalReport:
     k: int
     bpb: dict[str, float]
     filtered: list[dict[str, Any]] = field(default_factory=list)  # per alpha
+    runs: dict[str, str] = field(default_factory=dict)  # bpb key -> the run folder it is of
 
     comparators: dict[str, Any] = field(default_factory=dict)  # settings found, e.g. kNN-LM's
 
@@ -127,6 +128,8 @@ class EvalReport:
         )
         if self.comparators:
             d["comparators"] = self.comparators
+        if self.runs:
+            d["runs"] = {self.NAMES[k]: v for k, v in self.runs.items()}
         return d
 
     def to_text(self) -> str:
@@ -137,6 +140,11 @@ class EvalReport:
             f"{self.run}: {self.documents} documents, {self.chunks} chunks, {self.tokens} tokens,"
             f" {self.bytes} bytes (window {self.window}, stride {self.stride}, k {self.k})",
             "",
+            *(
+                [f"{head[c]:>12}: {self.runs[c]}" for c in cols if c in self.runs] + [""]
+                if self.runs
+                else []
+            ),
             f"{'':>16}" + "".join(f"{head[c]:>12}" for c in cols),
             f"{'bits per byte':>16}" + "".join(f"{self.bpb[c]:>12.4f}" for c in cols),
         ]
@@ -203,7 +211,7 @@ def window_batches(
     """The sliding windows of a stream (see `sliding_windows`), grouped into batches of windows
     of one length."""
     if window % chunk_size or stride % chunk_size or not 0 < stride <= window:
-        raise ValueError(
+        raise ConfigError(
             f"EvalConfig.window ({window}) and stride ({stride}) must be multiples of the chunk "
             f"size {chunk_size}, with 0 < stride <= window"
         )
@@ -379,8 +387,10 @@ def evaluate_run(
         models["baseline"] = model
     if baseline is not None:
         base_model, base_meta = load_run_model(baseline)
+        check_baseline(run, model, baseline, base_model)
         check_database(base_meta["database"], source, str(baseline))
         models["baseline"] = base_model
+    runs = {name: str(baseline if name == "baseline" and baseline else run) for name in models}
     mcfg = model.cfg
     m = source.chunk_size
     window = cfg.window or int(meta.get("seq_len") or mcfg.max_seq_len)  # as trained
@@ -472,6 +482,7 @@ def evaluate_run(
         k=k,
         bpb={name: bucket_bpb(b, nbytes, chunk_of, every) for name, b in bits.items()},
         comparators=comparators,
+        runs=runs,
     )
     r = leakage_ratio(chunk_tokens, nbr_tokens[:, : cfg.leakage_neighbours], m, mcfg.pad_id)
     for alpha in cfg.alphas:
@@ -480,6 +491,25 @@ def evaluate_run(
         row.update({name: bucket_bpb(b, nbytes, chunk_of, mask) for name, b in bits.items()})
         report.filtered.append(row)
     return report
+
+
+def check_baseline(run: Any, model: nn.Module, baseline: Any, base_model: nn.Module) -> None:
+    """Refuse a comparison whose figures would be mislabelled.
+
+    Raises:
+        InputError: the baseline reads neighbours (it is a RETRO run), or the evaluated run is
+            itself a no-retrieval run (its figure is the "baseline" one).
+    """
+    if base_model.cfg.cca_layers:
+        raise InputError(
+            f"--baseline {baseline} is a RETRO run (its model reads neighbours); a baseline is a "
+            "run trained with --no-retrieval: give one, or evaluate this run on its own"
+        )
+    if not model.cfg.cca_layers:
+        raise InputError(
+            f"{run} is a no-retrieval run, so it is the baseline itself; evaluate the RETRO run "
+            f"with --baseline {run}, or {run} on its own"
+        )
 
 
 def leakage_ratio(chunks: np.ndarray, neighbours: np.ndarray, m: int, pad_id: int) -> np.ndarray:

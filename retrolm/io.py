@@ -19,6 +19,8 @@ from typing import IO, Any
 
 import numpy as np
 
+from retrolm.errors import WriteError
+
 TMP_MARK = ".tmp-"
 
 
@@ -144,3 +146,61 @@ def remove_stale_tmp(folder: str | os.PathLike[str]) -> int:
                     p.unlink()
             count += 1
     return count
+
+
+def check_writable(path: str | os.PathLike[str], what: str = "--out") -> None:
+    """Check, before any work, that a file or folder can be created at `path`.
+
+    The nearest existing folder on the way to `path` must accept a new file (a temporary one is
+    created and removed), so that a result is not computed only to be lost.
+
+    Raises:
+        WriteError: naming the path, the reason and what to do.
+    """
+    target = Path(path)
+    if target.is_dir():
+        where = target
+    else:
+        where = target.parent
+        while not where.exists() and where != where.parent:
+            where = where.parent
+    if not where.is_dir():
+        raise WriteError(f"cannot write {what} {path}: {where} is a file, not a folder")
+    try:
+        fd, name = tempfile.mkstemp(prefix=".write-check" + TMP_MARK, dir=where)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise WriteError(
+            f"cannot write {what} {path}: {e.strerror or e} ({where}); choose a folder you can "
+            "write"
+        ) from e
+
+
+@contextlib.contextmanager
+def write_guard(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn a library's failure to write `path` (faiss and torch raise RuntimeError) into a
+    `WriteError` that says what happened and what to do."""
+    try:
+        yield
+    except OSError:
+        raise
+    except Exception as e:
+        if not _is_write_failure(e):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        folder = Path(path).parent
+        try:
+            free = f"{shutil.disk_usage(folder).free / 2**20:.1f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        raise WriteError(
+            f"cannot write {path} ({first}); the disk may be full ({free}) or the folder "
+            "unwritable: free some space or choose another folder, then rerun (finished work "
+            "is kept)"
+        ) from e
+
+
+def _is_write_failure(e: Exception) -> bool:
+    """A RuntimeError (faiss, torch's zip writer) or a safetensors error raised by a writer."""
+    return isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from retrolm.errors import InputError, MismatchError
+from retrolm.errors import ConfigError, InputError, MismatchError
 from retrolm.io import atomic_open, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ class QuickstartConfig:
 
     def __post_init__(self) -> None:
         if not 3 <= self.minutes <= 24 * 60:
-            raise ValueError(f"minutes must lie between 3 and 1440, got {self.minutes}")
+            raise ConfigError(f"minutes must lie between 3 and 1440, got {self.minutes}")
         if self.retriever not in ("bm25", "dense"):
-            raise ValueError(f"retriever must be bm25 or dense, got {self.retriever!r}")
+            raise ConfigError(f"retriever must be bm25 or dense, got {self.retriever!r}")
         self.corpus = [str(p) for p in self.corpus]
 
 
@@ -505,6 +505,65 @@ class Clock:
         return round(time.perf_counter() - self.start, 1)
 
 
+MIN_TEXT_FILES = 2  # one to train on, one held out
+
+
+def check_quickstart_inputs(cfg: QuickstartConfig) -> None:
+    """Refuse a `--corpus` with fewer than two text files and an `--out` holding anything but
+    a quickstart, before any work.
+
+    Raises:
+        InputError: naming what was found and what to do.
+    """
+    from retrolm.corpus import decode_text
+    from retrolm.io import check_writable
+
+    out = Path(cfg.out)
+    if out.exists():
+        if not out.is_dir():
+            raise InputError(f"--out {out} is a file; give a folder for the quickstart")
+        entries = [p for p in out.iterdir() if not p.name.startswith(".")]
+        if entries and not (out / PLAN_FILE).is_file():
+            holds = "other files"
+            if (out / "manifest.json").is_file():
+                holds = "a retrolm database"
+            elif (out / "train_config.json").is_file():
+                holds = "a training run"
+            raise InputError(
+                f"--out {out} holds {holds}, not a quickstart; give a new or empty folder (the "
+                "quickstart writes a database, two runs and a report into it)"
+            )
+    check_writable(out, "--out")
+    if not cfg.corpus:
+        return
+    files = corpus_files(cfg.corpus)
+    reasons: Counter[str] = Counter()
+    text_files = 0
+    for p in files:
+        try:
+            with open(p, "rb") as f:
+                data = f.read(65536)
+            _, reason = decode_text(data)
+            for cut in (1, 2, 3):  # the read may have ended inside a UTF-8 character
+                if reason == "undecodable" and len(data) == 65536:
+                    _, reason = decode_text(data[:-cut])
+        except OSError:
+            reason = "unreadable"
+        if reason is None:
+            text_files += 1
+            if text_files >= MIN_TEXT_FILES:
+                return
+        else:
+            reasons[reason] += 1
+    detail = ", ".join(f"{n} {r}" for r, n in sorted(reasons.items()))
+    raise InputError(
+        f"--corpus {' '.join(cfg.corpus)}: {len(files)} file(s), of which {text_files} of text"
+        + (f" ({detail})" if detail else "")
+        + f"; the quickstart needs at least {MIN_TEXT_FILES} text files (one is held out for "
+        "evaluation)"
+    )
+
+
 def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     """Run the whole pipeline and write the report. Returns the `report.json` content.
 
@@ -519,8 +578,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from retrolm.train import TrainConfig, train
 
     clock = Clock(cfg.minutes * 60.0)
-    if cfg.corpus:
-        corpus_files(cfg.corpus)  # a bad --corpus fails now, not after loading the embedder
+    check_quickstart_inputs(cfg)  # a bad --corpus or --out fails now, not minutes later
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     resumed = (out / PLAN_FILE).is_file()

@@ -10,7 +10,10 @@ A run folder holds::
     model/              the final model (model.save), written when training completes
 
 `--resume` restores model, optimizer, RNG and sampler position, so an interrupted and resumed
-run computes the very same per-step losses as an uninterrupted one. Launched by `torchrun`
+run computes the very same per-step losses as an uninterrupted one: bit for bit, whatever the
+machine's load, given the same torch build, CPU/GPU kind and number of torch threads (float
+sums are split by thread, so the count changes their last bits; a checkpoint records it and a
+resume uses it again). Launched by `torchrun`
 (WORLD_SIZE > 1) it trains data-parallel: gloo on CPU, nccl on GPU; every rank draws the same
 global batch and keeps its share, and losses are normalised by the global number of targets, so
 the result matches a single process with the same global batch.
@@ -36,10 +39,16 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state, save_checkpoint
+from retrolm.checkpoint import (
+    discard_after,
+    latest_checkpoint,
+    load_checkpoint_state,
+    save_checkpoint,
+)
 from retrolm.data import ChunkSource, ResumableSampler, RetroSamples
-from retrolm.errors import InputError, MismatchError
-from retrolm.io import atomic_open, read_json, write_json
+from retrolm.errors import ConfigError, DivergedError, InputError, MismatchError
+from retrolm.io import atomic_open, check_writable, read_json, write_json
+from retrolm.lock import folder_lock, is_lock_file
 from retrolm.log import progress
 
 log = logging.getLogger(__name__)
@@ -86,7 +95,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_tokens is not None:
-            raise ValueError("max_steps / max_tokens: give one, not both")
+            raise ConfigError("max_steps / max_tokens: give one, not both")
         if self.max_steps is None and self.max_tokens is None:
             self.max_steps = 1000
         positive = ["batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"]
@@ -97,31 +106,31 @@ class TrainConfig:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
-                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"
             )
         if not 0 <= self.neighbour_dropout <= 1:
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.neighbour_dropout must lie in [0, 1], got {self.neighbour_dropout}"
             )
         if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ValueError("TrainConfig.weight_decay and grad_clip must be >= 0")
+            raise ConfigError("TrainConfig.weight_decay and grad_clip must be >= 0")
         if self.batch_size % self.grad_accum:
-            raise ValueError(
+            raise ConfigError(
                 f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accum "
                 f"({self.grad_accum})"
             )
         if self.no_retrieval and self.retrofit:
-            raise ValueError("TrainConfig.retrofit adds retrieval; it excludes no_retrieval")
+            raise ConfigError("TrainConfig.retrofit adds retrieval; it excludes no_retrieval")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+            raise ConfigError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.model = dict(self.model)
 
     def to_dict(self) -> dict[str, Any]:
@@ -131,7 +140,7 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"TrainConfig: unknown field(s) {sorted(unknown)}")
+            raise ConfigError(f"TrainConfig: unknown field(s) {sorted(unknown)}")
         return cls(**d)
 
     def total_steps(self, seq_len: int) -> int:
@@ -222,7 +231,72 @@ def database_facts(db: ChunkSource) -> dict[str, Any]:
         "vocab_size": getattr(tokenizer, "vocab_size", None),
         "chunk_size": int(db.chunk_size),
         "pad_id": int(db.pad_id),
+        "num_chunks": int(db.num_chunks) if hasattr(db, "num_chunks") else None,
+        "stored_neighbours": stored_neighbours(db),
     }
+
+
+def stored_neighbours(db: ChunkSource) -> int:
+    """K, the neighbours the database stores per chunk (0 for a database of no chunks)."""
+    if not getattr(db, "num_chunks", 1):
+        return 0
+    ids, _ = db.neighbours(np.zeros(1, dtype=np.int64))
+    return int(ids.shape[-1])
+
+
+def check_same_database(run_db: dict[str, Any], db: ChunkSource, where: str) -> None:
+    """On resume: refuse a database other than the run's (same tokenizer, other chunks).
+
+    Raises:
+        MismatchError: the chunk count differs.
+    """
+    now = database_facts(db)
+    if run_db.get("num_chunks") is not None and now["num_chunks"] != run_db["num_chunks"]:
+        raise MismatchError(
+            f"{where} was started on a database of {run_db['num_chunks']} chunks "
+            f"({run_db.get('path')}), but {now['path']} has {now['num_chunks']}: it is another "
+            "database, or one extended since; resume with the database the run started with "
+            "(--db), or start a new run"
+        )
+
+
+def check_model_database(mcfg: Any, facts: dict[str, Any], k: int) -> None:
+    """Refuse a model that cannot read this database, before any file is written.
+
+    Raises:
+        ConfigError: chunk size, neighbour length, vocabulary or pad id disagree with the
+            database, or more neighbours are asked for than it stores.
+    """
+    m, where = facts["chunk_size"], facts.get("path") or "the database"
+    if mcfg.chunk_size != m:
+        raise ConfigError(
+            f"RetroConfig.chunk_size is {mcfg.chunk_size}, but {where} has chunks of {m} "
+            "tokens; a model reads the database's chunks: drop the chunk_size override (or "
+            "build a database with --chunk-size)"
+        )
+    if mcfg.cca_layers and mcfg.neighbour_len != 2 * m:
+        raise ConfigError(
+            f"RetroConfig.neighbour_len is {mcfg.neighbour_len}, but the neighbours of {where} "
+            f"are {2 * m} tokens (a chunk and its continuation); drop the neighbour_len override"
+        )
+    vocab = facts.get("vocab_size")
+    if vocab and mcfg.vocab_size < vocab:
+        raise ConfigError(
+            f"RetroConfig.vocab_size is {mcfg.vocab_size}, but the tokenizer of {where} has "
+            f"{vocab} tokens; drop the vocab_size override (or use at least {vocab})"
+        )
+    if mcfg.pad_id != facts["pad_id"]:
+        raise ConfigError(
+            f"RetroConfig.pad_id is {mcfg.pad_id}, but {where} pads with {facts['pad_id']}; "
+            "drop the pad_id override"
+        )
+    stored = facts.get("stored_neighbours")
+    if k and stored is not None and k > stored:
+        raise ConfigError(
+            f"{k} neighbours per chunk asked for (--neighbours / num_neighbours), but {where} "
+            f"stores {stored}; use --neighbours {stored} or fewer, or build the database with "
+            f"--neighbours {k}"
+        )
 
 
 def check_database(run_db: dict[str, Any], db: ChunkSource, where: str) -> None:
@@ -261,7 +335,7 @@ def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
     if cfg.retrofit:
         base = RetroConfig.from_dict(read_json(finished_model(Path(cfg.retrofit)) / "config.json"))
         if not mcfg.cca_layers:
-            raise ValueError("TrainConfig.model: retrofit needs cca_layers (the preset has none)")
+            raise ConfigError("TrainConfig.model: retrofit needs cca_layers (the preset has none)")
         keep = {f: getattr(mcfg, f) for f in ("cca_layers", "enc_dim", "enc_depth", "enc_heads")}
         keep["num_neighbours"] = mcfg.num_neighbours
         mcfg = dataclasses.replace(base, **keep)
@@ -343,7 +417,7 @@ def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
         InputError: `out` holds files and neither flag was given, or `--overwrite` would delete
             a folder that is not a run.
     """
-    if not out.exists() or not any(out.iterdir()):
+    if not out.exists() or all(is_lock_file(p) for p in out.iterdir()):
         return
     is_run = (out / CONFIG_FILE).is_file()
     if resume and is_run:
@@ -408,6 +482,7 @@ def setup(
     """
     out = Path(out)
     prepare_run_folder(out, resume, overwrite)
+    check_writable(out, "run folder")
     stored = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else None
     if resume and stored is not None:
         stored_cfg = TrainConfig.from_dict(stored)
@@ -426,23 +501,22 @@ def setup(
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_ = init_distributed(device)
     if resume and (out / RUN_FILE).is_file():
-        check_database(read_json(out / RUN_FILE)["database"], source, str(out))
+        run_db = read_json(out / RUN_FILE)["database"]
+        check_database(run_db, source, str(out))
+        check_same_database(run_db, source, str(out))
     if cfg.retrofit:
         check_database(read_run_meta(cfg.retrofit)["database"], source, cfg.retrofit)
-    dist_.barrier()  # every rank has checked the folder before rank 0 changes it
-    if dist_.is_main and overwrite and not resume and out.exists():
-        shutil.rmtree(out)
-    dist_.barrier()
 
     torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg, facts)
     seq_len = cfg.seq_len or mcfg.max_seq_len
     if seq_len > mcfg.max_seq_len or seq_len % mcfg.chunk_size:
-        raise ValueError(
+        raise ConfigError(
             f"TrainConfig.seq_len ({seq_len}) must be a multiple of the chunk size "
             f"{mcfg.chunk_size} and at most max_seq_len {mcfg.max_seq_len}"
         )
     k = mcfg.num_neighbours if mcfg.cca_layers else 0
+    check_model_database(mcfg, facts, k)
     train_data = RetroSamples(source, "train", seq_len, k)
     valid_data = RetroSamples(source, "valid", seq_len, k)
     if len(valid_data) == 0:
@@ -483,7 +557,12 @@ def setup(
         restore(trainer, ckpt)
     elif resume:
         log.info("no checkpoint in %s yet; starting the run from step 0", out)
+    dist_.barrier()  # every rank has checked everything before rank 0 changes the folder
     if dist_.is_main:
+        if overwrite and not resume:
+            clear_run_folder(out)  # only now that the new run is known to start
+        if ckpt is not None:
+            discard_after(out / "checkpoints", trainer.step)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / CONFIG_FILE, cfg.to_dict())
         run_meta = {
@@ -509,6 +588,16 @@ def setup(
         k,
     )
     return trainer
+
+
+def clear_run_folder(out: Path) -> None:
+    """Delete the run in `out` (for --overwrite), keeping the folder and its lock file."""
+    if not out.is_dir():
+        return
+    for p in out.iterdir():
+        if is_lock_file(p):
+            continue
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
 
 def create_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
@@ -546,9 +635,24 @@ def restore(trainer: Trainer, ckpt: Path) -> None:
     trainer_state, state = load_checkpoint_state(ckpt)
     trainer.optimizer.load_state_dict(trainer_state["optimizer"])
     torch.set_rng_state(trainer_state["rng_cpu"])
+    threads = int(trainer_state.get("num_threads") or 0)
+    if threads and threads != torch.get_num_threads():
+        log.info(
+            "using %d torch threads, as the run did (not %d): a float sum is split by thread, so "
+            "another count would change the losses in their last bits",
+            threads,
+            torch.get_num_threads(),
+        )
+        torch.set_num_threads(threads)
     if trainer.device.type == "cuda" and trainer_state.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(trainer_state["rng_cuda"], trainer.device)
-    trainer.sampler.load_state_dict(state["sampler"])
+    try:
+        trainer.sampler.load_state_dict(state["sampler"])
+    except ValueError as e:  # another data set: a run.json without chunk counts gets here
+        raise MismatchError(
+            f"{trainer.out} cannot resume on this database ({e}): it is not the database the "
+            "run started with; resume with that one (--db), or start a new run"
+        ) from e
     trainer.step = int(state["step"])
     trainer.tokens_seen = int(state["tokens_seen"])
     log.info("resumed %s at step %d (%s)", trainer.out, trainer.step, ckpt.name)
@@ -715,6 +819,8 @@ def checkpoint(trainer: Trainer) -> None:
         trainer_state = {
             "optimizer": trainer.optimizer.state_dict(),
             "rng_cpu": torch.get_rng_state(),
+            # float reductions are split by thread: resume with as many to be bit-exact
+            "num_threads": torch.get_num_threads(),
             "rng_cuda": torch.cuda.get_rng_state(trainer.device)
             if trainer.device.type == "cuda"
             else None,
@@ -772,7 +878,7 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
             "data_s": trainer.data_seconds,
         }
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {trainer.step}; lower --lr")
+            raise diverged(trainer, loss, lr)
         last = trainer.step == trainer.total_steps
         if cfg.eval_every and (trainer.step % cfg.eval_every == 0 or last):
             record["valid_loss"] = validate(trainer)
@@ -786,13 +892,28 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
     bar.close()
 
 
+def diverged(trainer: Trainer, loss: float, lr: float) -> DivergedError:
+    """The error of a run whose loss became non-finite (nothing of that step was saved)."""
+    saved = latest_checkpoint(trainer.out / "checkpoints") if trainer.dist.is_main else None
+    kept = (
+        f"the checkpoint {saved.name} (from before the divergence) is kept; start over with "
+        "--overwrite"
+        if saved is not None
+        else "no checkpoint was written, so the run is not kept: rerun with a lower --lr"
+    )
+    return DivergedError(
+        f"training diverged: the loss is {loss} at step {trainer.step} (learning rate {lr:.3g}); "
+        f"lower --lr (or raise --warmup, or keep --clip on); {kept}"
+    )
+
+
 def finish(trainer: Trainer) -> Path:
     """Write the final model folder (atomically) and close the run."""
-    from retrolm.io import atomic_dir
+    from retrolm.io import atomic_dir, write_guard
 
     final = trainer.out / MODEL_DIR
     if trainer.dist.is_main:
-        with atomic_dir(final) as tmp:
+        with atomic_dir(final) as tmp, write_guard(final):
             trainer.model.save(tmp)
         if trainer.writer is not None:
             trainer.writer.close()
@@ -832,7 +953,10 @@ def train(
         The run folder; its `model/` holds the final model.
 
     Raises:
-        InputError, MismatchError: bad folder, database or settings.
+        InputError, MismatchError, ConfigError: bad folder, database or settings (checked
+            before anything is written or, with `overwrite`, deleted).
+        LockedError: another process trains into `out`.
+        DivergedError: the loss became non-finite (the last checkpoint is kept).
     """
     out = Path(out)
     if resume and (out / MODEL_DIR / "config.json").is_file():
@@ -840,7 +964,23 @@ def train(
         if config is None or config.to_dict() == stored:
             log.info("%s is already finished; nothing to resume", out)
             return out
-    trainer = setup(
-        config, db, out, resume=resume, overwrite=overwrite, show_progress=show_progress
-    )
-    return main(trainer)
+    fresh = not out.exists() or all(is_lock_file(p) for p in out.iterdir())
+    with folder_lock(out, "run folder"):
+        trainer = None
+        try:
+            trainer = setup(
+                config, db, out, resume=resume, overwrite=overwrite, show_progress=show_progress
+            )
+            return main(trainer)
+        except Exception:
+            # A run that failed before its first checkpoint leaves no folder that would refuse
+            # the corrected command (Ctrl-C is not an Exception: --resume continues from it).
+            started_over = fresh or (overwrite and trainer is not None)
+            if started_over and int(os.environ.get("RANK", "0")) == 0 and not has_checkpoints(out):
+                clear_run_folder(out)
+            raise
+
+
+def has_checkpoints(out: Path) -> bool:
+    folder = out / "checkpoints"
+    return folder.is_dir() and any(p.is_dir() for p in folder.glob("step-*"))

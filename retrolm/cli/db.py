@@ -237,7 +237,9 @@ def _info(args: argparse.Namespace) -> int:
         f"chunks     {counts['chunks']} of {info['settings']['chunk_size']} tokens "
         f"({counts['train_chunks']} train, {counts['valid_chunks']} valid, "
         f"{counts.get('retrieval_chunks', 0)} retrieval-only) in {counts['blocks']} blocks",
-        f"tokenizer  vocabulary {tok['vocab_size']}, sha256 {tok['sha256'][:16]}"
+        f"tokenizer  vocabulary {tok['vocab_size']}"
+        + (f" (asked for {tok['requested_vocab_size']})" if tok.get("requested_vocab_size") else "")
+        + f", sha256 {tok['sha256'][:16]}"
         if tok
         else "tokenizer  (not yet)",
         f"embedder   {emb['spec']} (dim {emb['dim']}, metric {emb['metric']})",
@@ -258,9 +260,12 @@ def _info(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from retrolm.database import Database
+    from retrolm.errors import InputError
 
     if not args.text.strip():
-        raise ValueError("the search text is empty; give the text to search for")
+        raise InputError("the search text is empty; give the text to search for")
+    if args.k < 1:
+        raise InputError(f"-k must be at least 1, got {args.k}")
     hits = Database.open(args.db).search([args.text], args.k)[0]
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2, ensure_ascii=False))

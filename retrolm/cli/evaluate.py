@@ -41,13 +41,15 @@ def register(subparsers: Any) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--out", type=Path, help="also write the JSON report to this file")
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, interrupt_hint="nothing was written; rerun the command")
 
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.evaluate import EvalConfig, evaluate_run
-    from retrolm.io import write_json
+    from retrolm.io import check_writable, write_json
 
+    if args.out:  # before the evaluation, whose result would otherwise be lost
+        check_writable(args.out)
     config = EvalConfig(
         split=args.split,
         window=args.window,

@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--neighbours", type=int, help="k neighbours per chunk")
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print text and attribution as JSON")
-    p.set_defaults(handler=run)
+    p.set_defaults(handler=run, interrupt_hint="nothing was written; rerun the command")
 
 
 def _write(text: str) -> None:
@@ -40,6 +40,7 @@ def _write(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from retrolm.generate import generate_text
 
+    _check_args(args)
     stream = not args.json
     if stream:
         _write(args.prompt)
@@ -62,3 +63,20 @@ def run(args: argparse.Namespace) -> int:
         print("\n\n--- retrieved chunks ---")
         print(result.attribution_text())
     return 0
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad sampling settings as a user's error, before the model is loaded."""
+    from retrolm.errors import InputError
+
+    if args.neighbours is not None and args.neighbours < 1:
+        raise InputError(
+            f"--neighbours must be at least 1, got {args.neighbours} (leave it out for the "
+            "model's training k; a model trained with --no-retrieval generates without any)"
+        )
+    if not args.temperature >= 0:
+        raise InputError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise InputError(f"--top-k must be a positive integer, got {args.top_k}")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p must lie in (0, 1], got {args.top_p}")

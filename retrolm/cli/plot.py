@@ -27,10 +27,27 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from retrolm.io import check_writable
     from retrolm.plot import plot_runs
 
+    _check_format(args.out)
+    check_writable(args.out)
     out = plot_runs(
         args.runs, args.out, labels=args.labels, x=args.x, smooth=args.smooth, title=args.title
     )
     print(out)
     return 0
+
+
+def _check_format(out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from retrolm.errors import InputError
+
+    formats = Figure().canvas.get_supported_filetypes()
+    suffix = out.suffix.lstrip(".").lower() or "png"
+    if suffix not in formats:
+        raise InputError(
+            f"--out {out}: cannot write .{suffix} images; use one of "
+            + ", ".join(f".{f}" for f in sorted(formats))
+        )

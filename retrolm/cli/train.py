@@ -128,6 +128,10 @@ def run(args: argparse.Namespace) -> int:
     from retrolm.io import read_json
     from retrolm.train import CONFIG_FILE, RUN_FILE, train
 
+    # what a Ctrl-C leaves is resumed with --resume (the same command without it is refused)
+    args.interrupt_hint = (
+        f"continue from the last checkpoint with `retrolm train --out {args.out} --resume`"
+    )
     stored = args.out / CONFIG_FILE
     if args.resume and stored.is_file():
         base = read_json(stored)

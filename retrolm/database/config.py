@@ -6,6 +6,8 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from retrolm.errors import ConfigError
+
 # Settings that change the content of a database: a rerun or `db add` with a different value is
 # refused (MismatchError naming the setting). The others (batch sizes, device) only change speed.
 CONTENT_FIELDS = (
@@ -37,7 +39,7 @@ def parse_bytes(value: str | int) -> int:
         return value
     match = _SIZE.match(value)
     if not match:
-        raise ValueError(f"index_memory: cannot read {value!r} as a size; write e.g. 512M or 4G")
+        raise ConfigError(f"index_memory: cannot read {value!r} as a size; write e.g. 512M or 4G")
     number, unit = match.groups()
     return int(float(number) * 1024 ** ("KMGT".index(unit.upper()) + 1 if unit else 0))
 
@@ -116,7 +118,7 @@ class DatabaseConfig:
         for name, ok in checks.items():
             if not ok:
                 hint = hints.get(name, "a positive number")
-                raise ValueError(f"{name} must be {hint}, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be {hint}, got {getattr(self, name)!r}")
         choices = {
             "retriever": ("dense", "bm25"),
             "dtype": ("float16", "float32"),
@@ -124,11 +126,11 @@ class DatabaseConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ValueError(
+                raise ConfigError(
                     f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}"
                 )
         if not self.index.strip():
-            raise ValueError("index must be 'auto' or a faiss index_factory string, got ''")
+            raise ConfigError("index must be 'auto' or a faiss index_factory string, got ''")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -138,7 +140,7 @@ class DatabaseConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown database settings: {', '.join(unknown)}")
+            raise ConfigError(f"unknown database settings: {', '.join(unknown)}")
         return cls(**d)
 
     def content_settings(self) -> dict[str, Any]:
