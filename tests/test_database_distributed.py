@@ -117,7 +117,8 @@ def test_a_second_build_into_the_same_folder_is_refused(inputs, tmp_path):
         assert refused.stderr.count("\n") == 1 and "another `retrolm db` build is writing" in (
             refused.stderr
         )
-        assert [p.name for p in out.iterdir()] == [".build.lock"]  # nothing written
+        # nothing written but the two lock files (the folder lock and the build lock)
+        assert sorted(p.name for p in out.iterdir()) == [".build.lock", ".retrolm.lock"]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the lock went with its holder, and the refused build left nothing in the way

