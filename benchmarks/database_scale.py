@@ -78,6 +78,30 @@ class Synthetic:
         return v
 
 
+class StoredVectors:
+    """`vectors_of(ids)` over the float16 embedding blocks written in the encode stage, memory-
+    mapped like a database's `embeddings/emb-*.npy` (what re-ranking reads; `BlockStore`)."""
+
+    def __init__(self, out: Path, data: Synthetic) -> None:
+        self.out, self.block_rows = out, data.block_rows
+        self.maps: dict[int, np.ndarray] = {}
+
+    def __call__(self, ids: np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        result = np.empty((len(ids), 0), np.float32)
+        blocks = ids // self.block_rows
+        for b in np.unique(blocks):
+            b = int(b)
+            if b not in self.maps:
+                self.maps[b] = np.load(self.out / f"emb-{b:06d}.npy", mmap_mode="r")
+            sel = blocks == b
+            rows = np.asarray(self.maps[b][ids[sel] - b * self.block_rows], dtype=np.float32)
+            if result.shape[1] == 0:
+                result = np.empty((len(ids), rows.shape[1]), np.float32)
+            result[sel] = rows
+        return result
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -124,7 +148,9 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     # encode (every rank, its blocks), as _build_faiss does
     trained = ix.load_index(trained_path, mmap=True)
     for b in dist.mine(list(range(data.blocks))):
-        save_npy(out / f"codes-{b:06d}.npy", ix.encode_block(trained, data.vectors(b)))
+        vectors = data.vectors(b)
+        save_npy(out / f"codes-{b:06d}.npy", ix.encode_block(trained, vectors))
+        save_npy(out / f"emb-{b:06d}.npy", vectors.astype(np.float16))  # as a database stores
     del trained
     stage("encode")
 
@@ -169,7 +195,12 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         stream = ((data.vectors(b), data.ids(b)) for b in range(data.blocks))
         _, exact = ix.exact_search_blocks(queries, stream, k_exact, "ip")
         params, tuned_recall = ix.choose_search_params(
-            index, factory, queries, true_ids=exact, k=args.neighbours
+            index,
+            factory,
+            queries,
+            true_ids=exact,
+            k=args.neighbours,
+            vectors_of=None if args.no_rerank else StoredVectors(out, data),
         )
         same_doc = (exact // DOC_CHUNKS) == (sample_ids // DOC_CHUNKS)[:, None]
         recall_truth = [row[~same][: args.neighbours] for row, same in zip(exact, same_doc)]
@@ -186,6 +217,8 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         import torch.distributed as td
 
         td.broadcast_object_list(box, src=0)
+    if ix.K_FACTOR in box[0]:  # compressed codes re-ranked with the stored embeddings
+        index = ix.RerankedIndex(index, StoredVectors(out, data), box[0][ix.K_FACTOR])
     ix.apply_search_params(index, box[0])
     chunk_doc = np.load(chunk_doc_path, mmap_mode="r")
     searched = [int(b) for b in sample_blocks] if args.search_blocks else list(range(data.blocks))
@@ -340,6 +373,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="local ranks (elastic launcher)")
     p.add_argument("--threads", type=int, default=1, help="faiss threads per rank")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--no-rerank",
+        action="store_true",
+        help="search compressed (PQ) codes without re-ranking by the stored embeddings",
+    )
     p.add_argument(
         "--search-blocks",
         type=int,

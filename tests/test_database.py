@@ -420,6 +420,29 @@ def test_trained_index_factory_uses_a_seeded_sample(setup, tmp_path):
     assert (db.chunk_doc[ids] != db.chunk_doc[np.arange(db.num_chunks)][:, None]).all()
 
 
+def test_compressed_index_reranks_with_the_stored_embeddings(setup, tmp_path):
+    """A PQ-coded database records k_factor; its stored neighbours carry the exact distances of
+    the stored embeddings (re-ranked), and they are nearly the brute-force neighbours."""
+    root, bert, corpus, _ = setup
+    config = tiny_config(bert, index="IVF4,PQ4x4", index_train_size=200)
+    db = Database.open(build_database([corpus], tmp_path / "db", config, show_progress=False))
+    assert db.manifest["index"]["search_params"]["k_factor"] == 4
+    all_ids = np.arange(db.num_chunks)
+    ids, dists = db.neighbours(all_ids)
+    vectors = np.concatenate(
+        [np.load(db.path / r["file"]) for r in db.manifest["embeddings"]["blocks"].values()]
+    ).astype(np.float32)
+    exact = ((vectors[all_ids][:, None, :] - vectors[ids]) ** 2).sum(-1)
+    np.testing.assert_allclose(dists, exact, rtol=1e-4, atol=1e-5)
+    train = db.split_chunk_ids("train")
+    d2 = ((vectors[:, None, :] - vectors[None, train, :]) ** 2).sum(-1)
+    d2[db.chunk_doc[all_ids][:, None] == db.chunk_doc[train][None, :]] = np.inf
+    truth = train[np.argsort(d2, axis=1, kind="stable")[:, :4]]
+    from retrolm.database.index import recall_at_k
+
+    assert recall_at_k(ids, truth) >= 0.9
+
+
 def test_interrupted_add_resumes_to_the_same_database(setup, tmp_path, monkeypatch):
     import retrolm.database.build as build_module
 

@@ -228,3 +228,64 @@ def test_bad_inputs_raise_input_errors(tmp_path):
     for mmap in (False, True):
         with pytest.raises(CorruptArtifactError):
             ix.load_index(good, mmap=mmap)
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+def test_reranked_pq_search_returns_exact_distances_and_beats_raw_codes(metric):
+    """Re-ranking PQ candidates with the stored vectors: every returned distance is the exact
+    one of its id, rows are sorted, and recall against exact search is far above the raw
+    codes' at the same nprobe."""
+    db = clustered(6000, 32, 60, spread=1.0, seed=9)
+    q = db[:200] + 0.01
+    index = built("OPQ8_32,IVF16,PQ8x4", db, metric, train_size=2000)
+    ix.apply_search_params(index, {"nprobe": 4})
+    _, true_rows = _exact(db, q, metric)
+    raw = ix.recall_at_k(ix.search(index, q, 10)[1], true_rows)
+    reranked = ix.RerankedIndex(index, lambda ids: db[ids], ix.RERANK_FACTOR)
+    dists, found = ix.search(reranked, q, 10)
+    assert (found >= 0).all()
+    if metric == "ip":
+        exact = np.einsum("nkd,nd->nk", db[found], q)
+        assert (np.diff(dists, axis=1) <= 1e-6).all()  # best first
+    else:
+        exact = ((db[found] - q[:, None]) ** 2).sum(-1)
+        assert (np.diff(dists, axis=1) >= -1e-6).all()
+    np.testing.assert_allclose(dists, exact, rtol=1e-5, atol=1e-5)
+    assert ix.recall_at_k(found, true_rows) >= raw + 0.2, (raw, ix.recall_at_k(found, true_rows))
+    # the wrapper passes search parameters through to the index it wraps
+    ix.apply_search_params(reranked, {"nprobe": 16, ix.K_FACTOR: 2})
+    assert reranked.k_factor == 2 and faiss.extract_index_ivf(index).nprobe == 16
+
+
+def test_reranking_fewer_vectors_than_asked():
+    db = clustered(300, 16, 4, spread=1.0, seed=10)
+    index = ix.build_index("IVF4,PQ4x4", 16, "l2", db, seed=0)
+    ix.add_vectors(index, db[:5], np.arange(5))
+    ix.apply_search_params(index, {"nprobe": 4})
+    dists, ids = ix.search(ix.RerankedIndex(index, lambda i: db[i], 4), db[:3], 8)
+    assert sorted(ids[0][:5]) == [0, 1, 2, 3, 4] and (ids[:, 5:] == -1).all()
+    assert np.isinf(dists[:, 5:]).all()
+
+
+def test_tuning_compressed_codes_with_reranking(monkeypatch):
+    """With the stored vectors at hand, compressed indexes record k_factor and are tuned with
+    re-ranking: the target recall at a small nprobe, where the raw codes plateau far below."""
+    monkeypatch.setattr(ix, "TUNE_MIN_VECTORS", 1000)
+    db = clustered(6000, 32, 60, spread=1.0, seed=11)
+    q = db[ix.sample_rows(len(db), 300, 1)]
+    factory = "OPQ8_32,IVF64,PQ8"
+    _, true_rows = _exact(db, q, "ip")
+    index = built(factory, db, "ip", train_size=4000)
+    raw_params, raw_recall = ix.choose_search_params(index, factory, q, true_ids=true_rows)
+    assert ix.K_FACTOR not in raw_params  # nothing to re-rank with
+    params, recall = ix.choose_search_params(
+        index, factory, q, true_ids=true_rows, vectors_of=lambda ids: db[ids]
+    )
+    assert params[ix.K_FACTOR] == ix.RERANK_FACTOR
+    assert recall >= ix.TUNE_TARGET_RECALL > raw_recall + 0.2
+    assert params["nprobe"] <= ix.default_search_params(factory, len(db))["nprobe"]
+    # flat (uncompressed) codes are exact already: no re-ranking recorded
+    flat = built("IVF64,Flat", db, "ip")
+    assert ix.K_FACTOR not in ix.choose_search_params(
+        flat, "IVF64,Flat", q, true_ids=true_rows, vectors_of=lambda ids: db[ids]
+    )[0]

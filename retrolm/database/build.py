@@ -664,7 +664,9 @@ def _search_params(
     from retrolm.database import index as faiss_index
 
     if index.ntotal <= faiss_index.TUNE_MIN_VECTORS:
-        return faiss_index.choose_search_params(index, factory, np.zeros((0, index.d)))
+        return faiss_index.choose_search_params(
+            index, factory, np.zeros((0, index.d)), vectors_of=store.embeddings_of_ids
+        )
     queries = store.indexed_sample(faiss_index.TUNE_QUERIES, config.seed + 1)
 
     def blocks() -> Any:
@@ -672,7 +674,9 @@ def _search_params(
             ids = store.indexed_ids_of_block(block)
             yield np.asarray(store.embeddings_of_block(block)[ids - block["start"]]), ids
 
-    return faiss_index.choose_search_params(index, factory, queries, blocks())
+    return faiss_index.choose_search_params(
+        index, factory, queries, blocks(), vectors_of=store.embeddings_of_ids
+    )
 
 
 def _add_codes(

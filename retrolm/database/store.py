@@ -53,6 +53,18 @@ class BlockStore:
         record = self.manifest["embeddings"]["blocks"][str(block["index"])]
         return load_block(self.folder / record["file"], block["rows"], "embedding")
 
+    def embeddings_of_ids(self, ids: np.ndarray) -> np.ndarray:
+        """The stored embeddings (n, d) float32 of chunk ids (n,), in that order (memory-mapped
+        blocks, so only the rows asked for are read)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        out = np.empty((len(ids), self.manifest["embeddings"]["dim"]), dtype=np.float32)
+        which = np.searchsorted(self.starts, ids, side="right") - 1  # block of each id
+        for b in np.unique(which):
+            sel = which == b
+            block = self.blocks[int(b)]
+            out[sel] = self.embeddings_of_block(block)[ids[sel] - block["start"]]
+        return out
+
     @cached_property
     def tokenizer(self) -> Tokenizer:
         return Tokenizer.load(self.folder / TOKENIZER_FILE)
@@ -133,8 +145,11 @@ class BlockStore:
             from retrolm.database.bm25 import BM25Index
 
             return BM25Index.load(path, mmap=mmap)
-        from retrolm.database.index import apply_search_params, load_index
+        from retrolm.database.index import K_FACTOR, RerankedIndex, apply_search_params, load_index
 
         index = load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk")))
-        apply_search_params(index, record["search_params"])
+        params = record["search_params"]
+        if K_FACTOR in params:  # compressed codes: candidates re-ranked with the embeddings
+            index = RerankedIndex(index, self.embeddings_of_ids, params[K_FACTOR])
+        apply_search_params(index, params)
         return index
