@@ -251,6 +251,34 @@ def test_stop_strings_and_seeded_sampling(server):
     assert a == b and a != c
 
 
+def test_eos_ends_a_completion_with_finish_reason_stop(world):
+    """A model whose <eos> logit equals the logit of a token that greedy decoding produces
+    at step j (ties go to the lower id, <eos> = 1) ends there: the text of the first j tokens,
+    finish_reason "stop", j + 1 completion tokens (the <eos> included)."""
+    import copy
+
+    alone = generate_text(
+        world["retro"], world["db"], PROMPT, max_new_tokens=40, model=world["model"]
+    )
+    generated = alone.tokens[alone.prompt_tokens :]
+    j = next(i for i in range(5, len(generated)) if generated[i] not in generated[:i])
+    eos_model = copy.deepcopy(world["model"])
+    with torch.no_grad():
+        eos_model.lm_head.weight[1] = eos_model.lm_head.weight[generated[j]]
+    tokenizer = Database.open(world["db"]).tokenizer
+    app = create_app(
+        world["retro"],
+        world["db"],
+        ServeSettings(api_key=KEY, reload_interval=0),
+        model=eos_model,
+    )
+    with Server(app) as s:
+        d = complete(s.url, prompt=PROMPT, max_tokens=40, temperature=0).json()
+    assert d["choices"][0]["finish_reason"] == "stop"
+    assert d["usage"]["completion_tokens"] == j + 1  # <eos> was computed: counted, as vLLM does
+    assert d["choices"][0]["text"] == tokenizer.decode(generated[:j])
+
+
 def test_search_returns_the_database_hits(server, world):
     r = httpx.post(f"{server.url}/v1/search", json={"query": "lazy dog", "k": 3}, headers=AUTH)
     assert r.status_code == 200

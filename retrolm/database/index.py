@@ -289,17 +289,25 @@ class RerankedIndex:
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         kk = min(max(k * self.k_factor, k), max(self.ntotal, 1))
-        _, ids = self.index.search(queries, kk)  # (n, kk) approximate order
+        # the candidates' vectors of `rows` queries at a time: (rows, kk, d) float32 <= 64 MB
+        rows = max(1, (64 << 20) // (kk * self.d * 4))
+        parts = [self._search_rows(queries[s : s + rows], k, kk) for s in range(0, len(queries), rows)]
+        if not parts:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
+
+    def _search_rows(self, queries: np.ndarray, k: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
+        _, ids = self.index.search(queries, kk)  # (n, kk) in approximate order
         found = ids >= 0
         vectors = np.zeros((*ids.shape, self.d), dtype=np.float32)  # (n, kk, d)
         if found.any():
             vectors[found] = np.asarray(self.vectors_of(ids[found]), dtype=np.float32)
         if self.metric_type == faiss.METRIC_INNER_PRODUCT:
-            scores = np.einsum("nkd,nd->nk", vectors, queries)  # higher is closer
+            scores = np.einsum("nkd,nd->nk", vectors, queries)  # (n, kk), higher is closer
             order_key, worst = -scores, -np.inf
-        else:
-            diff = vectors - queries[:, None, :]
-            scores = np.einsum("nkd,nkd->nk", diff, diff)  # squared L2, lower is closer
+        else:  # squared L2 from the differences (the expanded form cancels at small distances)
+            vectors -= queries[:, None, :]
+            scores = np.einsum("nkd,nkd->nk", vectors, vectors)  # lower is closer
             order_key, worst = scores, np.inf
         order_key = np.where(found, order_key, np.inf)
         order = np.argsort(order_key, axis=1, kind="stable")[:, :k]  # (n, k)

@@ -339,11 +339,10 @@ class Engine:
         if c.cancelled:
             self.decoder.remove(seq)
             return
-        if token == self.eos_id:
-            self._finish(seq, reason="stop")
-            return
-        c.generated.append(token)
-        final = seq.finished
+        eos = token == self.eos_id
+        if not eos:
+            c.generated.append(token)
+        final = seq.finished or eos  # no token follows: flush what was held back
         text = self.tokenizer.decode(c.generated)
         if not final:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
@@ -354,7 +353,7 @@ class Engine:
             return
         self._emit_text(c, text if final else text[: len(text) - _held_back(text, c.stop)])
         if final:
-            self._finish(seq, reason="length")
+            self._finish(seq, reason="stop" if eos else "length")
 
     @staticmethod
     def _emit_text(c: Completion, text: str) -> None:
