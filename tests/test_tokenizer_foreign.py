@@ -1,0 +1,326 @@
+"""Hugging Face models' tokenizers (`db build --tokenizer HF_FOLDER`): GPT-2 / Qwen2-style
+byte-level BPE and Llama-style SentencePiece (Metaspace "▁", byte fallback), built here as tiny
+HF folders (no download). What users rely on: no token is added to a foreign tokenizer, its own
+eos / pad ids are used, the database's per-token byte counts add up to each document's UTF-8
+bytes (so bits per byte divide by the right number), long documents cut into pieces get the ids
+of the whole text, and chunk tokens decode back to the documents."""
+
+from __future__ import annotations
+
+import json
+import logging
+import unicodedata
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import AutoTokenizer
+
+from retrolm.cli import main as cli_main
+from retrolm.database import Database
+from retrolm.database.chunks import encode_documents, split_for_tokenizer
+from retrolm.errors import InputError
+from retrolm.evaluate import byte_lengths_of, token_byte_lengths
+from retrolm.tokenizer import ROUND_TRIP_PROBE, Tokenizer, byte_counts, loose_text
+
+STYLES = ("gpt2", "qwen2", "llama-legacy", "llama-metaspace")
+HARD = (
+    "ünïcødé, 日本語のテキスト, emoji 🙂🚀 and tabs\tand\r\nwindows newlines\n"
+    "  leading spaces, double  spaces, trailing space \n"
+    "decomposed e\u0301 and \ufb01 ligature, zero\u200bwidth, <|endoftext|> and </s> as text\n"
+)
+
+
+def _train_texts() -> list[str]:
+    import json as json_module  # a few KB of real text: the stdlib json package's sources
+
+    folder = Path(json_module.__file__).parent
+    return [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.py"))] + [HARD]
+
+
+def make_hf_tokenizer(folder: Path, style: str, vocab_size: int = 500) -> Path:
+    """Write a tiny HF tokenizer folder of a model family's kind to `folder` (trained here).
+
+    gpt2: byte-level BPE, eos `<|endoftext|>`, no pad. qwen2: byte-level BPE behind an NFC
+    normalizer and a regex split, pad = eos. llama-legacy: BPE with byte fallback, the text
+    normalized to "▁" + text with spaces as "▁" (HF's converted Llama / Mistral), eos `</s>`,
+    bos `<s>`, no pad. llama-metaspace: the same model behind a Metaspace pre-tokenizer
+    (prepend "first", no split: HF's newer Llama conversion), pad `<unk>`.
+    """
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as HFTokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    texts = _train_texts()
+    if style in ("gpt2", "qwen2"):
+        tok = HFTokenizer(models.BPE())
+        if style == "qwen2":
+            tok.normalizer = normalizers.NFC()
+            split = pre_tokenizers.Split(
+                Regex(
+                    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"""
+                ),
+                behavior="isolated",
+            )
+            tok.pre_tokenizer = pre_tokenizers.Sequence(
+                [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+            )
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=["<|endoftext|>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        special = {"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>"}
+        if style == "qwen2":
+            special["pad_token"] = "<|endoftext|>"
+    else:
+        tok = HFTokenizer(models.BPE(unk_token="<unk>"))
+        # trained on words that start with "▁" (as SentencePiece does), so no token spans one
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="always", split=True)
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False
+        )
+        tok.train_from_iterator(texts, trainer)
+        spec = json.loads(tok.to_str())
+        for b in range(256):  # byte-fallback tokens, ordinary vocabulary entries as in Llama's
+            spec["model"]["vocab"].setdefault(f"<0x{b:02X}>", len(spec["model"]["vocab"]))
+        spec["model"]["byte_fallback"] = True
+        spec["model"]["fuse_unk"] = True
+        tok = HFTokenizer.from_str(json.dumps(spec))
+        if style == "llama-legacy":
+            tok.normalizer = normalizers.Sequence(
+                [normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")]
+            )
+            tok.pre_tokenizer = None
+        else:
+            tok.normalizer = None
+            tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        tok.decoder = decoders.Sequence(
+            [
+                decoders.Replace("▁", " "),
+                decoders.ByteFallback(),
+                decoders.Fuse(),
+                decoders.Strip(" ", 1, 0),
+            ]
+        )
+        special = {"eos_token": "</s>", "bos_token": "<s>", "unk_token": "<unk>"}
+        if style == "llama-metaspace":
+            special["pad_token"] = "<unk>"
+    PreTrainedTokenizerFast(tokenizer_object=tok, **special).save_pretrained(str(folder))
+    return Path(folder)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf-tokenizers")
+    return {style: make_hf_tokenizer(root / style, style) for style in STYLES}
+
+
+def make_corpus(folder: Path) -> Path:
+    """A few stdlib sources and hand-written documents of hard text (one of ~20 KB)."""
+    import textwrap
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(textwrap.__file__).parent.glob("json/*.py"))[:3]:
+        (folder / path.name).write_bytes(path.read_bytes())
+    (folder / "hard.txt").write_text(HARD, encoding="utf-8", newline="")
+    (folder / "leading.txt").write_text("  two leading spaces and a tail  ", encoding="utf-8")
+    words = ["the", "quick", "brown", "fox,", "jumps", "(over)", "a", "lazy", "dog.", "ünï", "日本"]
+    rng = np.random.default_rng(0)
+    (folder / "long.txt").write_text(" ".join(rng.choice(words, 4000)), encoding="utf-8")
+    return folder
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_a_foreign_tokenizer_keeps_its_own_ids(folders, style, tmp_path, caplog):
+    from tokenizers import Tokenizer as HFTokenizer
+
+    raw = HFTokenizer.from_file(str(folders[style] / "tokenizer.json"))
+    with caplog.at_level(logging.INFO, logger="retrolm.tokenizer"):
+        tok = Tokenizer.load(folders[style])
+    assert tok.kind == "foreign"
+    assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)  # nothing added
+    assert tok.hf.token_to_id("<pad>") is None and tok.hf.token_to_id("<eos>") is None
+    eos = "</s>" if style.startswith("llama") else "<|endoftext|>"
+    pad = {"llama-metaspace": "<unk>"}.get(style, eos)
+    assert (tok.eos_id, tok.pad_id) == (raw.token_to_id(eos), raw.token_to_id(pad))
+    assert tok.bos_id == raw.token_to_id("<s>" if style.startswith("llama") else eos)
+    named_pad = style in ("qwen2", "llama-metaspace")
+    assert ("has no pad token" in caplog.text) == (not named_pad)
+    assert tok.encode("a <|endoftext|> b </s>").count(tok.eos_id) == 0  # text, not specials
+    # the ids are those the base model's own (transformers) tokenizer gives (which, unlike
+    # retrolm, reads "<|endoftext|>" in a text as the special token: left out here)
+    hf = AutoTokenizer.from_pretrained(str(folders[style]), local_files_only=True)
+    text = HARD.split("<|endoftext|>")[0]
+    assert tok.encode(text) == hf(text, add_special_tokens=False)["input_ids"]
+    # saved (as a database does) and loaded from the bare file: the same ids and hash
+    tok.save(tmp_path / "tokenizer.json")
+    again = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert (again.kind, again.pad_id, again.eos_id, again.bos_id, again.sha256) == (
+        "foreign", tok.pad_id, tok.eos_id, tok.bos_id, tok.sha256)  # fmt: skip
+
+
+def test_a_bare_tokenizer_json_gets_its_eos_from_the_usual_names(folders, tmp_path):
+    bare = tmp_path / "bare.json"
+    bare.write_bytes((folders["llama-legacy"] / "tokenizer.json").read_bytes())
+    tok = Tokenizer.load(bare)  # no tokenizer_config.json beside it
+    assert tok.eos_id == tok.pad_id == tok.hf.token_to_id("</s>") and tok.bos_id is None
+    from retrolm.tokenizer import new_bpe
+
+    nameless = new_bpe()  # byte-level BPE without any special token
+    nameless.train_from_iterator(_train_texts())
+    (tmp_path / "nameless.json").write_text(nameless.to_str(), encoding="utf-8")
+    with pytest.raises(InputError, match="no end-of-text token"):
+        Tokenizer.load(tmp_path / "nameless.json")
+
+
+def test_an_inexact_decode_is_accepted_and_logged_a_lossy_one_refused(folders, tmp_path, caplog):
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, normalizers
+
+    hf = HFTokenizer.from_file(str(folders["llama-legacy"] / "tokenizer.json"))
+    hf.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
+    )
+    folder = tmp_path / "no-strip"  # its decode keeps the "▁" put before the text: " Hello..."
+    folder.mkdir()
+    hf.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
+    with caplog.at_level(logging.INFO, logger="retrolm.tokenizer"):
+        tok = Tokenizer.load(folder)
+    assert not tok.decode_exact and tok.decode(tok.encode(ROUND_TRIP_PROBE)) != ROUND_TRIP_PROBE
+    assert "does not decode exactly" in caplog.text
+    hf.normalizer = normalizers.Sequence([normalizers.Lowercase(), hf.normalizer])
+    hf.save(str(folder / "tokenizer.json"))  # lower-cases: loses more than spaces
+    with pytest.raises(InputError, match="exact text back, not even up to whitespace"):
+        Tokenizer.load(folder)
+
+
+def test_a_folder_with_only_a_slow_tokenizer_says_to_convert_it(tmp_path, capsys):
+    folder = tmp_path / "slow"
+    folder.mkdir()
+    (folder / "tokenizer.model").write_bytes(b"\x00sentencepiece")
+    (folder / "tokenizer_config.json").write_text('{"eos_token": "</s>"}')
+    corpus = make_corpus(tmp_path / "corpus")
+    code = cli_main(["db", "build", str(corpus), "--out", str(tmp_path / "db"),
+                     "--tokenizer", str(folder), "--retriever", "bm25", "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert "no tokenizer.json" in err[0] and "tokenizer.model" in err[0]
+    assert "save_pretrained" in err[0]
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_byte_counts_add_up_to_the_source_bytes(folders, style):
+    tok = Tokenizer.load(folders[style])
+    texts = [HARD, ROUND_TRIP_PROBE, " x", "", "\n\n", *_train_texts()[:2]]
+    for text in texts:
+        ids, ends = tok.encode_batch_with_ends([text])[0]
+        counts = byte_counts(text, ends)
+        assert counts.sum() == len(text.encode("utf-8")), (style, text[:30])
+        assert len(counts) == len(ids) and (counts >= 0).all()
+    # bytes per token id cannot do this for a SentencePiece-style tokenizer ("▁" at the start
+    # is no byte of the text; its decoded pieces drop their leading space) or behind NFC
+    table = token_byte_lengths(tok)
+    per_id = table[tok.encode(HARD)].sum()
+    assert (per_id == len(HARD.encode("utf-8"))) == (style == "gpt2")
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_long_documents_in_pieces_get_the_ids_of_the_whole_text(folders, style):
+    tok = Tokenizer.load(folders[style])
+    words = ["the", "quick", "brown", "fox,", "jumps", "(over)", "a", "lazy", "dog.", "ünï", "日本"]
+    rng = np.random.default_rng(1)
+    text = " ".join(rng.choice(words, 6000)) + "  double  spaces\tand tabs ending"
+    assert len(split_for_tokenizer(text, 4096)) > 5  # really in pieces
+    (ids,) = encode_documents(tok, [text], 4096)
+    assert ids.tolist() == tok.encode(text)
+    ((ids2, counts),) = encode_documents(tok, [text], 4096, with_bytes=True)
+    assert ids2.tolist() == ids.tolist() and counts.sum() == len(text.encode("utf-8"))
+    whole_counts = byte_counts(text, tok.encode_batch_with_ends([text])[0][1])
+    assert counts.tolist() == whole_counts.tolist()
+
+
+@pytest.fixture(scope="module")
+def built(folders, tmp_path_factory) -> dict[str, Path]:
+    """`retrolm db build CORPUS --tokenizer FOLDER` through the CLI, for every style."""
+    root = tmp_path_factory.mktemp("hf-databases")
+    corpus = make_corpus(root / "corpus")
+    out = {"corpus": corpus}
+    for style in STYLES:
+        db = root / style
+        code = cli_main(["db", "build", str(corpus), "--out", str(db), "--tokenizer",
+                         str(folders[style]), "--retriever", "bm25", "--chunk-size", "16",
+                         "--valid-fraction", "0.3", "--block-rows", "64", "--neighbours", "2",
+                         "--no-progress"])  # fmt: skip
+        assert code == 0
+        out[style] = db
+    return out
+
+
+def _corpus_texts(corpus: Path) -> dict[str, str]:
+    return {p.name: p.read_bytes().decode("utf-8") for p in sorted(corpus.iterdir())}
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_db_build_with_a_hf_tokenizer_folder(built, folders, style, capsys):
+    db = Database.open(built[style], verify=True)
+    tok = Tokenizer.load(folders[style])
+    recorded = db.manifest["tokenizer"]
+    assert recorded["kind"] == "foreign" and recorded["byte_lengths"] == "stored"
+    assert (recorded["pad_id"], recorded["eos_id"], recorded["bos_id"]) == (
+        tok.pad_id, tok.eos_id, tok.bos_id)  # fmt: skip
+    assert db.tokenizer.sha256 == tok.sha256 and db.pad_id == tok.pad_id
+    texts = _corpus_texts(built["corpus"])
+    assert len(db.documents) == len(texts)
+    reference = AutoTokenizer.from_pretrained(str(folders[style]), local_files_only=True)
+    corpus_bytes = sum(len(t.encode("utf-8")) for t in texts.values())
+    assert db.manifest["counts"]["bytes"] == corpus_bytes
+    total = 0
+    for doc in db.documents:
+        text = texts[Path(doc.name).name]
+        ids = np.arange(doc.first_chunk, doc.first_chunk + doc.num_chunks)
+        tokens = db.chunk_tokens(ids).reshape(-1)
+        counts = db.chunk_byte_lengths(ids).reshape(-1)
+        assert counts.sum() == doc.byte_length == len(text.encode("utf-8"))
+        total += int(counts.sum())
+        # the chunks hold the whole document's ids, then eos, then padding
+        body = tokens[: len(tokens) - int(np.argmax(tokens[::-1] != tok.pad_id))]
+        if tok.pad_id != tok.eos_id:
+            assert body[-1] == tok.eos_id
+            body = body[:-1]
+        assert body.tolist() == tok.encode(text), doc.name
+        # decoded: exact for byte-level BPE, up to its NFC for qwen2; SentencePiece gives the
+        # text up to spaces (the Metaspace decode drops a space a text starts with), as the
+        # base model's own tokenizer decodes the same ids
+        decoded = db.tokenizer.decode(tokens)
+        if style == "gpt2":
+            assert decoded == text, doc.name
+        elif style == "qwen2":
+            assert decoded == unicodedata.normalize("NFC", text), doc.name
+        else:
+            assert decoded == reference.decode(body.tolist()) and loose_text(decoded) == loose_text(
+                text
+            )
+    assert total == corpus_bytes  # the database's bytes are the corpus's UTF-8 bytes
+    assert cli_main(["db", "info", str(built[style])]) == 0
+    shown = capsys.readouterr().out
+    assert f"foreign, eos {tok.eos_id}, pad {tok.pad_id}" in shown
+    assert "bytes per token counted from the source text" in shown
+
+
+@pytest.mark.parametrize("style", ["llama-legacy", "qwen2"])
+def test_eval_bytes_of_a_split_are_its_documents_bytes(built, style):
+    db = Database.open(built[style])
+    for split in ("train", "valid"):
+        chunk_ids = db.split_chunk_ids(split)
+        stream = db.chunk_tokens(chunk_ids).reshape(-1)
+        nbytes = byte_lengths_of(db, stream, chunk_ids)
+        docs = [d for d in db.documents if d.split == split]
+        assert docs and nbytes.sum() == sum(d.byte_length for d in docs)
+        assert nbytes[stream == db.pad_id].sum() == 0 or db.pad_id == db.tokenizer.eos_id
