@@ -19,8 +19,8 @@ from transformers import AutoTokenizer
 from retrolm.cli import main as cli_main
 from retrolm.database import Database
 from retrolm.database.chunks import encode_documents, split_for_tokenizer
-from retrolm.errors import InputError
-from retrolm.evaluate import byte_lengths_of, token_byte_lengths
+from retrolm.errors import CorruptArtifactError, InputError
+from retrolm.evaluate import EvalConfig, byte_lengths_of, token_byte_lengths
 from retrolm.tokenizer import ROUND_TRIP_PROBE, Tokenizer, byte_counts, loose_text
 
 STYLES = ("gpt2", "qwen2", "llama-legacy", "llama-metaspace")
@@ -324,3 +324,85 @@ def test_eval_bytes_of_a_split_are_its_documents_bytes(built, style):
         docs = [d for d in db.documents if d.split == split]
         assert docs and nbytes.sum() == sum(d.byte_length for d in docs)
         assert nbytes[stream == db.pad_id].sum() == 0 or db.pad_id == db.tokenizer.eos_id
+
+
+def _bytes_blocks(folder: Path) -> list[Path]:
+    return sorted((folder / "chunks").glob("bytes-*.npy"))
+
+
+def _check_counts(db: Database) -> None:
+    for doc in db.documents:
+        ids = np.arange(doc.first_chunk, doc.first_chunk + doc.num_chunks)
+        assert db.chunk_byte_lengths(ids).sum() == doc.byte_length, doc.name
+
+
+def test_a_long_document_in_a_build_gets_the_whole_texts_ids_and_bytes(folders, tmp_path):
+    from retrolm.database import DatabaseConfig, chunk_stage
+
+    tok = Tokenizer.load(folders["llama-legacy"])
+    corpus = make_corpus(tmp_path / "corpus")
+    text = (corpus / "long.txt").read_text(encoding="utf-8")
+    cfg = DatabaseConfig(tokenizer=str(folders["llama-legacy"]), chunk_size=16, retriever="bm25",
+                         tokenize_batch_bytes=4096, valid_fraction=0.0)  # fmt: skip
+    assert len(split_for_tokenizer(text, 4096)) > 3  # tokenized in pieces
+    folder = chunk_stage([corpus], tmp_path / "db", cfg, show_progress=False)
+    records = [json.loads(line) for line in (folder / "documents.jsonl").read_text().splitlines()]
+    long = next(r for r in records if r["name"].endswith("long.txt"))
+    tokens = np.concatenate([np.load(p) for p in sorted((folder / "chunks").glob("tokens-*"))])
+    counts = np.concatenate([np.load(p) for p in _bytes_blocks(folder)])
+    rows = slice(long["first_chunk"], long["first_chunk"] + long["num_chunks"])
+    ids = tokens[rows].reshape(-1)
+    ids = ids[: len(ids) - int(np.argmax(ids[::-1] != tok.pad_id))]  # eos = pad here
+    assert ids.tolist() == tok.encode(text)
+    assert counts[rows].sum() == len(text.encode("utf-8"))
+
+
+def test_a_corrupt_byte_count_block_is_rebuilt_and_db_add_counts_bytes_too(folders, tmp_path):
+    from retrolm.database import DatabaseConfig, add_documents, build_database
+
+    cfg = DatabaseConfig(tokenizer=str(folders["llama-metaspace"]), chunk_size=16,
+                         retriever="bm25", block_rows=32, neighbours=2, valid_fraction=0.3)  # fmt: skip
+    folder = build_database([make_corpus(tmp_path / "corpus")], tmp_path / "db", cfg,
+                            show_progress=False)  # fmt: skip
+    blocks = _bytes_blocks(folder)
+    assert len(blocks) > 2
+    before = [p.read_bytes() for p in blocks]
+    np.save(blocks[1], np.zeros_like(np.load(blocks[1])))  # wrong counts, right shape
+    with pytest.raises(CorruptArtifactError, match="corrupted"):
+        Database.open(folder, verify=True)
+    build_database([tmp_path / "corpus"], folder, cfg, show_progress=False)  # rebuilt from there
+    assert [p.read_bytes() for p in _bytes_blocks(folder)] == before
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    (extra / "new.txt").write_text(" A new document: ünï 日本 🙂 and\r\nmore.", encoding="utf-8")
+    add_documents(folder, [extra], show_progress=False)
+    db = Database.open(folder, verify=True)
+    assert len(_bytes_blocks(folder)) == len(db.manifest["chunks"]["blocks"])
+    _check_counts(db)
+
+
+def test_eval_of_a_uniform_model_divides_by_the_source_bytes(built, tmp_path):
+    import math
+
+    from retrolm.evaluate import evaluate_run
+    from retrolm.model import RETRO
+    from retrolm.train import TrainConfig, train
+
+    db = Database.open(built["llama-legacy"])
+    cfg = TrainConfig(preset="tiny", max_steps=1, batch_size=2, seq_len=32, eval_every=0,
+                      no_retrieval=True)  # fmt: skip
+    run = train(cfg, db, tmp_path / "run", show_progress=False)
+    model = RETRO.load(run / "model")
+    assert model.cfg.vocab_size == db.tokenizer.vocab_size and model.cfg.pad_id == db.pad_id
+    for p in model.parameters():
+        p.data.zero_()  # logits all 0: log2(vocab) bits for every scored token
+    model.save(run / "model")
+    report = evaluate_run(run, db, config=EvalConfig(window=32, stride=16), show_progress=False)
+    valid = db.split_chunk_ids("valid")
+    stream = db.chunk_tokens(valid).reshape(-1)
+    counts = db.chunk_byte_lengths(valid).reshape(-1)
+    scored = int((stream[1:] != db.pad_id).sum())  # eos = pad: never a target
+    valid_bytes = sum(d.byte_length for d in db.documents if d.split == "valid")
+    assert report.tokens == scored and report.bytes == valid_bytes - int(counts[0])
+    expect = scored * math.log2(model.cfg.vocab_size) / report.bytes
+    assert report.bpb["baseline"] == pytest.approx(expect, rel=1e-6)
