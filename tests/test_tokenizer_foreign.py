@@ -406,3 +406,23 @@ def test_eval_of_a_uniform_model_divides_by_the_source_bytes(built, tmp_path):
     assert report.tokens == scored and report.bytes == valid_bytes - int(counts[0])
     expect = scored * math.log2(model.cfg.vocab_size) / report.bytes
     assert report.bpb["baseline"] == pytest.approx(expect, rel=1e-6)
+
+
+def test_byte_counts_are_never_negative_whatever_the_offsets():
+    text = "aé日🙂"  # 1 + 2 + 3 + 4 bytes
+    assert byte_counts(text, [1, 2, 3, 4]).tolist() == [1, 2, 3, 4]
+    # a token ending before an earlier one (offsets a normalizer moved) counts nothing
+    assert byte_counts(text, [2, 1, 4, 4]).tolist() == [3, 0, 7, 0]
+    assert byte_counts(text, []).tolist() == []
+
+
+def test_a_retrolm_tokenizer_must_still_decode_exactly(tmp_path):
+    from tokenizers import normalizers
+
+    from retrolm.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(_train_texts(), vocab_size=300)
+    tok.hf.normalizer = normalizers.Replace("  ", " ")  # loses a space: loosely equal only
+    tok.save(tmp_path / "tokenizer.json")
+    with pytest.raises(InputError, match="exact text back"):
+        Tokenizer.load(tmp_path / "tokenizer.json")
