@@ -198,6 +198,16 @@ class Tokenizer:
         kept = [int(i) for i in ids if int(i) not in self._special]
         return self.hf.decode(kept, skip_special_tokens=False)
 
+    def decode_after(self, context: Sequence[int], ids: Sequence[int]) -> str:
+        """The text `ids` add after `context` (a prompt): `decode(ids)` for an exact byte-level
+        decode; otherwise decoded behind the last tokens of `context`, so that a SentencePiece
+        continuation keeps the space its first token ("▁sat") stands for."""
+        if self.kind == "retrolm":
+            return self.decode(ids)
+        tail = [int(i) for i in context if int(i) not in self._special][-8:]
+        head, full = self.decode(tail), self.decode([*tail, *ids])
+        return full[len(head) :] if full.startswith(head) else self.decode(ids)
+
     def decode_batch(self, rows: Sequence[Iterable[int]]) -> list[str]:
         """`decode` of many id sequences at once (parallel, in Rust)."""
         kept = [[int(i) for i in row if int(i) not in self._special] for row in rows]
