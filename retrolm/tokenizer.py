@@ -64,7 +64,7 @@ class Tokenizer:
         decode_exact: whether `decode(encode(text)) == text` held on the probe text.
         piece_drops_space: encode the pieces of a long document (cut before a space) without
             that space, because the tokenizer marks the start of every text with one ("▁"):
-            then the pieces' ids, joined, are the whole text's (see `pieces_of`).
+            then the pieces' ids, joined, are the whole text's (see `encode_documents`).
         sha256: hash of the tokenizer's JSON serialisation (and, foreign, its special ids);
             recorded in a database manifest.
     """

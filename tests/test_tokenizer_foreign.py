@@ -252,11 +252,13 @@ def built(folders, tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf-databases")
     corpus = make_corpus(root / "corpus")
     out = {"corpus": corpus}
+    valid = root / "valid.txt"  # two valid documents whatever the temporary folder's name
+    valid.write_text(f"{corpus / 'hard.txt'}\n{corpus / 'decoder.py'}\n", encoding="utf-8")
     for style in STYLES:
         db = root / style
         code = cli_main(["db", "build", str(corpus), "--out", str(db), "--tokenizer",
                          str(folders[style]), "--retriever", "bm25", "--chunk-size", "16",
-                         "--valid-fraction", "0.3", "--block-rows", "64", "--neighbours", "2",
+                         "--split-list", str(valid), "--block-rows", "64", "--neighbours", "2",
                          "--no-progress"])  # fmt: skip
         assert code == 0
         out[style] = db
@@ -278,6 +280,8 @@ def test_db_build_with_a_hf_tokenizer_folder(built, folders, style, capsys):
     assert db.tokenizer.sha256 == tok.sha256 and db.pad_id == tok.pad_id
     texts = _corpus_texts(built["corpus"])
     assert len(db.documents) == len(texts)
+    assert sorted(Path(d.name).name for d in db.documents if d.split == "valid") == [
+        "decoder.py", "hard.txt"]  # fmt: skip
     reference = AutoTokenizer.from_pretrained(str(folders[style]), local_files_only=True)
     corpus_bytes = sum(len(t.encode("utf-8")) for t in texts.values())
     assert db.manifest["counts"]["bytes"] == corpus_bytes
@@ -361,7 +365,7 @@ def test_a_corrupt_byte_count_block_is_rebuilt_and_db_add_counts_bytes_too(folde
     from retrolm.database import DatabaseConfig, add_documents, build_database
 
     cfg = DatabaseConfig(tokenizer=str(folders["llama-metaspace"]), chunk_size=16,
-                         retriever="bm25", block_rows=32, neighbours=2, valid_fraction=0.3)  # fmt: skip
+                         retriever="bm25", block_rows=32, neighbours=2, valid_fraction=0.0)  # fmt: skip
     folder = build_database([make_corpus(tmp_path / "corpus")], tmp_path / "db", cfg,
                             show_progress=False)  # fmt: skip
     blocks = _bytes_blocks(folder)
