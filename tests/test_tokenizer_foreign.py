@@ -115,6 +115,14 @@ def make_hf_tokenizer(folder: Path, style: str, vocab_size: int = 500) -> Path:
     return Path(folder)
 
 
+@pytest.fixture
+def logs(caplog, monkeypatch):
+    """`caplog` that sees retrolm's records (the CLI's logging set-up stops their propagation)."""
+    monkeypatch.setattr(logging.getLogger("retrolm"), "propagate", True)
+    with caplog.at_level(logging.INFO, logger="retrolm.tokenizer"):
+        yield caplog
+
+
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("hf-tokenizers")
@@ -137,12 +145,11 @@ def make_corpus(folder: Path) -> Path:
 
 
 @pytest.mark.parametrize("style", STYLES)
-def test_a_foreign_tokenizer_keeps_its_own_ids(folders, style, tmp_path, caplog):
+def test_a_foreign_tokenizer_keeps_its_own_ids(folders, style, tmp_path, logs):
     from tokenizers import Tokenizer as HFTokenizer
 
     raw = HFTokenizer.from_file(str(folders[style] / "tokenizer.json"))
-    with caplog.at_level(logging.INFO, logger="retrolm.tokenizer"):
-        tok = Tokenizer.load(folders[style])
+    tok = Tokenizer.load(folders[style])
     assert tok.kind == "foreign"
     assert tok.vocab_size == raw.get_vocab_size(with_added_tokens=True)  # nothing added
     assert tok.hf.token_to_id("<pad>") is None and tok.hf.token_to_id("<eos>") is None
@@ -151,7 +158,7 @@ def test_a_foreign_tokenizer_keeps_its_own_ids(folders, style, tmp_path, caplog)
     assert (tok.eos_id, tok.pad_id) == (raw.token_to_id(eos), raw.token_to_id(pad))
     assert tok.bos_id == raw.token_to_id("<s>" if style.startswith("llama") else eos)
     named_pad = style in ("qwen2", "llama-metaspace")
-    assert ("has no pad token" in caplog.text) == (not named_pad)
+    assert ("has no pad token" in logs.text) == (not named_pad)
     assert tok.encode("a <|endoftext|> b </s>").count(tok.eos_id) == 0  # text, not specials
     # the ids are those the base model's own (transformers) tokenizer gives (which, unlike
     # retrolm, reads "<|endoftext|>" in a text as the special token: left out here)
@@ -179,7 +186,7 @@ def test_a_bare_tokenizer_json_gets_its_eos_from_the_usual_names(folders, tmp_pa
         Tokenizer.load(tmp_path / "nameless.json")
 
 
-def test_an_inexact_decode_is_accepted_and_logged_a_lossy_one_refused(folders, tmp_path, caplog):
+def test_an_inexact_decode_is_accepted_and_logged_a_lossy_one_refused(folders, tmp_path, logs):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, normalizers
 
@@ -191,10 +198,9 @@ def test_an_inexact_decode_is_accepted_and_logged_a_lossy_one_refused(folders, t
     folder.mkdir()
     hf.save(str(folder / "tokenizer.json"))
     (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>"}))
-    with caplog.at_level(logging.INFO, logger="retrolm.tokenizer"):
-        tok = Tokenizer.load(folder)
+    tok = Tokenizer.load(folder)
     assert not tok.decode_exact and tok.decode(tok.encode(ROUND_TRIP_PROBE)) != ROUND_TRIP_PROBE
-    assert "does not decode exactly" in caplog.text
+    assert "does not decode exactly" in logs.text
     hf.normalizer = normalizers.Sequence([normalizers.Lowercase(), hf.normalizer])
     hf.save(str(folder / "tokenizer.json"))  # lower-cases: loses more than spaces
     with pytest.raises(InputError, match="exact text back, not even up to whitespace"):
