@@ -402,7 +402,7 @@ def evaluate_run(
     chunk_tokens = np.asarray(source.chunk_tokens(chunk_ids), dtype=np.int64)  # (C, m)
     stream = chunk_tokens.reshape(-1)
     chunk_of = np.arange(len(stream)) // m
-    nbytes = byte_lengths_of(source, stream)
+    nbytes = byte_lengths_of(source, stream, chunk_ids)
     nbytes[0] = 0  # token 0 is context only
     nbr_ids, nbr_tokens = stream_neighbours(source, chunk_ids, max(k, cfg.leakage_neighbours))
 
@@ -520,10 +520,31 @@ def leakage_ratio(chunks: np.ndarray, neighbours: np.ndarray, m: int, pad_id: in
     return out / m
 
 
-def byte_lengths_of(source: ChunkSource, stream: np.ndarray) -> np.ndarray:
-    """UTF-8 bytes of each token of the stream (uses the database's tokenizer)."""
+def byte_lengths_of(
+    source: ChunkSource, stream: np.ndarray, chunk_ids: np.ndarray | None = None
+) -> np.ndarray:
+    """UTF-8 bytes of each token of the stream.
+
+    Args:
+        source: the database.
+        stream: (C * m,) the tokens of the chunks `chunk_ids`, end to end.
+        chunk_ids: (C,) the chunks of the stream. Where the database stores per-token byte
+            counts (built with a foreign tokenizer: counted from the source text), those are
+            used; otherwise bytes per token id (`token_byte_lengths`), exact for retrolm's
+            byte-level tokenizer.
+    """
+    stored = getattr(source, "chunk_byte_lengths", None)
+    counts = stored(chunk_ids) if stored is not None and chunk_ids is not None else None
+    if counts is not None:
+        return np.asarray(counts, dtype=np.int64).reshape(-1)
     tokenizer = getattr(source, "tokenizer", None)
     if tokenizer is None:
         raise InputError("this database has no tokenizer; bits per byte need one")
+    if getattr(tokenizer, "kind", "retrolm") != "retrolm":
+        log.warning(
+            "the database stores no per-token byte counts (built before they were recorded): "
+            "bytes per token id are used, which may be off for this tokenizer; rebuild the "
+            "database for exact bits per byte"
+        )
     table = token_byte_lengths(tokenizer)
     return table[stream]

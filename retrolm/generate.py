@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +162,8 @@ def generate_text(
     attribution: list[RetrievedChunk] = []
     retrieval_time = [0.0]
     history: list[list[int]] = []  # tokens of each completed chunk (batch row 0)
-    streamer = TextStreamer(source.tokenizer.decode, on_text) if on_text else None
+    decode = partial(source.tokenizer.decode_after, ids)  # the text after the prompt
+    streamer = TextStreamer(decode, on_text) if on_text else None
 
     def retrieve(chunk_tokens: torch.Tensor) -> torch.Tensor:
         t0 = time.perf_counter()
@@ -200,7 +202,7 @@ def generate_text(
         streamer.update(tokens[len(ids) :], final=True)
     return GenerationResult(
         prompt=prompt,
-        text=source.tokenizer.decode(tokens[len(ids) :]),
+        text=decode(tokens[len(ids) :]),
         tokens=tokens,
         prompt_tokens=len(ids),
         attribution=attribution,

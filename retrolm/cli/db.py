@@ -222,6 +222,18 @@ def _add(args: argparse.Namespace) -> int:
     return 0
 
 
+def _foreign_tokenizer(tok: dict) -> str:
+    """The special ids and byte counting of a Hugging Face model's tokenizer ("" for retrolm's)."""
+    if tok.get("kind") != "foreign":
+        return ""
+    bos = f", bos {tok['bos_id']}" if tok.get("bos_id") is not None else ""
+    exact = "" if tok.get("decode_exact") else " (decode not exact: text shown is approximate)"
+    return (
+        f"; foreign, eos {tok['eos_id']}, pad {tok['pad_id']}{bos}; bytes per token counted "
+        f"from the source text{exact}"
+    )
+
+
 def _info(args: argparse.Namespace) -> int:
     from retrolm.database.db import database_info
 
@@ -240,6 +252,7 @@ def _info(args: argparse.Namespace) -> int:
         f"tokenizer  vocabulary {tok['vocab_size']}"
         + (f" (asked for {tok['requested_vocab_size']})" if tok.get("requested_vocab_size") else "")
         + f", sha256 {tok['sha256'][:16]}"
+        + _foreign_tokenizer(tok)
         if tok
         else "tokenizer  (not yet)",
         f"embedder   {emb['spec']} (dim {emb['dim']}, metric {emb['metric']})",

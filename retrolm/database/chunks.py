@@ -11,6 +11,13 @@ document longer than a batch is tokenized in pieces cut where the byte-level pre
 anyway (before a space between two non-space characters), so that its ids are those of the whole
 text and memory does not depend on line or document length.
 
+With a foreign (Hugging Face) tokenizer, whose tokens' decoded bytes need not be the source's
+(SentencePiece "▁", byte fallback, normalizers), each block also gets `chunks/bytes-NNNNNN.npy`
+(int32, [rows, m]): the UTF-8 bytes of the source text each token stands for, from the tokens'
+offsets (`retrolm.tokenizer.byte_counts`); a document's counts, eos included, add up to its
+`byte_length`. The manifest's `tokenizer.byte_lengths` says "stored" then, "table" otherwise
+(retrolm's byte-level tokenizer: bytes per token id, `evaluate.token_byte_lengths`).
+
 `retrolm db add` skips a document whose chunk tokens equal those of a document already in the
 database (the same text under another name), and counts it as skipped, reason `duplicate`.
 """
@@ -30,10 +37,11 @@ import numpy as np
 from retrolm.corpus import Document, Skipped, assign_split, iter_corpus, read_split_list
 from retrolm.database.config import DatabaseConfig
 from retrolm.database.manifest import block_ok, save_manifest
+from retrolm.database.store import stores_byte_lengths
 from retrolm.errors import InputError
 from retrolm.io import atomic_open, save_npy, sha256_file
 from retrolm.log import progress
-from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer, train_tokenizer
+from retrolm.tokenizer import CONFIG_FILES, TOKENIZER_FILE, Tokenizer, byte_counts, train_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +95,10 @@ def run_tokenizer(
         manifest["stages"]["tokenizer"]
         and recorded
         and block_ok(folder, TOKENIZER_FILE, recorded["file_sha256"])
+        and (
+            not recorded.get("config_file")
+            or block_ok(folder, recorded["config_file"], recorded["config_sha256"])
+        )
     ):
         return Tokenizer.load(path)
     if config.tokenizer:
@@ -110,9 +122,13 @@ def run_tokenizer(
         "file_sha256": sha256_file(path),
         "sha256": tokenizer.sha256,
         "vocab_size": tokenizer.vocab_size,
-        "pad_id": tokenizer.pad_id,
-        "eos_id": tokenizer.eos_id,
+        **tokenizer.special_tokens(),  # kind, pad_id, eos_id, bos_id (foreign: their strings)
+        "decode_exact": tokenizer.decode_exact,
+        "byte_lengths": "table" if tokenizer.kind == "retrolm" else "stored",
     }
+    if tokenizer.kind == "foreign":  # its special tokens, written beside tokenizer.json
+        manifest["tokenizer"]["config_file"] = CONFIG_FILES[0]
+        manifest["tokenizer"]["config_sha256"] = sha256_file(folder / CONFIG_FILES[0])
     if not config.tokenizer and tokenizer.vocab_size < config.vocab_size:
         # BPE stops when the text offers no more pairs to merge
         log.warning(
@@ -180,6 +196,16 @@ def chunk_document(
     return out.reshape(rows, chunk_size)
 
 
+def chunk_byte_counts(counts: np.ndarray, byte_length: int, chunk_size: int) -> np.ndarray:
+    """A document's per-token byte counts laid out as `chunk_document` lays out its ids: the
+    eos counts what no token covers (usually 0), padding 0. (c, m) int32."""
+    stream = np.concatenate([counts, [byte_length - int(counts.sum())]]).astype(np.int32)
+    rows = -(-stream.size // chunk_size)
+    out = np.zeros(rows * chunk_size, dtype=np.int32)
+    out[: stream.size] = stream
+    return out.reshape(rows, chunk_size)
+
+
 class _BlockWriter:
     """Collects chunk rows and document records; writes a block each time `block_rows` fill."""
 
@@ -194,20 +220,30 @@ class _BlockWriter:
         self.folder, self.manifest, self.config = folder, manifest, config
         self.cursor, self.group = cursor, group
         self.rows: list[np.ndarray] = []
+        self.byte_rows: list[np.ndarray] = []  # with stored byte counts: parallel to `rows`
         self.count = 0
         self.records: list[dict[str, Any]] = []
         (folder / "chunks").mkdir(exist_ok=True)
 
     def add(
-        self, event: int, rows: np.ndarray, start: int, split: str, record: dict[str, Any] | None
+        self,
+        event: int,
+        rows: np.ndarray,
+        start: int,
+        split: str,
+        record: dict[str, Any] | None,
+        byte_rows: np.ndarray | None = None,
     ) -> None:
-        """Append rows[start:] of the document at `event` (its record when it starts here)."""
+        """Append rows[start:] of the document at `event` (its record when it starts here), and
+        its per-token byte counts `byte_rows` (shaped as `rows`) where the database stores them."""
         if record is not None:
             self.records.append(record)
         position = start
         while position < len(rows):
             take = min(len(rows) - position, self.config.block_rows - self.count)
             self.rows.append(rows[position : position + take])
+            if byte_rows is not None:
+                self.byte_rows.append(byte_rows[position : position + take])
             self.count += take
             position += take
             self.cursor.chunks += take
@@ -234,21 +270,25 @@ class _BlockWriter:
         with atomic_open(self.folder / docs_file, "w", encoding="utf-8") as f:
             for record in self.records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        blocks.append(
-            {
-                "index": index,
-                "group": self.group,
-                "start": self.cursor.chunks - self.count,
-                "rows": self.count,
-                "file": tokens_file,
-                "sha256": tokens_sha,
-                "docs_file": docs_file,
-                "docs_sha256": sha256_file(self.folder / docs_file),
-                "cursor": self.cursor.to_dict(),
-            }
-        )
+        block = {
+            "index": index,
+            "group": self.group,
+            "start": self.cursor.chunks - self.count,
+            "rows": self.count,
+            "file": tokens_file,
+            "sha256": tokens_sha,
+            "docs_file": docs_file,
+            "docs_sha256": sha256_file(self.folder / docs_file),
+            "cursor": self.cursor.to_dict(),
+        }
+        if stores_byte_lengths(self.manifest):
+            block["bytes_file"] = f"chunks/{block_name('bytes', index)}"
+            counts = np.concatenate(self.byte_rows)  # (rows, m) int32
+            assert counts.shape == tokens.shape, "byte counts must be added with every row"
+            block["bytes_sha256"] = save_npy(self.folder / block["bytes_file"], counts)
+        blocks.append(block)
         save_manifest(self.folder, self.manifest)
-        self.rows, self.count, self.records = [], 0, []
+        self.rows, self.byte_rows, self.count, self.records = [], [], 0, []
 
 
 def verify_chunk_blocks(folder: Path, manifest: dict[str, Any]) -> int:
@@ -258,6 +298,10 @@ def verify_chunk_blocks(folder: Path, manifest: dict[str, Any]) -> int:
         if not (
             block_ok(folder, block["file"], block["sha256"])
             and block_ok(folder, block["docs_file"], block["docs_sha256"])
+            and (
+                "bytes_file" not in block
+                or block_ok(folder, block["bytes_file"], block["bytes_sha256"])
+            )
         ):
             log.warning(
                 "chunk block %d (%s) is missing or corrupted; rebuilding from there",
@@ -349,17 +393,23 @@ def _chunk_source(
     resume_event, resume_offset = cursor.event, cursor.offset
     bar = progress(desc="chunking", unit="doc", show=show_progress)
     max_bytes = config.tokenize_batch_bytes
+    with_bytes = stores_byte_lengths(writer.manifest)
     for batch in _batches(stream, max_bytes):
         documents = [item for _, item in batch if isinstance(item, Document)]
-        token_lists = iter(encode_documents(tokenizer, [d.text for d in documents], max_bytes))
+        texts = [d.text for d in documents]
+        encoded = iter(encode_documents(tokenizer, texts, max_bytes, with_bytes=with_bytes))
         for local_event, item in batch:
             event = base + local_event
             end = event + 1
             if isinstance(item, Skipped):
                 cursor.skipped[item.reason] = cursor.skipped.get(item.reason, 0) + 1
                 continue
-            rows = chunk_document(
-                next(token_lists), tokenizer.eos_id, tokenizer.pad_id, config.chunk_size
+            ids, counts = next(encoded) if with_bytes else (next(encoded), None)
+            rows = chunk_document(ids, tokenizer.eos_id, tokenizer.pad_id, config.chunk_size)
+            byte_rows = (
+                None
+                if counts is None
+                else chunk_byte_counts(counts, item.byte_length, config.chunk_size)
             )
             split = (
                 "retrieval"
@@ -378,7 +428,7 @@ def _chunk_source(
                 record = _record(item, cursor, len(rows), split)
                 cursor.documents += 1
                 cursor.bytes += record["byte_length"]
-            writer.add(event, rows, resume_offset if resuming else 0, split, record)
+            writer.add(event, rows, resume_offset if resuming else 0, split, record, byte_rows)
             bar.update(1)
     bar.close()
     return end
@@ -423,7 +473,11 @@ def split_for_tokenizer(text: str, max_chars: int) -> list[str]:
     splits anyway: before a space between two non-space characters (a token never spans
     such a cut, so the pieces' ids, joined, are the whole text's). Where no such place lies in
     the last half of a piece, the piece is cut at `max_chars` (the ids near that cut may then
-    differ from those of the whole text; the result is still deterministic)."""
+    differ from those of the whole text; the result is still deterministic).
+
+    A SentencePiece-style tokenizer ("▁" for a space, "▁" put before every text) encodes
+    the pieces after the first without their leading space (`Tokenizer.piece_drops_space`), so
+    that the "▁" it adds is the one the whole text has there; see `encode_documents`."""
     if len(text) <= max_chars:
         return [text]
     pieces, start = [], 0
@@ -440,27 +494,51 @@ def split_for_tokenizer(text: str, max_chars: int) -> list[str]:
     return pieces
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], max_bytes: int) -> list[np.ndarray]:
+def encode_documents(
+    tokenizer: Tokenizer, texts: list[str], max_bytes: int, *, with_bytes: bool = False
+) -> list[np.ndarray] | list[tuple[np.ndarray, np.ndarray]]:
     """Token ids (int32 arrays) of `texts`, tokenized in batches of about `max_bytes` of text,
-    long texts in pieces (`split_for_tokenizer`): memory is bounded by `max_bytes`."""
+    long texts in pieces (`split_for_tokenizer`): memory is bounded by `max_bytes`.
+
+    Args:
+        with_bytes: return (ids, byte counts) per text instead: the UTF-8 bytes of the text each
+            token stands for (`retrolm.tokenizer.byte_counts`, from the tokens' offsets).
+    """
     piece_chars = max(4096, max_bytes)
-    pieces: list[tuple[int, str]] = [
-        (i, piece)
-        for i, text in enumerate(texts)
-        for piece in split_for_tokenizer(text, piece_chars)
-    ]
+    pieces: list[tuple[int, int, str, bool]] = []  # (text, offset, piece encoded, space dropped)
+    for i, text in enumerate(texts):
+        start = 0
+        for n, piece in enumerate(split_for_tokenizer(text, piece_chars)):
+            drop = n > 0 and tokenizer.piece_drops_space and piece.startswith(" ")
+            pieces.append((i, start + drop, piece[1:] if drop else piece, drop))
+            start += len(piece)
+    marker = tokenizer.hf.token_to_id("▁")
     ids: list[list[np.ndarray]] = [[] for _ in texts]
-    batch: list[tuple[int, str]] = []
+    ends: list[list[np.ndarray]] = [[] for _ in texts]
+    batch: list[tuple[int, int, str, bool]] = []
     size = 0
-    for n, (owner, piece) in enumerate(pieces):
-        batch.append((owner, piece))
-        size += len(piece)
+    for n, entry in enumerate(pieces):
+        batch.append(entry)
+        size += len(entry[2])
         if size >= max_bytes or n == len(pieces) - 1:
-            encoded = tokenizer.encode_batch([p for _, p in batch])
-            for (i, _), piece_ids in zip(batch, encoded):
+            if with_bytes:
+                encoded = tokenizer.encode_batch_with_ends([p for _, _, p, _ in batch])
+            else:
+                encoded = [(e, []) for e in tokenizer.encode_batch([p for _, _, p, _ in batch])]
+            for (i, offset, _, drop), (piece_ids, piece_ends) in zip(batch, encoded):
                 ids[i].append(np.asarray(piece_ids, dtype=np.int32))
+                piece_ends = offset + np.asarray(piece_ends, dtype=np.int64)
+                if with_bytes and drop and piece_ids and piece_ids[0] == marker:
+                    piece_ends[0] = offset  # this "▁" stands for the dropped space: ends there
+                ends[i].append(piece_ends)
             batch, size = [], 0
-    return [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in ids]
+    joined = [np.concatenate(parts) if parts else np.zeros(0, np.int32) for parts in ids]
+    if not with_bytes:
+        return joined
+    return [
+        (token_ids, byte_counts(text, np.concatenate(e) if e else np.zeros(0, np.int64)))
+        for token_ids, text, e in zip(joined, texts, ends)
+    ]
 
 
 def _record(doc: Document, cursor: Cursor, num_chunks: int, split: str) -> dict[str, Any]:

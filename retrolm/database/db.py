@@ -77,6 +77,11 @@ class Database:
         blocks = manifest["chunks"]["blocks"]
         self._starts = self._store.starts
         self._tokens = [self._store.tokens_of_block(b) for b in blocks]
+        self._byte_counts = (
+            [self._store.byte_counts_of_block(b) for b in blocks]
+            if self._store.stores_byte_lengths
+            else None
+        )
         nb = manifest["neighbours"]["blocks"]
         self._neighbour_ids = [
             load_block(path / nb[str(b["index"])]["ids_file"], b["rows"], "neighbour")
@@ -188,6 +193,14 @@ class Database:
     def chunk_tokens(self, ids: np.ndarray) -> np.ndarray:
         """Tokens of the chunks `ids` (any shape) -> (*ids.shape, m) int64."""
         return self._gather(self._tokens, self._check_ids(ids), np.int64)
+
+    def chunk_byte_lengths(self, ids: np.ndarray) -> np.ndarray | None:
+        """UTF-8 bytes of the source text each token of the chunks `ids` stands for ->
+        (*ids.shape, m) int64, where the database stores them (built with a foreign tokenizer);
+        None where bytes per token id are exact (`evaluate.token_byte_lengths`)."""
+        if self._byte_counts is None:
+            return None
+        return self._gather(self._byte_counts, self._check_ids(ids), np.int64)
 
     def chunk_text(self, chunk_id: int) -> str:
         """The decoded text of one chunk (pad and eos dropped)."""
@@ -365,6 +378,8 @@ def _verify(folder: Path, manifest: dict[str, Any]) -> None:
     ]
     for b in chunks["blocks"]:
         pairs += [(b["file"], b["sha256"]), (b["docs_file"], b["docs_sha256"])]
+        if "bytes_file" in b:
+            pairs.append((b["bytes_file"], b["bytes_sha256"]))
     for rec in manifest["embeddings"]["blocks"].values():
         pairs.append((rec["file"], rec["sha256"]))
     for rec in manifest["neighbours"]["blocks"].values():

@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 INDEXED_SPLITS = ("train", "retrieval")  # the splits whose chunks the index holds
 
 
+def stores_byte_lengths(manifest: dict[str, Any]) -> bool:
+    """Whether the chunk blocks have per-token byte counts (`bytes-NNNNNN.npy`) beside them."""
+    return (manifest.get("tokenizer") or {}).get("byte_lengths") == "stored"
+
+
 def load_block(path: Path, rows: int, what: str) -> np.ndarray:
     """Memory-map a block file, refusing one that is missing or of the wrong length."""
     try:
@@ -48,6 +53,15 @@ class BlockStore:
     # -- chunks and documents
     def tokens_of_block(self, block: dict[str, Any]) -> np.ndarray:
         return load_block(self.folder / block["file"], block["rows"], "chunk")
+
+    @property
+    def stores_byte_lengths(self) -> bool:
+        """Whether the chunk blocks have per-token byte counts beside them (foreign tokenizer)."""
+        return stores_byte_lengths(self.manifest)
+
+    def byte_counts_of_block(self, block: dict[str, Any]) -> np.ndarray:
+        """(rows, m) int32 UTF-8 bytes of the source text each token of the block stands for."""
+        return load_block(self.folder / block["bytes_file"], block["rows"], "byte count")
 
     def embeddings_of_block(self, block: dict[str, Any]) -> np.ndarray:
         record = self.manifest["embeddings"]["blocks"][str(block["index"])]

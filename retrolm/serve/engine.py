@@ -343,7 +343,7 @@ class Engine:
         if not eos:
             c.generated.append(token)
         final = seq.finished or eos  # no token follows: flush what was held back
-        text = self.tokenizer.decode(c.generated)
+        text = self.tokenizer.decode_after(c.prompt_ids, c.generated)
         if not final:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
         hits = [i for i in (text.find(s) for s in c.stop) if i >= 0]
