@@ -27,7 +27,8 @@ from retrolm.evaluate import (
     token_byte_lengths,
 )
 from retrolm.model import RETRO
-from retrolm.train import TrainConfig, read_metrics, train
+from retrolm.runs import read_metrics
+from retrolm.train import TrainConfig, train
 
 WORDS = [
     "the",

@@ -126,7 +126,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.io import read_json
-    from retrolm.train import CONFIG_FILE, RUN_FILE, train
+    from retrolm.runs import CONFIG_FILE, RUN_FILE
+    from retrolm.train import train
 
     # what a Ctrl-C leaves is resumed with --resume (the same command without it is refused)
     args.interrupt_hint = (
