@@ -29,7 +29,6 @@ Choices (documented because the paper leaves them open):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -41,13 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm import weights
 from retrolm.config import RetroConfig
-from retrolm.errors import CorruptArtifactError, InputError, MismatchError
-from retrolm.io import atomic_path, write_json
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-_META_KEY = "retrolm_config"  # the config, also stored inside the weights file
 
 Retrieve = Callable[[Tensor], Tensor]
 
@@ -1113,120 +1107,35 @@ class RETRO(nn.Module):
         finally:
             self.train(was_training)
 
-    # ---- save / load
+    # ---- save / load (the file format and its checks: retrolm.weights)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write `config.json` and `model.safetensors` into `folder` (each atomically).
-
-        The weights file also carries the config, so a folder whose two files come from
-        different saves is refused by `load`.
-        """
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.cfg.to_dict()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(config, sort_keys=True)})
-        write_json(folder / CONFIG_FILE, config)
-        return folder
-
-    @staticmethod
-    def _read_folder(folder: Path) -> tuple[RetroConfig, dict[str, Tensor]]:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise InputError(
-                    f"{path} not found: a saved model folder holds {CONFIG_FILE} and "
-                    f"{WEIGHTS_FILE} (written by RETRO.save)"
-                )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            cfg = RetroConfig.from_dict(config)
-            with safe_open(str(weights_path), framework="pt") as f:
-                stored = (f.metadata() or {}).get(_META_KEY)
-            state = load_file(str(weights_path))
-        except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifactError(f"cannot read the model in {folder}: {exc}") from exc
-        except Exception as exc:  # safetensors raises its own error type for a damaged file
-            raise CorruptArtifactError(f"cannot read {weights_path}: {exc}") from exc
-        if stored is not None and json.loads(stored) != cfg.to_dict():
-            raise CorruptArtifactError(
-                f"{config_path} and {weights_path} come from different saves; save the model again"
-            )
-        return cfg, state
-
-    @staticmethod
-    def _check_keys(
-        expected: dict[str, Tensor], found: dict[str, Tensor], where: Path, what: str
-    ) -> None:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
-        if missing or extra or wrong:
-
-            def show(names: list[str]) -> str:
-                return ", ".join(names[:5]) + (
-                    f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-                )
-
-            parts = [f"missing: {show(missing)}"] if missing else []
-            parts += [f"unexpected: {show(extra)}"] if extra else []
-            parts += [f"wrong shape: {show(wrong)}"] if wrong else []
-            raise CorruptArtifactError(
-                f"{where} does not hold the weights of {what} ({'; '.join(parts)}); "
-                "nothing was loaded"
-            )
+        """Write `config.json` and `model.safetensors` into `folder` (`retrolm.weights`)."""
+        return weights.save_model(self, folder)
 
     @classmethod
     def load(
         cls, folder: str | os.PathLike[str], map_location: str | torch.device = "cpu"
     ) -> RETRO:
-        """Load a model written by `save`. Every weight must be present, and no other.
+        """Load a model written by `save` (`retrolm.weights.load_model`: every weight, no other).
 
         Raises:
             InputError: a file is missing.
             CorruptArtifactError: unreadable files, missing, extra or misshapen weights.
         """
-        folder = Path(folder)
-        cfg, state = cls._read_folder(folder)
-        model = cls(cfg)
-        cls._check_keys(model.state_dict(), state, folder / WEIGHTS_FILE, "this config")
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return weights.load_model(folder, map_location, model_class=cls)
 
     @classmethod
     def from_baseline(cls, baseline_folder: str | os.PathLike[str], cfg: RetroConfig) -> RETRO:
-        """RETRO-fitting: a model with `cfg` whose decoder weights come from a saved baseline.
+        """RETRO-fitting: `cfg`'s model with the decoder weights of a saved baseline.
 
-        The baseline's decoder must match `cfg` exactly (every decoder weight, same shapes);
-        the encoder and CCA layers are freshly initialised.
+        See `retrolm.weights.load_from_baseline`.
 
         Raises:
             MismatchError: the baseline's decoder settings differ from `cfg`.
             CorruptArtifactError: missing or extra decoder weights.
         """
-        folder = Path(baseline_folder)
-        base_cfg, state = cls._read_folder(folder)
-        shared = ("vocab_size", "dec_dim", "dec_depth", "dec_heads", "ff_mult", "pad_id",
-                  "use_deepnet", "norm_eps", "rotary_base")  # fmt: skip
-        diff = [f"{k}: {getattr(base_cfg, k)} vs {getattr(cfg, k)}" for k in shared
-                if getattr(base_cfg, k) != getattr(cfg, k)]  # fmt: skip
-        if diff:
-            raise MismatchError(
-                f"the baseline in {folder} has another decoder than the requested config "
-                f"({'; '.join(diff)}); use the baseline's decoder settings"
-            )
-        model = cls(cfg)
-        decoder = {k: v for k, v in model.state_dict().items() if not cls._is_retrieval_name(k)}
-        cls._check_keys(decoder, state, folder / WEIGHTS_FILE, "a decoder of this config")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(cls._is_retrieval_name(k) for k in missing)
-        return model
+        return weights.load_from_baseline(baseline_folder, cfg, model_class=cls)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
