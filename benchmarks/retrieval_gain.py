@@ -1,6 +1,6 @@
 """Which retrieval pays? RETRO against a same-size baseline on one corpus, one variant at a time.
 
-Every variant uses the quickstart's model (retrolm.quickstart.MODEL), training settings and
+Every variant uses the quickstart's model (RetroConfig preset "quickstart"), training settings and
 held-out files, and changes one thing: the retriever (MiniLM or BM25), the database size (the
 training subset, 4x it, or the whole corpus, the text beyond the subset added as retrieval-only
 documents), or how RETRO is trained (from scratch, or RETRO-fitted onto the trained baseline).
@@ -91,11 +91,11 @@ def build(out: Path, plan: dict[str, list[Path]], v: Variant, seed: int, embedde
 
 
 def train_config(steps: int, seed: int, **kw: Any) -> Any:
-    from retrolm.quickstart import MODEL
+    from retrolm.config import preset_fields
     from retrolm.train import TrainConfig
 
     settings: dict[str, Any] = dict(
-        model=dict(MODEL),
+        model=preset_fields("quickstart"),
         max_steps=steps,
         batch_size=8,
         seq_len=256,
@@ -188,11 +188,11 @@ def equal_compute(out: Path, plan: dict[str, list[Path]], args: argparse.Namespa
     at different moments of a shared machine's load are not comparable)."""
     from retrolm.config import RetroConfig
     from retrolm.evaluate import EvalConfig, evaluate_run
-    from retrolm.quickstart import MODEL, measure_train_step
+    from retrolm.quickstart import measure_train_step
 
     scratch = [n for n in args.variants if VARIANTS[n].training == "scratch"]
-    retro_cfg = RetroConfig(vocab_size=8192, **MODEL)
-    base_cfg = RetroConfig(vocab_size=8192, **(MODEL | {"cca_layers": ()}))
+    retro_cfg = RetroConfig.preset("quickstart", vocab_size=8192)
+    base_cfg = RetroConfig.preset("quickstart", vocab_size=8192, cca_layers=())
     t_retro = min(measure_train_step(retro_cfg, 8, 256, 2, bf16=False) for _ in range(2))
     t_base = min(measure_train_step(base_cfg, 8, 256, 2, bf16=False) for _ in range(2))
     ratio = t_retro / t_base

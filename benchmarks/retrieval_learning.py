@@ -39,12 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from retrolm.config import RetroConfig, preset_fields
 from retrolm.data import ArrayChunkSource, ChunkSource, RetroSamples
 from retrolm.database import Database
 from retrolm.errors import RetrolmError
 from retrolm.model import RETRO
-from retrolm.quickstart import MODEL
 from retrolm.train import TrainConfig, train
+
+QUICKSTART = RetroConfig.preset("quickstart")  # the model trained here
 
 NGRAM = 3  # target plus the two tokens before it
 
@@ -94,13 +96,13 @@ def copyable(tokens: np.ndarray, targets: np.ndarray, neighbours: np.ndarray, m:
 def quality(db: Database, oracle: ArrayChunkSource, k: int, samples: int, seed: int) -> dict:
     """Copyable fraction of held-out targets for stored, random and oracle neighbours."""
     m, pad = db.chunk_size, db.pad_id
-    real = RetroSamples(db, "valid", MODEL["max_seq_len"], k)
+    real = RetroSamples(db, "valid", QUICKSTART.max_seq_len, k)
     idx = np.random.default_rng(seed).permutation(len(real))[:samples]
     batch = real.get(idx)
     assert batch.neighbour_ids is not None
     rng = np.random.default_rng(seed + 1)
     random_ids = rng.choice(db.split_chunk_ids("train"), batch.neighbour_ids.shape)
-    ora = RetroSamples(oracle, "valid", MODEL["max_seq_len"], 1).get(idx)
+    ora = RetroSamples(oracle, "valid", QUICKSTART.max_seq_len, 1).get(idx)
     assert ora.neighbours is not None and batch.neighbours is not None
     tok, tgt = batch.tokens.numpy(), batch.targets.numpy()
     out = {}
@@ -117,7 +119,7 @@ def quality(db: Database, oracle: ArrayChunkSource, k: int, samples: int, seed: 
 
 def held_out_loss(model: RETRO, source: ChunkSource, k: int, samples: int, seed: int):
     """Mean held-out loss with the source's neighbours (ON) and without (OFF)."""
-    data = RetroSamples(source, "valid", MODEL["max_seq_len"], k)
+    data = RetroSamples(source, "valid", QUICKSTART.max_seq_len, k)
     idx = np.random.default_rng(seed).permutation(len(data))[:samples]
     on = off = 0.0
     model.eval()
@@ -131,8 +133,6 @@ def held_out_loss(model: RETRO, source: ChunkSource, k: int, samples: int, seed:
 
 def synthetic(steps: int, distractor: bool, seed: int, model_cfg: dict) -> None:
     """Train the quickstart-width model on the random-token copy task; print when it copies."""
-    from retrolm.config import RetroConfig
-
     torch.manual_seed(seed)
     m, vocab, n, batch = 16, 256, 128, 16
     k = 2 if distractor else 1
@@ -169,10 +169,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--quality-only", action="store_true", help="skip the two training runs")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    ap.add_argument("--cca-match", type=int, default=MODEL.get("cca_match", 0),
+    ap.add_argument("--cca-match", type=int, default=QUICKSTART.cca_match,
                     help="RetroConfig.cca_match of the trained models (0: the paper's CCA)")  # fmt: skip
     args = ap.parse_args()
-    model_cfg = dict(MODEL, cca_match=args.cca_match)
+    model_cfg = dict(preset_fields("quickstart"), cca_match=args.cca_match)
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -188,18 +188,19 @@ def main() -> None:
         db = Database.open(args.db)
     except RetrolmError as e:
         raise SystemExit(f"error: {e}") from None
-    if db.chunk_size != MODEL["chunk_size"]:
+    if db.chunk_size != QUICKSTART.chunk_size:
         raise SystemExit(f"error: {args.db} has chunk size {db.chunk_size}; this needs 64")
     samples_per_split = {
-        split: len(RetroSamples(db, split, MODEL["max_seq_len"], 0)) for split in ("train", "valid")
+        split: len(RetroSamples(db, split, QUICKSTART.max_seq_len, 0))
+        for split in ("train", "valid")
     }
     if min(samples_per_split.values()) < 8:
         raise SystemExit(
-            f"error: {args.db} holds {samples_per_split} samples of {MODEL['max_seq_len']} tokens "
+            f"error: {args.db} holds {samples_per_split} samples of {QUICKSTART.max_seq_len} tokens "
             "per split; this needs at least 8 in each (build it with more documents, or a larger "
             "--valid-fraction)"
         )
-    k = MODEL["num_neighbours"]
+    k = QUICKSTART.num_neighbours
     oracle = oracle_source(db, args.seed)
     report: dict = {"database": str(args.db), "copyable": quality(db, oracle, k, 64, args.seed)}
     print(f"copyable held-out targets ({NGRAM}-gram in a visible neighbour): {report['copyable']}")

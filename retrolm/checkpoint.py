@@ -2,7 +2,7 @@
 
 Layout inside a run folder::
 
-    checkpoints/step-00000100/model/      model.save(): config.json + model.safetensors
+    checkpoints/step-00000100/model/      model.save() (retrolm.weights): config.json + model.safetensors
     checkpoints/step-00000100/trainer.pt  optimizer state and RNG states (torch.save)
     checkpoints/step-00000100/state.json  step, sampler position, tokens seen, and the sha256
                                           of every other file of the checkpoint ("files")

@@ -40,6 +40,26 @@ _PRESETS: dict[str, dict[str, Any]] = {
         enc_heads=4,
         max_seq_len=512,
     ),
+    # `retrolm quickstart`'s model: narrow, so that a laptop's budget buys many steps.
+    # cca_match=4 (a retrolm extension, below) lets CCA read its neighbours within the budget:
+    # with the paper's CCA this model gained nothing from its real neighbours after 1,500 steps,
+    # and 0.002 nats from perfect ones after 300 (benchmarks/RESULTS.md, the two sections on
+    # issue 5). benchmarks/retrieval_gain.py and retrieval_learning.py train it too. Its vocab
+    # comes from the database (the quickstart builds one of 8192 tokens).
+    "quickstart": dict(
+        chunk_size=64,
+        neighbour_len=128,
+        num_neighbours=2,
+        dec_dim=128,
+        dec_depth=4,
+        dec_heads=4,
+        cca_layers=(2, 4),
+        enc_dim=128,
+        enc_depth=2,
+        enc_heads=4,
+        max_seq_len=256,
+        cca_match=4,
+    ),
     # close to the paper's smallest model (Borgeaud et al. 2021, table 2: 172M with retrieval)
     "base": dict(
         vocab_size=28996,
@@ -53,6 +73,19 @@ _PRESETS: dict[str, dict[str, Any]] = {
         max_seq_len=2048,
     ),
 }
+
+PRESETS = tuple(_PRESETS)  # the preset names
+
+
+def preset_fields(name: str) -> dict[str, Any]:
+    """The fields a preset sets (a copy), e.g. as `TrainConfig.model` overrides.
+
+    Raises:
+        ConfigError: unknown preset name.
+    """
+    if name not in _PRESETS:
+        raise ConfigError(f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}")
+    return dict(_PRESETS[name])
 
 
 @dataclass
@@ -166,19 +199,16 @@ class RetroConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> RetroConfig:
-        """A named size ("tiny", "small", "base") with any field overridden.
+        """A named size (`PRESETS`: "tiny", "small", "quickstart", "base"), fields overridden.
 
         Raises:
             ValueError: unknown preset name or invalid override.
         """
-        if name not in _PRESETS:
-            raise ConfigError(
-                f"unknown RetroConfig preset {name!r}; choose one of {list(_PRESETS)}"
-            )
+        fields = preset_fields(name)
         unknown = set(overrides) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown RetroConfig field(s) {sorted(unknown)}")
-        return cls(**{**_PRESETS[name], **overrides})
+        return cls(**{**fields, **overrides})
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-serialisable dict (tuples become lists)."""

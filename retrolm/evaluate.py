@@ -32,7 +32,7 @@ from retrolm.comparators import KnnLMConfig, check_comparators, knnlm_bits, ralm
 from retrolm.data import ChunkSource
 from retrolm.errors import ConfigError, InputError
 from retrolm.log import progress
-from retrolm.train import check_database, load_run_model, open_database, resolve_device
+from retrolm.runs import check_database, load_run_model, open_database, resolve_device
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from retrolm.errors import InputError
-from retrolm.train import (
+from retrolm.runs import (
     check_database,
     load_run_model,
     open_database,

@@ -22,6 +22,17 @@ Choices (documented because the paper leaves them open):
 - `use_deepnet`: post-norm residuals norm(alpha * x + f(x)) with DeepNet's encoder-decoder
   alpha/beta (Wang et al. 2022), as RETRO-pytorch's `use_deepnet`. With post-norm, the CCA
   residual is applied (with f = 0 where nothing is read) whenever neighbours are given.
+- One path: training (`hidden_states`, `forward`, `loss`), KV-cached decoding (`generate`,
+  `prefill_row`) and the server's batched decoding of rows at different positions
+  (`decode_rows`) all run `DecoderBlock.forward` over a `Span`, which says where the tokens
+  sit: positions start..start+T-1 in every row, or one token per row at its own position. The
+  attention modules read and write the `KVCache` themselves (`SelfAttention` its keys/values,
+  `ChunkedCrossAttention.read` the neighbours' keys/values), and CCA's math (the m-1 shift,
+  rotary positions, masks, the cca_match bias) is written once, in
+  `ChunkedCrossAttention.attend`: queries grouped so that each group reads one chunk (a chunk
+  of a training row, or one row's chunk when decoding). The neighbours a forward reads are a
+  `Reading`, encoded at the first CCA layer. Span and Reading are built per call: no state of
+  one forward outlives it, and the model holds none but its weights and rotary tables.
 - Speed: all attention goes through `F.scaled_dot_product_attention`, except short non-causal
   attention in bf16/fp16 on CPU (see `attention`); `RETRO.loss` fuses the output layer and the
   cross-entropy so that training never materialises (B, n, vocab) logits.
@@ -29,7 +40,6 @@ Choices (documented because the paper leaves them open):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -41,13 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from retrolm import weights
 from retrolm.config import RetroConfig
-from retrolm.errors import CorruptArtifactError, InputError, MismatchError
-from retrolm.io import atomic_path, write_json
-
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
-_META_KEY = "retrolm_config"  # the config, also stored inside the weights file
 
 Retrieve = Callable[[Tensor], Tensor]
 
@@ -147,9 +152,146 @@ class FeedForward(nn.Module):
         return self.down(F.gelu(self.up(x)))
 
 
+# --------------------------------------------------------------------------------------------
+# one decoder forward: where its tokens sit (Span), what it reads (Reading), what it keeps
+
+
+def read_chunk(position: int | Tensor, m: int) -> int | Tensor:
+    """The chunk whose neighbours the token at `position` reads (negative: none): CCA's m-1
+    shift, so that chunk u's neighbours reach positions u*m + m-1 .. (u+1)*m + m-2."""
+    return (position - m + 1) // m
+
+
+@dataclass
+class CCAGroups:
+    """How a Span's queries are grouped for CCA: every group of Q queries reads one chunk.
+
+    The queries x[:, skip:] (those that read a chunk) are padded by `pad` = (front, back) to
+    G groups of Q and attend the keys of `chunks` (uniform spans: chunk indices u0..u1 of the
+    keys given; per-row spans: slice(None), each row's keys already picked).
+    """
+
+    skip: int  # leading positions that read no chunk (their output is zero)
+    pad: tuple[int, int]  # query rows added before / after, to fill the groups
+    groups: int  # G
+    size: int  # Q, queries per group
+    chunks: slice  # which chunks of the keys the G groups read
+    rot: tuple[Tensor, Tensor]  # rotary (cos, sin) of the queries: (Q, hd) or (B, 1, 1, 1, hd)
+    rows: Tensor  # absolute positions of the grouped queries: (G, Q), or (B, 1, 1) per row
+
+
+@dataclass
+class Span:
+    """Where the tokens x (B, T, d) of one decoder forward sit in their sequences.
+
+    A training batch, a cached prefill, a generation step and the server's step of one token per
+    row at different positions are all a Span, so that every attention module runs one code:
+    either every row holds positions start..start+T-1 (`pos` None), or each row holds one token
+    at its own position pos[b] (T == 1, `pos` and `rows` (B,)). Built per call by RETRO, never
+    kept: nothing of one forward leaks into another.
+    """
+
+    start: int  # first position (uniform spans)
+    length: int  # T
+    rotary: Rotary  # the decoder's rotary tables
+    device: torch.device
+    end: int  # keys 0..end-1 are attended (uniform: start + T; per row: max(pos) + 1)
+    token_ids: Tensor | None = None  # (B or slots, >= end) the token ids from position 0
+    rot: tuple[Tensor, Tensor] | None = None  # self-attention rotary: (T, hd) or (B, 1, 1, hd)
+    mask: Tensor | None = None  # self-attention mask (B, 1, T, S) bool, or None
+    causal: bool = False  # self-attention is plain causal (no mask needed)
+    cache: KVCache | None = None
+    pos: Tensor | None = None  # (B,) per-row positions (T == 1)
+    rows: Tensor | None = None  # (B,) the slot rows of the cache (with pos)
+    sel: slice | Tensor | None = None  # rows as a slice where contiguous (reads without a copy)
+    chunks_read: int = 0  # uniform spans with a cache: chunks 0..chunks_read-1 are encoded
+    match_ids: Tensor | None = None  # (B, end) decoder ids, pad as -2 (cca_match only)
+    _groups: dict[int, CCAGroups | None] = field(default_factory=dict)
+
+    def cca_groups(self, m: int) -> CCAGroups | None:
+        """The CCA grouping of this span's queries for chunk size m (None: none reads a chunk)."""
+        if m not in self._groups:
+            self._groups[m] = self._row_groups(m) if self.pos is not None else self._uniform(m)
+        return self._groups[m]
+
+    def _uniform(self, m: int) -> CCAGroups | None:
+        # the query at position p reads chunk u = read_chunk(p) at rotary position p - u*m
+        start, end = self.start, self.start + self.length
+        first = max(start, m - 1)  # first position that reads a chunk
+        if first >= end:
+            return None
+        u0, u1 = read_chunk(first, m), read_chunk(end - 1, m)  # chunks read, inclusive
+        groups, lead, dev = u1 - u0 + 1, first - (u0 * m + m - 1), self.device
+        if groups == 1:  # one group (always so when decoding a token): no padding needed
+            rot = self.rotary(lead + m - 1, lead + m - 1 + end - first, dev)
+            rows = torch.arange(first, end, device=dev)[None]  # (1, T')
+            return CCAGroups(first - start, (0, 0), 1, end - first, slice(u0, u1 + 1), rot, rows)
+        trail = groups * m - lead - (end - first)
+        rows = torch.arange(u0 * m + m - 1, u0 * m + m - 1 + groups * m, device=dev)
+        rot = self.rotary(m - 1, 2 * m - 1, dev)
+        chunks = slice(u0, u1 + 1)
+        return CCAGroups(first - start, (lead, trail), groups, m, chunks, rot, rows.view(groups, m))
+
+    def _row_groups(self, m: int) -> CCAGroups:
+        assert self.pos is not None
+        u_read = read_chunk(self.pos, m).clamp(min=0)  # (B,) the chunk each row reads
+        cos, sin = self.rotary(0, max(self.end, 2 * m), self.pos.device)
+        at = self.pos - u_read * m  # rotary position of each query in its chunk
+        rot = cos[at][:, None, None, None], sin[at][:, None, None, None]  # (B, 1, 1, 1, hd)
+        return CCAGroups(0, (0, 0), 1, 1, slice(None), rot, self.pos[:, None, None])
+
+    def read_index(self, m: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Per-row spans: (rows (B, 1), chunks (B, 1), reads (B, 1, 1)) of the chunk each reads."""
+        assert self.pos is not None and self.rows is not None
+        u_read = read_chunk(self.pos, m).clamp(min=0)  # (B,)
+        return self.rows[:, None], u_read[:, None], (self.pos >= m - 1)[:, None, None]
+
+
+@dataclass
+class Reading:
+    """The neighbours one decoder forward reads (RETRO[ON]), encoded at the first CCA layer.
+
+    `neighbours` are those of the chunks newly complete (None: no new chunk); they go to batch
+    rows `rows` and chunk indices `chunks` of the cache, their chunks' tokens at `positions`
+    (slices for uniform spans, index tensors (C, 1), (C, 1), (C, m) for per-row spans).
+    """
+
+    encode: Callable[[Tensor, Tensor, Tensor], tuple[Tensor, Tensor]]  # RETRO._encode
+    first_layer: int  # the decoder block (0-based) whose activations the encoder reads
+    chunk_size: int  # m
+    neighbours: Tensor | None  # (B', U, k, r)
+    rows: slice | Tensor = field(default_factory=lambda: slice(None))
+    chunks: slice | Tensor = field(default_factory=lambda: slice(None))
+    positions: slice | Tensor = field(default_factory=lambda: slice(None))
+    ids: Tensor | None = None  # (B', U, k, r) neighbour ids, pad as -1 (cca_match only)
+    encoded: Tensor | None = None  # (B', U, k, r, e), set at the first CCA layer
+    mask: Tensor | None = None  # (B', U, k*r) True for real neighbour tokens
+
+    def observe(self, layer: int, x: Tensor, span: Span) -> None:
+        """At the first CCA layer: keep the activations x (B, T, d), encode the new neighbours."""
+        if layer != self.first_layer:
+            return
+        acts = x if span.cache is None else span.cache.write_acts(x, span)
+        if self.neighbours is None:
+            return
+        assert span.token_ids is not None
+        self.encoded, self.mask = self.encode(
+            self.neighbours,
+            acts[self.rows, self.positions],  # (B', U*m, d) the new chunks' activations
+            span.token_ids[self.rows, self.positions],  # (B', U*m)
+        )
+        if span.cache is not None:
+            span.cache.write_neighbours(self)
+
+
 @dataclass
 class KVCache:
-    """What `RETRO.generate` keeps between steps: nothing is ever recomputed."""
+    """What decoding keeps between steps: nothing is ever recomputed.
+
+    The attention modules write to it and read from it at the positions a `Span` gives: a block
+    of positions for every row (`RETRO.generate`, `prefill_row`) or one position per row
+    (`decode_rows`). Tensors of `RETRO.generate` are allocated at their first write.
+    """
 
     token_ids: Tensor  # (B, size) every token fed so far (positions < length)
     retrieval: bool  # True: CCA is on (a `retrieve` function was given)
@@ -167,6 +309,80 @@ class KVCache:
     def size(self) -> int:
         return self.token_ids.shape[1]
 
+    def write_kv(self, layer: int, k: Tensor, v: Tensor, span: Span) -> tuple[Tensor, Tensor]:
+        """Store self-attention keys/values (B, h, T, hd) at the span's positions.
+
+        Returns:
+            the keys and values (B, h, span.end, hd) of every position filled so far.
+        """
+        B, h, T, hd = k.shape
+        if layer not in self.keys:
+            self.keys[layer] = k.new_zeros(B, h, self.size, hd)
+            self.values[layer] = v.new_zeros(B, h, self.size, hd)
+        keys, values = self.keys[layer], self.values[layer]
+        if span.pos is None:
+            keys[:, :, span.start : span.start + T] = k
+            values[:, :, span.start : span.start + T] = v
+            return keys[:, :, : span.end], values[:, :, : span.end]
+        keys[span.rows, :, span.pos] = k[:, :, 0]
+        values[span.rows, :, span.pos] = v[:, :, 0]
+        return keys[span.sel, :, : span.end], values[span.sel, :, : span.end]
+
+    def write_acts(self, x: Tensor, span: Span) -> Tensor:
+        """Store the first CCA layer's activations x (B, T, d); returns all of them (B, size, d)."""
+        if self.chunk_acts is None:
+            self.chunk_acts = x.new_zeros(x.shape[0], self.size, x.shape[2])
+        if span.pos is None:
+            self.chunk_acts[:, span.start : span.start + span.length] = x
+        else:
+            self.chunk_acts[span.rows, span.pos] = x[:, 0]
+        return self.chunk_acts
+
+    def write_neighbours(self, reading: Reading) -> None:
+        """Store the key mask and ids of newly encoded neighbours (B', U, ...) at their chunks."""
+        assert reading.mask is not None
+        B, U, KR = reading.mask.shape
+        chunks = self.size // reading.chunk_size
+        if self.cca_mask is None:
+            self.cca_mask = reading.mask.new_zeros(B, chunks, KR)
+        self.cca_mask[reading.rows, reading.chunks] = reading.mask
+        if reading.ids is not None:
+            if self.cca_ids is None:
+                self.cca_ids = reading.ids.new_full((B, chunks, *reading.ids.shape[2:]), -1)
+            self.cca_ids[reading.rows, reading.chunks] = reading.ids
+
+    def write_cca(self, layer: int, keys: Tensor, values: Tensor, reading: Reading) -> None:
+        """Store CCA keys/values (B', U, h, k*r, hd) of newly encoded chunks."""
+        if layer not in self.cca_keys:
+            B, _, h, KR, hd = keys.shape
+            chunks = self.size // reading.chunk_size
+            self.cca_keys[layer] = keys.new_zeros(B, chunks, h, KR, hd)
+            self.cca_values[layer] = values.new_zeros(B, chunks, h, KR, hd)
+        self.cca_keys[layer][reading.rows, reading.chunks] = keys
+        self.cca_values[layer][reading.rows, reading.chunks] = values
+
+    def read_cca(self, layer: int, span: Span, m: int) -> tuple[Tensor, ...] | None:
+        """(keys, values, key mask, ids or None) of the chunks the span's queries read.
+
+        Uniform spans: chunks 0..chunks_read-1 (B, U, ...); per-row spans: each row's chunk
+        (B, 1, ...), its key mask all False where the row's position reads none.
+        """
+        if layer not in self.cca_keys or self.cca_mask is None:
+            return None
+        if span.pos is None:
+            if span.chunks_read == 0:
+                return None
+            read = (slice(None), slice(0, span.chunks_read))
+            reads = None
+        else:
+            rows, chunks, reads = span.read_index(m)
+            read = (rows, chunks)
+        mask = self.cca_mask[read]
+        if reads is not None:
+            mask = mask & reads  # a row that reads no chunk attends nothing: zeros
+        ids = None if self.cca_ids is None else self.cca_ids[read]
+        return self.cca_keys[layer][read], self.cca_values[layer][read], mask, ids
+
 
 class SelfAttention(nn.Module):
     """Multi-head rotary self-attention (causal in the decoder, bidirectional in the encoder)."""
@@ -180,38 +396,30 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        rotary: Rotary,
-        start: int,
+        rot: tuple[Tensor, Tensor],
         mask: Tensor | None = None,
         causal: bool = False,
-        cache: KVCache | None = None,
+        span: Span | None = None,
         layer: int = 0,
     ) -> Tensor:
-        """x (B, T, dim) at positions start..start+T-1; mask (B, 1, T, S) bool or None.
+        """Self-attention of x (B, T, dim).
 
-        With a cache, keys/values are written at positions cache.length.. and all S filled
-        positions are attended (the mask, if any, says which).
+        Args:
+            rot: rotary (cos, sin) of the T positions: (T, hd), or (B, 1, 1, hd) per row.
+            mask: (B, 1, T, S) bool, True where a query may attend a key; None attends all.
+            causal: plain causal attention (with mask None).
+            span, layer: with a `span.cache`, keys/values are written at the span's positions
+                and all S = span.end filled positions are attended (the mask says which).
         """
         B, T, dim = x.shape
         hd = dim // self.heads
         qkv = self.qkv(x).view(B, T, 3, self.heads, hd).permute(2, 0, 3, 1, 4)  # (3,B,h,T,hd)
-        qk = apply_rotary(qkv[:2], *rotary(start, start + T, x.device))  # (2, B, h, T, hd)
+        qk = apply_rotary(qkv[:2], *rot)  # (2, B, h, T, hd)
         q, k, v = qk[0], qk[1], qkv[2]
-        if cache is not None:
-            k, v = _cache_write(cache, layer, k, v)  # (B, h, S, hd)
+        if span is not None and span.cache is not None:
+            k, v = span.cache.write_kv(layer, k, v, span)  # (B, h, S, hd)
         out = attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.out(out.transpose(1, 2).reshape(B, T, dim))  # (B, T, dim)
-
-
-def _cache_write(cache: KVCache, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-    B, h, T, hd = k.shape
-    if layer not in cache.keys:
-        cache.keys[layer] = k.new_zeros(B, h, cache.size, hd)
-        cache.values[layer] = v.new_zeros(B, h, cache.size, hd)
-    start, end = cache.length, cache.length + T
-    cache.keys[layer][:, :, start:end] = k
-    cache.values[layer][:, :, start:end] = v
-    return cache.keys[layer][:, :, :end], cache.values[layer][:, :, :end]
 
 
 class ChunkedCrossAttention(nn.Module):
@@ -223,6 +431,9 @@ class ChunkedCrossAttention(nn.Module):
     tokens is attended from the first step, so CCA can learn to copy it (its value carries the
     token) without first discovering the matching itself, which takes the paper's CCA ~1,000
     steps at small scale (benchmarks/RESULTS.md).
+
+    `attend` is the one CCA computation; `read` (RETRO's decoder) and `forward` (keys and
+    values given) are its two entry points.
     """
 
     MATCH_INIT = 3.0  # initial weight per lag: a match over all L lags scores +3L (e^6 ~ 400)
@@ -239,21 +450,23 @@ class ChunkedCrossAttention(nn.Module):
         )
 
     def match_bias(self, ids: Tensor, nb_ids: Tensor, rows: Tensor) -> Tensor:
-        """Score bonus (B, G, h, R, k*r) for query rows at absolute positions `rows` (G, R).
+        """Score bonus (B, G, h, R, k*r) for query rows at absolute positions `rows`.
 
         Args:
             ids: (B, S) the decoder's token ids at positions 0..S-1, pad_id as -2 (rows past
                 S-1 are padding, whose output is dropped).
             nb_ids: (B, G, k, r) the neighbour ids read by each group of rows, pad_id as -1.
+            rows: (G, R) positions shared by the batch, or (B, G, R) per batch row.
         """
         assert self.match_weight is not None
         B, S = ids.shape
         lags = self.match_weight.numel() // self.heads
+        rows = rows.expand(B, *rows.shape[-2:])  # (B, G, R)
         matches = []
         for lag in range(lags):
-            pos = rows - lag  # (G, R)
-            q_ids = ids[:, pos.clamp(0, S - 1)]  # (B, G, R)
-            q_ids = q_ids.masked_fill(((pos < 0) | (pos >= S))[None], -2)
+            pos = rows - lag  # (B, G, R)
+            q_ids = ids.gather(1, pos.clamp(0, S - 1).flatten(1)).view(pos.shape)  # (B, G, R)
+            q_ids = q_ids.masked_fill((pos < 0) | (pos >= S), -2)
             prev = F.pad(nb_ids, (lag + 1, 0), value=-1)[..., : nb_ids.shape[-1]]  # j-1-lag
             matches.append(q_ids[..., None] == prev.flatten(2)[:, :, None, :])  # (B, G, R, k*r)
         weight = self.match_weight.view(lags, self.heads)
@@ -274,6 +487,78 @@ class ChunkedCrossAttention(nn.Module):
         values = kv[1].reshape(B, U, self.heads, K * R, hd)
         return keys, values
 
+    def attend(
+        self,
+        x: Tensor,
+        span: Span,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_mask: Tensor | None,
+        nb_ids: Tensor | None = None,
+    ) -> Tensor:
+        """CCA output (B, T, d) for x (B, T, d) at the span's positions; the one CCA code.
+
+        Args:
+            keys, values: (B, U, h, k*r, hd) of the chunks read (see `CCAGroups.chunks`); None
+                when no position here reads a chunk.
+            key_mask: (B, U, k*r) True where a neighbour token may be attended.
+            nb_ids: with cca_match only: the neighbour ids (B, U, k, r), pad_id as -1 (the
+                decoder's ids are `span.match_ids`).
+        Returns:
+            zeros at positions that read no chunk (< m-1).
+        """
+        B, T, dim = x.shape
+        h, hd = self.heads, dim // self.heads
+        plan = span.cca_groups(self.chunk_size)
+        if plan is None:
+            return torch.zeros_like(x)
+        assert keys is not None and values is not None and key_mask is not None
+        G, Q, chunks = plan.groups, plan.size, plan.chunks
+        q = self.q(x[:, plan.skip :])  # (B, T', d)
+        if plan.pad != (0, 0):
+            q = F.pad(q, (0, 0, *plan.pad))  # (B, G*Q, d)
+        q = q.view(B, G, Q, h, hd).permute(0, 1, 3, 2, 4)  # (B, G, h, Q, hd)
+        q = apply_rotary(q, *plan.rot)
+        bias = None
+        if self.match_weight is not None:
+            if span.match_ids is None or nb_ids is None:
+                raise ValueError("this model has cca_match > 0: CCA needs the token ids")
+            bias = self.match_bias(span.match_ids, nb_ids[:, chunks], plan.rows)  # (B,G,h,Q,kr)
+            bias = bias.flatten(0, 1)
+        out = masked_attention(
+            q.flatten(0, 1),
+            keys[:, chunks].flatten(0, 1),
+            values[:, chunks].flatten(0, 1),
+            key_mask[:, chunks].flatten(0, 1),
+            bias,
+        )  # (B*G, h, Q, hd)
+        out = out.view(B, G, h, Q, hd).permute(0, 1, 3, 2, 4).reshape(B, G * Q, dim)
+        if plan.pad != (0, 0):
+            out = out[:, plan.pad[0] : plan.pad[0] + T - plan.skip]  # (B, T', d)
+        out = self.out(out)
+        return F.pad(out, (0, 0, plan.skip, 0)) if plan.skip else out  # (B, T, d)
+
+    def read(self, x: Tensor, span: Span, layer: int, reading: Reading) -> Tensor:
+        """CCA in RETRO's decoder: the new chunks' keys/values are computed (and cached), then
+        the chunks the span's queries read are attended.
+
+        Args:
+            x: (B, T, d) at the span's positions.
+            layer: this block's index (the cache's key).
+            reading: the neighbours of this forward, encoded at the first CCA layer.
+        """
+        keys = values = None
+        if reading.encoded is not None:
+            keys, values = self.keys_values(reading.encoded, span.rotary)  # (B', U, h, kr, hd)
+        if span.cache is None:
+            return self.attend(x, span, keys, values, reading.mask, reading.ids)
+        if keys is not None and values is not None:
+            span.cache.write_cca(layer, keys, values, reading)
+        cached = span.cache.read_cca(layer, span, self.chunk_size)
+        if cached is None:
+            return self.attend(x, span, None, None, None)
+        return self.attend(x, span, *cached)
+
     def forward(
         self,
         x: Tensor,
@@ -285,7 +570,7 @@ class ChunkedCrossAttention(nn.Module):
         ids: Tensor | None = None,
         nb_ids: Tensor | None = None,
     ) -> Tensor:
-        """CCA output for x (B, T, d) at absolute positions start..start+T-1.
+        """CCA output for x (B, T, d) at absolute positions start..start+T-1 (via `attend`).
 
         Args:
             keys, values: (B, U, h, k*r, hd) for chunks 0..U-1 (every chunk read here); None
@@ -296,50 +581,9 @@ class ChunkedCrossAttention(nn.Module):
         Returns:
             (B, T, d); zeros at positions < m-1, which read no chunk.
         """
-        B, T, dim = x.shape
-        m, h, hd = self.chunk_size, self.heads, dim // self.heads
-        end = start + T
-        first = max(start, m - 1)  # first position that reads a chunk
-        if first >= end:
-            return torch.zeros_like(x)
-        assert keys is not None and values is not None and key_mask is not None
-        u0, u1 = (first - m + 1) // m, (end - m) // m  # chunks read, inclusive
-        groups = u1 - u0 + 1
-        lead = first - (u0 * m + m - 1)  # rows of group u0 before `first`
-        q = self.q(x[:, first - start :])  # (B, T', d)
-        match = self.match_weight is not None
-        if match and (ids is None or nb_ids is None):
-            raise ValueError("this model has cca_match > 0: CCA needs the token ids")
-        if groups == 1:  # one group (always so when decoding a token): no padding needed
-            q = q.view(B, -1, h, hd).transpose(1, 2)  # (B, h, T', hd)
-            q = apply_rotary(q, *rotary(lead + m - 1, lead + m - 1 + q.shape[2], x.device))
-            bias = None
-            if match:
-                rows = torch.arange(first, end, device=x.device)[None]  # (1, T')
-                bias = self.match_bias(ids, nb_ids[:, u0 : u0 + 1], rows)[:, 0]  # (B,h,T',kr)
-            out = masked_attention(q, keys[:, u0], values[:, u0], key_mask[:, u0], bias)
-            out = out.transpose(1, 2).reshape(B, -1, dim)  # (B, T', d)
-        else:
-            trail = groups * m - lead - (end - first)
-            q = F.pad(q, (0, 0, lead, trail))  # (B, G*m, d), one group of m per chunk
-            q = q.view(B, groups, m, h, hd).permute(0, 1, 3, 2, 4)  # (B, G, h, m, hd)
-            q = apply_rotary(q, *rotary(m - 1, 2 * m - 1, x.device))
-            bias = None
-            if match:
-                rows = torch.arange(u0 * m + m - 1, u0 * m + m - 1 + groups * m, device=x.device)
-                bias = self.match_bias(ids, nb_ids[:, u0 : u1 + 1], rows.view(groups, m))
-                bias = bias.flatten(0, 1)  # (B*G, h, m, k*r)
-            out = masked_attention(
-                q.flatten(0, 1),
-                keys[:, u0 : u1 + 1].flatten(0, 1),
-                values[:, u0 : u1 + 1].flatten(0, 1),
-                key_mask[:, u0 : u1 + 1].flatten(0, 1),
-                bias,
-            )  # (B*G, h, m, hd)
-            out = out.view(B, groups, h, m, hd).permute(0, 1, 3, 2, 4).reshape(B, -1, dim)
-            out = out[:, lead : lead + end - first]  # (B, T', d)
-        out = self.out(out)
-        return F.pad(out, (0, 0, first - start, 0))  # (B, T, d)
+        T = x.shape[1]
+        span = Span(start, T, rotary, x.device, start + T, match_ids=ids)
+        return self.attend(x, span, keys, values, key_mask, nb_ids)
 
 
 class Residual(nn.Module):
@@ -401,7 +645,9 @@ class EncoderBlock(nn.Module):
         rotary: Rotary,
         k: int,
     ) -> Tensor:
-        x = self.self_res(x, lambda y: self.self_attn(y, rotary, 0, mask=self_mask))
+        x = self.self_res(
+            x, lambda y: self.self_attn(y, rotary(0, y.shape[1], y.device), mask=self_mask)
+        )
         x = self.cross_res(x, lambda y: self.cross_attention(y, chunk, chunk_mask, rotary, k))
         return self.ff_res(x, self.ff)
 
@@ -461,6 +707,27 @@ class DecoderBlock(nn.Module):
         )
         self.ff_res = Residual(d, cfg.norm_eps, post, alpha, cfg.dropout)
         self.ff = FeedForward(d, cfg.ff_mult)
+
+    def forward(self, x: Tensor, span: Span, layer: int, reading: Reading | None) -> Tensor:
+        """The one block forward: training, cached decoding and per-row decoding alike.
+
+        Args:
+            x: (B, T, d) at the span's positions.
+            span: where the tokens sit (and the cache the attention modules write to).
+            layer: this block's index (the caches' key).
+            reading: the neighbours read (None: RETRO[OFF], CCA skipped).
+        Returns:
+            (B, T, d)
+        """
+        x = self.attn_res(
+            x,
+            partial(self.attn, rot=span.rot, mask=span.mask, causal=span.causal, span=span,
+                    layer=layer),
+        )  # fmt: skip
+        if self.cca is not None and self.cca_res is not None and reading is not None:
+            reading.observe(layer, x, span)  # the first CCA layer: encode the new neighbours
+            x = self.cca_res(x, partial(self.cca.read, span=span, layer=layer, reading=reading))
+        return self.ff_res(x, self.ff)
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,18 +874,27 @@ class RETRO(nn.Module):
         if neighbours.numel():
             self._check_ids(neighbours, "neighbours")
 
-    # ---- forward
+    # ---- forward: every entry point builds a Span (and a Reading) and runs `_decode`
 
-    def _self_attn_mask(self, key_pad: Tensor, start: int, T: int) -> tuple[Tensor | None, bool]:
-        """(mask (B, 1, T, S) or None, is_causal) for queries start..start+T-1 over S keys."""
+    def _self_attn_mask(
+        self, key_pad: Tensor, start: int, T: int, pos: Tensor | None = None
+    ) -> tuple[Tensor | None, bool]:
+        """(mask (B, 1, T, S) or None, is_causal) for T queries over S keys.
+
+        Queries sit at start..start+T-1 in every row, or (`pos` (B,), T == 1) at pos[b] in row
+        b. A query attends keys at its position or before, and no pad key but its own.
+        """
         S = key_pad.shape[1]
-        if not bool(key_pad.any()):
-            if T == 1:
-                return None, False  # the newest token sees every key
-            if start == 0:
-                return None, True
-        q_pos = torch.arange(start, start + T, device=key_pad.device)[:, None]  # (T, 1)
-        k_pos = torch.arange(S, device=key_pad.device)[None, :]  # (1, S)
+        if pos is None:
+            if not bool(key_pad.any()):
+                if T == 1:
+                    return None, False  # the newest token sees every key
+                if start == 0:
+                    return None, True
+            q_pos = torch.arange(start, start + T, device=key_pad.device)[None, :, None]  # (1,T,1)
+        else:
+            q_pos = pos[:, None, None]  # (B, 1, 1)
+        k_pos = torch.arange(S, device=key_pad.device)  # (S,)
         allowed = (k_pos <= q_pos) & (~key_pad[:, None, :] | (k_pos == q_pos))  # (B, T, S)
         return allowed[:, None], False
 
@@ -626,6 +902,44 @@ class RETRO(nn.Module):
         """Token ids as CCA's match bias reads them: pad_id as -2 (decoder), -1 (neighbours)."""
         pad = self.cfg.pad_id
         return tokens.masked_fill(tokens == pad, -2), neighbours.masked_fill(neighbours == pad, -1)
+
+    def _span(
+        self, token_ids: Tensor, start: int, T: int, cache: KVCache | None = None, chunks: int = 0
+    ) -> Span:
+        """The Span of T tokens per row at start..start+T-1 (`token_ids` (B, >= start+T)).
+
+        `chunks`: with a cache, the chunks whose neighbours are encoded once this forward has
+        encoded its own.
+        """
+        end = start + T
+        ids = token_ids[:, :end]  # (B, end)
+        mask, causal = self._self_attn_mask(ids == self.cfg.pad_id, start, T)
+        span = Span(
+            start, T, self.rotary, token_ids.device, end, token_ids,
+            self.rotary(start, end, token_ids.device), mask, causal, cache, chunks_read=chunks,
+        )  # fmt: skip
+        if self.cfg.cca_match:
+            span.match_ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
+        return span
+
+    def _reading(self, neighbours: Tensor | None, chunks: slice) -> Reading:
+        """A Reading of `neighbours` (B, U, k, r) for the chunks `chunks` of every row."""
+        m = self.cfg.chunk_size
+        if neighbours is not None and neighbours.shape[1] == 0:
+            neighbours = None
+        ids = None
+        if self.cfg.cca_match and neighbours is not None:
+            ids = neighbours.masked_fill(neighbours == self.cfg.pad_id, -1)
+        return Reading(
+            self._encode, self.first_cca, m, neighbours, slice(None), chunks,
+            slice(chunks.start * m, chunks.stop * m), ids,
+        )  # fmt: skip
+
+    def _decode(self, x: Tensor, span: Span, reading: Reading | None) -> Tensor:
+        """The decoder blocks over x (B, T, d) at the span's positions (RETRO[OFF]: reading None)."""
+        for i, block in enumerate(self.blocks):
+            x = block(x, span, i, reading)
+        return x  # (B, T, d)
 
     def _encode(
         self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
@@ -697,42 +1011,10 @@ class RETRO(nn.Module):
         B, n = tokens.shape
         if neighbours is not None:
             self._check_neighbours(neighbours, B, n)
-        m = self.cfg.chunk_size
-        L = n // m  # chunks whose neighbours some position reads
-        x = self.tok_emb(tokens)  # (B, n, d)
-        mask, causal = self._self_attn_mask(tokens == self.cfg.pad_id, 0, n)
-        encoded = nb_mask = None
-        ids = nb_ids = None
-        if self.cfg.cca_match and neighbours is not None:
-            ids, nb_ids = self._match_ids(tokens, neighbours[:, :L])
-        for block in self.blocks:
-            x = block.attn_res(
-                x,
-                partial(block.attn, rotary=self.rotary, start=0, mask=mask, causal=causal),
-            )
-            if block.cca is not None and block.cca_res is not None and neighbours is not None:
-                keys = values = None
-                if L > 0:
-                    if encoded is None:
-                        encoded, nb_mask = self._encode(
-                            neighbours[:, :L], x[:, : L * m], tokens[:, : L * m]
-                        )
-                    keys, values = block.cca.keys_values(encoded, self.rotary)
-                x = block.cca_res(
-                    x,
-                    partial(
-                        block.cca,
-                        start=0,
-                        keys=keys,
-                        values=values,
-                        key_mask=nb_mask,
-                        rotary=self.rotary,
-                        ids=ids,
-                        nb_ids=nb_ids,
-                    ),
-                )
-            x = block.ff_res(x, block.ff)
-        return self.norm(x)  # (B, n, d)
+        L = n // self.cfg.chunk_size  # chunks whose neighbours some position reads
+        span = self._span(tokens, 0, n)
+        reading = None if neighbours is None else self._reading(neighbours[:, :L], slice(0, L))
+        return self.norm(self._decode(self.tok_emb(tokens), span, reading))  # (B, n, d)
 
     # ---- generation
 
@@ -742,92 +1024,16 @@ class RETRO(nn.Module):
         `neighbours` (B, U, k, r) belong to chunks cache.num_chunks .. +U-1, which complete
         within these tokens; they are encoded here, once, and their CCA keys/values cached.
         """
-        B, T = tokens.shape
-        m = self.cfg.chunk_size
+        T = tokens.shape[1]
         start, end = cache.length, cache.length + T
         cache.token_ids[:, start:end] = tokens
-        mask, causal = self._self_attn_mask(cache.token_ids[:, :end] == self.cfg.pad_id, start, T)
-        new_chunks = 0 if neighbours is None else neighbours.shape[1]
-        total_chunks = cache.num_chunks + new_chunks
-        x = self.tok_emb(tokens)  # (B, T, d)
-        encoded = nb_mask = None
-        for i, block in enumerate(self.blocks):
-            x = block.attn_res(
-                x,
-                partial(
-                    block.attn,
-                    rotary=self.rotary,
-                    start=start,
-                    mask=mask,
-                    causal=causal,
-                    cache=cache,
-                    layer=i,
-                ),
-            )
-            if block.cca is None or block.cca_res is None or not cache.retrieval:
-                x = block.ff_res(x, block.ff)
-                continue
-            if i == self.first_cca:
-                if cache.chunk_acts is None:
-                    cache.chunk_acts = x.new_zeros(B, cache.size, x.shape[2])
-                cache.chunk_acts[:, start:end] = x
-                if neighbours is not None:
-                    span = slice(cache.num_chunks * m, total_chunks * m)
-                    encoded, nb_mask = self._encode(
-                        neighbours, cache.chunk_acts[:, span], cache.token_ids[:, span]
-                    )
-            if encoded is not None and nb_mask is not None:
-                keys, values = block.cca.keys_values(encoded, self.rotary)
-                self._store_cca(cache, i, keys, values, nb_mask)
-                if i == self.first_cca and self.cfg.cca_match and neighbours is not None:
-                    if cache.cca_ids is None:
-                        shape = (B, cache.size // m, *neighbours.shape[2:])
-                        cache.cca_ids = neighbours.new_full(shape, -1)
-                    span = slice(cache.num_chunks, total_chunks)
-                    cache.cca_ids[:, span] = self._match_ids(tokens, neighbours)[1]
-            keys = values = key_mask = ids = nb_ids = None
-            if total_chunks > 0:
-                keys = cache.cca_keys[i][:, :total_chunks]
-                values = cache.cca_values[i][:, :total_chunks]
-                key_mask = cache.cca_mask[:, :total_chunks] if cache.cca_mask is not None else None
-                if cache.cca_ids is not None:
-                    ids = cache.token_ids[:, :end]
-                    ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
-                    nb_ids = cache.cca_ids[:, :total_chunks]
-            x = block.cca_res(
-                x,
-                partial(
-                    block.cca,
-                    start=start,
-                    keys=keys,
-                    values=values,
-                    key_mask=key_mask,
-                    rotary=self.rotary,
-                    ids=ids,
-                    nb_ids=nb_ids,
-                ),
-            )
-            x = block.ff_res(x, block.ff)
-        cache.length = end
-        cache.num_chunks = total_chunks
+        u0 = cache.num_chunks
+        u1 = u0 + (0 if neighbours is None else neighbours.shape[1])
+        span = self._span(cache.token_ids, start, T, cache, chunks=u1)
+        reading = self._reading(neighbours, slice(u0, u1)) if cache.retrieval else None
+        x = self._decode(self.tok_emb(tokens), span, reading)  # (B, T, d)
+        cache.length, cache.num_chunks = end, u1
         return self.lm_head(self.norm(x[:, -1]))  # (B, V)
-
-    def _store_cca(
-        self, cache: KVCache, layer: int, keys: Tensor, values: Tensor, nb_mask: Tensor
-    ) -> None:
-        """Write the CCA keys/values (B, U, h, k*r, hd) of newly encoded chunks into the cache."""
-        B, U, h, KR, hd = keys.shape
-        u0, u1 = cache.num_chunks, cache.num_chunks + U
-        if layer not in cache.cca_keys:
-            max_chunks = cache.size // self.cfg.chunk_size
-            cache.cca_keys[layer] = keys.new_zeros(B, max_chunks, h, KR, hd)
-            cache.cca_values[layer] = values.new_zeros(B, max_chunks, h, KR, hd)
-        cache.cca_keys[layer][:, u0:u1] = keys
-        cache.cca_values[layer][:, u0:u1] = values
-        if layer == self.first_cca:
-            if cache.cca_mask is None:
-                cache.cca_mask = nb_mask.new_zeros(B, cache.size // self.cfg.chunk_size, KR)
-            cache.cca_mask[:, u0:u1] = nb_mask
 
     # ---- batched decoding: rows at different positions (what the server runs)
 
@@ -910,97 +1116,55 @@ class RETRO(nn.Module):
         Returns:
             (R, V) logits predicting each row's next token.
         """
-        cfg = self.cfg
-        m, pad, R = cfg.chunk_size, cfg.pad_id, rows.shape[0]
-        dev = tokens.device
-        pos = positions
+        span = self._row_span(cache, rows, tokens, positions)
+        reading = self._row_reading(cache, rows, positions, neighbours)
+        x = self._decode(self.tok_emb(tokens)[:, None], span, reading)  # (R, 1, d)
+        return self.lm_head(self.norm(x[:, 0]))  # (R, V)
+
+    def _row_span(self, cache: KVCache, rows: Tensor, tokens: Tensor, pos: Tensor) -> Span:
+        """The Span of one token per row, tokens[i] at pos[i] of slot rows[i] (written here)."""
+        m, R = self.cfg.chunk_size, rows.shape[0]
         first, last = int(rows[0]), int(rows[-1])
         contiguous = last - first + 1 == R and bool((rows.diff() == 1).all()) if R > 1 else True
         sel = slice(first, last + 1) if contiguous else rows  # slices read without a copy
         cache.token_ids[rows, pos] = tokens
         S = int(pos.max()) + 1
         ids = cache.token_ids[sel, :S]  # (R, S)
-        k_pos = torch.arange(S, device=dev)[None]  # (1, S)
-        allowed = (k_pos <= pos[:, None]) & ((ids != pad) | (k_pos == pos[:, None]))
-        mask = allowed[:, None, None, :]  # (R, 1, 1, S)
-        cos, sin = self.rotary(0, max(S, 2 * m), dev)
+        mask, _ = self._self_attn_mask(ids == self.cfg.pad_id, 0, 1, pos)  # (R, 1, 1, S)
+        cos, sin = self.rotary(0, max(S, 2 * m), tokens.device)
         rot = (cos[pos][:, None, None], sin[pos][:, None, None])  # (R, 1, 1, hd)
-        complete = (pos + 1) % m == 0  # rows whose token ends a chunk
-        done = complete.nonzero()[:, 0] if cache.retrieval else pos[:0]
-        if (
-            cache.retrieval
-            and done.numel()
-            and (neighbours is None or len(neighbours) != len(done))
-        ):
+        span = Span(
+            0, 1, self.rotary, tokens.device, S, cache.token_ids, rot, mask, False, cache,
+            pos=pos, rows=rows, sel=sel,
+        )  # fmt: skip
+        if self.cfg.cca_match:
+            span.match_ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
+        return span
+
+    def _row_reading(
+        self, cache: KVCache, rows: Tensor, pos: Tensor, neighbours: Tensor | None
+    ) -> Reading | None:
+        """The Reading of `decode_rows`: the neighbours (C, k, r) of rows completing a chunk."""
+        if not cache.retrieval:
+            return None
+        m = self.cfg.chunk_size
+        done = ((pos + 1) % m == 0).nonzero()[:, 0]  # rows whose token ends a chunk
+        if done.numel() and (neighbours is None or len(neighbours) != len(done)):
             raise ValueError(
                 f"decode_rows: {len(done)} rows complete a chunk; give their neighbours"
             )
-        reads = pos >= m - 1  # rows whose position reads a chunk's neighbours
-        u_read = (pos - m + 1).clamp(min=0) // m  # (R,)
-        q_rot = (cos[pos - u_read * m][:, None, None], sin[pos - u_read * m][:, None, None])
-        x = self.tok_emb(tokens)[:, None]  # (R, 1, d)
-        encoded = None
-        for i, block in enumerate(self.blocks):
-            x = block.attn_res(x, partial(self._attend_rows, block.attn, cache, i, rows, sel,
-                                          pos, S, mask, rot))  # fmt: skip
-            if block.cca is None or block.cca_res is None or not cache.retrieval:
-                x = block.ff_res(x, block.ff)
-                continue
-            if i == self.first_cca:
-                assert cache.chunk_acts is not None and cache.cca_mask is not None
-                cache.chunk_acts[rows, pos] = x[:, 0]
-                if done.numel():
-                    assert neighbours is not None
-                    new_rows, u_new = rows[done], pos[done] // m  # (C,)
-                    span = u_new[:, None] * m + torch.arange(m, device=dev)  # (C, m)
-                    encoded, nb_mask = self._encode(
-                        neighbours[:, None],
-                        cache.chunk_acts[new_rows[:, None], span],
-                        cache.token_ids[new_rows[:, None], span],
-                    )  # (C, 1, k, r, e), (C, 1, k*r)
-                    cache.cca_mask[new_rows, u_new] = nb_mask[:, 0]
-                    if cache.cca_ids is not None:
-                        cache.cca_ids[new_rows, u_new] = self._match_ids(tokens, neighbours)[1]
-            if encoded is not None:
-                keys, values = block.cca.keys_values(encoded, self.rotary)  # (C, 1, h, k*r, hd)
-                cache.cca_keys[i][new_rows, u_new] = keys[:, 0]
-                cache.cca_values[i][new_rows, u_new] = values[:, 0]
-            x = block.cca_res(x, partial(self._cca_rows, block.cca, cache, i, rows, pos,
-                                         reads, u_read, q_rot))  # fmt: skip
-            x = block.ff_res(x, block.ff)
-        return self.lm_head(self.norm(x[:, 0]))  # (R, V)
-
-    @staticmethod
-    def _attend_rows(attn, cache, layer, rows, sel, pos, S, mask, rot, x: Tensor) -> Tensor:
-        """Self-attention of one new token per row (R, 1, d) over its row's cached keys."""
-        R, _, dim = x.shape
-        h = attn.heads
-        qkv = attn.qkv(x).view(R, 3, h, dim // h)  # (R, 3, h, hd)
-        q = apply_rotary(qkv[:, 0, :, None], *rot)  # (R, h, 1, hd)
-        k = apply_rotary(qkv[:, 1, :, None], *rot)
-        cache.keys[layer][rows, :, pos] = k[:, :, 0]
-        cache.values[layer][rows, :, pos] = qkv[:, 2]
-        keys, values = cache.keys[layer][sel, :, :S], cache.values[layer][sel, :, :S]
-        out = attention(q, keys, values, attn_mask=mask)  # (R, h, 1, hd)
-        return attn.out(out.reshape(R, 1, dim))
-
-    def _cca_rows(self, cca, cache, layer, rows, pos, reads, u_read, q_rot, x: Tensor) -> Tensor:
-        """CCA of one new token per row (R, 1, d): each reads its row's chunk u_read (if any)."""
-        R, _, dim = x.shape
-        h = cca.heads
-        q = apply_rotary(cca.q(x).view(R, h, 1, dim // h), *q_rot)  # (R, h, 1, hd)
-        key_mask = cache.cca_mask[rows, u_read] & reads[:, None]  # (R, k*r); none: zeros out
-        bias = None
-        if cca.match_weight is not None:
-            lags = cca.match_weight.numel() // h
-            at = pos[:, None] - torch.arange(lags - 1, -1, -1, device=pos.device)  # (R, lags)
-            ids = cache.token_ids[rows[:, None], at.clamp(min=0)]
-            ids = ids.masked_fill((at < 0) | (ids == self.cfg.pad_id), -2)
-            last = torch.tensor([[lags - 1]], device=pos.device)
-            bias = cca.match_bias(ids, cache.cca_ids[rows, u_read][:, None], last)[:, 0]
-        keys, values = cache.cca_keys[layer][rows, u_read], cache.cca_values[layer][rows, u_read]
-        out = masked_attention(q, keys, values, key_mask, bias)  # (R, h, 1, hd)
-        return cca.out(out.reshape(R, 1, dim))
+        if not done.numel():
+            return Reading(self._encode, self.first_cca, m, None)
+        assert neighbours is not None
+        u_new = pos[done] // m  # (C,) the chunk each completes
+        span = u_new[:, None] * m + torch.arange(m, device=pos.device)  # (C, m)
+        ids = None
+        if self.cfg.cca_match:
+            ids = neighbours.masked_fill(neighbours == self.cfg.pad_id, -1)[:, None]
+        return Reading(
+            self._encode, self.first_cca, m, neighbours[:, None], rows[done][:, None],
+            u_new[:, None], span, ids,
+        )  # fmt: skip
 
     def _retrieve(self, retrieve: Retrieve, chunk: Tensor, shape: list[int]) -> Tensor:
         """Call `retrieve` on one completed chunk (B, m) and check its answer (B, k, r)."""
@@ -1113,120 +1277,37 @@ class RETRO(nn.Module):
         finally:
             self.train(was_training)
 
-    # ---- save / load
+    # ---- save / load (the file format and its checks: retrolm.weights)
+
+    _check_keys = staticmethod(weights.check_keys)  # kept for code that called it here
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write `config.json` and `model.safetensors` into `folder` (each atomically).
-
-        The weights file also carries the config, so a folder whose two files come from
-        different saves is refused by `load`.
-        """
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.cfg.to_dict()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(config, sort_keys=True)})
-        write_json(folder / CONFIG_FILE, config)
-        return folder
-
-    @staticmethod
-    def _read_folder(folder: Path) -> tuple[RetroConfig, dict[str, Tensor]]:
-        from safetensors import safe_open
-        from safetensors.torch import load_file
-
-        config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise InputError(
-                    f"{path} not found: a saved model folder holds {CONFIG_FILE} and "
-                    f"{WEIGHTS_FILE} (written by RETRO.save)"
-                )
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            cfg = RetroConfig.from_dict(config)
-            with safe_open(str(weights_path), framework="pt") as f:
-                stored = (f.metadata() or {}).get(_META_KEY)
-            state = load_file(str(weights_path))
-        except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
-            raise CorruptArtifactError(f"cannot read the model in {folder}: {exc}") from exc
-        except Exception as exc:  # safetensors raises its own error type for a damaged file
-            raise CorruptArtifactError(f"cannot read {weights_path}: {exc}") from exc
-        if stored is not None and json.loads(stored) != cfg.to_dict():
-            raise CorruptArtifactError(
-                f"{config_path} and {weights_path} come from different saves; save the model again"
-            )
-        return cfg, state
-
-    @staticmethod
-    def _check_keys(
-        expected: dict[str, Tensor], found: dict[str, Tensor], where: Path, what: str
-    ) -> None:
-        missing = sorted(set(expected) - set(found))
-        extra = sorted(set(found) - set(expected))
-        wrong = sorted(k for k in set(expected) & set(found) if expected[k].shape != found[k].shape)
-        if missing or extra or wrong:
-
-            def show(names: list[str]) -> str:
-                return ", ".join(names[:5]) + (
-                    f" (+{len(names) - 5} more)" if len(names) > 5 else ""
-                )
-
-            parts = [f"missing: {show(missing)}"] if missing else []
-            parts += [f"unexpected: {show(extra)}"] if extra else []
-            parts += [f"wrong shape: {show(wrong)}"] if wrong else []
-            raise CorruptArtifactError(
-                f"{where} does not hold the weights of {what} ({'; '.join(parts)}); "
-                "nothing was loaded"
-            )
+        """Write `config.json` and `model.safetensors` into `folder` (`retrolm.weights`)."""
+        return weights.save_model(self, folder)
 
     @classmethod
     def load(
         cls, folder: str | os.PathLike[str], map_location: str | torch.device = "cpu"
     ) -> RETRO:
-        """Load a model written by `save`. Every weight must be present, and no other.
+        """Load a model written by `save` (`retrolm.weights.load_model`: every weight, no other).
 
         Raises:
             InputError: a file is missing.
             CorruptArtifactError: unreadable files, missing, extra or misshapen weights.
         """
-        folder = Path(folder)
-        cfg, state = cls._read_folder(folder)
-        model = cls(cfg)
-        cls._check_keys(model.state_dict(), state, folder / WEIGHTS_FILE, "this config")
-        model.load_state_dict(state, strict=True)
-        return model.to(map_location)
+        return weights.load_model(folder, map_location, model_class=cls)
 
     @classmethod
     def from_baseline(cls, baseline_folder: str | os.PathLike[str], cfg: RetroConfig) -> RETRO:
-        """RETRO-fitting: a model with `cfg` whose decoder weights come from a saved baseline.
+        """RETRO-fitting: `cfg`'s model with the decoder weights of a saved baseline.
 
-        The baseline's decoder must match `cfg` exactly (every decoder weight, same shapes);
-        the encoder and CCA layers are freshly initialised.
+        See `retrolm.weights.load_from_baseline`.
 
         Raises:
             MismatchError: the baseline's decoder settings differ from `cfg`.
             CorruptArtifactError: missing or extra decoder weights.
         """
-        folder = Path(baseline_folder)
-        base_cfg, state = cls._read_folder(folder)
-        shared = ("vocab_size", "dec_dim", "dec_depth", "dec_heads", "ff_mult", "pad_id",
-                  "use_deepnet", "norm_eps", "rotary_base")  # fmt: skip
-        diff = [f"{k}: {getattr(base_cfg, k)} vs {getattr(cfg, k)}" for k in shared
-                if getattr(base_cfg, k) != getattr(cfg, k)]  # fmt: skip
-        if diff:
-            raise MismatchError(
-                f"the baseline in {folder} has another decoder than the requested config "
-                f"({'; '.join(diff)}); use the baseline's decoder settings"
-            )
-        model = cls(cfg)
-        decoder = {k: v for k, v in model.state_dict().items() if not cls._is_retrieval_name(k)}
-        cls._check_keys(decoder, state, folder / WEIGHTS_FILE, "a decoder of this config")
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        assert not unexpected and all(cls._is_retrieval_name(k) for k in missing)
-        return model
+        return weights.load_from_baseline(baseline_folder, cfg, model_class=cls)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):

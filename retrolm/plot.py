@@ -8,7 +8,7 @@ from pathlib import Path
 
 from retrolm.errors import InputError
 from retrolm.io import atomic_path
-from retrolm.train import read_metrics
+from retrolm.runs import read_metrics
 
 log = logging.getLogger(__name__)
 

@@ -285,34 +285,13 @@ def measure_train_step(
     return min(times)
 
 
-# The quickstart's model: narrow, so that the budget buys many steps. cca_match=4 (a retrolm
-# extension, RetroConfig) lets CCA read its neighbours within the budget: with the paper's CCA
-# this model gained nothing from its real neighbours after 1,500 steps, and 0.002 nats from
-# perfect ones after 300 (benchmarks/RESULTS.md, the two sections on issue 5).
-# benchmarks/retrieval_learning.py trains this model too.
-MODEL: dict[str, Any] = dict(
-    chunk_size=64,
-    neighbour_len=128,
-    num_neighbours=2,
-    dec_dim=128,
-    dec_depth=4,
-    dec_heads=4,
-    cca_layers=(2, 4),
-    enc_dim=128,
-    enc_depth=2,
-    enc_heads=4,
-    max_seq_len=256,
-    cca_match=4,
-)
-
-
 def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     """Measure this machine, then size corpus, model and steps to fit `cfg.minutes`.
 
     Args:
         embedder: the dense embedder, measured for its speed (None with `retriever="bm25"`).
     """
-    from retrolm.config import RetroConfig
+    from retrolm.config import RetroConfig, preset_fields
 
     budget = cfg.minutes * 60.0
     files = corpus_files(cfg.corpus) if cfg.corpus else stdlib_files()
@@ -328,11 +307,11 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     else:
         bm25_cost = measure_bm25(texts[:4096])
 
-    model = dict(MODEL)
+    model = preset_fields("quickstart")  # the runs' TrainConfig.model (and the plan's record)
     batch, seq_len, k = 8, 256, 2
     vocab = 8192
-    retro_cfg = RetroConfig(vocab_size=vocab, **model)
-    base_cfg = RetroConfig(vocab_size=vocab, **(model | {"cca_layers": ()}))
+    retro_cfg = RetroConfig.preset("quickstart", vocab_size=vocab)
+    base_cfg = RetroConfig.preset("quickstart", vocab_size=vocab, cca_layers=())
     t_fp32 = measure_train_step(retro_cfg, batch, seq_len, k, bf16=False)
     t_bf16 = measure_train_step(retro_cfg, batch, seq_len, k, bf16=True)
     bf16 = t_bf16 < 0.8 * t_fp32  # only where the CPU (or GPU) has fast bfloat16 matmuls

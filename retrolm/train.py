@@ -1,13 +1,6 @@
 """Training: `setup -> main -> fit`, with checkpoints, exact resume and DDP.
 
-A run folder holds::
-
-    train_config.json   the TrainConfig it was started with
-    run.json            the database it trains on (path, tokenizer hash, chunk size) and the model
-                        config
-    metrics.jsonl       one JSON object per logged step / validation
-    checkpoints/        see retrolm.checkpoint
-    model/              the final model (model.save), written when training completes
+It writes a run folder (its layout and the helpers that read it: `retrolm.runs`).
 
 `--resume` restores model, optimizer, RNG and sampler position, so an interrupted and resumed
 run computes the very same per-step losses as an uninterrupted one: bit for bit, whatever the
@@ -50,13 +43,22 @@ from retrolm.errors import ConfigError, DivergedError, InputError, MismatchError
 from retrolm.io import atomic_open, check_writable, read_json, write_json
 from retrolm.lock import folder_lock, is_lock_file
 from retrolm.log import progress
+from retrolm.runs import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    MODEL_DIR,
+    RUN_FILE,
+    check_database,
+    check_model_database,
+    check_same_database,
+    database_facts,
+    finished_model,
+    open_database,
+    read_run_meta,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
-
-CONFIG_FILE = "train_config.json"
-RUN_FILE = "run.json"
-METRICS_FILE = "metrics.jsonl"
-MODEL_DIR = "model"
 
 
 @dataclass
@@ -201,120 +203,6 @@ def init_distributed(device: torch.device) -> Dist:
     return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise InputError("device cuda requested but no CUDA GPU is visible; use --device cpu")
-        return torch.device("cuda", local_rank)
-    return torch.device("cpu")
-
-
-def open_database(db: str | Path | ChunkSource) -> ChunkSource:
-    """A database path (opened) or an already opened chunk source."""
-    if isinstance(db, (str, Path)):
-        from retrolm.database import Database
-
-        if not Path(db).exists():
-            raise InputError(f"database {db} does not exist; build one with `retrolm db build`")
-        return Database.open(db)
-    return db
-
-
-def database_facts(db: ChunkSource) -> dict[str, Any]:
-    """What a run must remember of its database to check another one against it later."""
-    tokenizer = getattr(db, "tokenizer", None)
-    return {
-        "path": str(Path(db.path).resolve()) if hasattr(db, "path") else None,
-        "tokenizer_sha256": getattr(tokenizer, "sha256", None),
-        "vocab_size": getattr(tokenizer, "vocab_size", None),
-        "chunk_size": int(db.chunk_size),
-        "pad_id": int(db.pad_id),
-        "num_chunks": int(db.num_chunks) if hasattr(db, "num_chunks") else None,
-        "stored_neighbours": stored_neighbours(db),
-    }
-
-
-def stored_neighbours(db: ChunkSource) -> int:
-    """K, the neighbours the database stores per chunk (0 for a database of no chunks)."""
-    if not getattr(db, "num_chunks", 1):
-        return 0
-    ids, _ = db.neighbours(np.zeros(1, dtype=np.int64))
-    return int(ids.shape[-1])
-
-
-def check_same_database(run_db: dict[str, Any], db: ChunkSource, where: str) -> None:
-    """On resume: refuse a database other than the run's (same tokenizer, other chunks).
-
-    Raises:
-        MismatchError: the chunk count differs.
-    """
-    now = database_facts(db)
-    if run_db.get("num_chunks") is not None and now["num_chunks"] != run_db["num_chunks"]:
-        raise MismatchError(
-            f"{where} was started on a database of {run_db['num_chunks']} chunks "
-            f"({run_db.get('path')}), but {now['path']} has {now['num_chunks']}: it is another "
-            "database, or one extended since; resume with the database the run started with "
-            "(--db), or start a new run"
-        )
-
-
-def check_model_database(mcfg: Any, facts: dict[str, Any], k: int) -> None:
-    """Refuse a model that cannot read this database, before any file is written.
-
-    Raises:
-        ConfigError: chunk size, neighbour length, vocabulary or pad id disagree with the
-            database, or more neighbours are asked for than it stores.
-    """
-    m, where = facts["chunk_size"], facts.get("path") or "the database"
-    if mcfg.chunk_size != m:
-        raise ConfigError(
-            f"RetroConfig.chunk_size is {mcfg.chunk_size}, but {where} has chunks of {m} "
-            "tokens; a model reads the database's chunks: drop the chunk_size override (or "
-            "build a database with --chunk-size)"
-        )
-    if mcfg.cca_layers and mcfg.neighbour_len != 2 * m:
-        raise ConfigError(
-            f"RetroConfig.neighbour_len is {mcfg.neighbour_len}, but the neighbours of {where} "
-            f"are {2 * m} tokens (a chunk and its continuation); drop the neighbour_len override"
-        )
-    vocab = facts.get("vocab_size")
-    if vocab and mcfg.vocab_size < vocab:
-        raise ConfigError(
-            f"RetroConfig.vocab_size is {mcfg.vocab_size}, but the tokenizer of {where} has "
-            f"{vocab} tokens; drop the vocab_size override (or use at least {vocab})"
-        )
-    if mcfg.pad_id != facts["pad_id"]:
-        raise ConfigError(
-            f"RetroConfig.pad_id is {mcfg.pad_id}, but {where} pads with {facts['pad_id']}; "
-            "drop the pad_id override"
-        )
-    stored = facts.get("stored_neighbours")
-    if k and stored is not None and k > stored:
-        raise ConfigError(
-            f"{k} neighbours per chunk asked for (--neighbours / num_neighbours), but {where} "
-            f"stores {stored}; use --neighbours {stored} or fewer, or build the database with "
-            f"--neighbours {k}"
-        )
-
-
-def check_database(run_db: dict[str, Any], db: ChunkSource, where: str) -> None:
-    """Refuse a database whose tokenizer or chunk size differs from the run's.
-
-    Raises:
-        MismatchError: naming the setting that differs.
-    """
-    now = database_facts(db)
-    for key in ("tokenizer_sha256", "chunk_size", "pad_id"):
-        if run_db.get(key) is not None and now[key] != run_db[key]:
-            raise MismatchError(
-                f"{where} was trained with {key}={run_db[key]}, but the database "
-                f"{now['path']} has {key}={now[key]}; use a database built with the same "
-                "tokenizer and chunk size"
-            )
-
-
 def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
     """The RetroConfig of a fresh run: preset, overrides, and the database's vocabulary."""
     from retrolm.config import RetroConfig
@@ -340,55 +228,6 @@ def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
         keep["num_neighbours"] = mcfg.num_neighbours
         mcfg = dataclasses.replace(base, **keep)
     return mcfg
-
-
-def finished_model(run: Path) -> Path:
-    """The final model folder of a finished run.
-
-    Raises:
-        InputError: `run` is not a run folder or has not finished.
-    """
-    if not run.is_dir():
-        raise InputError(f"run folder {run} does not exist")
-    if not (run / MODEL_DIR / "config.json").is_file():
-        hint = "resume it with `retrolm train --out RUN --resume`"
-        if not (run / CONFIG_FILE).is_file():
-            hint = "train one with `retrolm train`"
-        raise InputError(f"{run} holds no finished model ({run / MODEL_DIR} missing); {hint}")
-    return run / MODEL_DIR
-
-
-def read_run_meta(run: str | Path) -> dict[str, Any]:
-    """The run.json of a run folder.
-
-    Raises:
-        InputError: not a run folder.
-    """
-    run = Path(run)
-    if not run.is_dir():
-        raise InputError(f"run folder {run} does not exist; train one with `retrolm train`")
-    if not (run / RUN_FILE).is_file():
-        raise InputError(f"{run} is not a retrolm run folder ({RUN_FILE} missing)")
-    return read_json(run / RUN_FILE)
-
-
-def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[Any, dict[str, Any]]:
-    """(model, run.json) of a run: its final model, or its latest checkpoint if unfinished.
-
-    Raises:
-        InputError: no run folder, or nothing saved yet.
-    """
-    from retrolm.model import RETRO
-
-    run = Path(run)
-    meta = read_run_meta(run)
-    if (run / MODEL_DIR / "config.json").is_file():
-        return RETRO.load(run / MODEL_DIR), meta
-    ckpt = latest_checkpoint(run / "checkpoints") if allow_unfinished else None
-    if ckpt is None:
-        raise InputError(f"{run} has no saved model yet; train it (or resume it) first")
-    log.warning("%s is unfinished; using its latest checkpoint %s", run, ckpt.name)
-    return RETRO.load(ckpt / "model"), meta
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
@@ -680,20 +519,6 @@ def truncate_metrics(path: Path, step: int) -> None:
             continue  # a line cut short by a kill
     with atomic_open(path, "w", encoding="utf-8") as f:
         f.write("".join(line + "\n" for line in keep))
-
-
-def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
-    path = Path(run) / METRICS_FILE
-    if not path.is_file():
-        raise InputError(f"{path} does not exist; is {run} a training run folder?")
-    records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            continue
-    return records
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from retrolm.model import RETRO
-from retrolm.train import main, read_metrics, setup, train
+from retrolm.runs import read_metrics
+from retrolm.train import main, setup, train
 from tests.test_train import make_source, tiny_config
 
 

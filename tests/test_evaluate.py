@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from retrolm.cli import main as cli_main
+from retrolm.config import RetroConfig
 from retrolm.database import Database, DatabaseConfig, build_database
 from retrolm.database.embed import make_tiny_bert
 from retrolm.errors import InputError, MismatchError
@@ -27,7 +28,8 @@ from retrolm.evaluate import (
     token_byte_lengths,
 )
 from retrolm.model import RETRO
-from retrolm.train import TrainConfig, read_metrics, train
+from retrolm.runs import read_metrics
+from retrolm.train import TrainConfig, train
 
 WORDS = [
     "the",
@@ -250,6 +252,21 @@ def test_cli_eval_json(world, capsys):
     assert code == 0
     d = json.loads(capsys.readouterr().out)
     assert d["tokens"] > 0 and d["chunks"] == 16 and "retro_bpb" in d
+
+
+def test_cli_train_preset_quickstart_trains_the_quickstart_model(world, tmp_path):
+    """`retrolm train --preset quickstart`: the quickstart's model, on the database's chunks."""
+    run = tmp_path / "qs"
+    args = ["train", "--db", str(world["db"]), "--out", str(run), "--preset", "quickstart"]
+    args += ["--steps", "1", "--batch-size", "2", "--seq-len", "64", "--no-progress"]
+    assert cli_main(args) == 0
+    cfg = RETRO.load(run / "model").cfg
+    db = Database.open(world["db"])
+    m, vocab = db.chunk_size, db.tokenizer.vocab_size
+    assert cfg == RetroConfig.preset(
+        "quickstart", chunk_size=m, neighbour_len=2 * m, vocab_size=vocab
+    )
+    assert (cfg.dec_dim, cfg.cca_match, cfg.max_seq_len) == (128, 4, 256)
 
 
 def test_cli_train_config_file_refusal_resume_and_errors(world, tmp_path, capsys):

@@ -29,7 +29,8 @@ from retrolm.cli import main as cli_main
 from retrolm.database import Database, DatabaseConfig
 from retrolm.errors import ConfigError, DivergedError
 from retrolm.lock import LOCK_FILE
-from retrolm.train import TrainConfig, fit, read_metrics, setup, train
+from retrolm.runs import read_metrics
+from retrolm.train import TrainConfig, fit, setup, train
 from tests.test_evaluate import build_world, make_corpus
 
 ROOT = Path(__file__).resolve().parents[1]

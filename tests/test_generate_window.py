@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from retrolm.config import RetroConfig
-from retrolm.model import RETRO, window_start
+from retrolm.model import RETRO, KVCache, window_start
 from tests.test_model_generate import TableRetriever, make_model
 
 WINDOW_CONFIGS = {
@@ -95,3 +95,79 @@ def test_sampled_generation_past_the_window_is_seeded():
 
     assert torch.equal(sample(4), sample(4))
     assert sample(4).shape == (1, 85)
+
+
+def _windowed_reference(model: RETRO, seqs, nbrs) -> dict[tuple[int, int], torch.Tensor]:
+    """(row b, t) -> logits (V,) predicting token t of row b, recomputed over its window by
+    `model(window, neighbours)`: the training path."""
+    m, N = model.cfg.chunk_size, model.cfg.max_seq_len
+    reference = {}
+    for t in range(1, seqs.shape[1]):
+        s = window_start(t, N, m)
+        with torch.no_grad():
+            logits = model(seqs[:, s:t], nbrs[:, s // m : t // m])[:, -1]  # (B, V)
+        reference.update({(b, t): logits[b] for b in range(seqs.shape[0])})
+    return reference
+
+
+@pytest.mark.parametrize("name", ["tiny", "match", "deepnet"])
+def test_training_cached_and_row_decoding_paths_give_the_same_logits(name):
+    """The three entry points of the one decoder forward agree to float rounding (float64):
+    `model(window)` recomputed, the KV-cached prefill + steps of `generate` (window slides
+    included), and the server's `prefill_row` + `decode_rows` with rows at other positions;
+    with padding inside the sequences and in the neighbours (and cca_match in "match")."""
+    cfg = WINDOW_CONFIGS[name]
+    m, N, pad = cfg.chunk_size, cfg.max_seq_len, cfg.pad_id
+    model = make_model(cfg)
+    g = torch.Generator().manual_seed(3)
+    total = N + 2 * m + 3  # the window slides three times
+    seqs = torch.randint(1, cfg.vocab_size, (3, total), generator=g)
+    seqs[0, 2], seqs[1, m + 1], seqs[2, 2 * m - 1] = pad, pad, pad  # pad tokens to be skipped
+    table = TableRetriever(cfg)  # some neighbours padded or absent
+    nbrs = torch.stack([table(seqs[:, u * m : (u + 1) * m]) for u in range(total // m)], 1)
+    k = nbrs.shape[2]
+    reference = _windowed_reference(model, seqs, nbrs)
+
+    # generate's path: one KVCache per window, the window fed at once, then a token per step
+    cache, start = None, -1
+    for t in range(3, total):
+        s = window_start(t, N, m)
+        if s != start:
+            cache, start, fed = KVCache(seqs.new_zeros(3, N), retrieval=True), s, s
+        new = nbrs[:, start // m + cache.num_chunks : t // m]  # chunks completed, not encoded
+        with torch.no_grad():
+            logits = model._forward_cached(seqs[:, fed:t], cache, new if new.shape[1] else None)
+        fed = t
+        for b in range(3):
+            torch.testing.assert_close(logits[b], reference[b, t])
+
+    # the server's path: rows 2, 0, 3 of a slot cache, at other positions in every step
+    slots = model.slot_cache(4, k)
+    rows, offsets = [2, 0, 3], [0, 5, 2 * m + 1]
+    starts = [-1, -1, -1]
+    for step in range(3, total - max(offsets)):
+        decode, logits_of = [], {}
+        for b, (row, off) in enumerate(zip(rows, offsets, strict=True)):
+            t = step + off
+            s = window_start(t, N, m)
+            if s != starts[b]:  # joins, or its window slid: encode the window into the row
+                chunks = nbrs[b, s // m : t // m]  # (U, k, r)
+                logits_of[b] = model.prefill_row(slots, row, seqs[b, s:t], chunks)
+                starts[b] = s
+            else:
+                decode.append(b)
+        if decode:
+            pos = torch.tensor([step + offsets[b] - 1 - starts[b] for b in decode])
+            tokens = torch.stack([seqs[b, step + offsets[b] - 1] for b in decode])
+            done = [b for b, p in zip(decode, pos.tolist(), strict=True) if (p + 1) % m == 0]
+            chunk_nbrs = [nbrs[b, (step + offsets[b] - 1) // m] for b in done]
+            out = model.decode_rows(
+                slots,
+                torch.tensor([rows[b] for b in decode]),
+                tokens,
+                pos,
+                torch.stack(chunk_nbrs) if chunk_nbrs else None,
+            )
+            logits_of.update(zip(decode, out, strict=True))
+        for b, logits in logits_of.items():
+            torch.testing.assert_close(logits, reference[b, step + offsets[b]])

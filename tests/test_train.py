@@ -12,6 +12,7 @@ from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state
 from retrolm.data import ArrayChunkSource
 from retrolm.errors import InputError, MismatchError
 from retrolm.model import RETRO
+from retrolm.runs import read_metrics
 from retrolm.train import (
     TrainConfig,
     build_optimizer,
@@ -19,7 +20,6 @@ from retrolm.train import (
     get_lr,
     main,
     neighbour_drop_mask,
-    read_metrics,
     setup,
     train,
 )

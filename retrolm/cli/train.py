@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from retrolm.config import PRESETS
 from retrolm.errors import InputError
 
 # flag dest -> TrainConfig field
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", type=Path, help="database folder (default on --resume: the run's)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig fields")
-    p.add_argument("--preset", help="model size: tiny, small, base (default small)")
+    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default small)")
     p.add_argument(
         "--model", action="append", metavar="FIELD=VALUE", help="override a RetroConfig field"
     )
@@ -126,7 +127,8 @@ def _read_config_file(path: Path) -> dict[str, Any]:
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.io import read_json
-    from retrolm.train import CONFIG_FILE, RUN_FILE, train
+    from retrolm.runs import CONFIG_FILE, RUN_FILE
+    from retrolm.train import train
 
     # what a Ctrl-C leaves is resumed with --resume (the same command without it is refused)
     args.interrupt_hint = (

@@ -178,7 +178,7 @@ def create_app(
     Raises:
         InputError, MismatchError, CorruptArtifactError: a bad run, database or device.
     """
-    from retrolm.train import (
+    from retrolm.runs import (
         check_database,
         load_run_model,
         open_database,
