@@ -397,7 +397,8 @@ def test_request_timeout(world):
     with serve(world, request_timeout=0.3, max_tokens=4000) as s:
         r = complete(s.url, prompt=PROMPT, max_tokens=4000, temperature=0)
         assert r.status_code == 504 and r.json()["error"]["type"] == "timeout"
-        body = {"prompt": PROMPT, "max_tokens": 4000, "stream": True}
+        # greedy: sampled at temperature 1, <eos> could end the stream before the timeout
+        body = {"prompt": PROMPT, "max_tokens": 4000, "stream": True, "temperature": 0}
         with httpx.stream("POST", f"{s.url}/v1/completions", json=body, headers=AUTH) as r:
             events = stream_events(r)
         errors = [e["error"]["type"] for e in events[:-1] if isinstance(e, dict) and "error" in e]
