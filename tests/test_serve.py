@@ -252,9 +252,10 @@ def test_stop_strings_and_seeded_sampling(server):
 
 
 def test_eos_ends_a_completion_with_finish_reason_stop(world):
-    """A model whose <eos> logit equals the logit of a token that greedy decoding produces
-    at step j (ties go to the lower id, <eos> = 1) ends there: the text of the first j tokens,
-    finish_reason "stop", j + 1 completion tokens (the <eos> included)."""
+    """A model made to prefer <eos> (id 1) where greedy decoding would write a token seen
+    first at step >= 5 ends there: the text before <eos>, finish_reason "stop", and the <eos>
+    counted in completion_tokens. The expected tokens come from `generate_text` with the same
+    model (which does not stop at <eos>)."""
     import copy
 
     alone = generate_text(
@@ -263,8 +264,13 @@ def test_eos_ends_a_completion_with_finish_reason_stop(world):
     generated = alone.tokens[alone.prompt_tokens :]
     j = next(i for i in range(5, len(generated)) if generated[i] not in generated[:i])
     eos_model = copy.deepcopy(world["model"])
-    with torch.no_grad():
-        eos_model.lm_head.weight[1] = eos_model.lm_head.weight[generated[j]]
+    with torch.no_grad():  # <eos> scores 1.01x that token's logit: above it wherever it leads
+        eos_model.lm_head.weight[1] = 1.01 * eos_model.lm_head.weight[generated[j]]
+    expected = generate_text(
+        world["retro"], world["db"], PROMPT, max_new_tokens=40, model=eos_model
+    ).tokens[alone.prompt_tokens :]
+    assert 1 in expected, "the constructed model never writes <eos>"
+    stop = expected.index(1)
     tokenizer = Database.open(world["db"]).tokenizer
     app = create_app(
         world["retro"],
@@ -275,8 +281,8 @@ def test_eos_ends_a_completion_with_finish_reason_stop(world):
     with Server(app) as s:
         d = complete(s.url, prompt=PROMPT, max_tokens=40, temperature=0).json()
     assert d["choices"][0]["finish_reason"] == "stop"
-    assert d["usage"]["completion_tokens"] == j + 1  # <eos> was computed: counted, as vLLM does
-    assert d["choices"][0]["text"] == tokenizer.decode(generated[:j])
+    assert d["usage"]["completion_tokens"] == stop + 1  # <eos> was computed: counted, as vLLM does
+    assert d["choices"][0]["text"] == tokenizer.decode(expected[:stop])
 
 
 def test_search_returns_the_database_hits(server, world):
