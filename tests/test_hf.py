@@ -61,11 +61,13 @@ def reference(folder) -> torch.nn.Module:
 
 
 def perturb(model: RetroFitted, seed: int = 1) -> RetroFitted:
-    """Give the CCA output projections (zero at init) random weights, so that CCA matters."""
+    """Give every retrieval weight (the CCA output projections are zero at init) random values
+    of unit-variance scale, so that the neighbours change the logits a lot."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for cca in model.cca.values():
-            cca.out.weight.copy_(torch.randn(cca.out.weight.shape, generator=g) * 0.2)
+        for _, p in model.retrieval_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
     return model
 
 
@@ -132,10 +134,10 @@ def test_loss_is_the_cross_entropy_of_the_logits(base_folder):
 # ---- causality
 
 
-def test_no_logit_depends_on_a_later_token(base_folder):
+@pytest.mark.parametrize("p", [2 * M + 3, 3 * M])
+def test_no_logit_depends_on_a_later_token(base_folder, p):
     model = perturb(retrofit_hf(base_folder, **SETTINGS))
     x, nb = tokens(1, 4 * M), neighbours(1, 4)
-    p = 2 * M + 3
     changed = x.clone()
     changed[0, p] = (changed[0, p] + 1) % (V - 2) + 2
     with torch.no_grad():
@@ -185,15 +187,21 @@ def test_cached_generation_equals_recomputation(base_folder, retrieval):
     prompt = tokens(2, M + 3)
     out = model.generate(prompt, 45, retrieve=retrieve)
     assert torch.equal(out, recompute_greedy(model, prompt, 45, retrieve))
+    if retrieval:  # the neighbours changed what was generated
+        assert not torch.equal(out, model.generate(prompt, 45))
 
 
 def test_cached_generation_with_the_match_bias_equals_recomputation(tmp_path):
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(family_config("gpt2")).save_pretrained(tmp_path)
     model = perturb(retrofit_hf(tmp_path, **SETTINGS, cca_match=2))
+
+    def copies(chunk):  # (B, m) -> (B, k, r): the chunk itself, twice: the match bias fires
+        return chunk.repeat(1, 2)[:, None].expand(-1, K, -1).contiguous()
+
     prompt = tokens(1, 2 * M - 1)
-    out = model.generate(prompt, 3 * M, retrieve=Retriever())
-    assert torch.equal(out, recompute_greedy(model, prompt, 3 * M, Retriever()))
+    out = model.generate(prompt, 3 * M, retrieve=copies)
+    assert torch.equal(out, recompute_greedy(model, prompt, 3 * M, copies))
 
 
 def test_sampling_is_reproducible(base_folder):
