@@ -52,7 +52,7 @@ from retrolm.model import (
     window_start,
 )
 
-CONFIG_FILE = "retrofit_config.json"
+CONFIG_FILE = "config.json"  # as a RETRO folder's: the file that marks a finished model
 WEIGHTS_FILE = "retrofit.safetensors"
 _META_KEY = "retrolm_retrofit_config"  # the config, also stored inside the weights file
 LOSS_ROWS = 1024  # rows of the output layer + loss per recomputed block (gradient checkpointing)
@@ -447,7 +447,7 @@ class RetroFitted(nn.Module):
     # ---- save / load: the retrieval weights and the config only, never the base
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write `retrofit_config.json` and `retrofit.safetensors` (the retrieval weights).
+        """Write `config.json` (the RetrofitConfig) and `retrofit.safetensors` (retrieval weights).
 
         The base is not copied: the config names its folder and the hash of its weights.
         """
@@ -500,8 +500,8 @@ class RetroFitted(nn.Module):
 
 
 def is_retrofit_folder(folder: str | os.PathLike[str]) -> bool:
-    """True when `folder` holds a model written by `RetroFitted.save`."""
-    return (Path(folder) / CONFIG_FILE).is_file()
+    """True when `folder` holds a model written by `RetroFitted.save` (not by `RETRO.save`)."""
+    return (Path(folder) / WEIGHTS_FILE).is_file()
 
 
 def _read_folder(folder: Path) -> tuple[RetrofitConfig, dict[str, Tensor]]:

@@ -176,7 +176,7 @@ def hf_baseline(path: str | os.PathLike[str], source: Any, like: Any) -> RetroFi
 
 
 def load_model_folder(folder: str | os.PathLike[str]) -> Any:
-    """A saved model folder: a `RetroFitted` (retrofit_config.json) or a `RETRO`."""
+    """A saved model folder: a `RetroFitted` (retrofit.safetensors) or a `RETRO`."""
     if is_retrofit_folder(folder):
         return RetroFitted.load(folder)
     from retrolm.model import RETRO
