@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state
 from retrolm.cli import main as cli_main
+from retrolm.errors import InputError
 from retrolm.hf import RetroFitted, weights_sha256
 from retrolm.hf.model import WEIGHTS_FILE
 from retrolm.io import read_json
@@ -85,10 +86,12 @@ def test_train_saves_only_the_retrieval_weights_and_records_the_base(world):
 
 def test_eval_with_the_base_as_baseline_off_equals_it_exactly(world, capsys):
     args = ["eval", str(world["run"]), "--db", str(world["db"]), "--baseline", str(world["base"])]
-    assert cli_main([*args, "--json", "--no-progress"]) == 0
+    assert cli_main([*args, "--compare", "ralm", "knnlm", "--json", "--no-progress"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["retro_off_bpb"] == report["baseline_bpb"]  # RETRO[OFF] is the base
     assert math.isfinite(report["retro_bpb"]) and report["retro_bpb"] != report["baseline_bpb"]
+    # the comparators read the base through the same contract (logits, hidden states)
+    assert math.isfinite(report["ralm_bpb"]) and math.isfinite(report["knnlm_bpb"])
 
 
 def test_generate_on_the_retrofitted_run(world, capsys):
@@ -124,3 +127,10 @@ def test_a_changed_base_is_refused_when_the_run_is_loaded(world, tmp_path, capsy
     args = ["generate", str(changed), "--db", str(world["db"]), "alpha beta"]
     assert cli_main([*args, "--max-new-tokens", "2"]) == 2
     assert "other weights" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_retrofitted_run_in_one_line(world):
+    from retrolm.serve.app import create_app
+
+    with pytest.raises(InputError, match="retrolm generate"):
+        create_app(world["run"], world["db"])

@@ -108,8 +108,8 @@ class RetroFitted(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.base = base.requires_grad_(False).eval()
-        self.layers = decoder_layers(base)
-        found = (len(self.layers), int(base.get_input_embeddings().weight.shape[0]))
+        layers = list(decoder_layers(base))  # a plain list: the base's, not modules of ours
+        found = (len(layers), int(base.get_input_embeddings().weight.shape[0]))
         if found != (cfg.dec_depth, cfg.vocab_size):
             raise MismatchError(
                 f"the base model has {found[0]} layers and {found[1]} token embeddings, but the "
@@ -131,9 +131,9 @@ class RetroFitted(nn.Module):
         self._cache_arg = _cache_argument(self.base.base_model)
         self.reset_parameters()
         for i in cfg.cca_layers:
-            self.layers[i - 1].register_forward_hook(partial(self._after_layer, i))
+            layers[i - 1].register_forward_hook(partial(self._after_layer, i))
         if cfg.gradient_checkpointing:
-            for layer in self.layers[self.first_cca :] if cfg.retrieval else []:
+            for layer in layers[self.first_cca :] if cfg.retrieval else []:
                 layer.forward = partial(_checkpointed, layer.forward)
 
     # ---- parameters
