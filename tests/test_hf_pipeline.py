@@ -134,3 +134,15 @@ def test_serve_refuses_a_retrofitted_run_in_one_line(world):
 
     with pytest.raises(InputError, match="retrolm generate"):
         create_app(world["run"], world["db"])
+
+
+def test_a_killed_retrofit_run_resumes_exactly(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    shutil.rmtree(run / "model")  # as if killed after the step-2 checkpoint
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(world["run"])]
+    a, b = load_run_model(run)[0], load_run_model(world["run"])[0]
+    for (name, p), (_, q) in zip(a.retrieval_parameters(), b.retrieval_parameters()):
+        assert torch.equal(p, q), name
