@@ -16,6 +16,9 @@ layer's hidden states (B, T, d) and returns them plus the CCA residual, nothing 
   neighbours of chunk u reach positions (u+1)m-1 onwards only.
 - Cached decoding uses the base's own KV cache (`DynamicCache`) and a CCA cache (`CCACache`):
   the neighbours of a chunk are encoded once, their CCA keys/values kept per layer.
+- The base reads its tokens as it was trained to, with no padding mask (retrolm pads only a
+  sequence's tail, which causal attention never reads from earlier positions); pad tokens are
+  masked in the encoder and in CCA, as in RETRO.
 - The retrieval weights stay float32; with `dtype="bfloat16"` the base is held in bfloat16 and
   the hook computes CCA in float32 from its hidden states.
 """
@@ -103,6 +106,7 @@ class RetroFitted(nn.Module):
     _check_ids = RETRO._check_ids
     _check_neighbours = RETRO._check_neighbours
     _retrieve = RETRO._retrieve
+    _match_ids = RETRO._match_ids  # pad_id as -2 (decoder), -1 (neighbours), for cca_match
 
     def __init__(self, base: nn.Module, cfg: RetrofitConfig) -> None:
         super().__init__()
@@ -272,11 +276,6 @@ class RetroFitted(nn.Module):
                         (B, chunks, *state.neighbours.shape[2:]), -1
                     )
                 cache.nb_ids[:, u0:u1] = self._match_ids(state.tokens, state.neighbours)[1]
-
-    def _match_ids(self, tokens: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids as CCA's match bias reads them: pad_id as -2 (decoder), -1 (neighbours)."""
-        pad = self.cfg.pad_id
-        return tokens.masked_fill(tokens == pad, -2), neighbours.masked_fill(neighbours == pad, -1)
 
     def _encode(
         self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
