@@ -17,14 +17,25 @@ _EXPORTS = {
     "RETRO": "retrolm.model",
     "Database": "retrolm.database",
     "RetrolmError": "retrolm.errors",
+    "retrofit_hf": "retrolm.hf",
+    "RetroFitted": "retrolm.hf",
 }
 
-__all__ = ["RETRO", "Database", "RetroConfig", "RetrolmError", "__version__"]
+__all__ = [
+    "RETRO",
+    "Database",
+    "RetroConfig",
+    "RetroFitted",
+    "RetrolmError",
+    "__version__",
+    "retrofit_hf",
+]
 
 if TYPE_CHECKING:  # pragma: no cover
     from retrolm.config import RetroConfig
     from retrolm.database import Database
     from retrolm.errors import RetrolmError
+    from retrolm.hf import RetroFitted, retrofit_hf
     from retrolm.model import RETRO
 
 

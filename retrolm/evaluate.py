@@ -361,7 +361,8 @@ def evaluate_run(
         db: the database whose `split` is evaluated and whose neighbours are used; may differ
             from the training database if tokenizer and chunk size match.
         config: evaluation settings.
-        baseline: a no-retrieval run to evaluate side by side.
+        baseline: a no-retrieval run to evaluate side by side, or a Hugging Face model folder
+            (the untouched base of a RETRO-fitted run).
         compare: comparators scored with the baseline model on the same database and tokens:
             "ralm" (In-Context RALM), "knnlm" (kNN-LM); see `retrolm.comparators`.
         knnlm: kNN-LM settings (default `KnnLMConfig()`).
@@ -375,6 +376,8 @@ def evaluate_run(
         InputError: missing run, empty split; MismatchError: database with another tokenizer or
             chunk size than the run.
     """
+    from retrolm.hf import hf_baseline, is_hf_model_folder
+
     cfg = config or EvalConfig()
     compare = check_comparators(compare)
     model, meta = load_run_model(run)
@@ -385,7 +388,10 @@ def evaluate_run(
         models["retro_on"] = models["retro_off"] = model
     else:
         models["baseline"] = model
-    if baseline is not None:
+    if baseline is not None and is_hf_model_folder(baseline):  # the untouched base model
+        models["baseline"] = hf_baseline(baseline, source, model.cfg)
+        check_baseline(run, model, baseline, models["baseline"])
+    elif baseline is not None:
         base_model, base_meta = load_run_model(baseline)
         check_baseline(run, model, baseline, base_model)
         check_database(base_meta["database"], source, str(baseline))

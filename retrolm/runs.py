@@ -186,17 +186,17 @@ def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[A
     Raises:
         InputError: no run folder, or nothing saved yet.
     """
-    from retrolm.model import RETRO
+    from retrolm.hf import load_model_folder  # a RETRO folder, or a RETRO-fitted HF model
 
     run = Path(run)
     meta = read_run_meta(run)
     if (run / MODEL_DIR / "config.json").is_file():
-        return RETRO.load(run / MODEL_DIR), meta
+        return load_model_folder(run / MODEL_DIR), meta
     ckpt = latest_checkpoint(run / "checkpoints") if allow_unfinished else None
     if ckpt is None:
         raise InputError(f"{run} has no saved model yet; train it (or resume it) first")
     log.warning("%s is unfinished; using its latest checkpoint %s", run, ckpt.name)
-    return RETRO.load(ckpt / "model"), meta
+    return load_model_folder(ckpt / "model"), meta
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:

@@ -88,7 +88,8 @@ class TrainConfig:
     eval_batches: int = 4  # validation batches (of batch_size samples)
     log_every: int = 1  # steps between metrics.jsonl records
     no_retrieval: bool = False  # train the same decoder without encoder and CCA (the baseline)
-    retrofit: str | None = None  # a finished baseline run: freeze it and train encoder + CCA
+    # a finished baseline run or a Hugging Face model folder: freeze it, train encoder + CCA
+    retrofit: str | None = None
     # share of training samples that see no neighbours (all absent) at a step, so that the model
     # also learns to predict without retrieval (RETRO[OFF] nearer the baseline); 0: the paper
     neighbour_dropout: float = 0.0
@@ -206,6 +207,10 @@ def init_distributed(device: torch.device) -> Dist:
 def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
     """The RetroConfig of a fresh run: preset, overrides, and the database's vocabulary."""
     from retrolm.config import RetroConfig
+    from retrolm.hf import is_hf_model_folder, train_model_config
+
+    if is_hf_model_folder(cfg.retrofit):  # a RetrofitConfig: the base's shape, cfg.model's
+        return train_model_config(cfg.retrofit, facts, cfg.model, cfg.num_neighbours)
 
     overrides: dict[str, Any] = {
         "chunk_size": facts["chunk_size"],
@@ -319,6 +324,8 @@ def setup(
     Raises:
         InputError: bad run folder or database; MismatchError: resume with other settings.
     """
+    from retrolm.hf import check_database_tokens, is_hf_model_folder, load_model_folder
+
     out = Path(out)
     prepare_run_folder(out, resume, overwrite)
     check_writable(out, "run folder")
@@ -343,7 +350,9 @@ def setup(
         run_db = read_json(out / RUN_FILE)["database"]
         check_database(run_db, source, str(out))
         check_same_database(run_db, source, str(out))
-    if cfg.retrofit:
+    if is_hf_model_folder(cfg.retrofit):
+        check_database_tokens(cfg.retrofit, source)
+    elif cfg.retrofit:
         check_database(read_run_meta(cfg.retrofit)["database"], source, cfg.retrofit)
 
     torch.manual_seed(cfg.seed)
@@ -371,9 +380,7 @@ def setup(
     model = create_model(cfg, mcfg)
     ckpt = latest_checkpoint(out / "checkpoints") if resume else None
     if ckpt is not None:
-        from retrolm.model import RETRO
-
-        model = RETRO.load(ckpt / "model")
+        model = load_model_folder(ckpt / "model")
         freeze_for_retrofit(model, cfg)
     model.to(device)
     optimizer = build_optimizer(model, cfg)
@@ -411,6 +418,7 @@ def setup(
             "total_steps": trainer.total_steps,
             "world_size": dist_.world_size,
             "retrofit_from": str(Path(cfg.retrofit).resolve()) if cfg.retrofit else None,
+            "retrofit_base_sha256": getattr(mcfg, "base_sha256", None),  # a HF base's weights
         }
         write_json(out / RUN_FILE, run_meta)
         truncate_metrics(out / METRICS_FILE, trainer.step)
@@ -441,8 +449,11 @@ def clear_run_folder(out: Path) -> None:
 
 def create_model(cfg: TrainConfig, mcfg: Any) -> nn.Module:
     """A fresh model, or a frozen baseline with fresh retrieval parts for RETRO-fitting."""
+    from retrolm.hf import RetroFitted, is_hf_model_folder
     from retrolm.model import RETRO
 
+    if is_hf_model_folder(cfg.retrofit):
+        return RetroFitted.from_config(mcfg)  # the base frozen, fresh encoder and CCA
     if cfg.retrofit:
         model = RETRO.from_baseline(finished_model(Path(cfg.retrofit)), mcfg)
         freeze_for_retrofit(model, cfg)

@@ -20,7 +20,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("run", type=Path, help="training run folder")
     p.add_argument("--db", type=Path, required=True, help="database folder")
     p.add_argument("--split", default="valid", choices=("valid", "train"))
-    p.add_argument("--baseline", type=Path, help="a no-retrieval run to compare with")
+    p.add_argument(
+        "--baseline",
+        type=Path,
+        help="a no-retrieval run, or the Hugging Face model folder a run was RETRO-fitted on, to "
+        "compare with",
+    )
     p.add_argument(
         "--compare",
         nargs="+",

@@ -73,7 +73,10 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--no-retrieval", action="store_true", default=None, help="train the baseline decoder"
     )
-    p.add_argument("--retrofit", help="finished baseline run: freeze it, train encoder + CCA")
+    p.add_argument(
+        "--retrofit",
+        help="finished baseline run or Hugging Face model folder: freeze it, train encoder + CCA",
+    )
     p.add_argument(
         "--neighbour-dropout", type=float, help="share of samples trained without neighbours"
     )

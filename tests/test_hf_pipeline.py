@@ -1,0 +1,148 @@
+"""The CLI end to end on a RETRO-fitted Hugging Face model: a tiny random GPT-2 folder with its
+own byte-level BPE tokenizer -> db build --tokenizer FOLDER -> train --retrofit FOLDER ->
+eval --baseline FOLDER -> generate."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+
+import pytest
+import safetensors.torch
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state
+from retrolm.cli import main as cli_main
+from retrolm.errors import InputError
+from retrolm.hf import RetroFitted, weights_sha256
+from retrolm.hf.model import WEIGHTS_FILE
+from retrolm.io import read_json
+from retrolm.tokenizer import train_tokenizer
+from retrolm.train import load_run_model, read_metrics
+from tests.test_evaluate import make_corpus
+
+M = 16  # chunk size
+ENCODER = ["--model", "enc_dim=16", "--model", "enc_heads=2", "--model", "enc_depth=1"]
+
+
+def make_gpt2_folder(folder, corpus) -> None:
+    """A random 4-layer GPT-2 whose vocabulary is a BPE tokenizer trained on the corpus, with
+    `<pad>` (0) and `<eos>` (1), saved with the model as a Hugging Face folder would be."""
+    texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt"))]
+    tokenizer = train_tokenizer(texts, vocab_size=300)
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        n_layer=4, n_embd=32, n_head=4, n_positions=256, vocab_size=tokenizer.vocab_size,
+        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save(folder / "tokenizer.json")
+
+
+def db_build(corpus, out, *extra: str) -> int:
+    return cli_main(
+        ["db", "build", str(corpus), "--out", str(out), "--chunk-size", str(M), "--retriever",
+         "bm25", "--valid-fraction", "0.25", "--neighbours", "2", "--no-progress", *extra]
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf_pipeline")
+    corpus = make_corpus(root / "corpus")
+    base = root / "gpt2"
+    make_gpt2_folder(base, corpus)
+    assert db_build(corpus, root / "db", "--tokenizer", str(base)) == 0
+    run = root / "run"
+    code = cli_main(
+        ["train", "--db", str(root / "db"), "--out", str(run), "--retrofit", str(base),
+         "--steps", "4", "--batch-size", "2", "--seq-len", "64", "--lr", "3e-3", "--warmup", "1",
+         "--checkpoint-every", "2", "--eval-every", "0", "--no-progress", *ENCODER]
+    )  # fmt: skip
+    assert code == 0
+    return {"root": root, "corpus": corpus, "base": base, "db": root / "db", "run": run}
+
+
+def test_train_saves_only_the_retrieval_weights_and_records_the_base(world):
+    run, base = world["run"], world["base"]
+    model, meta = load_run_model(run)
+    assert isinstance(model, RetroFitted)
+    digest = weights_sha256(base)
+    assert meta["retrofit_base_sha256"] == digest == model.cfg.base_sha256
+    assert meta["retrofit_from"] == str(base.resolve())
+    stored = load_file(str(run / "model" / WEIGHTS_FILE))
+    assert set(stored) == {name for name, _ in model.retrieval_parameters()}
+    # trained: the CCA output projections left zero; the optimizer held nothing else
+    assert all(cca.out.weight.abs().sum() > 0 for cca in model.cca.values())
+    trainer_state, _ = load_checkpoint_state(latest_checkpoint(run / "checkpoints"))
+    optimized = sum(len(g["params"]) for g in trainer_state["optimizer"]["param_groups"])
+    assert optimized == len(stored)
+    losses = [r["loss"] for r in read_metrics(run)]
+    assert len(losses) == 4 and all(math.isfinite(x) for x in losses)
+
+
+def test_eval_with_the_base_as_baseline_off_equals_it_exactly(world, capsys):
+    args = ["eval", str(world["run"]), "--db", str(world["db"]), "--baseline", str(world["base"])]
+    assert cli_main([*args, "--compare", "ralm", "knnlm", "--json", "--no-progress"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["retro_off_bpb"] == report["baseline_bpb"]  # RETRO[OFF] is the base
+    assert math.isfinite(report["retro_bpb"]) and report["retro_bpb"] != report["baseline_bpb"]
+    # the comparators read the base through the same contract (logits, hidden states)
+    assert math.isfinite(report["ralm_bpb"]) and math.isfinite(report["knnlm_bpb"])
+
+
+def test_generate_on_the_retrofitted_run(world, capsys):
+    args = ["generate", str(world["run"]), "--db", str(world["db"]), "alpha beta gamma delta"]
+    assert cli_main([*args, "--max-new-tokens", "40", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["tokens"]) == result["prompt_tokens"] + 40
+    assert result["attribution"]  # chunks completed during generation retrieved neighbours
+
+
+def test_a_database_in_other_tokens_is_refused(world, capsys):
+    other = world["root"] / "db_other"
+    assert db_build(world["corpus"], other, "--vocab-size", "280") == 0
+    code = cli_main(
+        ["train", "--db", str(other), "--out", str(world["root"] / "run2"), "--retrofit",
+         str(world["base"]), "--steps", "1", "--no-progress", *ENCODER]
+    )  # fmt: skip
+    assert code == 2
+    assert "another tokenizer than the base model" in capsys.readouterr().err
+    assert not (world["root"] / "run2" / "config.json").exists()
+
+
+def test_a_changed_base_is_refused_when_the_run_is_loaded(world, tmp_path, capsys):
+    run = world["run"]
+    config = read_json(run / "model" / "config.json")
+    assert config["base_path"] == str(world["base"].resolve())
+    changed = tmp_path / "run"
+    shutil.copytree(run, changed)
+    config["base_sha256"] = "0" * 64  # as if the base's weights were replaced since training
+    (changed / "model" / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(changed / "model" / WEIGHTS_FILE))
+    safetensors.torch.save_file(tensors, str(changed / "model" / WEIGHTS_FILE))  # no metadata
+    args = ["generate", str(changed), "--db", str(world["db"]), "alpha beta"]
+    assert cli_main([*args, "--max-new-tokens", "2"]) == 2
+    assert "other weights" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_retrofitted_run_in_one_line(world):
+    from retrolm.serve.app import create_app
+
+    with pytest.raises(InputError, match="retrolm generate"):
+        create_app(world["run"], world["db"])
+
+
+def test_a_killed_retrofit_run_resumes_exactly(world, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(world["run"], run)
+    shutil.rmtree(run / "model")  # as if killed after the step-2 checkpoint
+    shutil.rmtree(run / "checkpoints" / "step-00000004")
+    assert cli_main(["train", "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert [r["loss"] for r in read_metrics(run)] == [r["loss"] for r in read_metrics(world["run"])]
+    a, b = load_run_model(run)[0], load_run_model(world["run"])[0]
+    for (name, p), (_, q) in zip(a.retrieval_parameters(), b.retrieval_parameters()):
+        assert torch.equal(p, q), name
