@@ -1233,49 +1233,13 @@ class RETRO(nn.Module):
         Raises:
             ValueError: bad shapes, lengths or sampling settings.
         """
-        cfg = self.cfg
-        self._check_tokens(prompt, "prompt")
-        B, P = prompt.shape
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        _check_sampling(temperature, top_k, top_p)
-        if retrieve is not None and not cfg.retrieval:
-            raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
-        if max_new_tokens == 0:
-            return prompt.clone()
-        was_training = self.training
-        self.eval()
-        try:
-            total = P + max_new_tokens
-            out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
-            out[:, :P] = prompt
-            m, N, shape = cfg.chunk_size, cfg.max_seq_len, []
-            chunk_neighbours: list[Tensor] = []  # (B, k, r) per chunk of the sequence
-            cache, start = None, 0
-            for t in range(P, total):
-                if retrieve is not None:  # chunks completed: retrieved once, kept across slides
-                    for u in range(len(chunk_neighbours), t // m):
-                        chunk = out[:, u * m : (u + 1) * m]
-                        chunk_neighbours.append(self._retrieve(retrieve, chunk, shape))
-                s = window_start(t, N, m)
-                if cache is None or s != start:  # first step, or the window slid: re-encode
-                    size = min(N, total)
-                    cache = KVCache(
-                        token_ids=out.new_zeros(B, size), retrieval=retrieve is not None
-                    )
-                    start = feed_from = s
-                done = start // m + cache.num_chunks  # chunks whose neighbours are encoded
-                neighbours = None
-                if retrieve is not None and t // m > done:
-                    neighbours = torch.stack(chunk_neighbours[done : t // m], dim=1)  # (B,U,k,r)
-                logits = self._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
-                out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
-                if on_token is not None:
-                    on_token(out[:, t])
-                feed_from = t
-            return out
-        finally:
-            self.train(was_training)
+        return windowed_generate(
+            self, prompt, max_new_tokens, retrieve, temperature, top_k, top_p, generator, on_token
+        )
+
+    def _new_cache(self, out: Tensor, size: int, retrieval: bool) -> KVCache:
+        """An empty generation cache of `size` positions for the rows of `out`."""
+        return KVCache(token_ids=out.new_zeros(out.shape[0], size), retrieval=retrieval)
 
     # ---- save / load (the file format and its checks: retrolm.weights)
 
@@ -1370,6 +1334,65 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
         return grad_h, grad_w, None, None
+
+
+def windowed_generate(
+    model: nn.Module,
+    prompt: Tensor,
+    max_new_tokens: int,
+    retrieve: Retrieve | None,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+    on_token: Callable[[Tensor], None] | None,
+) -> Tensor:
+    """The decoding loop of `RETRO.generate` (see there), for any model with `cfg`,
+    `_check_tokens`, `_retrieve`, `_new_cache(out, size, retrieval)` and
+    `_forward_cached(tokens, cache, neighbours) -> last logits`: RETRO's own cache, or a
+    RETRO-fitted Hugging Face model's (`retrolm.hf`). Retrieval at every completed chunk, a
+    window of at most max_seq_len tokens that drops its oldest whole chunk when full.
+    """
+    cfg = model.cfg
+    model._check_tokens(prompt, "prompt")
+    B, P = prompt.shape
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    _check_sampling(temperature, top_k, top_p)
+    if retrieve is not None and not cfg.retrieval:
+        raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
+    if max_new_tokens == 0:
+        return prompt.clone()
+    was_training = model.training
+    model.eval()
+    try:
+        total = P + max_new_tokens
+        out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
+        out[:, :P] = prompt
+        m, N, shape = cfg.chunk_size, cfg.max_seq_len, []
+        chunk_neighbours: list[Tensor] = []  # (B, k, r) per chunk of the sequence
+        cache, start = None, 0
+        for t in range(P, total):
+            if retrieve is not None:  # chunks completed: retrieved once, kept across slides
+                for u in range(len(chunk_neighbours), t // m):
+                    chunk = out[:, u * m : (u + 1) * m]
+                    chunk_neighbours.append(model._retrieve(retrieve, chunk, shape))
+            s = window_start(t, N, m)
+            if cache is None or s != start:  # first step, or the window slid: re-encode
+                cache = model._new_cache(out, min(N, total), retrieve is not None)
+                start = feed_from = s
+            done = start // m + cache.num_chunks  # chunks whose neighbours are encoded
+            neighbours = None
+            if retrieve is not None and t // m > done:
+                neighbours = torch.stack(chunk_neighbours[done : t // m], dim=1)  # (B,U,k,r)
+            logits = model._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
+            out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
+            if on_token is not None:
+                on_token(out[:, t])
+            feed_from = t
+        return out
+    finally:
+        model.train(was_training)
 
 
 def window_start(length: int, max_seq_len: int, chunk_size: int) -> int:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -53,8 +53,18 @@ def save_model(model: RETRO, folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
-def read_model_folder(folder: Path) -> tuple[RetroConfig, dict[str, Tensor]]:
+def read_model_folder(
+    folder: Path,
+    *,
+    config_class: Any = RetroConfig,
+    weights_file: str = WEIGHTS_FILE,
+    meta_key: str = _META_KEY,
+    written_by: str = "RETRO.save",
+) -> tuple[Any, dict[str, Tensor]]:
     """The config and the weights (name -> tensor, on the CPU) of a saved model folder.
+
+    The keyword arguments name another model kind's files (`retrolm.hf`'s RETRO-fitted
+    folders: `RetrofitConfig`, `retrofit.safetensors`).
 
     Raises:
         InputError: a file is missing.
@@ -63,18 +73,18 @@ def read_model_folder(folder: Path) -> tuple[RetroConfig, dict[str, Tensor]]:
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
+    config_path, weights_path = folder / CONFIG_FILE, folder / weights_file
     for path in (config_path, weights_path):
         if not path.is_file():
             raise InputError(
                 f"{path} not found: a saved model folder holds {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE} (written by RETRO.save)"
+                f"{weights_file} (written by {written_by})"
             )
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-        cfg = RetroConfig.from_dict(config)
+        cfg = config_class.from_dict(config)
         with safe_open(str(weights_path), framework="pt") as f:
-            stored = (f.metadata() or {}).get(_META_KEY)
+            stored = (f.metadata() or {}).get(meta_key)
         state = load_file(str(weights_path))
     except (OSError, ValueError, TypeError, json.JSONDecodeError) as exc:
         raise CorruptArtifactError(f"cannot read the model in {folder}: {exc}") from exc

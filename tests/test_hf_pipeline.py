@@ -20,8 +20,8 @@ from retrolm.errors import InputError
 from retrolm.hf import RetroFitted, weights_sha256
 from retrolm.hf.model import WEIGHTS_FILE
 from retrolm.io import read_json
-from retrolm.tokenizer import train_tokenizer
 from retrolm.runs import load_run_model, read_metrics
+from retrolm.tokenizer import train_tokenizer
 from tests.test_evaluate import make_corpus
 
 M = 16  # chunk size

@@ -286,6 +286,9 @@ def test_tuning_compressed_codes_with_reranking(monkeypatch):
     assert params["nprobe"] <= ix.default_search_params(factory, len(db))["nprobe"]
     # flat (uncompressed) codes are exact already: no re-ranking recorded
     flat = built("IVF64,Flat", db, "ip")
-    assert ix.K_FACTOR not in ix.choose_search_params(
-        flat, "IVF64,Flat", q, true_ids=true_rows, vectors_of=lambda ids: db[ids]
-    )[0]
+    assert (
+        ix.K_FACTOR
+        not in ix.choose_search_params(
+            flat, "IVF64,Flat", q, true_ids=true_rows, vectors_of=lambda ids: db[ids]
+        )[0]
+    )

@@ -291,7 +291,9 @@ class RerankedIndex:
         kk = min(max(k * self.k_factor, k), max(self.ntotal, 1))
         # the candidates' vectors of `rows` queries at a time: (rows, kk, d) float32 <= 64 MB
         rows = max(1, (64 << 20) // (kk * self.d * 4))
-        parts = [self._search_rows(queries[s : s + rows], k, kk) for s in range(0, len(queries), rows)]
+        parts = [
+            self._search_rows(queries[s : s + rows], k, kk) for s in range(0, len(queries), rows)
+        ]
         if not parts:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])

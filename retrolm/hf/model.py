@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from retrolm.errors import CorruptArtifactError, InputError, MismatchError
+from retrolm.errors import InputError, MismatchError
 from retrolm.hf.base import check_base_hash, decoder_layers, load_base
 from retrolm.hf.config import RetrofitConfig
 from retrolm.io import atomic_path, write_json
@@ -50,9 +50,7 @@ from retrolm.model import (
     Residual,
     Retrieve,
     Rotary,
-    _check_sampling,
-    sample_next,
-    window_start,
+    windowed_generate,
 )
 
 CONFIG_FILE = "config.json"  # as a RETRO folder's: the file that marks a finished model
@@ -402,46 +400,9 @@ class RetroFitted(nn.Module):
         Raises:
             ValueError: bad shapes, lengths or sampling settings.
         """
-        cfg = self.cfg
-        self._check_tokens(prompt, "prompt")
-        B, P = prompt.shape
-        if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-        _check_sampling(temperature, top_k, top_p)
-        if retrieve is not None and not cfg.retrieval:
-            raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
-        if max_new_tokens == 0:
-            return prompt.clone()
-        was_training = self.training
-        self.eval()
-        try:
-            total = P + max_new_tokens
-            out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
-            out[:, :P] = prompt
-            m, N, shape = cfg.chunk_size, cfg.max_seq_len, []
-            chunk_neighbours: list[Tensor] = []  # (B, k, r) per chunk of the sequence
-            cache, start = None, 0
-            for t in range(P, total):
-                if retrieve is not None:  # chunks completed: retrieved once, kept across slides
-                    for u in range(len(chunk_neighbours), t // m):
-                        chunk = out[:, u * m : (u + 1) * m]
-                        chunk_neighbours.append(self._retrieve(retrieve, chunk, shape))
-                s = window_start(t, N, m)
-                if cache is None or s != start:  # first step, or the window slid: re-encode
-                    cache = self._new_cache(out, min(N, total), retrieve is not None)
-                    start = feed_from = s
-                done = start // m + cache.num_chunks  # chunks whose neighbours are encoded
-                neighbours = None
-                if retrieve is not None and t // m > done:
-                    neighbours = torch.stack(chunk_neighbours[done : t // m], dim=1)  # (B,U,k,r)
-                logits = self._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
-                out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
-                if on_token is not None:
-                    on_token(out[:, t])
-                feed_from = t
-            return out
-        finally:
-            self.train(was_training)
+        return windowed_generate(
+            self, prompt, max_new_tokens, retrieve, temperature, top_k, top_p, generator, on_token
+        )
 
     # ---- save / load: the retrieval weights and the config only, never the base
 
@@ -504,30 +465,15 @@ def is_retrofit_folder(folder: str | os.PathLike[str]) -> bool:
 
 
 def _read_folder(folder: Path) -> tuple[RetrofitConfig, dict[str, Tensor]]:
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from retrolm.weights import read_model_folder
 
-    config_path, weights_path = folder / CONFIG_FILE, folder / WEIGHTS_FILE
-    for path in (config_path, weights_path):
-        if not path.is_file():
-            raise InputError(
-                f"{path} not found: a RETRO-fitted model folder holds {CONFIG_FILE} and "
-                f"{WEIGHTS_FILE} (written by RetroFitted.save)"
-            )
-    try:
-        cfg = RetrofitConfig.from_dict(json.loads(config_path.read_text(encoding="utf-8")))
-        with safe_open(str(weights_path), framework="pt") as f:
-            stored = (f.metadata() or {}).get(_META_KEY)
-        state = load_file(str(weights_path))
-    except (OSError, ValueError, TypeError) as exc:
-        raise CorruptArtifactError(f"cannot read the model in {folder}: {exc}") from exc
-    except Exception as exc:  # safetensors raises its own error type for a damaged file
-        raise CorruptArtifactError(f"cannot read {weights_path}: {exc}") from exc
-    if stored is not None and json.loads(stored) != cfg.to_dict():
-        raise CorruptArtifactError(
-            f"{config_path} and {weights_path} come from different saves; save the model again"
-        )
-    return cfg, state
+    return read_model_folder(
+        folder,
+        config_class=RetrofitConfig,
+        weights_file=WEIGHTS_FILE,
+        meta_key=_META_KEY,
+        written_by="RetroFitted.save",
+    )
 
 
 def _cache_argument(backbone: nn.Module) -> str:
