@@ -129,11 +129,55 @@ def test_a_changed_base_is_refused_when_the_run_is_loaded(world, tmp_path, capsy
     assert "other weights" in capsys.readouterr().err
 
 
-def test_serve_refuses_a_retrofitted_run_in_one_line(world):
-    from retrolm.serve.app import create_app
+def test_served_retrofitted_sequences_equal_generate_alone(world):
+    """The server's decoder on a RETRO-fitted model (one sequence per forward pass, each with
+    its own cache): two interleaved greedy sequences, one running past max_seq_len, each equal
+    to `generate` alone with the same retrieval."""
+    import numpy as np
 
-    with pytest.raises(InputError, match="retrolm generate"):
-        create_app(world["run"], world["db"])
+    from retrolm.database import Database
+    from retrolm.serve.batch import BatchDecoder, Sequence
+
+    model = load_run_model(world["run"])[0].eval()
+    db = Database.open(world["db"])
+    k, n = model.cfg.num_neighbours, model.cfg.max_seq_len
+    tokens = db.chunk_tokens(np.arange(4)).reshape(-1).tolist()  # (4 * M,) real text
+
+    def batch_retrieve(chunks):
+        return db.neighbours_for(chunks, k)
+
+    def retrieve(chunk):
+        return torch.from_numpy(db.neighbours_for(chunk.numpy(), k))
+
+    decoder = BatchDecoder(model, slots=2, k=k)
+    long = Sequence(tokens=tokens[: M + 3], max_new_tokens=n + M, retrieve=batch_retrieve)
+    short = Sequence(tokens=tokens[: 2 * M + 5], max_new_tokens=30, retrieve=batch_retrieve)
+    decoder.add(long)
+    decoder.add(short)
+    while decoder.running:
+        decoder.step()
+    for seq in (long, short):
+        prompt = torch.tensor([seq.tokens[: seq.prompt_len]])
+        alone = model.generate(prompt, seq.max_new_tokens, retrieve=retrieve)
+        assert seq.tokens == alone[0].tolist()
+
+
+def test_serve_completes_on_a_retrofitted_run(world):
+    from fastapi.testclient import TestClient
+
+    from retrolm.generate import generate_text
+    from retrolm.serve.app import create_app
+    from retrolm.serve.settings import ServeSettings
+
+    app = create_app(world["run"], world["db"], ServeSettings(reload_interval=0))
+    prompt = "alpha beta gamma delta epsilon zeta eta theta"
+    with TestClient(app) as client:
+        r = client.post(
+            "/v1/completions", json={"prompt": prompt, "max_tokens": 30, "temperature": 0}
+        )
+    assert r.status_code == 200, r.text
+    alone = generate_text(world["run"], world["db"], prompt, max_new_tokens=30)
+    assert r.json()["choices"][0]["text"] == alone.text
 
 
 def test_a_killed_retrofit_run_resumes_exactly(world, tmp_path):

@@ -29,7 +29,6 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, Strict
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from retrolm.errors import InputError
 from retrolm.serve.engine import Completion, Engine, LiveDatabase, QueueFull
 from retrolm.serve.settings import ServeSettings
 
@@ -192,11 +191,6 @@ def create_app(
         model, meta = load_run_model(run)
     else:
         meta = read_run_meta(run)
-    if not hasattr(model, "slot_cache"):  # the batched decoding is RETRO's own
-        raise InputError(
-            f"{run} is a RETRO-fitted Hugging Face model, which `retrolm serve` cannot batch "
-            "yet; use `retrolm generate` for it"
-        )
     database = open_database(db)
     check_database(meta["database"], database, str(run))
     device = resolve_device(settings.device)

@@ -7,6 +7,11 @@ Each sequence follows `RETRO.generate`'s rules: retrieval when a chunk completes
 retriever, one search for all the rows that complete a chunk in the same step), and past
 max_seq_len the window drops its oldest chunk (`window_start`) and the row is encoded again.
 
+A model without `slot_cache` (a RETRO-fitted Hugging Face model, `retrolm.hf`, whose keys and
+values live in the base's own cache) is decoded the same way but one sequence per forward
+pass: each sequence keeps its own generation cache (`_new_cache` / `_forward_cached`, the calls
+`RETRO.generate`'s loop makes), so requests interleave token by token without being batched.
+
 It is synchronous and single-threaded; `retrolm.serve.engine.Engine` runs it in a worker
 thread. Greedy output of a sequence does not depend on what else is in the batch (up to float
 rounding): tests/test_serve_batching.py checks it against `RETRO.generate` alone.
@@ -47,6 +52,7 @@ class Sequence:
     start: int = -1  # first position of the window in the row (-1: not encoded yet)
     neighbours: list[Tensor] = field(default_factory=list)  # (k, r) per chunk, retrieved once
     retrieved: list[Any] = field(default_factory=list)  # the retriever's info per chunk, if any
+    cache: Any = None  # its own generation cache, for a model decoded one sequence at a time
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.tokens)
@@ -68,7 +74,12 @@ class BatchDecoder:
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.k = k
-        self.cache = model.slot_cache(slots, k, retrieval=model.cfg.retrieval, device=self.device)
+        self.batched = hasattr(model, "slot_cache")  # else one sequence per forward pass
+        self.cache = (
+            model.slot_cache(slots, k, retrieval=model.cfg.retrieval, device=self.device)
+            if self.batched
+            else None
+        )
         self.free = list(range(slots))
         self.running: list[Sequence] = []
         self.steps = 0  # forward passes of decode_rows (for tests and stats)
@@ -99,6 +110,7 @@ class BatchDecoder:
             assert seq.slot is not None
             self.free.append(seq.slot)
             seq.slot = None
+            seq.cache = None
 
     def step(self) -> list[tuple[Sequence, int]]:
         """One token for every running sequence: [(sequence, new token)], finished ones removed."""
@@ -114,7 +126,9 @@ class BatchDecoder:
         for i, s in enumerate(seqs):
             t = len(s.tokens)
             w = window_start(t, N, m)
-            if w != s.start:  # joined, or the window slid: encode tokens w..t-1 into its row
+            if not self.batched:
+                logits[i] = self._step_alone(s, w)
+            elif w != s.start:  # joined, or the window slid: encode tokens w..t-1 into its row
                 s.start = w
                 window = torch.tensor(s.tokens[w:t], dtype=torch.long, device=self.device)
                 nb = self._window_neighbours(s, w // m, t // m)
@@ -152,6 +166,26 @@ class BatchDecoder:
             seqs[i].tokens.append(token)
             out_list.append((seqs[i], token))
         return out_list
+
+    @torch.inference_mode()
+    def _step_alone(self, s: Sequence, w: int) -> Tensor:
+        """Logits (V,) for the next token of `s` through its own cache, as `windowed_generate`
+        feeds it: the whole window when it starts (or slid), then one token per step, with the
+        neighbours of every chunk completed since the last call."""
+        m, t = self.cfg.chunk_size, len(s.tokens)
+        if w != s.start:
+            s.start, feed_from = w, w
+            size = min(self.cfg.max_seq_len, s.prompt_len + s.max_new_tokens)
+            ids = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+            s.cache = self.model._new_cache(ids, size, s.retrieve is not None)
+        else:
+            feed_from = t - 1
+        done = w // m + s.cache.num_chunks  # chunks whose neighbours are encoded
+        neighbours = None
+        if s.retrieve is not None and t // m > done:
+            neighbours = torch.stack(s.neighbours[done : t // m])[None]  # (1, U, k, r)
+        tokens = torch.tensor([s.tokens[feed_from:t]], dtype=torch.long, device=self.device)
+        return self.model._forward_cached(tokens, s.cache, neighbours)[0]  # (V,)
 
     def _window_neighbours(self, s: Sequence, u0: int, u1: int) -> Tensor | None:
         if s.retrieve is None or u1 <= u0:
