@@ -16,7 +16,6 @@ from safetensors.torch import load_file
 
 from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state
 from retrolm.cli import main as cli_main
-from retrolm.errors import InputError
 from retrolm.hf import RetroFitted, weights_sha256
 from retrolm.hf.model import WEIGHTS_FILE
 from retrolm.io import read_json
