@@ -89,12 +89,13 @@ class StoredVectors:
     def __call__(self, ids: np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
         result = np.empty((len(ids), 0), np.float32)
-        blocks = ids // self.block_rows
-        for b in np.unique(blocks):
-            b = int(b)
+        which = ids // self.block_rows
+        order = np.argsort(which, kind="stable")  # one pass per block hit, as BlockStore does
+        blocks, firsts = np.unique(which[order], return_index=True)
+        for b, lo, hi in zip(blocks, firsts, [*firsts[1:], len(ids)]):
+            b, sel = int(b), order[lo:hi]
             if b not in self.maps:
                 self.maps[b] = np.load(self.out / f"emb-{b:06d}.npy", mmap_mode="r")
-            sel = blocks == b
             rows = np.asarray(self.maps[b][ids[sel] - b * self.block_rows], dtype=np.float32)
             if result.shape[1] == 0:
                 result = np.empty((len(ids), rows.shape[1]), np.float32)

@@ -73,10 +73,12 @@ class BlockStore:
         ids = np.asarray(ids, dtype=np.int64)
         out = np.empty((len(ids), self.manifest["embeddings"]["dim"]), dtype=np.float32)
         which = np.searchsorted(self.starts, ids, side="right") - 1  # block of each id
-        for b in np.unique(which):
-            sel = which == b
+        order = np.argsort(which, kind="stable")  # one pass per block hit, not one mask each
+        blocks, firsts = np.unique(which[order], return_index=True)
+        for b, lo, hi in zip(blocks, firsts, [*firsts[1:], len(ids)]):
+            rows = order[lo:hi]
             block = self.blocks[int(b)]
-            out[sel] = self.embeddings_of_block(block)[ids[sel] - block["start"]]
+            out[rows] = self.embeddings_of_block(block)[ids[rows] - block["start"]]
         return out
 
     @cached_property
