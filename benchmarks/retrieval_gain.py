@@ -15,6 +15,13 @@ The held-out files are the quickstart's choice for the seed (a seeded hash of th
 among files of at least 1 kB of the training subset), fixed before any result is seen. Each
 finished variant is cached in OUT/results/VARIANT.json, so a rerun only does what is missing.
 The last line with --json is one JSON object: {variant: figures}.
+
+Levers of the RETRO run (not the baseline's) are measured with `--tag LABEL` and repeatable
+`--set FIELD=VALUE` (a TrainConfig field, or `model.FIELD` for a RetroConfig field), and k at
+evaluation with `--eval-k K`; the result is cached as VARIANT+LABEL, beside the untagged run:
+
+    python benchmarks/retrieval_gain.py --corpus stdlib --out DIR --steps 300 \
+        --variants bm25-all --tag drop25 --set neighbour_dropout=0.25
 """
 
 from __future__ import annotations
@@ -109,6 +116,33 @@ def train_config(steps: int, seed: int, **kw: Any) -> Any:
     return TrainConfig(**(settings | kw))
 
 
+def with_overrides(cfg: Any, settings: list[str]) -> Any:
+    """`cfg` with FIELD=VALUE settings (`model.FIELD` for the model); values parsed as JSON
+    where they parse (numbers, true/false, lists), else kept as strings."""
+    import dataclasses
+
+    train_kw: dict[str, Any] = {}
+    model_kw: dict[str, Any] = {}
+    for item in settings:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise RetrolmError(f"--set {item!r}: expected FIELD=VALUE (e.g. lr=1e-3)")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        if key.startswith("model."):
+            model_kw[key[len("model.") :]] = value
+        else:
+            train_kw[key] = value
+    fields = {f.name for f in dataclasses.fields(cfg)}
+    if unknown := sorted(set(train_kw) - fields):
+        raise RetrolmError(f"--set: unknown TrainConfig field(s) {unknown}")
+    if model_kw:
+        train_kw["model"] = {**(cfg.model or {}), **model_kw}
+    return dataclasses.replace(cfg, **train_kw)
+
+
 def timed_train(cfg: Any, db: Path, run: Path) -> float:
     """Train (or reuse a finished run); returns the training wall time as recorded."""
     from retrolm.train import train
@@ -137,10 +171,13 @@ def run_variant(
     else:
         steps = args.retrofit_steps
         cfg = train_config(steps, args.seed, retrofit=str(base_run), lr=args.retrofit_lr)
-    run = out / f"retro-{name}"
+    if args.set:
+        cfg = with_overrides(cfg, args.set)
+    label = name + (f"+{args.tag}" if args.tag else "")
+    run = out / f"retro-{label if args.set else name}"  # --eval-k alone: the untagged run
     retro_seconds = timed_train(cfg, db, run)
     t0 = time.perf_counter()
-    eval_cfg = EvalConfig(max_tokens=args.eval_tokens, batch_size=8)
+    eval_cfg = EvalConfig(max_tokens=args.eval_tokens, batch_size=8, num_neighbours=args.eval_k)
     figures = evaluate_run(
         run, db, config=eval_cfg, baseline=base_run, show_progress=False
     ).to_dict()
@@ -161,8 +198,10 @@ def run_variant(
         figures["comparators"] = other.get("comparators", {})
     info = json.loads((db / "manifest.json").read_text())["counts"]
     return {
-        "variant": name,
+        "variant": label,
         **v.__dict__,
+        "overrides": list(args.set),
+        "eval_k": args.eval_k,
         "seed": args.seed,
         "steps": steps,
         "baseline_steps": args.steps,
@@ -308,6 +347,15 @@ def main(argv: list[str] | None = None) -> int:
         metavar="LABEL=DIR",
         help="only print a Markdown table of the finished variants of these work folders",
     )
+    parser.add_argument("--tag", help="label of the RETRO run's --set / --eval-k (VARIANT+TAG)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override of the RETRO run's TrainConfig (model.FIELD: its RetroConfig); with --tag",
+    )
+    parser.add_argument("--eval-k", type=int, help="neighbours read at evaluation (default: k)")
     parser.add_argument("--json", action="store_true", help="last line: one JSON object")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = parser.parse_args(argv)
@@ -323,6 +371,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.steps <= 0 or args.retrofit_steps <= 0 or args.subset_mb <= 0:
         print("retrieval_gain.py: --steps, --retrofit-steps and --subset-mb must be > 0",
               file=sys.stderr)  # fmt: skip
+        return 2
+    if (args.set or args.eval_k) and not args.tag:
+        print("retrieval_gain.py: --set and --eval-k need --tag LABEL (the results' name)",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    if args.eval_k is not None and args.eval_k <= 0:
+        print("retrieval_gain.py: --eval-k must be > 0", file=sys.stderr)
         return 2
     if args.table:
         print(markdown_table([(spec.split("=", 1)[0], Path(spec.split("=", 1)[1]))
@@ -349,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.size_curve:
             names.append("size-curve" + (f"-{args.size_curve_of}" if args.size_curve_of else ""))
         for name in names:
-            path = args.out / "results" / f"{name}.json"
+            tagged = args.tag and name in VARIANTS
+            path = args.out / "results" / (f"{name}+{args.tag}.json" if tagged else f"{name}.json")
             if not path.is_file():
                 log.info("== %s", name)
                 if name == "baseline-equal-compute":
@@ -359,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     result = run_variant(name, args.out, plan, args, embedder)
                 path.write_text(json.dumps(result, indent=1))
-            results[name] = json.loads(path.read_text())
+            results[path.stem] = json.loads(path.read_text())
     except RetrolmError as e:
         print(f"retrieval_gain.py: {e}", file=sys.stderr)
         return 2

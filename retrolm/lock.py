@@ -133,7 +133,8 @@ def locked(argument: str, what: str = "database") -> Callable[[F], F]:
     return decorate
 
 
-# this module's lock and the distributed build's (retrolm.database.distributed.LOCK_FILE)
+# the lock, and the distributed build's own lock file of earlier versions (a folder they left
+# is still recognised as holding nothing but locks)
 LOCK_FILES = (LOCK_FILE, ".build.lock")
 
 

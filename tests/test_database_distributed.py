@@ -114,11 +114,12 @@ def test_a_second_build_into_the_same_folder_is_refused(inputs, tmp_path):
             command(corpus, out, bert), env=environment(), capture_output=True, text=True
         )
         assert refused.returncode == 2
-        assert refused.stderr.count("\n") == 1 and "another `retrolm db` build is writing" in (
+        assert refused.stderr.count("\n") == 1 and "is in use by another retrolm process" in (
             refused.stderr
         )
-        # nothing written but the two lock files (the folder lock and the build lock)
-        assert sorted(p.name for p in out.iterdir()) == [".build.lock", ".retrolm.lock"]
+        assert f"pid {os.getpid()}" in refused.stderr  # it names the holder
+        # nothing written but the one lock file (every writer of a folder takes the same lock)
+        assert sorted(p.name for p in out.iterdir()) == [".retrolm.lock"]
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # the lock went with its holder, and the refused build left nothing in the way
@@ -142,7 +143,7 @@ def test_the_lock_dies_with_a_killed_build(inputs, tmp_path):
             command(corpus, out, bert), env=environment(), capture_output=True, text=True
         )
         if first.poll() is None:  # (the first build may finish first on a fast machine)
-            assert second.returncode == 2 and "another `retrolm db` build" in second.stderr
+            assert second.returncode == 2 and "in use by another retrolm process" in second.stderr
     finally:
         first.send_signal(signal.SIGKILL)
         first.wait()
@@ -151,13 +152,32 @@ def test_the_lock_dies_with_a_killed_build(inputs, tmp_path):
     assert_same_database(out, reference)
 
 
-def test_a_lock_held_elsewhere_is_reported_on_every_rank(tmp_path):
-    with (
-        build_lock(tmp_path / "db", Dist()),
-        pytest.raises(RetrolmError, match="another `retrolm db` build"),
-        build_lock(tmp_path / "db", Dist()),
-    ):
-        pass
+def test_a_lock_held_by_another_process_is_refused_by_build_lock(tmp_path):
+    """build_lock is the folder lock every writer takes: held by another process (here a
+    `folder_lock` in a child), a build is refused with the holder named, and it is free again
+    once that process has gone."""
+    folder = tmp_path / "db"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from retrolm.lock import folder_lock\n"
+         "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)",
+         str(folder)],
+        stdout=subprocess.PIPE, text=True, env=environment(),
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(
+                RetrolmError, match=f"in use by another retrolm process .pid {holder.pid}"
+            ),
+            build_lock(folder, Dist()),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with build_lock(folder, Dist()):
+        assert (folder / ".retrolm.lock").is_file()
+    assert list(folder.iterdir()) == []  # the killed holder's lock file went with the last writer
 
 
 # ----------------------------------------------------------------------------- index

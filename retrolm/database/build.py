@@ -885,7 +885,6 @@ def _neighbours_ok(folder: Path, record: dict[str, Any] | None, block: dict[str,
 # ----------------------------------------------------------------------------- public stages
 
 
-@locked("out")
 def chunk_stage(
     corpus_paths: Paths,
     out: str | os.PathLike[str],
@@ -909,7 +908,7 @@ def chunk_stage(
         InputError: no documents in the corpus, unreadable inputs with `strict`, a non-empty
             folder that is not a database.
         MismatchError: `out` holds a database built with other settings or another corpus.
-        BuildLockedError: another build is writing `out`.
+        LockedError: another process is writing `out`.
     """
     validate_build_settings(config, corpus_paths, out)
     dist = dist or distributed.current()
@@ -969,7 +968,6 @@ def _reopen_locked(db_path: str | os.PathLike[str], overrides: dict[str, Any] | 
     return result
 
 
-@locked("db_path")
 def embed_stage(
     db_path: str | os.PathLike[str],
     *,
@@ -995,7 +993,6 @@ def embed_stage(
     return folder
 
 
-@locked("db_path")
 def index_stage(
     db_path: str | os.PathLike[str],
     *,
@@ -1012,7 +1009,6 @@ def index_stage(
     return folder
 
 
-@locked("db_path")
 def neighbours_stage(
     db_path: str | os.PathLike[str],
     *,
@@ -1043,7 +1039,6 @@ def _downstream(
     _run_neighbours(folder, manifest, config, show_progress, dist)
 
 
-@locked("out")
 def build_database(
     corpus_paths: Paths,
     out: str | os.PathLike[str],
@@ -1073,7 +1068,7 @@ def build_database(
 
     Raises:
         InputError, MismatchError: see `chunk_stage`; also a missing embedder path.
-        BuildLockedError: another build is writing `out`.
+        LockedError: another process is writing `out`.
     """
     config = config or DatabaseConfig()
     validate_build_settings(config, corpus_paths, out)

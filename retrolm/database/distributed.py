@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import errno
-import fcntl
 import json
 import logging
 import os
@@ -37,7 +35,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECORDS = "records"
-LOCK_FILE = ".build.lock"
 # a rank waits this long at a barrier for the others (index training on rank 0 can take hours)
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
 
@@ -218,51 +215,32 @@ def clear_records(folder: Path, stage: str) -> None:
 # ----------------------------------------------------------------------------- the build lock
 
 
-class BuildLockedError(errors.RetrolmError):
-    """Another build holds the database folder."""
-
-
 @contextmanager
 def build_lock(folder: Path, dist: Dist, *, create: bool = True) -> Iterator[None]:
-    """Hold `folder/.build.lock` (an exclusive flock) on the main rank for the whole build.
+    """Hold the database folder's writer lock on the main rank for the whole build.
 
-    A second build into the same folder is refused at once with a message saying so; the lock
-    dies with its process, so a build killed by SIGKILL never leaves a stale lock behind.
-    (flock is per host: on a shared filesystem across nodes only builds started from the same
-    node are kept apart.)
+    It is `retrolm.lock.folder_lock` (the `.retrolm.lock` that `db add`, training and every
+    other writer take), acquired through `Dist.on_main`, so a refusal reaches every rank with
+    its message instead of leaving the others waiting at a barrier. The lock dies with its
+    process, so a build killed by SIGKILL never leaves a stale lock behind. (flock is per
+    host: on a shared filesystem across nodes only builds started from the same node are kept
+    apart.)
 
     Args:
         folder: the database folder, created when `create` (a new build); a stage run on a
             folder that does not exist takes no lock and lets the stage report the error.
+
+    Raises:
+        LockedError: another process holds the lock (on every rank).
     """
+    from retrolm.lock import folder_lock
 
-    def acquire() -> Any:
-        if not create and not folder.is_dir():
-            return None
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = open(folder / LOCK_FILE, "a+")  # noqa: SIM115 - held until the build ends
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            handle.close()
-            if e.errno in (errno.EAGAIN, errno.EACCES):
-                raise BuildLockedError(
-                    f"another `retrolm db` build is writing {folder} (it holds {folder / LOCK_FILE}); "
-                    "wait for it to finish, or build into another --out"
-                ) from None
-            raise
-        handle.seek(0)
-        handle.truncate()
-        handle.write(f"pid {os.getpid()} {' '.join(sys.argv)}\n")
-        handle.flush()
-        return handle
+    held = contextlib.ExitStack()
 
-    handle = dist.on_main(acquire)
-    try:
+    def acquire() -> None:
+        if create or folder.is_dir():
+            held.enter_context(folder_lock(folder, "database"))
+
+    with held:
+        dist.on_main(acquire)
         yield
-    finally:
-        if handle is not None:
-            if not (folder / "manifest.json").is_file():  # nothing was built: leave no trace
-                (folder / LOCK_FILE).unlink(missing_ok=True)
-            fcntl.flock(handle, fcntl.LOCK_UN)
-            handle.close()
