@@ -227,6 +227,7 @@ def knnlm_bits(
     scored_stream: np.ndarray,
     *,
     score: Any,
+    keys: Any = None,
     cfg: KnnLMConfig | None = None,
 ) -> KnnLMResult:
     """kNN-LM bits of a scored stream, with lambda and T tuned on held-out train documents.
@@ -239,14 +240,20 @@ def knnlm_bits(
         scored_stream: (T,) the scored tokens.
         score: `score(tokens) -> (bits (n,), hidden (n, d))`: the no-retrieval model's bits and
             final hidden states (keys and queries), with the evaluation's windows.
+        keys: `keys(tokens) -> (scored (n,) bool, hidden (n, d))`, the same hidden states
+            without the bits (`evaluate.hidden_stream`), for the datastore; default: `score`'s.
     """
     cfg = cfg or KnnLMConfig()
     tune_docs = tuning_documents(train_docs, cfg.tune_fraction, cfg.seed)
     is_tune = np.isin(train_docs, tune_docs)
     store_tokens = train_stream[~is_tune][: cfg.max_datastore + 1]
     tune_tokens = train_stream[is_tune][: cfg.tune_tokens]
-    store_bits, store_hidden = score(store_tokens)
-    rows = positions(store_bits)  # the position that predicted token j holds the key of j
+    if keys is None:
+        store_bits, store_hidden = score(store_tokens)
+        store_scored = ~np.isnan(store_bits)
+    else:
+        store_scored, store_hidden = keys(store_tokens)
+    rows = np.flatnonzero(store_scored)  # the position that predicted token j holds j's key
     datastore = Datastore(store_hidden[rows], store_tokens[rows], cfg)
     log.info("kNN-LM datastore: %d keys (%s)", len(rows), datastore.kind)
     del store_hidden

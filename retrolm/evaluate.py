@@ -20,13 +20,14 @@ import dataclasses
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from retrolm.comparators import KnnLMConfig, check_comparators, knnlm_bits, ralm_bits
 from retrolm.data import ChunkSource
@@ -221,6 +222,34 @@ def window_batches(
     return [g[i : i + batch_size] for g in groups.values() for i in range(0, len(g), batch_size)]
 
 
+def _window_inputs(
+    tokens: np.ndarray,
+    neighbours: np.ndarray | None,
+    chunk_size: int,
+    window: int,
+    stride: int,
+    batch_size: int,
+    device: torch.device | str,
+    desc: str,
+    show_progress: bool,
+) -> Iterator[tuple[list[tuple[int, int, int]], Tensor, Tensor, Tensor | None]]:
+    """(windows, inputs (B, n), targets (B, n), neighbours (B, ceil(n/m), k, r) | None) for
+    every batch of the stream's sliding windows: what `score_stream` and `hidden_stream` feed."""
+    batches = window_batches(len(tokens), window, stride, chunk_size, batch_size)
+    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    for batch in progress(batches, desc=desc, unit="batch", show=show_progress):
+        n = batch[0][1]
+        x = torch.stack([stream[s : s + n] for s, _, _ in batch]).to(device)
+        y = torch.stack([stream[s + 1 : s + n + 1] for s, _, _ in batch]).to(device)
+        nb = None
+        if neighbours is not None:
+            c = math.ceil(n / chunk_size)
+            nb = torch.from_numpy(
+                np.stack([neighbours[s // chunk_size : s // chunk_size + c] for s, _, _ in batch])
+            ).to(device)
+        yield batch, x, y, nb
+
+
 @torch.no_grad()
 def score_stream(
     model: nn.Module,
@@ -253,19 +282,12 @@ def score_stream(
     """
     bits = np.full(len(tokens), np.nan)
     states: np.ndarray | None = None
-    batches = window_batches(len(tokens), window, stride, chunk_size, batch_size)
-    stream = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
     model.eval()
-    for batch in progress(batches, desc=desc, unit="batch", show=show_progress):
-        n = batch[0][1]
-        x = torch.stack([stream[s : s + n] for s, _, _ in batch]).to(device)
-        y = torch.stack([stream[s + 1 : s + n + 1] for s, _, _ in batch]).to(device)
-        nb = None
-        if neighbours is not None:
-            c = math.ceil(n / chunk_size)
-            nb = torch.from_numpy(
-                np.stack([neighbours[s // chunk_size : s // chunk_size + c] for s, _, _ in batch])
-            ).to(device)
+    windows = _window_inputs(
+        tokens, neighbours, chunk_size, window, stride, batch_size, device, desc, show_progress
+    )
+    for batch, x, y, nb in windows:
+        n = x.shape[1]
         ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
         with ctx:
             if hidden:
@@ -285,6 +307,47 @@ def score_stream(
     if hidden:
         return bits, states if states is not None else np.zeros((len(tokens), 0), np.float32)
     return bits
+
+
+@torch.no_grad()
+def hidden_stream(
+    model: nn.Module,
+    tokens: np.ndarray,
+    *,
+    chunk_size: int,
+    window: int,
+    stride: int,
+    pad_id: int,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    desc: str = "hidden",
+    show_progress: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The final hidden states `score_stream(..., hidden=True)` returns, and which positions it
+    scores, without the vocabulary projection (a kNN-LM datastore needs keys, not bits; the
+    projection and its softmax cost more than the decoder at this model size).
+
+    Returns:
+        (scored (T,) bool: the positions `score_stream` gives bits, (T, d) float32 states).
+    """
+    scored = np.zeros(len(tokens), dtype=bool)
+    states: np.ndarray | None = None
+    model.eval()
+    windows = _window_inputs(
+        tokens, None, chunk_size, window, stride, batch_size, device, desc, show_progress
+    )
+    for batch, x, y, _ in windows:
+        n = x.shape[1]
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            h = model.hidden_states(x)  # (B, n, d)
+        if states is None:
+            states = np.zeros((len(tokens), h.shape[-1]), dtype=np.float32)
+        keep = (y != pad_id).cpu().numpy()
+        for row, (s, _, first) in enumerate(batch):
+            scored[s + 1 + first : s + 1 + n] = keep[row, first:]
+            states[s + 1 + first : s + 1 + n] = h[row, first:].float().cpu().numpy()
+    return scored, states if states is not None else np.zeros((len(tokens), 0), np.float32)
 
 
 def longest_common_run(chunks: np.ndarray, neighbours: np.ndarray, pad_id: int) -> np.ndarray:
@@ -469,6 +532,19 @@ def evaluate_run(
             hidden,
             stream,
             score=lambda tokens: score(models["baseline"], tokens, None, desc="knnlm", hidden=True),
+            keys=lambda tokens: hidden_stream(
+                models["baseline"],
+                tokens,
+                chunk_size=m,
+                window=window,
+                stride=stride,
+                pad_id=mcfg.pad_id,
+                batch_size=cfg.batch_size,
+                device=device,
+                bf16=cfg.bf16,
+                desc="knnlm datastore",
+                show_progress=show_progress,
+            ),
             cfg=knnlm,
         )
         bits["knnlm"] = result.bits

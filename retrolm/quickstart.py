@@ -758,11 +758,11 @@ def comparator_verdict(result: dict[str, Any]) -> list[str]:
         return []
     best = min(entries, key=entries.get)
     others = ", ".join(
-        f"{name} by {100 * (v / entries[best] - 1):.1f}%"
+        f"{name} ({100 * (v / entries[best] - 1):.1f}% higher)"
         for name, v in sorted(entries.items(), key=lambda kv: kv[1])
         if name != best
     )
-    return ["", f"Best use of the database: {best}, ahead of {others} (bits per byte)."]
+    return ["", f"Best use of the database: {best}; bits per byte of the others: {others}."]
 
 
 def report_markdown(
@@ -837,8 +837,8 @@ def report_markdown(
         f"| baseline (no retrieval, same size and data) | {fmt(base)} |",
         *comparator_rows(result, fmt),
         "",
-        f"RETRO[ON] vs baseline: {gain:+.1f}% bits per byte "
-        f"({'better' if gain > 0 else 'worse'} with retrieval).",
+        f"RETRO[ON] vs baseline: {-gain:+.1f}% bits per byte "
+        f"({'lower: better' if gain > 0 else 'not lower: no better'} with retrieval).",
         *comparator_verdict(result),
         "",
         "## Leakage-filtered (paper, section 2.6)",

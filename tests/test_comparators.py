@@ -12,7 +12,7 @@ import torch
 from retrolm.cli import main as cli_main
 from retrolm.comparators import KnnLMConfig, interpolate, knn_log_probs, knnlm_bits, ralm_bits
 from retrolm.config import RetroConfig
-from retrolm.evaluate import evaluate_run, score_stream
+from retrolm.evaluate import evaluate_run, hidden_stream, score_stream
 from retrolm.model import RETRO
 from tests.test_evaluate import build_world
 
@@ -112,6 +112,34 @@ def test_knnlm_with_lambda_zero_is_the_baseline_and_a_datastore_of_the_text_itse
     bits, result = knnlm_on(lm, stream, train, docs, cfg)
     assert result.info["tuning_documents"] == 1 and result.info["lambda"] > 0.3
     assert np.nansum(result.bits) < 0.3 * np.nansum(bits)
+
+
+def test_datastore_keys_without_bits_are_the_scored_hidden_states(lm):
+    """hidden_stream (the datastore's keys, no vocabulary projection) gives the states and the
+    scored positions score_stream(hidden=True) gives, and kNN-LM built from them is the same."""
+    rng = np.random.default_rng(4)
+    pad = lm.cfg.pad_id
+    stream = rng.integers(3, 200, size=7 * M)
+    stream[5 * M + 3 : 5 * M + 9] = pad  # padding targets are not scored, nor keys
+    kw = dict(chunk_size=M, window=WINDOW, stride=WINDOW // 2, pad_id=pad, batch_size=3)
+    bits, states = score_stream(lm, stream, None, hidden=True, **kw)
+    scored, keys = hidden_stream(lm, stream, **kw)
+    np.testing.assert_array_equal(scored, ~np.isnan(bits))
+    np.testing.assert_allclose(keys, states, atol=1e-6)
+    train = rng.integers(3, 200, size=40 * M)
+    docs = np.repeat(np.arange(40), M)
+    cfg = KnnLMConfig(lambdas=(0.3,), temperatures=(1.0,), tune_fraction=0.2)
+
+    def score(tokens):
+        return score_stream(lm, tokens, None, hidden=True, **kw)
+
+    plain = knnlm_bits(train, docs, bits, states, stream, score=score, cfg=cfg)
+    fast = knnlm_bits(
+        train, docs, bits, states, stream, score=score,
+        keys=lambda tokens: hidden_stream(lm, tokens, **kw), cfg=cfg,
+    )  # fmt: skip
+    np.testing.assert_allclose(fast.bits, plain.bits, atol=1e-9, equal_nan=True)
+    assert fast.info == plain.info
 
 
 def test_evaluate_run_scores_comparators_on_the_same_tokens(world):

@@ -12,6 +12,7 @@ from retrolm.quickstart import (
     PLAN_VERSION,
     QuickstartConfig,
     choose_valid,
+    comparator_verdict,
     folder_redundancy,
     load_or_make_plan,
     select_files,
@@ -145,3 +146,12 @@ def test_retrieval_only_files_are_the_rest_of_the_corpus_never_the_held_out(corp
     monkeypatch.setattr(qs, "RETRIEVAL_ONLY_MAX_BYTES", rest_bytes // 2)
     capped = qs.retrieval_only_files(corpus, chosen)
     assert set(capped) < set(extra) and sum(p.stat().st_size for p in capped) <= rest_bytes // 2
+
+
+def test_the_verdict_names_the_lowest_bits_per_byte_and_how_far_the_others_are():
+    result = {"retro_bpb": 1.5, "ralm_bpb": 1.65, "knnlm_bpb": 1.2}
+    (_, sentence) = comparator_verdict(result)
+    assert sentence.startswith("Best use of the database: kNN-LM;")
+    # 1.5 / 1.2 - 1 = 25.0%, 1.65 / 1.2 - 1 = 37.5%; nearest first
+    assert "RETRO[ON] (25.0% higher), In-Context RALM (37.5% higher)" in sentence
+    assert comparator_verdict({"retro_bpb": 1.5}) == []  # nothing to compare with
