@@ -107,12 +107,16 @@ def decode_greedy(model, cache, rows, windows, logits, steps, table) -> list[lis
     return seqs
 
 
-def run_batched(decoder: BatchDecoder, seqs: list[Sequence], join_every: int = 3) -> None:
-    """Add the sequences one every `join_every` steps (when a row is free), step until done."""
+def run_batched(
+    decoder: BatchDecoder, seqs: list[Sequence], join_every: int = 3, at_once: int = 1
+) -> None:
+    """Add up to `at_once` sequences every `join_every` steps (as rows are free), step until
+    done; those added together join in the same step."""
     waiting = list(seqs)
     for step in range(10_000):
-        if waiting and decoder.has_room and step % join_every == 0:
-            decoder.add(waiting.pop(0))
+        for _ in range(at_once if step % join_every == 0 else 0):
+            if waiting and decoder.has_room:
+                decoder.add(waiting.pop(0))
         if not waiting and not decoder.running:
             return
         for s, _ in decoder.step():
@@ -121,8 +125,11 @@ def run_batched(decoder: BatchDecoder, seqs: list[Sequence], join_every: int = 3
     raise AssertionError("did not finish")
 
 
+@pytest.mark.parametrize("at_once", [1, 3])
 @pytest.mark.parametrize("name", ["tiny", "match", "deepnet", "baseline"])
-def test_each_sequence_in_a_batch_equals_generate_alone(name):
+def test_each_sequence_in_a_batch_equals_generate_alone(name, at_once):
+    """Sequences join one by one, or three at a time (encoded together by one `prefill_rows`,
+    with windows sliding in the same steps), and each gives its text alone."""
     cfg = CONFIGS[name]
     N = cfg.max_seq_len
     model = make_model(cfg)
@@ -136,7 +143,7 @@ def test_each_sequence_in_a_batch_equals_generate_alone(name):
         Sequence(p.tolist(), new, retrieve=retrieve) for p, new in zip(prompts, news, strict=True)
     ]
     decoder = BatchDecoder(model, slots=4, k=2)
-    run_batched(decoder, seqs)
+    run_batched(decoder, seqs, at_once=at_once)
     for p, new, s in zip(prompts, news, seqs, strict=True):
         alone = model.generate(p[None], new, retrieve=table)[0].tolist()
         assert s.tokens == alone
@@ -187,3 +194,36 @@ def test_a_removed_sequence_frees_its_row_for_the_next():
     while not second.finished:
         decoder.step()
     assert second.tokens == model.generate(torch.tensor([[9, 3]]), 40, retrieve=table)[0].tolist()
+
+
+def test_sequences_joining_in_one_step_are_encoded_in_one_forward_pass():
+    """k sequences joining in a step make one prefill pass, whatever their lengths, and one more
+    pass decodes the sequences already running; each gives its text alone."""
+    cfg = CONFIGS["tiny"]
+    m = cfg.chunk_size
+    model = make_model(cfg)
+    table = TableRetriever(cfg)
+    passes = []
+    model.blocks[0].register_forward_hook(lambda *_: passes.append(1))  # one per decoder pass
+
+    def step_passes(decoder: BatchDecoder) -> int:
+        before = len(passes)
+        decoder.step()
+        return len(passes) - before
+
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in (2, 2 * m + 3, m, 5)]
+    seqs = [Sequence(p.tolist(), 6, batch_retrieve(table)) for p in prompts]
+    decoder = BatchDecoder(model, slots=5, k=2)
+    for s in seqs[:3]:
+        decoder.add(s)
+    assert step_passes(decoder) == 1  # three join: one prefill
+    assert step_passes(decoder) == 1  # three decode
+    decoder.add(seqs[3])
+    assert step_passes(decoder) == 2  # one joins, three decode
+    while decoder.running:
+        for s, _ in decoder.step():
+            if s.finished:
+                decoder.remove(s)
+    for p, s in zip(prompts, seqs, strict=True):
+        assert s.tokens == model.generate(p[None], 6, retrieve=table)[0].tolist()
