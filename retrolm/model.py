@@ -1072,8 +1072,9 @@ class RETRO(nn.Module):
 
         Each row holds one sequence: `prefill_rows` encodes windows into rows (any rows, at any
         time) in one forward pass, `decode_rows` feeds one token to each of several rows at
-        their own positions in one forward pass. `k` is the number of neighbours per chunk (r is cfg.neighbour_len).
-        The cache's `length` and `num_chunks` are unused: the caller keeps each row's position.
+        their own positions in one forward pass. `k` is the number of neighbours per chunk (r
+        is cfg.neighbour_len). The cache's `length` and `num_chunks` are unused: the caller
+        keeps each row's position.
         """
         cfg = self.cfg
         N, m, r, d = cfg.max_seq_len, cfg.chunk_size, cfg.neighbour_len, cfg.dec_dim
