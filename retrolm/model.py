@@ -23,7 +23,7 @@ Choices (documented because the paper leaves them open):
   alpha/beta (Wang et al. 2022), as RETRO-pytorch's `use_deepnet`. With post-norm, the CCA
   residual is applied (with f = 0 where nothing is read) whenever neighbours are given.
 - One path: training (`hidden_states`, `forward`, `loss`), KV-cached decoding (`generate`,
-  `prefill_row`) and the server's batched decoding of rows at different positions
+  `prefill_rows`) and the server's batched decoding of rows at different positions
   (`decode_rows`) all run `DecoderBlock.forward` over a `Span`, which says where the tokens
   sit: positions start..start+T-1 in every row, or one token per row at its own position. The
   attention modules read and write the `KVCache` themselves (`SelfAttention` its keys/values,
@@ -289,7 +289,7 @@ class KVCache:
     """What decoding keeps between steps: nothing is ever recomputed.
 
     The attention modules write to it and read from it at the positions a `Span` gives: a block
-    of positions for every row (`RETRO.generate`, `prefill_row`) or one position per row
+    of positions for every row (`RETRO.generate`, `prefill_rows`) or one position per row
     (`decode_rows`). Tensors of `RETRO.generate` are allocated at their first write.
     """
 
@@ -360,6 +360,30 @@ class KVCache:
             self.cca_values[layer] = values.new_zeros(B, chunks, h, KR, hd)
         self.cca_keys[layer][reading.rows, reading.chunks] = keys
         self.cca_values[layer][reading.rows, reading.chunks] = values
+
+    def copy_rows(self, src: KVCache, rows: Tensor, lengths: Tensor, chunks: Tensor) -> None:
+        """Store row i of `src` (fed from position 0) in row rows[i] of this `slot_cache`: its
+        positions 0..lengths[i]-1 and its chunks 0..chunks[i]-1, nothing past them."""
+        dev = rows.device
+        b, p = (torch.arange(src.size, device=dev) < lengths[:, None]).nonzero(as_tuple=True)
+        at = rows[b]  # (P,) the slot row of each kept position
+        self.token_ids[at, p] = src.token_ids[b, p]
+        for layer, keys in src.keys.items():
+            self.keys[layer][at, :, p] = keys[b, :, p]  # (P, h, hd)
+            self.values[layer][at, :, p] = src.values[layer][b, :, p]
+        if src.chunk_acts is not None and self.chunk_acts is not None:
+            self.chunk_acts[at, p] = src.chunk_acts[b, p]
+        if src.cca_mask is None or self.cca_mask is None:
+            return
+        n = src.cca_mask.shape[1]
+        b, u = (torch.arange(n, device=dev) < chunks[:, None]).nonzero(as_tuple=True)
+        at = rows[b]  # (C,) the slot row of each kept chunk
+        self.cca_mask[at, u] = src.cca_mask[b, u]
+        for layer, keys in src.cca_keys.items():
+            self.cca_keys[layer][at, u] = keys[b, u]  # (C, h, k*r, hd)
+            self.cca_values[layer][at, u] = src.cca_values[layer][b, u]
+        if src.cca_ids is not None and self.cca_ids is not None:
+            self.cca_ids[at, u] = src.cca_ids[b, u]
 
     def read_cca(self, layer: int, span: Span, m: int) -> tuple[Tensor, ...] | None:
         """(keys, values, key mask, ids or None) of the chunks the span's queries read.
@@ -1024,6 +1048,10 @@ class RETRO(nn.Module):
         `neighbours` (B, U, k, r) belong to chunks cache.num_chunks .. +U-1, which complete
         within these tokens; they are encoded here, once, and their CCA keys/values cached.
         """
+        return self.lm_head(self.norm(self._feed(tokens, cache, neighbours)[:, -1]))  # (B, V)
+
+    def _feed(self, tokens: Tensor, cache: KVCache, neighbours: Tensor | None) -> Tensor:
+        """`_forward_cached`'s forward pass: the decoder's output (B, T, d) for every token."""
         T = tokens.shape[1]
         start, end = cache.length, cache.length + T
         cache.token_ids[:, start:end] = tokens
@@ -1033,7 +1061,7 @@ class RETRO(nn.Module):
         reading = self._reading(neighbours, slice(u0, u1)) if cache.retrieval else None
         x = self._decode(self.tok_emb(tokens), span, reading)  # (B, T, d)
         cache.length, cache.num_chunks = end, u1
-        return self.lm_head(self.norm(x[:, -1]))  # (B, V)
+        return x
 
     # ---- batched decoding: rows at different positions (what the server runs)
 
@@ -1042,10 +1070,11 @@ class RETRO(nn.Module):
     ) -> KVCache:
         """A cache of `slots` independent rows of max_seq_len positions, every tensor allocated.
 
-        Each row holds one sequence: `prefill_row` encodes a window into a row (any row, at any
-        time), `decode_rows` feeds one token to each of several rows at their own positions in
-        one forward pass. `k` is the number of neighbours per chunk (r is cfg.neighbour_len).
-        The cache's `length` and `num_chunks` are unused: the caller keeps each row's position.
+        Each row holds one sequence: `prefill_rows` encodes windows into rows (any rows, at any
+        time) in one forward pass, `decode_rows` feeds one token to each of several rows at
+        their own positions in one forward pass. `k` is the number of neighbours per chunk (r
+        is cfg.neighbour_len). The cache's `length` and `num_chunks` are unused: the caller
+        keeps each row's position.
         """
         cfg = self.cfg
         N, m, r, d = cfg.max_seq_len, cfg.chunk_size, cfg.neighbour_len, cfg.dec_dim
@@ -1076,23 +1105,73 @@ class RETRO(nn.Module):
         """Encode a window `tokens` (T,) into row `row` of a `slot_cache`, from position 0.
 
         `neighbours` (T // m, k, r) belong to the window's completed chunks (None: RETRO[OFF]
-        or no chunk complete). Returns the logits (V,) that predict the next token.
+        or no chunk complete). Returns the logits (V,) that predict the next token. The one-row
+        case of `prefill_rows`.
         """
-        view = KVCache(
-            token_ids=cache.token_ids[row : row + 1],
-            retrieval=cache.retrieval,
-            keys={i: t[row : row + 1] for i, t in cache.keys.items()},
-            values={i: t[row : row + 1] for i, t in cache.values.items()},
-            chunk_acts=None if cache.chunk_acts is None else cache.chunk_acts[row : row + 1],
-            cca_keys={i: t[row : row + 1] for i, t in cache.cca_keys.items()},
-            cca_values={i: t[row : row + 1] for i, t in cache.cca_values.items()},
-            cca_mask=None if cache.cca_mask is None else cache.cca_mask[row : row + 1],
-            cca_ids=None if cache.cca_ids is None else cache.cca_ids[row : row + 1],
-        )
-        if neighbours is not None and (not cache.retrieval or neighbours.shape[0] == 0):
-            neighbours = None
-        nb = None if neighbours is None else neighbours[None]
-        return self._forward_cached(tokens[None], view, nb)[0]
+        return self.prefill_rows(cache, [row], [tokens], [neighbours])[0]
+
+    @torch.inference_mode()
+    def prefill_rows(
+        self,
+        cache: KVCache,
+        rows: list[int] | Tensor,
+        windows: list[Tensor],
+        neighbours: list[Tensor | None] | None = None,
+    ) -> Tensor:
+        """Encode windows[i] (T_i,) into row rows[i] of a `slot_cache`, from position 0, all in
+        one forward pass; each row then holds what `prefill_row` alone would write in it.
+
+        The windows, right-padded with pad_id to the longest, are fed to a cache of their own
+        (`_feed`, as `generate` feeds a prompt); then positions 0..T_i-1 of row i and its
+        chunks with neighbours are copied to rows[i] (`KVCache.copy_rows`), nothing past them.
+        The padding changes no real position: self-attention is causal, and a row with fewer
+        completed chunks than the longest gets absent (all-pad) neighbours for the others,
+        which only its padding reads.
+
+        Args:
+            rows: R distinct slot indices, in any order.
+            windows: R int64 tensors (T_i,), 1 <= T_i <= max_seq_len.
+            neighbours: per row, (T_i // m, k, r) for the window's completed chunks, or None
+                (RETRO[OFF], or no chunk complete); None: None for every row.
+        Returns:
+            (R, V) logits predicting each row's next token.
+        """
+        device = cache.token_ids.device
+        rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+        if len(set(rows.tolist())) != len(windows):
+            raise ValueError(f"prefill_rows: {len(windows)} windows need as many distinct rows")
+        lengths = torch.tensor([len(w) for w in windows], device=device)  # (R,)
+        tokens = nn.utils.rnn.pad_sequence(
+            list(windows), batch_first=True, padding_value=self.cfg.pad_id
+        )  # (R, T)
+        nb, chunks = self._prefill_neighbours(cache, lengths, neighbours)
+        batch = KVCache(torch.zeros_like(tokens), cache.retrieval)
+        x = self._feed(tokens, batch, nb)  # (R, T, d)
+        cache.copy_rows(batch, rows, lengths, chunks)
+        last = x[torch.arange(len(windows), device=device), lengths - 1]  # (R, d)
+        return self.lm_head(self.norm(last))  # (R, V)
+
+    def _prefill_neighbours(
+        self, cache: KVCache, lengths: Tensor, neighbours: list[Tensor | None] | None
+    ) -> tuple[Tensor | None, Tensor]:
+        """`prefill_rows`' neighbours: (R, U, k, r) for the U = max(T_i) // m chunks of the
+        padded windows (absent, all pad_id, where a row has none), or None; and the number of
+        chunks (R,) whose neighbours each row was given."""
+        m, R = self.cfg.chunk_size, len(lengths)
+        given = [None] * R if neighbours is None or not cache.retrieval else list(neighbours)
+        counts = [0 if nb is None else nb.shape[0] for nb in given]
+        chunks = torch.tensor(counts, device=lengths.device)
+        for count, T in zip(counts, lengths.tolist(), strict=True):
+            if count and count != T // m:
+                raise ValueError(f"a window of {T} tokens has {T // m} chunks; {count} given")
+        if not any(counts):
+            return None, chunks
+        first = next(nb for nb in given if nb is not None and nb.shape[0])
+        out = first.new_full((R, int(lengths.max()) // m, *first.shape[1:]), self.cfg.pad_id)
+        for i, nb in enumerate(given):
+            if counts[i]:
+                out[i, : counts[i]] = nb
+        return out, chunks
 
     @torch.inference_mode()
     def decode_rows(
@@ -1105,7 +1184,7 @@ class RETRO(nn.Module):
     ) -> Tensor:
         """One decoding step for several rows of a `slot_cache`, each at its own position.
 
-        Row rows[i] holds positions 0..positions[i]-1 (from `prefill_row` and earlier steps);
+        Row rows[i] holds positions 0..positions[i]-1 (from `prefill_rows` and earlier steps);
         tokens[i] is fed at positions[i]. The result equals `prefill_row` / `generate` on each
         row alone (tests/test_serve_batching.py), up to float rounding.
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from retrolm.config import RetroConfig
+from retrolm.model import RETRO, KVCache
 from retrolm.serve.batch import BatchDecoder, Sequence
 from tests.test_generate_window import WINDOW_CONFIGS
 from tests.test_model_generate import TableRetriever, make_model
@@ -21,12 +22,101 @@ def batch_retrieve(table: TableRetriever):
     return lambda chunks: table(torch.from_numpy(chunks))
 
 
-def run_batched(decoder: BatchDecoder, seqs: list[Sequence], join_every: int = 3) -> None:
-    """Add the sequences one every `join_every` steps (when a row is free), step until done."""
+def scribbled_slot_cache(model: RETRO, slots: int, k: int) -> KVCache:
+    """A slot cache full of noise, as earlier sequences leave it (the same noise every call)."""
+    cache = model.slot_cache(slots, k)
+    g = torch.Generator().manual_seed(7)
+    tensors = [cache.token_ids, cache.cca_mask, cache.cca_ids, cache.chunk_acts]
+    for group in (cache.keys, cache.values, cache.cca_keys, cache.cca_values):
+        tensors += group.values()
+    for t in (t for t in tensors if t is not None):
+        if t.dtype == torch.bool:
+            t.copy_(torch.rand(t.shape, generator=g) < 0.5)
+        elif t.dtype == torch.long:
+            t.copy_(torch.randint(1, model.cfg.vocab_size, t.shape, generator=g))
+        else:
+            t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+    return cache
+
+
+def cache_tensors(cache: KVCache) -> dict[str, torch.Tensor]:
+    named = {"token_ids": cache.token_ids, "chunk_acts": cache.chunk_acts}
+    named |= {"cca_mask": cache.cca_mask, "cca_ids": cache.cca_ids}
+    for name in ("keys", "values", "cca_keys", "cca_values"):
+        named |= {f"{name}[{i}]": t for i, t in getattr(cache, name).items()}
+    return {name: t for name, t in named.items() if t is not None}
+
+
+@pytest.mark.parametrize("name", ["tiny", "match", "deepnet", "baseline"])
+def test_prefill_rows_equals_each_row_alone_then_decodes_the_same(name):
+    """Windows of different lengths (none, one or two completed chunks, pad tokens inside)
+    encoded into scattered rows in one pass: each row's logits equal the training path's, the
+    cache holds exactly what `prefill_row` row by row writes (nothing past a window), and greedy
+    decoding on from there gives `generate`'s tokens alone."""
+    cfg = CONFIGS[name]
+    m, N = cfg.chunk_size, cfg.max_seq_len
+    model = make_model(cfg)
+    table = TableRetriever(cfg) if cfg.retrieval else None
+    g = torch.Generator().manual_seed(4)
+    lengths = [3, 2 * m + 1, 1, m, m + 3]
+    windows = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in lengths]
+    windows[1][m + 1] = windows[4][1] = cfg.pad_id  # pad tokens inside a window are skipped
+    rows = [5, 0, 3, 2, 6]
+    nbs = [neighbours_of(w, table, m) for w in windows]
+
+    batched, alone = scribbled_slot_cache(model, 7, 2), scribbled_slot_cache(model, 7, 2)
+    logits = model.prefill_rows(batched, rows, windows, nbs)
+    for i, (row, window, nb) in enumerate(zip(rows, windows, nbs, strict=True)):
+        with torch.no_grad():
+            reference = model(window[None], None if nb is None else nb[None])[0, -1]
+        torch.testing.assert_close(logits[i], reference)
+        torch.testing.assert_close(logits[i], model.prefill_row(alone, row, window, nb))
+    after_alone = cache_tensors(alone)
+    for key, t in cache_tensors(batched).items():
+        torch.testing.assert_close(t, after_alone[key], msg=key)
+
+    steps = N - max(lengths)  # every row stays in its window; several complete a chunk
+    tokens = decode_greedy(model, batched, rows, windows, logits, steps, table)
+    for window, out in zip(windows, tokens, strict=True):
+        assert out == model.generate(window[None], steps, retrieve=table)[0].tolist()
+
+
+def neighbours_of(window: torch.Tensor, table: TableRetriever | None, m: int):
+    """The neighbours (T // m, k, r) of a window's completed chunks (None: none or RETRO[OFF])."""
+    if table is None or len(window) < m:
+        return None
+    return torch.stack(
+        [table(window[None, u * m : (u + 1) * m])[0] for u in range(len(window) // m)]
+    )
+
+
+def decode_greedy(model, cache, rows, windows, logits, steps, table) -> list[list[int]]:
+    """`steps` greedy tokens per row by `decode_rows` after a prefill: the rows' whole tokens."""
+    m = model.cfg.chunk_size
+    seqs = [w.tolist() + [int(x.argmax())] for w, x in zip(windows, logits, strict=True)]
+    for _ in range(steps - 1):
+        pos = torch.tensor([len(s) - 1 for s in seqs])
+        ends = [s for s in seqs if len(s) % m == 0]
+        nb = None
+        if table is not None and ends:
+            nb = torch.cat([table(torch.tensor([s[-m:]])) for s in ends])
+        toks = torch.tensor([s[-1] for s in seqs])
+        out = model.decode_rows(cache, torch.tensor(rows), toks, pos, nb)
+        for s, x in zip(seqs, out, strict=True):
+            s.append(int(x.argmax()))
+    return seqs
+
+
+def run_batched(
+    decoder: BatchDecoder, seqs: list[Sequence], join_every: int = 3, at_once: int = 1
+) -> None:
+    """Add up to `at_once` sequences every `join_every` steps (as rows are free), step until
+    done; those added together join in the same step."""
     waiting = list(seqs)
     for step in range(10_000):
-        if waiting and decoder.has_room and step % join_every == 0:
-            decoder.add(waiting.pop(0))
+        for _ in range(at_once if step % join_every == 0 else 0):
+            if waiting and decoder.has_room:
+                decoder.add(waiting.pop(0))
         if not waiting and not decoder.running:
             return
         for s, _ in decoder.step():
@@ -35,8 +125,11 @@ def run_batched(decoder: BatchDecoder, seqs: list[Sequence], join_every: int = 3
     raise AssertionError("did not finish")
 
 
+@pytest.mark.parametrize("at_once", [1, 3])
 @pytest.mark.parametrize("name", ["tiny", "match", "deepnet", "baseline"])
-def test_each_sequence_in_a_batch_equals_generate_alone(name):
+def test_each_sequence_in_a_batch_equals_generate_alone(name, at_once):
+    """Sequences join one by one, or three at a time (encoded together by one `prefill_rows`,
+    with windows sliding in the same steps), and each gives its text alone."""
     cfg = CONFIGS[name]
     N = cfg.max_seq_len
     model = make_model(cfg)
@@ -50,7 +143,7 @@ def test_each_sequence_in_a_batch_equals_generate_alone(name):
         Sequence(p.tolist(), new, retrieve=retrieve) for p, new in zip(prompts, news, strict=True)
     ]
     decoder = BatchDecoder(model, slots=4, k=2)
-    run_batched(decoder, seqs)
+    run_batched(decoder, seqs, at_once=at_once)
     for p, new, s in zip(prompts, news, seqs, strict=True):
         alone = model.generate(p[None], new, retrieve=table)[0].tolist()
         assert s.tokens == alone
@@ -101,3 +194,36 @@ def test_a_removed_sequence_frees_its_row_for_the_next():
     while not second.finished:
         decoder.step()
     assert second.tokens == model.generate(torch.tensor([[9, 3]]), 40, retrieve=table)[0].tolist()
+
+
+def test_sequences_joining_in_one_step_are_encoded_in_one_forward_pass():
+    """k sequences joining in a step make one prefill pass, whatever their lengths, and one more
+    pass decodes the sequences already running; each gives its text alone."""
+    cfg = CONFIGS["tiny"]
+    m = cfg.chunk_size
+    model = make_model(cfg)
+    table = TableRetriever(cfg)
+    passes = []
+    model.blocks[0].register_forward_hook(lambda *_: passes.append(1))  # one per decoder pass
+
+    def step_passes(decoder: BatchDecoder) -> int:
+        before = len(passes)
+        decoder.step()
+        return len(passes) - before
+
+    g = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in (2, 2 * m + 3, m, 5)]
+    seqs = [Sequence(p.tolist(), 6, batch_retrieve(table)) for p in prompts]
+    decoder = BatchDecoder(model, slots=5, k=2)
+    for s in seqs[:3]:
+        decoder.add(s)
+    assert step_passes(decoder) == 1  # three join: one prefill
+    assert step_passes(decoder) == 1  # three decode
+    decoder.add(seqs[3])
+    assert step_passes(decoder) == 2  # one joins, three decode
+    while decoder.running:
+        for s, _ in decoder.step():
+            if s.finished:
+                decoder.remove(s)
+    for p, s in zip(prompts, seqs, strict=True):
+        assert s.tokens == model.generate(p[None], 6, retrieve=table)[0].tolist()

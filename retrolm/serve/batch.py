@@ -1,11 +1,14 @@
 """Continuous batching: many sequences decoded together, one forward pass per step.
 
 `BatchDecoder` owns a `RETRO.slot_cache` of `slots` rows. A sequence joins at any step (its
-window is encoded into a free row by `RETRO.prefill_row`), and every step feeds one token to
-each running sequence through a single `RETRO.decode_rows` call, whatever their lengths.
-Each sequence follows `RETRO.generate`'s rules: retrieval when a chunk completes (grouped by
-retriever, one search for all the rows that complete a chunk in the same step), and past
-max_seq_len the window drops its oldest chunk (`window_start`) and the row is encoded again.
+window is encoded into a free row), and every step feeds one token to each running sequence
+through a single `RETRO.decode_rows` call, whatever their lengths. The windows to encode in a
+step (of every sequence that joined, or whose window slid) go through one `RETRO.prefill_rows`
+call, one forward pass whatever their number and lengths: the sixteenth of sixteen requests
+arriving together waits for one prefill, not fifteen. Each sequence follows `RETRO.generate`'s
+rules: retrieval when a chunk completes (grouped by retriever, one search for all the rows that
+complete a chunk in the same step), and past max_seq_len the window drops its oldest chunk
+(`window_start`) and the row is encoded again.
 
 A model without `slot_cache` (a RETRO-fitted Hugging Face model, `retrolm.hf`, whose keys and
 values live in the base's own cache) is decoded the same way but one sequence per forward
@@ -114,58 +117,78 @@ class BatchDecoder:
 
     def step(self) -> list[tuple[Sequence, int]]:
         """One token for every running sequence: [(sequence, new token)], finished ones removed."""
-        seqs = [s for s in self.running if not s.finished]
         for s in [s for s in self.running if s.finished]:
             self.remove(s)
+        seqs = list(self.running)
         if not seqs:
             return []
-        m, N = self.cfg.chunk_size, self.cfg.max_seq_len
         self._retrieve(seqs)
-        logits: dict[int, Tensor] = {}
-        decode: list[Sequence] = []
-        for i, s in enumerate(seqs):
-            t = len(s.tokens)
-            w = window_start(t, N, m)
-            if not self.batched:
-                logits[i] = self._step_alone(s, w)
-            elif w != s.start:  # joined, or the window slid: encode tokens w..t-1 into its row
+        if self.batched:
+            logits = self._step_batched(seqs)
+        else:
+            m, N = self.cfg.chunk_size, self.cfg.max_seq_len
+            logits = [self._step_alone(s, window_start(len(s.tokens), N, m)) for s in seqs]
+        return self._pick(seqs, logits)
+
+    def _step_batched(self, seqs: list[Sequence]) -> list[Tensor]:
+        """Logits (V,) per sequence, in two forward passes at most: one `prefill_rows` for every
+        sequence that joined or whose window slid, one `decode_rows` for all the others."""
+        m, N = self.cfg.chunk_size, self.cfg.max_seq_len
+        prefill, decode = [], []
+        for s in seqs:
+            w = window_start(len(s.tokens), N, m)
+            if w != s.start:  # joined, or the window slid: encode tokens w.. into its row
                 s.start = w
-                window = torch.tensor(s.tokens[w:t], dtype=torch.long, device=self.device)
-                nb = self._window_neighbours(s, w // m, t // m)
-                logits[i] = self.model.prefill_row(self.cache, s.slot, window, nb)
+                prefill.append(s)
             else:
                 decode.append(s)
+        logits: dict[int, Tensor] = {}
+        if prefill:
+            logits.update(zip(map(id, prefill), self._prefill(prefill), strict=True))
         if decode:
-            rows = torch.tensor([s.slot for s in decode], device=self.device)
-            order = rows.argsort()  # rows ascending: usually one contiguous slice of the cache
-            decode = [decode[j] for j in order.tolist()]
-            rows = rows[order]
-            toks = torch.tensor([s.tokens[-1] for s in decode], device=self.device)
-            pos = torch.tensor([len(s.tokens) - 1 - s.start for s in decode], device=self.device)
-            complete = [s for s in decode if len(s.tokens) % m == 0 and s.retrieve is not None]
-            nb = None
-            if complete:
-                nb = torch.stack([s.neighbours[len(s.tokens) // m - 1] for s in complete])
-            out = self.model.decode_rows(self.cache, rows, toks, pos, nb)  # (R, V)
-            self.steps += 1
-            index = {id(s): i for i, s in enumerate(seqs)}
-            for j, s in enumerate(decode):
-                logits[index[id(s)]] = out[j]
-        results = []
+            logits.update(zip(map(id, decode), self._decode(decode), strict=True))
+        return [logits[id(s)] for s in seqs]
+
+    def _prefill(self, seqs: list[Sequence]) -> Tensor:
+        """Encode the windows of `seqs` into their rows in one forward pass: logits (R, V)."""
+        m = self.cfg.chunk_size
+        windows = [
+            torch.tensor(s.tokens[s.start :], dtype=torch.long, device=self.device) for s in seqs
+        ]
+        neighbours = [self._window_neighbours(s, s.start // m, len(s.tokens) // m) for s in seqs]
+        slots = [s.slot for s in seqs]
+        return self.model.prefill_rows(self.cache, slots, windows, neighbours)  # (R, V)
+
+    def _decode(self, seqs: list[Sequence]) -> Tensor:
+        """Feed the last token of each of `seqs` at its position in one forward pass: (R, V)."""
+        m = self.cfg.chunk_size
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        order = rows.argsort()  # rows ascending: usually one contiguous slice of the cache
+        seqs = [seqs[j] for j in order.tolist()]
+        toks = torch.tensor([s.tokens[-1] for s in seqs], device=self.device)
+        pos = torch.tensor([len(s.tokens) - 1 - s.start for s in seqs], device=self.device)
+        complete = [s for s in seqs if len(s.tokens) % m == 0 and s.retrieve is not None]
+        nb = None
+        if complete:
+            nb = torch.stack([s.neighbours[len(s.tokens) // m - 1] for s in complete])
+        out = self.model.decode_rows(self.cache, rows[order], toks, pos, nb)  # (R, V)
+        self.steps += 1
+        return out[order.argsort()]  # back in the order of `seqs` as given
+
+    def _pick(self, seqs: list[Sequence], logits: list[Tensor]) -> list[tuple[Sequence, int]]:
+        """Append each sequence's next token (greedy ones in one argmax); [(sequence, token)]."""
+        picked: dict[int, int] = {}
         greedy = [i for i, s in enumerate(seqs) if s.temperature == 0]
         if greedy:
-            picked = torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()
-            for i, token in zip(greedy, picked):
-                results.append((i, token))
+            tokens = torch.stack([logits[i] for i in greedy]).argmax(-1).tolist()
+            picked.update(zip(greedy, tokens, strict=True))
         for i, s in enumerate(seqs):
             if s.temperature != 0:
                 token = sample_next(logits[i][None], s.temperature, s.top_k, s.top_p, s.generator)
-                results.append((i, int(token[0])))
-        out_list = []
-        for i, token in sorted(results):
-            seqs[i].tokens.append(token)
-            out_list.append((seqs[i], token))
-        return out_list
+                picked[i] = int(token[0])
+        for i, s in enumerate(seqs):
+            s.tokens.append(picked[i])
+        return [(s, picked[i]) for i, s in enumerate(seqs)]
 
     @torch.inference_mode()
     def _step_alone(self, s: Sequence, w: int) -> Tensor:
