@@ -8,7 +8,7 @@ import torch
 
 from retrolm.config import RetroConfig
 from retrolm.model import RETRO, KVCache
-from retrolm.serve.batch import BatchDecoder, Sequence
+from retrolm.serve.batch import BatchDecoder, Sequence, prefill_groups
 from tests.test_generate_window import WINDOW_CONFIGS
 from tests.test_model_generate import TableRetriever, make_model
 
@@ -197,8 +197,9 @@ def test_a_removed_sequence_frees_its_row_for_the_next():
 
 
 def test_sequences_joining_in_one_step_are_encoded_in_one_forward_pass():
-    """k sequences joining in a step make one prefill pass, whatever their lengths, and one more
-    pass decodes the sequences already running; each gives its text alone."""
+    """k sequences joining in a step make one prefill pass (lengths up to two chunks, or
+    padded to at most 1.25x their tokens), and one more pass decodes the sequences already running;
+    each gives its text alone."""
     cfg = CONFIGS["tiny"]
     m = cfg.chunk_size
     model = make_model(cfg)
@@ -212,7 +213,7 @@ def test_sequences_joining_in_one_step_are_encoded_in_one_forward_pass():
         return len(passes) - before
 
     g = torch.Generator().manual_seed(8)
-    prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in (2, 2 * m + 3, m, 5)]
+    prompts = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in (2, 2 * m, m, 5)]
     seqs = [Sequence(p.tolist(), 6, batch_retrieve(table)) for p in prompts]
     decoder = BatchDecoder(model, slots=5, k=2)
     for s in seqs[:3]:
@@ -226,4 +227,55 @@ def test_sequences_joining_in_one_step_are_encoded_in_one_forward_pass():
             if s.finished:
                 decoder.remove(s)
     for p, s in zip(prompts, seqs, strict=True):
+        assert s.tokens == model.generate(p[None], 6, retrieve=table)[0].tolist()
+
+
+def test_prefill_groups_bound_the_padding():
+    # similar lengths: one group; a long window does not drag short ones to its length
+    assert prefill_groups([64, 60, 64, 50], small=32) == [[0, 2, 1, 3]]
+    groups = prefill_groups([64] * 15 + [449], small=32)
+    assert groups[0][0] == 15  # longest first
+    for g in groups:
+        lengths = [([64] * 15 + [449])[i] for i in g]
+        assert len(g) * max(lengths) <= 1.25 * sum(lengths)  # padded at most 1.25x the real
+    assert sorted(i for g in groups for i in g) == list(range(16))  # every window once
+    assert len(groups) == 2
+    assert prefill_groups([3, 30, 1], small=32) == [[1, 0, 2]]  # all short: one pass
+    assert prefill_groups([], small=32) == []
+
+
+def test_a_long_slid_window_and_short_joins_in_one_step_give_each_text_alone():
+    """A step where one sequence's window slides (a full window to encode again) while short
+    prompts join: the windows go in two groups, and every sequence still equals generate alone."""
+    cfg = CONFIGS["tiny"]
+    m, N = cfg.chunk_size, cfg.max_seq_len
+    model = make_model(cfg)
+    table = TableRetriever(cfg)
+    g = torch.Generator().manual_seed(9)
+    long_prompt = torch.randint(1, cfg.vocab_size, (N,), generator=g)  # slides at its first token
+    short = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in (3, 5, 2)]
+    decoder = BatchDecoder(model, slots=4, k=2)
+    first = Sequence(long_prompt.tolist(), m + 4, batch_retrieve(table))
+    decoder.add(first)
+    decoder.step()  # the long prompt is encoded; its next token fills the window
+    seqs = [Sequence(p.tolist(), 6, batch_retrieve(table)) for p in short]
+    for s in seqs:
+        decoder.add(s)
+    calls = []
+    real = model.prefill_rows
+    model.prefill_rows = lambda cache, rows, windows, nb: (
+        calls.append(sorted(len(w) for w in windows)) or real(cache, rows, windows, nb)
+    )
+    decoder.step()  # the long window slides as the three join
+    assert len(calls) == 2  # not one pass padded to the long window, not one per sequence
+    assert sorted(n for c in calls for n in c)[:3] == [2, 3, 5]
+    assert max(n for c in calls for n in c) > 2 * m  # the slid window was among them
+    for c in calls:
+        assert len(c) * max(c) <= 1.25 * sum(c) or max(c) <= 2 * m
+    while decoder.running:
+        for s, _ in decoder.step():
+            if s.finished:
+                decoder.remove(s)
+    assert first.tokens == model.generate(long_prompt[None], m + 4, retrieve=table)[0].tolist()
+    for p, s in zip(short, seqs, strict=True):
         assert s.tokens == model.generate(p[None], 6, retrieve=table)[0].tolist()

@@ -3,9 +3,10 @@
 `BatchDecoder` owns a `RETRO.slot_cache` of `slots` rows. A sequence joins at any step (its
 window is encoded into a free row), and every step feeds one token to each running sequence
 through a single `RETRO.decode_rows` call, whatever their lengths. The windows to encode in a
-step (of every sequence that joined, or whose window slid) go through one `RETRO.prefill_rows`
-call, one forward pass whatever their number and lengths: the sixteenth of sixteen requests
-arriving together waits for one prefill, not fifteen. Each sequence follows `RETRO.generate`'s
+step (of every sequence that joined, or whose window slid) go through `RETRO.prefill_rows`,
+one forward pass for all the windows of similar length (`prefill_groups`): the sixteenth of
+sixteen requests arriving together waits for one prefill, not fifteen, and a long slid window
+does not pad short prompts to its length. Each sequence follows `RETRO.generate`'s
 rules: retrieval when a chunk completes (grouped by retriever, one search for all the rows that
 complete a chunk in the same step), and past max_seq_len the window drops its oldest chunk
 (`window_start`) and the row is encoded again.
@@ -67,6 +68,27 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.generated >= self.max_new_tokens
+
+
+def prefill_groups(lengths: list[int], small: int) -> list[list[int]]:
+    """Indices of windows to encode together, longest first: a window joins the current group
+    while the group's padded tokens stay within 1.25x its real ones, or while the group's
+    longest window has at most `small` tokens (below that a forward pass costs more than its
+    padding). So one pass serves every join of similar length, and a long slid window does not
+    make a dozen short prompts pay for its length."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    groups: list[list[int]] = []
+    real = 0
+    for i in order:
+        if groups:
+            group, longest = groups[-1], lengths[groups[-1][0]]
+            if longest <= small or 4 * (len(group) + 1) * longest <= 5 * (real + lengths[i]):
+                group.append(i)
+                real += lengths[i]
+                continue
+        groups.append([i])
+        real = lengths[i]
+    return groups
 
 
 class BatchDecoder:
@@ -131,8 +153,8 @@ class BatchDecoder:
         return self._pick(seqs, logits)
 
     def _step_batched(self, seqs: list[Sequence]) -> list[Tensor]:
-        """Logits (V,) per sequence, in two forward passes at most: one `prefill_rows` for every
-        sequence that joined or whose window slid, one `decode_rows` for all the others."""
+        """Logits (V,) per sequence: `prefill_rows` for the sequences that joined or whose window
+        slid (one pass per group of similar lengths), one `decode_rows` for all the others."""
         m, N = self.cfg.chunk_size, self.cfg.max_seq_len
         prefill, decode = [], []
         for s in seqs:
@@ -149,15 +171,26 @@ class BatchDecoder:
             logits.update(zip(map(id, decode), self._decode(decode), strict=True))
         return [logits[id(s)] for s in seqs]
 
-    def _prefill(self, seqs: list[Sequence]) -> Tensor:
-        """Encode the windows of `seqs` into their rows in one forward pass: logits (R, V)."""
+    def _prefill(self, seqs: list[Sequence]) -> list[Tensor]:
+        """Encode the windows of `seqs` into their rows: logits (V,) per sequence. Windows of
+        similar length share one forward pass (`prefill_groups`), so that a short join is not
+        padded to a long slid window."""
         m = self.cfg.chunk_size
         windows = [
             torch.tensor(s.tokens[s.start :], dtype=torch.long, device=self.device) for s in seqs
         ]
         neighbours = [self._window_neighbours(s, s.start // m, len(s.tokens) // m) for s in seqs]
-        slots = [s.slot for s in seqs]
-        return self.model.prefill_rows(self.cache, slots, windows, neighbours)  # (R, V)
+        out: list[Tensor | None] = [None] * len(seqs)
+        for group in prefill_groups([len(w) for w in windows], 2 * m):
+            logits = self.model.prefill_rows(
+                self.cache,
+                [seqs[i].slot for i in group],
+                [windows[i] for i in group],
+                [neighbours[i] for i in group],
+            )  # (G, V)
+            for i, row in zip(group, logits, strict=True):
+                out[i] = row
+        return out  # type: ignore[return-value]
 
     def _decode(self, seqs: list[Sequence]) -> Tensor:
         """Feed the last token of each of `seqs` at its position in one forward pass: (R, V)."""
