@@ -3,63 +3,73 @@ sequence's window slides (a window of up to 449 tokens to encode again), on the 
 encoded three ways side by side: one `prefill_rows` pass (padded to the longest window), the
 groups `BatchDecoder` uses (`prefill_groups`), and one pass per window.
 
-    python benchmarks/prefill_padding.py      (1 thread; prints the median of 3 rounds)
+    python benchmarks/prefill_padding.py [--threads 1] [--rounds 3]
+
+Prints the median seconds of each way over the rounds (after a warm-up round).
 """
 
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
 import time
 
 import torch
 
-torch.set_num_threads(1)
 from retrolm.config import RetroConfig
 from retrolm.model import RETRO
 from retrolm.serve.batch import prefill_groups
 
-cfg = RetroConfig.preset("small")
-torch.manual_seed(0)
-model = RETRO(cfg).eval()
-m, N = cfg.chunk_size, cfg.max_seq_len
-k = 2
-cache = model.slot_cache(16, k, retrieval=True)
-lengths = [64] * 15 + [min(449, N)]
-g = torch.Generator().manual_seed(0)
-wins = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in lengths]
-nbs = [
-    torch.randint(1, cfg.vocab_size, (n // m, k, cfg.neighbour_len), generator=g)
-    if n >= m
-    else None
-    for n in lengths
-]
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    if args.threads <= 0 or args.rounds <= 0:
+        print("prefill_padding.py: --threads and --rounds must be > 0", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    cfg = RetroConfig.preset("small")
+    model = RETRO(cfg).eval()
+    m, k = cfg.chunk_size, 2
+    cache = model.slot_cache(16, k, retrieval=True)
+    lengths = [64] * 15 + [min(449, cfg.max_seq_len)]
+    g = torch.Generator().manual_seed(0)
+    windows = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in lengths]
+    neighbours = [
+        torch.randint(1, cfg.vocab_size, (n // m, k, cfg.neighbour_len), generator=g)
+        if n >= m
+        else None
+        for n in lengths
+    ]
+
+    def encode(groups: list[list[int]]) -> None:
+        with torch.inference_mode():
+            for group in groups:
+                model.prefill_rows(
+                    cache, group, [windows[i] for i in group], [neighbours[i] for i in group]
+                )
+
+    ways = {
+        "one padded pass": [list(range(16))],
+        "grouped (prefill_groups)": prefill_groups(lengths, 2 * m),
+        "one pass per window": [[i] for i in range(16)],
+    }
+    times: dict[str, list[float]] = {name: [] for name in ways}
+    for r in range(-1, args.rounds):  # round -1 warms up
+        for name, groups in ways.items():
+            start = time.perf_counter()
+            encode(groups)
+            if r >= 0:
+                times[name].append(time.perf_counter() - start)
+    print(f"small preset, windows 15 x 64 + 1 x {lengths[-1]} tokens, {args.threads} thread(s)")
+    for name, ts in times.items():
+        print(f"{name}: {statistics.median(ts):.3f} s ({len(ways[name])} passes)")
+    return 0
 
 
-def one():
-    with torch.inference_mode():
-        model.prefill_rows(cache, list(range(16)), wins, nbs)
-
-
-def grouped():
-    with torch.inference_mode():
-        for gr in prefill_groups(lengths, 2 * m):
-            model.prefill_rows(cache, gr, [wins[i] for i in gr], [nbs[i] for i in gr])
-
-
-def alone():
-    with torch.inference_mode():
-        for i in range(16):
-            model.prefill_rows(cache, [i], [wins[i]], [nbs[i]])
-
-
-t = {"one pass": [], "grouped": [], "one by one": []}
-for r in range(4):
-    for name, f in (("one pass", one), ("grouped", grouped), ("one by one", alone)):
-        a = time.perf_counter()
-        f()
-        t[name].append(time.perf_counter() - a)
-print(
-    "small preset, lengths 15 x 64 + 1 x",
-    lengths[-1],
-    "groups",
-    [len(x) for x in prefill_groups(lengths, 2 * m)],
-)
-for n, v in t.items():
-    print(n, "median of 3 after warm-up", round(sorted(v[1:])[1], 3), "s")
+if __name__ == "__main__":
+    sys.exit(main())
