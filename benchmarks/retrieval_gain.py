@@ -391,6 +391,10 @@ def main(argv: list[str] | None = None) -> int:
         print(args.out / "gain_vs_database.png")
         return 0
     try:
+        if args.set:  # bad overrides are refused before anything is built or trained
+            from retrolm.config import RetroConfig
+
+            RetroConfig.preset("quickstart", **with_overrides(train_config(1, 0), args.set).model)
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "results").mkdir(exist_ok=True)
         plan = corpus_plan(args.corpus, int(args.subset_mb * 1e6), args.seed)
