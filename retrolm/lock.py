@@ -7,8 +7,10 @@ at once (`LockedError`, naming the holder) rather than made to wait: a build or 
 can take hours, and a command that silently hangs looks like a bug. The kernel releases the lock
 when the holder exits, however it exits (SIGKILL included), so a stale lock never needs deleting.
 
-Locks are re-entrant within a process (`build_database` takes the lock and calls `chunk_stage`,
-which takes it again): the process keeps one open lock file per folder and a hold count. Under
+Locks are re-entrant within a process (a caller that holds a folder's lock may call a stage
+that takes it again): the process keeps one open lock file per folder and a hold count. The
+database build takes it through `retrolm.database.distributed.build_lock`, which tells every rank
+of a refusal; `db add` (one process) through `locked`. Under
 torchrun only rank 0 locks (the ranks of one job are one writer). Readers take no lock: every
 file a writer replaces is replaced atomically.
 """
