@@ -119,6 +119,11 @@ class RetroConfig:
     # to the attention score of a neighbour token whose preceding tokens equal the query's last
     # cca_match tokens, one weight per lag and head (a copy prior; see ChunkedCrossAttention)
     cca_match: int = 0
+    # retrolm extension, not in the paper: a pointer over the neighbour tokens (a copy head on
+    # the final hidden state, with cca_match's match bonus and a sentinel for "no copy"); the
+    # next-token distribution mixes the LM's softmax with the copied tokens' probability (see
+    # CopyHead). Needs cca_match >= 1; RETRO[OFF] is the plain LM.
+    copy_head: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in config.json
 
     def __post_init__(self) -> None:
@@ -148,6 +153,13 @@ class RetroConfig:
             raise ConfigError(
                 f"RetroConfig.cca_match must be an integer in 0..chunk_size ({self.chunk_size}), "
                 f"got {self.cca_match!r}"
+            )
+        if not isinstance(self.copy_head, bool):
+            raise ConfigError(f"RetroConfig.copy_head must be true or false, got {self.copy_head!r}")
+        if self.copy_head and (not self.cca_layers or self.cca_match < 1):
+            raise ConfigError(
+                "RetroConfig.copy_head needs retrieval (cca_layers) and cca_match >= 1 (the copy "
+                "head finds what to copy with the match bonus); set cca_match or copy_head=false"
             )
         if not isinstance(self.enc_depth, int) or self.enc_depth < 0:
             raise ConfigError(f"RetroConfig.enc_depth must be >= 0, got {self.enc_depth!r}")

@@ -46,6 +46,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -610,6 +611,117 @@ class ChunkedCrossAttention(nn.Module):
         return self.attend(x, span, keys, values, key_mask, nb_ids)
 
 
+class CopyHead(ChunkedCrossAttention):
+    """A pointer over the neighbour tokens a position reads (RetroConfig.copy_head, a retrolm
+    extension; Merity et al. 2016's pointer-sentinel mixture, over RETRO's neighbours).
+
+    One head attends, from the final hidden state, over the k*r tokens of the chunk CCA reads
+    plus a learned sentinel, with `cca_match`'s match bonus: neighbour token j scores high when
+    the tokens before it equal the query's last tokens, so it is the token a copy would write
+    next. The next-token distribution is p_sentinel * softmax(LM logits) + the attention on each
+    neighbour token, added to that token's id (`mix`). Positions that read no chunk, and rows
+    with no real neighbour token, put all the weight on the sentinel: the plain LM.
+
+    The LM's softmax cannot copy a token it does not already predict (it maps a copied
+    token's encoding through a d-dimensional bottleneck to 8k logits); the pointer puts
+    probability on the token id itself, as kNN-LM does (benchmarks/RESULTS.md, issue 10).
+    """
+
+    SENTINEL_MARGIN = 3.0  # initial sentinel score over log(k*r): p(copy) ~ 0.05 with no match
+
+    def __init__(self, dim: int, enc_dim: int, chunk_size: int, match: int, keys: int) -> None:
+        super().__init__(dim, enc_dim, 1, chunk_size, match)
+        del self.out  # the output is a distribution over token ids, not a residual update
+        self.kv = nn.Linear(enc_dim, dim, bias=False)  # keys only; no rotary: the match
+        # bonus aligns a query with the token after its copy, wherever it sits
+        self.sentinel = nn.Parameter(torch.zeros(dim))  # the sentinel's key
+        self.sentinel_bias = nn.Parameter(torch.tensor(0.0))
+        self.init_bias = math.log(keys) + self.SENTINEL_MARGIN
+
+    def attend(  # type: ignore[override]
+        self,
+        x: Tensor,
+        span: Span,
+        keys: Tensor | None,
+        values: Tensor | None,
+        key_mask: Tensor | None,
+        nb_ids: Tensor | None = None,
+    ) -> Tensor | None:
+        """(B, T, 1 + k*r): the sentinel's weight, then each neighbour token's, for x (B, T, d);
+        None when no position here reads a chunk. The ids the weights go to are `copy_ids`."""
+        B, T, dim = x.shape
+        plan = span.cca_groups(self.chunk_size)
+        if plan is None or keys is None:
+            return None
+        assert key_mask is not None and nb_ids is not None and span.match_ids is not None
+        G, Q, chunks = plan.groups, plan.size, plan.chunks
+        q = self.q(x[:, plan.skip :])  # (B, T', d)
+        if plan.pad != (0, 0):
+            q = F.pad(q, (0, 0, *plan.pad))  # (B, G*Q, d)
+        q = q.view(B, G, Q, dim)
+        k = keys[:, chunks, 0]  # (B, G, k*r, d)
+        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(dim)  # (B, G, Q, k*r)
+        scores = scores + self.match_bias(span.match_ids, nb_ids[:, chunks], plan.rows)[:, :, 0]
+        scores = scores.masked_fill(~key_mask[:, chunks, None, :], float("-inf"))
+        sentinel = (q @ self.sentinel).float() / math.sqrt(dim) + self.sentinel_bias  # (B,G,Q)
+        weights = torch.cat([sentinel[..., None], scores], dim=-1).softmax(dim=-1)
+        weights = weights.reshape(B, G * Q, -1)  # (B, G*Q, 1 + k*r)
+        if plan.pad != (0, 0):
+            weights = weights[:, plan.pad[0] : plan.pad[0] + T - plan.skip]  # (B, T', 1+k*r)
+        if plan.skip:  # positions that read no chunk: all on the sentinel
+            weights = F.pad(weights, (0, 0, plan.skip, 0))
+            weights[:, : plan.skip, 0] = 1.0
+        return weights
+
+    def keys_values(self, encoded: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor]:
+        """encoded (B, U, k, r, e) -> keys (B, U, 1, k*r, d), twice (the cache keeps keys and
+        values; the copy head has no values)."""
+        B, U, K, R, _ = encoded.shape
+        keys = self.kv(encoded).reshape(B, U, 1, K * R, -1)
+        return keys, keys
+
+    def copy_ids(self, span: Span, nb_ids: Tensor, T: int) -> Tensor:
+        """(B, T, k*r) the neighbour token ids each of the span's T positions may copy (pad: 0)."""
+        plan = span.cca_groups(self.chunk_size)
+        assert plan is not None
+        ids = nb_ids[:, plan.chunks].flatten(2).clamp(min=0)  # (B, G, k*r)
+        B, G, KR = ids.shape
+        ids = ids[:, :, None].expand(B, G, plan.size, KR).reshape(B, G * plan.size, KR)
+        if plan.pad != (0, 0):
+            ids = ids[:, plan.pad[0] : plan.pad[0] + T - plan.skip]
+        return F.pad(ids, (0, 0, plan.skip, 0)) if plan.skip else ids  # (B, T, k*r)
+
+    def read_copy(
+        self, x: Tensor, span: Span, layer: int, reading: Reading
+    ) -> tuple[Tensor, Tensor] | None:
+        """(weights (B, T, 1 + k*r), ids (B, T, k*r)) for the final hidden states x (B, T, d),
+        the keys of new chunks computed and cached as CCA's are; None: no position copies."""
+        keys = values = None
+        if reading.encoded is not None:
+            keys, values = self.keys_values(reading.encoded, span.rotary)
+        if span.cache is None:
+            mask, ids = reading.mask, reading.ids
+        else:
+            if keys is not None and values is not None:
+                span.cache.write_cca(layer, keys, values, reading)
+            cached = span.cache.read_cca(layer, span, self.chunk_size)
+            if cached is None:
+                return None
+            keys, _, mask, ids = cached
+        if keys is None or ids is None:
+            return None
+        weights = self.attend(x, span, keys, None, mask, ids)
+        return None if weights is None else (weights, self.copy_ids(span, ids, x.shape[1]))
+
+    @staticmethod
+    def mix(logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
+        """log(p_sentinel * softmax(logits) + copied weights at their ids): (..., V) log-probs,
+        in float32; they stand in for logits anywhere (softmax and log_softmax leave them)."""
+        probs = torch.softmax(logits.float(), dim=-1) * weights[..., :1]
+        probs = probs.scatter_add(-1, ids, weights[..., 1:])
+        return probs.clamp_min(1e-30).log()
+
+
 class Residual(nn.Module):
     """Pre-norm residual x + f(norm(x)), or DeepNet post-norm norm(alpha * x + f(x))."""
 
@@ -776,6 +888,12 @@ class RETRO(nn.Module):
         self.norm = nn.Identity() if cfg.use_deepnet else nn.LayerNorm(d, eps=cfg.norm_eps)
         self.lm_head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.encoder = Encoder(cfg) if cfg.retrieval else None
+        self.copy = (
+            CopyHead(d, cfg.enc_dim, cfg.chunk_size, cfg.cca_match,
+                     cfg.num_neighbours * cfg.neighbour_len)
+            if cfg.copy_head else None
+        )  # fmt: skip
+        self.copy_layer = cfg.dec_depth  # the copy head's key in the caches' CCA dicts
         self.rotary = Rotary(d // cfg.dec_heads, cfg.rotary_base)
         self.first_cca = cfg.cca_layers[0] - 1 if cfg.retrieval else -1  # 0-based block index
         self.reset_parameters()
@@ -794,6 +912,9 @@ class RETRO(nn.Module):
         for module in self.modules():
             if isinstance(module, ChunkedCrossAttention) and module.match_weight is not None:
                 nn.init.constant_(module.match_weight, module.MATCH_INIT)
+        if self.copy is not None:
+            nn.init.zeros_(self.copy.sentinel)
+            nn.init.constant_(self.copy.sentinel_bias, self.copy.init_bias)
         if cfg.use_deepnet:  # DeepNet (Wang et al. 2022) encoder-decoder beta
             dec_beta = (12 * cfg.dec_depth) ** -0.25
             enc_beta = 0.87 * (cfg.enc_depth**4 * cfg.dec_depth) ** (-1 / 16)
@@ -810,10 +931,11 @@ class RETRO(nn.Module):
 
     @staticmethod
     def _is_retrieval_name(name: str) -> bool:
-        return name.startswith("encoder.") or ".cca" in name
+        return name.startswith(("encoder.", "copy.")) or ".cca" in name
 
     def retrieval_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """(name, parameter) of the encoder and the CCA layers: what RETRO-fitting trains."""
+        """(name, parameter) of the encoder, the CCA layers and the copy head: what
+        RETRO-fitting trains."""
         for name, p in self.named_parameters():
             if self._is_retrieval_name(name):
                 yield name, p
@@ -1002,7 +1124,7 @@ class RETRO(nn.Module):
         Raises:
             ValueError: wrong shapes, dtypes or token ids.
         """
-        return self.lm_head(self.hidden_states(tokens, neighbours))  # (B, n, vocab)
+        return self._head(*self._run(tokens, neighbours))  # (B, n, vocab)
 
     def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored.
@@ -1020,6 +1142,13 @@ class RETRO(nn.Module):
             raise ValueError(
                 f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
             )
+        if self.copy is not None and neighbours is not None:
+            # the copy head's mixture needs the whole distribution: (B, n, V) log-probabilities
+            logp = self(tokens, neighbours).flatten(0, 1)  # (B*n, V)
+            keep = targets.flatten() != self.cfg.pad_id
+            if not bool(keep.any()):
+                return logp.sum() * 0.0  # nothing to predict: 0, as the fused loss gives
+            return F.nll_loss(logp[keep], targets.flatten()[keep])
         hidden = self.hidden_states(tokens, neighbours).flatten(0, 1)  # (B*n, d)
         weight = self.lm_head.weight  # (V, d)
         if torch.is_autocast_enabled("cpu") and hidden.device.type == "cpu":
@@ -1030,7 +1159,14 @@ class RETRO(nn.Module):
         return _LinearCrossEntropy.apply(hidden, weight, targets.flatten(), self.cfg.pad_id)
 
     def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """The decoder's final (normalised) hidden states (B, n, d); see `forward`."""
+        """The decoder's final (normalised) hidden states (B, n, d); see `forward`. (With a copy
+        head, `lm_head` of them is the LM part of the distribution, not all of it.)"""
+        return self.norm(self._run(tokens, neighbours)[0])
+
+    def _run(
+        self, tokens: Tensor, neighbours: Tensor | None
+    ) -> tuple[Tensor, Span, Reading | None]:
+        """The checked decoder pass of `forward`: (output (B, n, d), its Span, its Reading)."""
         self._check_tokens(tokens)
         B, n = tokens.shape
         if neighbours is not None:
@@ -1038,7 +1174,25 @@ class RETRO(nn.Module):
         L = n // self.cfg.chunk_size  # chunks whose neighbours some position reads
         span = self._span(tokens, 0, n)
         reading = None if neighbours is None else self._reading(neighbours[:, :L], slice(0, L))
-        return self.norm(self._decode(self.tok_emb(tokens), span, reading))  # (B, n, d)
+        return self._decode(self.tok_emb(tokens), span, reading), span, reading
+
+    def _head(
+        self, x: Tensor, span: Span, reading: Reading | None, select: Any = None
+    ) -> Tensor:
+        """Logits (B, T, V) of the decoder's output x (B, T, d), or of x[select] only.
+
+        With a copy head and a reading, they are the log-probabilities of its mixture
+        (`CopyHead.mix`), and the head's keys of newly encoded chunks are cached here.
+        """
+        h = self.norm(x)
+        copy = None
+        if self.copy is not None and reading is not None:
+            copy = self.copy.read_copy(h, span, self.copy_layer, reading)
+        if select is not None:
+            h = h[select]
+            copy = None if copy is None else (copy[0][select], copy[1][select])
+        logits = self.lm_head(h)
+        return logits if copy is None else CopyHead.mix(logits, *copy)
 
     # ---- generation
 
@@ -1048,10 +1202,13 @@ class RETRO(nn.Module):
         `neighbours` (B, U, k, r) belong to chunks cache.num_chunks .. +U-1, which complete
         within these tokens; they are encoded here, once, and their CCA keys/values cached.
         """
-        return self.lm_head(self.norm(self._feed(tokens, cache, neighbours)[:, -1]))  # (B, V)
+        return self._head(*self._feed(tokens, cache, neighbours), select=(slice(None), -1))
 
-    def _feed(self, tokens: Tensor, cache: KVCache, neighbours: Tensor | None) -> Tensor:
-        """`_forward_cached`'s forward pass: the decoder's output (B, T, d) for every token."""
+    def _feed(
+        self, tokens: Tensor, cache: KVCache, neighbours: Tensor | None
+    ) -> tuple[Tensor, Span, Reading | None]:
+        """`_forward_cached`'s forward pass: the decoder's output (B, T, d) for every token,
+        with its Span and Reading (for `_head`)."""
         T = tokens.shape[1]
         start, end = cache.length, cache.length + T
         cache.token_ids[:, start:end] = tokens
@@ -1061,7 +1218,7 @@ class RETRO(nn.Module):
         reading = self._reading(neighbours, slice(u0, u1)) if cache.retrieval else None
         x = self._decode(self.tok_emb(tokens), span, reading)  # (B, T, d)
         cache.length, cache.num_chunks = end, u1
-        return x
+        return x, span, reading
 
     # ---- batched decoding: rows at different positions (what the server runs)
 
@@ -1093,6 +1250,9 @@ class RETRO(nn.Module):
                 if block.cca is not None:
                     cache.cca_keys[i] = zeros(slots, N // m, h, k * r, hd)
                     cache.cca_values[i] = zeros(slots, N // m, h, k * r, hd)
+            if self.copy is not None:  # one head of width d
+                cache.cca_keys[self.copy_layer] = zeros(slots, N // m, 1, k * r, d)
+                cache.cca_values[self.copy_layer] = zeros(slots, N // m, 1, k * r, d)
             cache.cca_mask = torch.zeros(slots, N // m, k * r, dtype=torch.bool, device=device)
             if cfg.cca_match:
                 cache.cca_ids = torch.full((slots, N // m, k, r), -1, device=device)
@@ -1146,10 +1306,11 @@ class RETRO(nn.Module):
         )  # (R, T)
         nb, chunks = self._prefill_neighbours(cache, lengths, neighbours)
         batch = KVCache(torch.zeros_like(tokens), cache.retrieval)
-        x = self._feed(tokens, batch, nb)  # (R, T, d)
-        cache.copy_rows(batch, rows, lengths, chunks)
-        last = x[torch.arange(len(windows), device=device), lengths - 1]  # (R, d)
-        return self.lm_head(self.norm(last))  # (R, V)
+        x, span, reading = self._feed(tokens, batch, nb)  # x (R, T, d)
+        last = (torch.arange(len(windows), device=device), lengths - 1)
+        logits = self._head(x, span, reading, select=last)  # (R, V)
+        cache.copy_rows(batch, rows, lengths, chunks)  # the copy head's keys included
+        return logits
 
     def _prefill_neighbours(
         self, cache: KVCache, lengths: Tensor, neighbours: list[Tensor | None] | None
@@ -1198,7 +1359,7 @@ class RETRO(nn.Module):
         span = self._row_span(cache, rows, tokens, positions)
         reading = self._row_reading(cache, rows, positions, neighbours)
         x = self._decode(self.tok_emb(tokens)[:, None], span, reading)  # (R, 1, d)
-        return self.lm_head(self.norm(x[:, 0]))  # (R, V)
+        return self._head(x, span, reading, select=(slice(None), 0))  # (R, V)
 
     def _row_span(self, cache: KVCache, rows: Tensor, tokens: Tensor, pos: Tensor) -> Span:
         """The Span of one token per row, tokens[i] at pos[i] of slot rows[i] (written here)."""

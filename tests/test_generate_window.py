@@ -14,6 +14,10 @@ WINDOW_CONFIGS = {
     "match": RetroConfig.preset(
         "tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2, max_seq_len=12
     ),
+    "copy": RetroConfig.preset(
+        "tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2, max_seq_len=12,
+        copy_head=True,
+    ),
     "deepnet": RetroConfig.preset(
         "tiny", dec_depth=3, cca_layers=(2, 3), use_deepnet=True, max_seq_len=24
     ),

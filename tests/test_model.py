@@ -25,6 +25,10 @@ CONFIGS = {
     ),
     # 16 token ids: random neighbours match the query's last tokens often
     "match": RetroConfig.preset("tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2),
+    # the copy head's mixture over the neighbour tokens (copy_head needs cca_match)
+    "copy": RetroConfig.preset(
+        "tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2, copy_head=True
+    ),
 }
 
 
@@ -331,6 +335,9 @@ def test_wrong_input_shapes_raise_value_error_with_expected_shape() -> None:
         (dict(enc_depth=0), "enc_depth"),
         (dict(dropout=1.0), "dropout"),
         (dict(num_neighbours=0), "num_neighbours"),
+        (dict(copy_head=True), "copy_head"),  # without cca_match
+        (dict(copy_head=True, cca_match=2, cca_layers=()), "copy_head"),
+        (dict(copy_head=1, cca_match=2), "copy_head"),
     ],
 )
 def test_invalid_config_names_the_field(overrides: dict, field: str) -> None:
@@ -354,6 +361,68 @@ def test_config_round_trip_and_presets() -> None:
     with pytest.raises(ValueError, match="unknown RetroConfig field"):
         RetroConfig.preset("tiny", widht=3)
     assert math.isclose(RETRO(RetroConfig.preset("tiny")).num_params() / 1e6, 0.37, abs_tol=0.05)
+
+
+def copy_model(
+    match: float, sentinel: float, content: bool = False
+) -> tuple[RETRO, torch.Tensor, torch.Tensor]:
+    """The "copy" model with content scores 0 in its copy head (unless `content`): only the match bonus (each
+    lag `match`) and the sentinel's score decide; and tokens whose chunk 0 reappears in a
+    neighbour, so that positions 4..6 of chunk 1 follow copies of neighbour tokens."""
+    cfg = CONFIGS["copy"]
+    model = make_model(cfg)
+    with torch.no_grad():
+        if not content:
+            model.copy.q.weight.zero_()
+        model.copy.match_weight.fill_(match)
+        model.copy.sentinel_bias.fill_(sentinel)
+    tokens = torch.tensor([[3, 4, 5, 6, 7, 8, 9, 2, 11, 12, 13, 14]])  # 3 chunks of m=4
+    neighbours = random_tokens(cfg, 1, 3, 2, cfg.neighbour_len, seed=2)
+    # neighbour 0 of chunk 0 continues "6 7 8 9" as "... 6 7 1 15" after 6 7: the copy of
+    # positions 3, 4 ("6 7") points at 1, not at the text's own 8
+    neighbours[0, 0, 0] = torch.tensor([4, 5, 6, 7, 1, 15])
+    neighbours[neighbours == 7] = 10  # no other "7" to point from (besides the one above)
+    neighbours[0, 0, 0, 3] = 7
+    return model, tokens, neighbours
+
+
+def test_copy_head_moves_probability_to_the_token_after_a_copy() -> None:
+    """copy_head: the mixture is a distribution; after "6 7", which a neighbour continues with
+    1, token 1 gets the pointer's weight; with the sentinel certain it is the plain LM."""
+    model, tokens, neighbours = copy_model(match=10.0, sentinel=2.0)
+    with torch.no_grad():
+        logp = model(tokens, neighbours)[0]  # (12, V) log-probabilities
+        lm = torch.log_softmax(model.lm_head(model.hidden_states(tokens, neighbours))[0], -1)
+    torch.testing.assert_close(logp.exp().sum(-1), torch.ones(12, dtype=logp.dtype))
+    torch.testing.assert_close(logp[:3], lm[:3])  # positions 0..2 read no chunk: the LM alone
+    assert logp[4, 1].exp() > 0.99 > lm[4, 1].exp()  # position 4 ends "6 7": copies 1
+    assert logp[5, 1].exp() < 0.5  # position 5 ends "7 8", which no neighbour holds
+    with torch.no_grad():
+        model.copy.sentinel_bias.fill_(1e4)  # the sentinel takes all: the plain LM everywhere
+        torch.testing.assert_close(model(tokens, neighbours)[0], lm)
+        model.copy.sentinel_bias.fill_(2.0)
+        off = model(tokens)[0]  # RETRO[OFF]: the LM, no copying
+    torch.testing.assert_close(off, model.lm_head(model.hidden_states(tokens))[0])
+
+
+def test_copy_head_loss_is_the_cross_entropy_of_its_mixture_and_retrofit_trains_it() -> None:
+    model, tokens, neighbours = copy_model(match=3.0, sentinel=5.0, content=True)
+    targets = torch.roll(tokens, -1, dims=1)
+    targets[0, -1] = 0  # pad: ignored
+    loss = model.loss(tokens, targets, neighbours)
+    plain = torch.nn.functional.cross_entropy(
+        model(tokens, neighbours)[0], targets[0], ignore_index=0
+    )
+    torch.testing.assert_close(loss, plain)
+    loss.backward()
+    copy_names = {n for n, _ in model.named_parameters() if n.startswith("copy.")}
+    assert copy_names == {"copy.q.weight", "copy.kv.weight", "copy.match_weight",
+                          "copy.sentinel", "copy.sentinel_bias"}  # fmt: skip
+    assert copy_names <= {n for n, _ in model.retrieval_parameters()}  # RETRO-fitting trains it
+    for name in copy_names:
+        assert model.get_parameter(name).grad.abs().sum() > 0, name
+    all_pad = torch.zeros_like(targets)
+    assert model.loss(tokens, all_pad, neighbours).item() == 0.0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,6 +20,9 @@ CONFIGS = {
     "deepnet": RetroConfig.preset("tiny", dec_depth=3, cca_layers=(2, 3), use_deepnet=True),
     # the CCA match bias, over 16 token ids so that neighbours often match the query
     "match": RetroConfig.preset("tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2),
+    "copy": RetroConfig.preset(
+        "tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2, copy_head=True
+    ),
 }
 
 

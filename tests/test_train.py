@@ -99,8 +99,12 @@ def test_optimizer_does_not_decay_norms_biases_embeddings():
 
 @pytest.mark.parametrize(
     "extra",
-    [{}, {"neighbour_dropout": 0.5, "model": {"cca_match": 2}}],
-    ids=["plain", "dropout+match"],
+    [
+        {},
+        {"neighbour_dropout": 0.5, "model": {"cca_match": 2}},
+        {"model": {"cca_match": 2, "copy_head": True}},
+    ],
+    ids=["plain", "dropout+match", "copy"],
 )
 def test_resume_gives_the_same_per_step_losses(tmp_path, extra):
     src = make_source()
