@@ -53,6 +53,13 @@ def save_model(model: RETRO, folder: str | os.PathLike[str]) -> Path:
     return folder
 
 
+def _same_config(config_class: Any, stored: str, cfg: Any) -> bool:
+    try:
+        return bool(config_class.from_dict(json.loads(stored)).to_dict() == cfg.to_dict())
+    except (ValueError, TypeError, json.JSONDecodeError):
+        return False
+
+
 def read_model_folder(
     folder: Path,
     *,
@@ -90,7 +97,8 @@ def read_model_folder(
         raise CorruptArtifactError(f"cannot read the model in {folder}: {exc}") from exc
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         raise CorruptArtifactError(f"cannot read {weights_path}: {exc}") from exc
-    if stored is not None and json.loads(stored) != cfg.to_dict():
+    # both sides through from_dict: a field added after the save (its default) is no mismatch
+    if stored is not None and _same_config(config_class, stored, cfg) is False:
         raise CorruptArtifactError(
             f"{config_path} and {weights_path} come from different saves; save the model again"
         )

@@ -219,6 +219,26 @@ def test_load_refuses_missing_extra_or_misshapen_weights(tmp_path) -> None:
         RETRO.load(tmp_path / "m")
 
 
+def test_a_folder_saved_before_a_config_field_existed_still_loads(tmp_path) -> None:
+    """A model saved by an older retrolm has no copy_head in either file; loading fills the
+    default and must not call the two files "different saves"."""
+    from safetensors import safe_open
+
+    from retrolm.weights import _META_KEY
+
+    cfg = CONFIGS["tiny"]
+    model = make_model(cfg)
+    model.save(tmp_path / "m")
+    old = {k: v for k, v in cfg.to_dict().items() if k != "copy_head"}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(old))
+    path = tmp_path / "m" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    save_file(load_file(str(path)), str(path), metadata={**metadata, _META_KEY: json.dumps(old)})
+    loaded = RETRO.load(tmp_path / "m")
+    assert loaded.cfg == cfg and not loaded.cfg.copy_head
+
+
 def test_load_refuses_mixed_or_missing_files(tmp_path) -> None:
     cfg = CONFIGS["tiny"]
     RETRO(cfg).save(tmp_path / "m")
