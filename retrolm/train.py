@@ -59,6 +59,8 @@ from retrolm.runs import (
 )
 
 log = logging.getLogger(__name__)
+RETROFIT_FIELDS = ("cca_layers", "enc_dim", "enc_depth", "enc_heads", "num_neighbours",
+                   "cca_match", "copy_head")  # fmt: skip
 
 
 @dataclass
@@ -229,8 +231,9 @@ def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
         base = RetroConfig.from_dict(read_json(finished_model(Path(cfg.retrofit)) / "config.json"))
         if not mcfg.cca_layers:
             raise ConfigError("TrainConfig.model: retrofit needs cca_layers (the preset has none)")
-        keep = {f: getattr(mcfg, f) for f in ("cca_layers", "enc_dim", "enc_depth", "enc_heads")}
-        keep["num_neighbours"] = mcfg.num_neighbours
+        # the retrieval side (what RETRO-fitting adds) comes from this config; the decoder,
+        # chunking and vocabulary from the baseline
+        keep = {f: getattr(mcfg, f) for f in RETROFIT_FIELDS}
         mcfg = dataclasses.replace(base, **keep)
     return mcfg
 

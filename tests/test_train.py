@@ -228,6 +228,12 @@ def test_baseline_and_retrofit(tmp_path):
     changed = [n for n in retrieval if not torch.equal(after[n], initial[n])]
     assert len(changed) > len(retrieval) // 2  # the retrieval parts were trained
 
+    # the retrieval side of the config is the retrofit's own: match bonus and copy head too
+    fit = tiny_config(max_steps=1, retrofit=str(base), model={"cca_match": 3, "copy_head": True})
+    model = RETRO.load(train(fit, src, tmp_path / "copy", show_progress=False) / "model")
+    assert model.cfg.copy_head and model.cfg.cca_match == 3 and model.copy is not None
+    assert model.cfg.dec_dim == baseline.cfg.dec_dim
+
 
 def test_bf16_and_grad_accum_run(tmp_path):
     src = make_source()
