@@ -33,6 +33,9 @@ VARIANTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
     "enc_depth 1": (dict(enc_depth=1), {}),
     "CCA at layer 4 only": (dict(cca_layers=(4,)), {}),
     "baseline bf16": (dict(cca_layers=()), dict(bf16=True)),
+    "copy head": (dict(copy_head=True), {}),
+    "copy head, retro-fit": (dict(copy_head=True), dict(retrofit=True)),
+    "copy head, retro-fit bf16": (dict(copy_head=True), dict(retrofit=True, bf16=True)),
 }
 
 

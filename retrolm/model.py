@@ -660,10 +660,11 @@ class CopyHead(ChunkedCrossAttention):
             q = F.pad(q, (0, 0, *plan.pad))  # (B, G*Q, d)
         q = q.view(B, G, Q, dim)
         k = keys[:, chunks, 0]  # (B, G, k*r, d)
-        scores = (q @ k.transpose(-1, -2)).float() / math.sqrt(dim)  # (B, G, Q, k*r)
+        acc = torch.promote_types(q.dtype, torch.float32)  # float32 under bf16 autocast
+        scores = (q @ k.transpose(-1, -2)).to(acc) / math.sqrt(dim)  # (B, G, Q, k*r)
         scores = scores + self.match_bias(span.match_ids, nb_ids[:, chunks], plan.rows)[:, :, 0]
         scores = scores.masked_fill(~key_mask[:, chunks, None, :], float("-inf"))
-        sentinel = (q @ self.sentinel).float() / math.sqrt(dim) + self.sentinel_bias  # (B,G,Q)
+        sentinel = (q @ self.sentinel).to(acc) / math.sqrt(dim) + self.sentinel_bias  # (B,G,Q)
         weights = torch.cat([sentinel[..., None], scores], dim=-1).softmax(dim=-1)
         weights = weights.reshape(B, G * Q, -1)  # (B, G*Q, 1 + k*r)
         if plan.pad != (0, 0):
@@ -717,7 +718,8 @@ class CopyHead(ChunkedCrossAttention):
     def mix(logits: Tensor, weights: Tensor, ids: Tensor) -> Tensor:
         """log(p_sentinel * softmax(logits) + copied weights at their ids): (..., V) log-probs,
         in float32; they stand in for logits anywhere (softmax and log_softmax leave them)."""
-        probs = torch.softmax(logits.float(), dim=-1) * weights[..., :1]
+        acc = torch.promote_types(logits.dtype, weights.dtype)
+        probs = torch.softmax(logits.to(acc), dim=-1) * weights[..., :1]
         probs = probs.scatter_add(-1, ids, weights[..., 1:])
         return probs.clamp_min(1e-30).log()
 
@@ -1142,21 +1144,26 @@ class RETRO(nn.Module):
             raise ValueError(
                 f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
             )
-        if self.copy is not None and neighbours is not None:
-            # the copy head's mixture needs the whole distribution: (B, n, V) log-probabilities
-            logp = self(tokens, neighbours).flatten(0, 1)  # (B*n, V)
-            keep = targets.flatten() != self.cfg.pad_id
-            if not bool(keep.any()):
-                return logp.sum() * 0.0  # nothing to predict: 0, as the fused loss gives
-            return F.nll_loss(logp[keep], targets.flatten()[keep])
-        hidden = self.hidden_states(tokens, neighbours).flatten(0, 1)  # (B*n, d)
+        x, span, reading = self._run(tokens, neighbours)
+        hidden = self.norm(x)  # (B, n, d)
+        mixture: tuple[Tensor, ...] = ()
+        if self.copy is not None and reading is not None:
+            copy = self.copy.read_copy(hidden, span, self.copy_layer, reading)
+            if copy is not None:  # the copy head's mixture, never materialised either
+                weights, ids = copy  # (B, n, 1 + k*r), (B, n, k*r)
+                copied = (weights[..., 1:] * (ids == targets[..., None])).sum(-1)  # (B, n)
+                log_gate = weights[..., 0].clamp_min(1e-30).log()
+                mixture = (log_gate.flatten(), copied.flatten())
+        hidden = hidden.flatten(0, 1)  # (B*n, d)
         weight = self.lm_head.weight  # (V, d)
         if torch.is_autocast_enabled("cpu") and hidden.device.type == "cpu":
             dtype = torch.get_autocast_dtype("cpu")
             hidden, weight = hidden.to(dtype), weight.to(dtype)
         elif hidden.dtype != weight.dtype:
             hidden = hidden.to(weight.dtype)
-        return _LinearCrossEntropy.apply(hidden, weight, targets.flatten(), self.cfg.pad_id)
+        return _LinearCrossEntropy.apply(
+            hidden, weight, targets.flatten(), self.cfg.pad_id, *mixture
+        )
 
     def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """The decoder's final (normalised) hidden states (B, n, d); see `forward`. (With a copy
@@ -1520,13 +1527,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     In float32/float64 each block's logit gradient goes straight into the weight gradient
     (addmm_). In bf16/fp16 the blocks' gradients (N, V) are kept in that precision (half the
     size of float32 logits) and multiplied once at the end, as autocast's own backward would.
+
+    With `log_gate` and `copied` (N,) (the copy head's mixture, `CopyHead.mix`), row i's loss is
+    -log(exp(log_gate_i) * softmax(logits_i)[t_i] + copied_i): the LM's probability of the
+    target weighted by the sentinel, plus what the pointer puts on it. The logit gradient is then
+    the plain one times pi_i, the posterior that the LM wrote the target, and the gradients of
+    log_gate and copied are computed in the same pass.
     """
 
     ROWS = 256  # rows per block
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, targets: Tensor, ignore: int) -> Tensor:
-        # hidden (N, d), weight (V, d), targets (N,)
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        ignore: int,
+        log_gate: Tensor | None = None,
+        copied: Tensor | None = None,
+    ) -> Tensor:
+        # hidden (N, d), weight (V, d), targets (N,); log_gate, copied (N,) or None
         N, rows = hidden.shape[0], _LinearCrossEntropy.ROWS
         acc = torch.promote_types(hidden.dtype, torch.float32)  # float32, or float64 for doubles
         low = hidden.dtype != acc
@@ -1539,6 +1560,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         elif need_grad:
             grad_hidden = torch.empty_like(hidden)  # (N, d)
             grad_weight = torch.zeros_like(weight)  # (V, d)
+        mixture = log_gate is not None and copied is not None
+        grad_gate = grad_copied = None
+        if mixture:
+            assert log_gate is not None and copied is not None
+            log_gate, copied = log_gate.to(acc), copied.to(acc)
+            grad_gate, grad_copied = torch.zeros_like(log_gate), torch.zeros_like(copied)
         total = hidden.new_zeros((), dtype=acc)
         block = hidden.new_empty(min(rows, N), weight.shape[0], dtype=acc)  # reused (rows, V)
         with torch.autocast(hidden.device.type, enabled=False):
@@ -1552,11 +1579,23 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 probs = logits.sub_(top).exp_()  # unnormalised softmax, in place
                 total_exp = probs.sum(dim=-1, keepdim=True)  # (rows, 1)
                 lse = (total_exp.log() + top).squeeze(1)  # (rows,)
-                total += ((lse - target_logit) * kept).sum()
+                scale = kept.to(acc) / count  # (rows,) d(mean)/d(row loss)
+                if mixture:
+                    assert log_gate is not None and copied is not None
+                    assert grad_gate is not None and grad_copied is not None
+                    lm = log_gate[s : s + rows] + target_logit - lse  # log(gate * p_lm(t))
+                    log_mix = torch.logaddexp(lm, copied[s : s + rows].log())
+                    total += (-log_mix * kept).sum()
+                    pi = (lm - log_mix).exp()  # the posterior that the LM wrote the target
+                    grad_gate[s : s + rows] = -scale * pi
+                    grad_copied[s : s + rows] = -scale * (-log_mix).exp()
+                    scale = scale * pi
+                else:
+                    total += ((lse - target_logit) * kept).sum()
                 if not need_grad:
                     continue
-                grad = probs.mul_((kept.to(acc) / count)[:, None] / total_exp)  # softmax / count
-                grad.scatter_add_(1, picked, (-kept.to(acc) / count)[:, None])  # minus one-hot
+                grad = probs.mul_(scale[:, None] / total_exp)  # softmax / count
+                grad.scatter_add_(1, picked, -scale[:, None])  # minus one-hot
                 if low:
                     grad_logits[s : s + rows] = grad
                 else:
@@ -1565,15 +1604,20 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_grad and low:
                 grad_hidden = grad_logits @ weight  # (N, d)
                 grad_weight = grad_logits.T @ hidden  # (V, d)
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, grad_gate, grad_copied)
         return total / count
 
     @staticmethod
     def backward(ctx, grad_loss: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden, grad_weight, grad_gate, grad_copied = ctx.saved_tensors
         grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
         grad_w = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
-        return grad_h, grad_w, None, None
+        grad_g = grad_c = None
+        if grad_gate is not None and ctx.needs_input_grad[4]:
+            grad_g = grad_gate * grad_loss.to(grad_gate.dtype)
+        if grad_copied is not None and ctx.needs_input_grad[5]:
+            grad_c = grad_copied * grad_loss.to(grad_copied.dtype)
+        return grad_h, grad_w, None, None, grad_g, grad_c
 
 
 def windowed_generate(

@@ -266,12 +266,9 @@ def measure_train_step(
     neighbours = torch.randint(1, model_cfg.vocab_size, shape, generator=g)
     neighbours = neighbours if model_cfg.cca_layers else None
 
-    def step() -> None:
+    def step() -> None:  # the loss training computes (fused with the output layer)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            logits = model(tokens[:, :-1], neighbours)
-            loss = torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), tokens[:, 1:].flatten()
-            )
+            loss = model.loss(tokens[:, :-1], tokens[:, 1:], neighbours)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -406,23 +406,37 @@ def test_copy_head_moves_probability_to_the_token_after_a_copy() -> None:
 
 
 def test_copy_head_loss_is_the_cross_entropy_of_its_mixture_and_retrofit_trains_it() -> None:
+    """The fused loss of the mixture (never materialised) equals the cross-entropy of the
+    model's distribution, gradients included; the copy head is a retrieval part."""
     model, tokens, neighbours = copy_model(match=3.0, sentinel=5.0, content=True)
+    tokens = torch.cat([tokens, torch.roll(tokens, 3, dims=1)])  # 2 rows
+    neighbours = torch.cat([neighbours, torch.roll(neighbours, 1, dims=1)])
     targets = torch.roll(tokens, -1, dims=1)
-    targets[0, -1] = 0  # pad: ignored
-    loss = model.loss(tokens, targets, neighbours)
-    plain = torch.nn.functional.cross_entropy(
-        model(tokens, neighbours)[0], targets[0], ignore_index=0
+    targets[0, -1] = targets[1, :2] = 0  # pad: ignored
+    targets[1, 5] = neighbours[1, 0, 0, 2]  # a target the pointer can copy
+
+    def grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    fused, fused_grads = grads(lambda: model.loss(tokens, targets, neighbours))
+    plain, plain_grads = grads(
+        lambda: torch.nn.functional.cross_entropy(
+            model(tokens, neighbours).flatten(0, 1), targets.flatten(), ignore_index=0
+        )
     )
-    torch.testing.assert_close(loss, plain)
-    loss.backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-8, atol=1e-11, msg=name)
     copy_names = {n for n, _ in model.named_parameters() if n.startswith("copy.")}
     assert copy_names == {"copy.q.weight", "copy.kv.weight", "copy.match_weight",
                           "copy.sentinel", "copy.sentinel_bias"}  # fmt: skip
     assert copy_names <= {n for n, _ in model.retrieval_parameters()}  # RETRO-fitting trains it
     for name in copy_names:
-        assert model.get_parameter(name).grad.abs().sum() > 0, name
-    all_pad = torch.zeros_like(targets)
-    assert model.loss(tokens, all_pad, neighbours).item() == 0.0
+        assert fused_grads[name].abs().sum() > 0, name
+    assert model.loss(tokens, torch.zeros_like(targets), neighbours).item() == 0.0  # all pad
 
 
 # ---------------------------------------------------------------------------------------------
