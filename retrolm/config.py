@@ -44,8 +44,11 @@ _PRESETS: dict[str, dict[str, Any]] = {
     # cca_match=4 (a retrolm extension, below) lets CCA read its neighbours within the budget:
     # with the paper's CCA this model gained nothing from its real neighbours after 1,500 steps,
     # and 0.002 nats from perfect ones after 300 (benchmarks/RESULTS.md, the two sections on
-    # issue 5). benchmarks/retrieval_gain.py and retrieval_learning.py train it too. Its vocab
-    # comes from the database (the quickstart builds one of 8192 tokens).
+    # issue 5). copy_head (a retrolm extension) lets it copy a neighbour token by id: RETRO-
+    # fitted for 150 steps it gained 16.4% bpb on the standard library and 5.5% on perl-doc,
+    # against 0.6% and 0.2% without it (issue 10). benchmarks/retrieval_gain.py and
+    # retrieval_learning.py train it too. Its vocab comes from the database (the quickstart
+    # builds one of 8192 tokens).
     "quickstart": dict(
         chunk_size=64,
         neighbour_len=128,
@@ -59,6 +62,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         enc_heads=4,
         max_seq_len=256,
         cca_match=4,
+        copy_head=True,
     ),
     # close to the paper's smallest model (Borgeaud et al. 2021, table 2: 172M with retrieval)
     "base": dict(
@@ -122,7 +126,8 @@ class RetroConfig:
     # retrolm extension, not in the paper: a pointer over the neighbour tokens (a copy head on
     # the final hidden state, with cca_match's match bonus and a sentinel for "no copy"); the
     # next-token distribution mixes the LM's softmax with the copied tokens' probability (see
-    # CopyHead). Needs cca_match >= 1; RETRO[OFF] is the plain LM.
+    # CopyHead). Needs cca_match >= 1; RETRO[OFF] is the plain LM. Like cca_match, unused
+    # without cca_layers (a baseline made from a preset keeps the field, and has no copy head).
     copy_head: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in config.json
 
@@ -155,11 +160,13 @@ class RetroConfig:
                 f"got {self.cca_match!r}"
             )
         if not isinstance(self.copy_head, bool):
-            raise ConfigError(f"RetroConfig.copy_head must be true or false, got {self.copy_head!r}")
-        if self.copy_head and (not self.cca_layers or self.cca_match < 1):
             raise ConfigError(
-                "RetroConfig.copy_head needs retrieval (cca_layers) and cca_match >= 1 (the copy "
-                "head finds what to copy with the match bonus); set cca_match or copy_head=false"
+                f"RetroConfig.copy_head must be true or false, got {self.copy_head!r}"
+            )
+        if self.copy_head and self.cca_layers and self.cca_match < 1:
+            raise ConfigError(
+                "RetroConfig.copy_head needs cca_match >= 1 (the copy head finds what to copy "
+                "with the match bonus); set cca_match or copy_head=false"
             )
         if not isinstance(self.enc_depth, int) or self.enc_depth < 0:
             raise ConfigError(f"RetroConfig.enc_depth must be >= 0, got {self.enc_depth!r}")

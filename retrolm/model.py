@@ -893,7 +893,7 @@ class RETRO(nn.Module):
         self.copy = (
             CopyHead(d, cfg.enc_dim, cfg.chunk_size, cfg.cca_match,
                      cfg.num_neighbours * cfg.neighbour_len)
-            if cfg.copy_head else None
+            if cfg.copy_head and cfg.retrieval else None
         )  # fmt: skip
         self.copy_layer = cfg.dec_depth  # the copy head's key in the caches' CCA dicts
         self.rotary = Rotary(d // cfg.dec_heads, cfg.rotary_base)
@@ -1183,9 +1183,7 @@ class RETRO(nn.Module):
         reading = None if neighbours is None else self._reading(neighbours[:, :L], slice(0, L))
         return self._decode(self.tok_emb(tokens), span, reading), span, reading
 
-    def _head(
-        self, x: Tensor, span: Span, reading: Reading | None, select: Any = None
-    ) -> Tensor:
+    def _head(self, x: Tensor, span: Span, reading: Reading | None, select: Any = None) -> Tensor:
         """Logits (B, T, V) of the decoder's output x (B, T, d), or of x[select] only.
 
         With a copy head and a reading, they are the log-probabilities of its mixture

@@ -34,7 +34,8 @@ from retrolm.io import atomic_open, read_json, write_json
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 3  # 2: folders by redundancy, cca_match; 3: BM25 + retrieval-only, comparators
+PLAN_VERSION = 4  # 2: folders by redundancy, cca_match; 3: BM25 + retrieval-only, comparators;
+# 4: the copy head, steps timed with the fused loss
 # the report's sample: greedy decoding of a model this small repeats one line over and over
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.7, 40
 BYTES_PER_TOKEN = 3.6  # of Python source under an 8k byte-level BPE, padding included (measured)

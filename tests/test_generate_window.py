@@ -15,7 +15,12 @@ WINDOW_CONFIGS = {
         "tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2, max_seq_len=12
     ),
     "copy": RetroConfig.preset(
-        "tiny", vocab_size=16, chunk_size=4, neighbour_len=6, cca_match=2, max_seq_len=12,
+        "tiny",
+        vocab_size=16,
+        chunk_size=4,
+        neighbour_len=6,
+        cca_match=2,
+        max_seq_len=12,
         copy_head=True,
     ),
     "deepnet": RetroConfig.preset(

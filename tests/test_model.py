@@ -336,7 +336,6 @@ def test_wrong_input_shapes_raise_value_error_with_expected_shape() -> None:
         (dict(dropout=1.0), "dropout"),
         (dict(num_neighbours=0), "num_neighbours"),
         (dict(copy_head=True), "copy_head"),  # without cca_match
-        (dict(copy_head=True, cca_match=2, cca_layers=()), "copy_head"),
         (dict(copy_head=1, cca_match=2), "copy_head"),
     ],
 )
