@@ -48,6 +48,10 @@ DB_SHARE = 0.15  # of the budget for the BM25 database, which caps the retrieval
 # the whole stage against the small measurement: index build, re-searches past a chunk's own
 # document (measured: 217 s for 21.6k x 121.5k chunks, against 53 ns a pair measured up front)
 BM25_OVERHEAD = 1.6
+MARGIN = 0.1  # of the budget for generation, the report, model saves and start-up
+# the evaluation, in forward passes of batch x seq_len tokens (measured: `measure_forward`):
+KEYS_COST = 0.4  # a kNN-LM datastore batch (hidden states only) against a baseline forward
+SEARCH_S = 2e-4  # seconds per kNN-LM query (IVF, k=64, nprobe 32, ~1M keys; measured 1 thread)
 COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
 # "retrofit": RETRO is the trained baseline, frozen, with encoder + CCA trained RETROFIT_RATIO
 # of its steps (RETRO[OFF] equals the baseline by construction); "scratch": trained like it
@@ -283,6 +287,54 @@ def measure_train_step(
     return min(times)
 
 
+def measure_forward(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool) -> float:
+    """Seconds of one evaluation forward pass (logits of batch x seq_len tokens, no gradient),
+    with k neighbours per chunk when the model has retrieval."""
+    import torch
+
+    from retrolm.model import RETRO
+
+    g = torch.Generator().manual_seed(0)
+    model = RETRO(model_cfg).eval()
+    tokens = torch.randint(1, model_cfg.vocab_size, (batch, seq_len), generator=g)
+    shape = (batch, seq_len // model_cfg.chunk_size, k, model_cfg.neighbour_len)
+    neighbours = torch.randint(1, model_cfg.vocab_size, shape, generator=g)
+    neighbours = neighbours if model_cfg.cca_layers else None
+    times = []
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        for _ in range(3):
+            start = time.perf_counter()
+            torch.log_softmax(model(tokens, neighbours).float(), dim=-1)
+            times.append(time.perf_counter() - start)
+    return min(times[1:])
+
+
+def estimate_evaluation(
+    train_tokens: float, eval_tokens: float, t_retro: float, t_base: float, batch: int,
+    seq_len: int, chunk_size: int,
+) -> float:  # fmt: skip
+    """Seconds `evaluate_run` takes with the comparators, from forward times (`measure_forward`).
+
+    RETRO[ON] and RETRO[OFF] and the baseline score the held-out tokens in windows of seq_len
+    moving by seq_len / 2; In-Context RALM runs one baseline row per held-out chunk; kNN-LM's
+    datastore reads the training tokens (hidden states only), tunes on up to 32k of them and
+    searches once per tuning and scored token.
+    """
+    from retrolm.comparators import KnnLMConfig
+
+    knn = KnnLMConfig()
+    per_window = batch * seq_len / 2  # new tokens scored per forward pass of `batch` windows
+    tune = min(knn.tune_fraction * train_tokens, knn.tune_tokens)
+    store = min(train_tokens - tune, knn.max_datastore)
+    return (
+        eval_tokens / per_window * (t_retro + 2 * t_base)  # RETRO[ON], [OFF], baseline
+        + eval_tokens / chunk_size / batch * t_base  # RALM
+        + store / per_window * t_base * KEYS_COST  # the datastore's keys
+        + tune / per_window * t_base  # the tuning text, with bits
+        + (tune + eval_tokens) * SEARCH_S
+    )
+
+
 def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     """Measure this machine, then size corpus, model and steps to fit `cfg.minutes`.
 
@@ -322,14 +374,29 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
             retro_cfg, batch, seq_len, k, bf16=bf16, retrofit=True
         )
 
+    f_retro = measure_forward(retro_cfg, batch, seq_len, k, bf16=bf16)
+    f_base = measure_forward(base_cfg, batch, seq_len, k, bf16=bf16)
+
+    def evaluation(corpus: float) -> float:  # seconds, for a training subset of `corpus` bytes
+        tokens = corpus / BYTES_PER_TOKEN
+        held_out = min(131072.0, 0.05 * tokens)
+        return estimate_evaluation(tokens, held_out, f_retro, f_base, batch, seq_len, 64)
+
     if embed_rate is not None:
         # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
         corpus_bytes = int(0.25 * budget * embed_rate * 64 * BYTES_PER_TOKEN)
         train_share = 0.45
     else:
-        # BM25 costs seconds: training takes TRAIN_SHARE; the corpus is sized to it.
-        train_share = TRAIN_SHARE
-        steps = int(train_share * budget / (t_retro + t_base))
+        # BM25 costs seconds: training takes at most TRAIN_SHARE, and gives the evaluation
+        # (which grows with the corpus, so with the steps) what it needs out of the budget
+        # that the database (DB_SHARE) and the margin leave; the corpus is sized to the steps.
+        left = (1.0 - DB_SHARE - MARGIN) * budget
+        steps = int(TRAIN_SHARE * budget / (t_retro + t_base))
+        for _ in range(4):  # the evaluation is about linear in the steps: a few rounds converge
+            corpus = steps * step_tokens * BYTES_PER_TOKEN / PASSES
+            need = steps * (t_retro + t_base) + evaluation(corpus)
+            steps = int(steps * min(1.0, left / need))
+        train_share = steps * (t_retro + t_base) / budget
         corpus_bytes = int(steps * step_tokens * BYTES_PER_TOKEN / PASSES)
     chosen = select_files(files, corpus_bytes, cfg.seed)
     chosen_bytes = sum(p.stat().st_size for p in chosen)
@@ -350,7 +417,11 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         extra_bytes = int(max(0.0, indexed_max - query_chunks) * 64 * BYTES_PER_TOKEN)
         extra = retrieval_only_files(files, chosen, min(extra_bytes, RETRIEVAL_ONLY_MAX_BYTES))
     retrofit_steps = max(10, int(RETROFIT_RATIO * steps)) if retrofit else 0
-    estimate = dict(train_retro=round(steps * t_retro, 1), train_baseline=round(steps * t_base, 1))
+    estimate = dict(
+        train_retro=round(steps * t_retro, 1),
+        train_baseline=round(steps * t_base, 1),
+        evaluate=round(evaluation(chosen_bytes), 1),
+    )
     if embed_rate is not None:
         estimate["embed"] = round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1)
     return QuickstartPlan(
@@ -386,6 +457,8 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
             retro_step_s_fp32=round(t_fp32, 4),
             retro_step_s_bf16=round(t_bf16, 4),
             baseline_step_s=round(t_base, 4),
+            retro_forward_s=round(f_retro, 4),
+            baseline_forward_s=round(f_base, 4),
         ),
         estimate_seconds=estimate,
     )
