@@ -43,6 +43,14 @@ def random_tokens(cfg: RetroConfig, *shape: int, seed: int = 1) -> torch.Tensor:
     return torch.randint(1, cfg.vocab_size, shape, generator=g)  # never pad_id (0)
 
 
+def loss_and_grads(model: RETRO, loss_fn) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """loss_fn()'s value and every parameter's gradient of it."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_fn()
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
 def changed(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-position: did the logits change? a, b (..., n, V) -> (..., n) bool."""
     return (a - b).abs().amax(dim=-1) > 1e-9
@@ -414,17 +422,12 @@ def test_copy_head_loss_is_the_cross_entropy_of_its_mixture_and_retrofit_trains_
     targets[0, -1] = targets[1, :2] = 0  # pad: ignored
     targets[1, 5] = neighbours[1, 0, 0, 2]  # a target the pointer can copy
 
-    def grads(loss_fn):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fused, fused_grads = grads(lambda: model.loss(tokens, targets, neighbours))
-    plain, plain_grads = grads(
+    fused, fused_grads = loss_and_grads(model, lambda: model.loss(tokens, targets, neighbours))
+    plain, plain_grads = loss_and_grads(
+        model,
         lambda: torch.nn.functional.cross_entropy(
             model(tokens, neighbours).flatten(0, 1), targets.flatten(), ignore_index=0
-        )
+        ),
     )
     torch.testing.assert_close(fused, plain, rtol=1e-10, atol=1e-12)
     for name, grad in plain_grads.items():
@@ -450,17 +453,12 @@ def test_fused_loss_equals_logits_cross_entropy_with_gradients() -> None:
     targets[0, :10] = cfg.pad_id  # ignored
     neighbours = random_tokens(cfg, 3, 12, 2, cfg.neighbour_len, seed=3)
 
-    def grads(loss_fn):
-        model.zero_grad(set_to_none=True)
-        loss = loss_fn()
-        loss.backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    fused, fused_grads = grads(lambda: model.loss(tokens, targets, neighbours))
-    plain, plain_grads = grads(
+    fused, fused_grads = loss_and_grads(model, lambda: model.loss(tokens, targets, neighbours))
+    plain, plain_grads = loss_and_grads(
+        model,
         lambda: torch.nn.functional.cross_entropy(
             model(tokens, neighbours).flatten(0, 1), targets.flatten(), ignore_index=cfg.pad_id
-        )
+        ),
     )
     torch.testing.assert_close(fused, plain, rtol=1e-12, atol=1e-12)
     for name, grad in plain_grads.items():
