@@ -352,15 +352,18 @@ class KVCache:
                 self.cca_ids = reading.ids.new_full((B, chunks, *reading.ids.shape[2:]), -1)
             self.cca_ids[reading.rows, reading.chunks] = reading.ids
 
-    def write_cca(self, layer: int, keys: Tensor, values: Tensor, reading: Reading) -> None:
-        """Store CCA keys/values (B', U, h, k*r, hd) of newly encoded chunks."""
+    def write_cca(self, layer: int, keys: Tensor, values: Tensor | None, reading: Reading) -> None:
+        """Store CCA keys/values (B', U, h, k*r, hd) of newly encoded chunks (values None: the
+        copy head's, which has keys only)."""
         if layer not in self.cca_keys:
             B, _, h, KR, hd = keys.shape
             chunks = self.size // reading.chunk_size
             self.cca_keys[layer] = keys.new_zeros(B, chunks, h, KR, hd)
-            self.cca_values[layer] = values.new_zeros(B, chunks, h, KR, hd)
+            if values is not None:
+                self.cca_values[layer] = values.new_zeros(B, chunks, h, KR, hd)
         self.cca_keys[layer][reading.rows, reading.chunks] = keys
-        self.cca_values[layer][reading.rows, reading.chunks] = values
+        if values is not None:
+            self.cca_values[layer][reading.rows, reading.chunks] = values
 
     def copy_rows(self, src: KVCache, rows: Tensor, lengths: Tensor, chunks: Tensor) -> None:
         """Store row i of `src` (fed from position 0) in row rows[i] of this `slot_cache`: its
@@ -382,12 +385,14 @@ class KVCache:
         self.cca_mask[at, u] = src.cca_mask[b, u]
         for layer, keys in src.cca_keys.items():
             self.cca_keys[layer][at, u] = keys[b, u]  # (C, h, k*r, hd)
-            self.cca_values[layer][at, u] = src.cca_values[layer][b, u]
+            if layer in src.cca_values:
+                self.cca_values[layer][at, u] = src.cca_values[layer][b, u]
         if src.cca_ids is not None and self.cca_ids is not None:
             self.cca_ids[at, u] = src.cca_ids[b, u]
 
     def read_cca(self, layer: int, span: Span, m: int) -> tuple[Tensor, ...] | None:
-        """(keys, values, key mask, ids or None) of the chunks the span's queries read.
+        """(keys, values (None for the copy head), key mask, ids or None) of the chunks the
+        span's queries read.
 
         Uniform spans: chunks 0..chunks_read-1 (B, U, ...); per-row spans: each row's chunk
         (B, 1, ...), its key mask all False where the row's position reads none.
@@ -406,7 +411,8 @@ class KVCache:
         if reads is not None:
             mask = mask & reads  # a row that reads no chunk attends nothing: zeros
         ids = None if self.cca_ids is None else self.cca_ids[read]
-        return self.cca_keys[layer][read], self.cca_values[layer][read], mask, ids
+        values = self.cca_values[layer][read] if layer in self.cca_values else None
+        return self.cca_keys[layer][read], values, mask, ids
 
 
 class SelfAttention(nn.Module):
@@ -674,12 +680,10 @@ class CopyHead(ChunkedCrossAttention):
             weights[:, : plan.skip, 0] = 1.0
         return weights
 
-    def keys_values(self, encoded: Tensor, rotary: Rotary) -> tuple[Tensor, Tensor]:
-        """encoded (B, U, k, r, e) -> keys (B, U, 1, k*r, d), twice (the cache keeps keys and
-        values; the copy head has no values)."""
+    def keys(self, encoded: Tensor) -> Tensor:
+        """encoded (B, U, k, r, e) -> keys (B, U, 1, k*r, d) (the copy head has no values)."""
         B, U, K, R, _ = encoded.shape
-        keys = self.kv(encoded).reshape(B, U, 1, K * R, -1)
-        return keys, keys
+        return self.kv(encoded).reshape(B, U, 1, K * R, -1)
 
     def copy_ids(self, span: Span, nb_ids: Tensor, T: int) -> Tensor:
         """(B, T, k*r) the neighbour token ids each of the span's T positions may copy (pad: 0)."""
@@ -697,14 +701,12 @@ class CopyHead(ChunkedCrossAttention):
     ) -> tuple[Tensor, Tensor] | None:
         """(weights (B, T, 1 + k*r), ids (B, T, k*r)) for the final hidden states x (B, T, d),
         the keys of new chunks computed and cached as CCA's are; None: no position copies."""
-        keys = values = None
-        if reading.encoded is not None:
-            keys, values = self.keys_values(reading.encoded, span.rotary)
+        keys = None if reading.encoded is None else self.keys(reading.encoded)
         if span.cache is None:
             mask, ids = reading.mask, reading.ids
         else:
-            if keys is not None and values is not None:
-                span.cache.write_cca(layer, keys, values, reading)
+            if keys is not None:
+                span.cache.write_cca(layer, keys, None, reading)
             cached = span.cache.read_cca(layer, span, self.chunk_size)
             if cached is None:
                 return None
@@ -1257,7 +1259,6 @@ class RETRO(nn.Module):
                     cache.cca_values[i] = zeros(slots, N // m, h, k * r, hd)
             if self.copy is not None:  # one head of width d
                 cache.cca_keys[self.copy_layer] = zeros(slots, N // m, 1, k * r, d)
-                cache.cca_values[self.copy_layer] = zeros(slots, N // m, 1, k * r, d)
             cache.cca_mask = torch.zeros(slots, N // m, k * r, dtype=torch.bool, device=device)
             if cfg.cca_match:
                 cache.cca_ids = torch.full((slots, N // m, k, r), -1, device=device)

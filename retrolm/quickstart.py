@@ -51,7 +51,9 @@ BM25_OVERHEAD = 1.6
 MARGIN = 0.1  # of the budget for generation, the report, model saves and start-up
 # the evaluation, in forward passes of batch x seq_len tokens (measured: `measure_forward`):
 KEYS_COST = 0.4  # a kNN-LM datastore batch (hidden states only) against a baseline forward
-SEARCH_S = 2e-4  # seconds per kNN-LM query (IVF, k=64, nprobe 32, ~1M keys; measured 1 thread)
+# seconds per kNN-LM query (IVF, k=64, nprobe 32, ~0.85M keys, 1 thread), read off one
+# evaluation's log timestamps; the 15-minute quickstart's evaluation took 2.1x the estimate
+SEARCH_S = 2e-4
 COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
 # "retrofit": RETRO is the trained baseline, frozen, with encoder + CCA trained RETROFIT_RATIO
 # of its steps (RETRO[OFF] equals the baseline by construction); "scratch": trained like it

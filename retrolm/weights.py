@@ -54,6 +54,8 @@ def save_model(model: RETRO, folder: str | os.PathLike[str]) -> Path:
 
 
 def _same_config(config_class: Any, stored: str, cfg: Any) -> bool:
+    """Is the config stored in a weights file `cfg`, read through the same class (so that a
+    field added after the save takes its default on both sides)?"""
     try:
         return bool(config_class.from_dict(json.loads(stored)).to_dict() == cfg.to_dict())
     except (ValueError, TypeError, json.JSONDecodeError):
@@ -98,7 +100,7 @@ def read_model_folder(
     except Exception as exc:  # safetensors raises its own error type for a damaged file
         raise CorruptArtifactError(f"cannot read {weights_path}: {exc}") from exc
     # both sides through from_dict: a field added after the save (its default) is no mismatch
-    if stored is not None and _same_config(config_class, stored, cfg) is False:
+    if stored is not None and not _same_config(config_class, stored, cfg):
         raise CorruptArtifactError(
             f"{config_path} and {weights_path} come from different saves; save the model again"
         )
