@@ -138,7 +138,15 @@ class KnnLMConfig:
     tune_tokens: int = 32768  # at most this many tuning tokens
     max_datastore: int = 4_000_000  # at most this many keys (the first training positions)
     exact_below: int = 200_000  # exact (flat) search for datastores up to this size, else IVF
-    nprobe: int = 32  # IVF cells visited per query
+    # IVF layout: cells_per_sqrt x sqrt(N) cells, trained on train_per_cell keys per cell,
+    # nprobe cells visited per query. Cells of sqrt(N) keys keep the k-means (per_cell x N x
+    # cells_per_sqrt^2 distances) cheap: 4 sqrt(N) cells with 64 keys each cost 16x as much to
+    # train (about 170 s of a 2-core 15-minute quickstart's evaluation at 2.7M keys) and 4x as
+    # much to fill, for the same share of the datastore visited per query.
+    cells_per_sqrt: float = 1.0
+    train_per_cell: int = 40  # faiss asks for at least 39
+    nprobe: int = 8  # IVF cells visited per query: 8 / sqrt(N) of the datastore
+    kmeans_iterations: int = 20
     seed: int = 0  # tuning documents and IVF training sample
 
 
@@ -188,6 +196,26 @@ def tuning_documents(doc_ids: np.ndarray, fraction: float, seed: int) -> np.ndar
     return chosen if len(chosen) else docs[np.argsort(position)[:1]]
 
 
+def ivf_layout(n: int, cfg: KnnLMConfig) -> tuple[int, int]:
+    """(cells, k-means training keys) of the IVF index over a datastore of n keys."""
+    nlist = max(1, int(cfg.cells_per_sqrt * math.sqrt(n)))
+    return nlist, min(n, cfg.train_per_cell * nlist)
+
+
+def datastore_flops(n: int, queries: int, dim: int, cfg: KnnLMConfig) -> dict[str, float]:
+    """Floating-point operations of building a datastore of n keys and searching it `queries`
+    times (2 x dim per distance): {"build": k-means + assigning the keys, "search": ...}.
+
+    The build runs as matrix products and the search as scans of the visited cells, so they
+    run at different rates (`retrolm.quickstart.measure_faiss` measures both)."""
+    if n <= cfg.exact_below:
+        return {"build": 0.0, "search": 2.0 * dim * queries * n}
+    nlist, n_train = ivf_layout(n, cfg)
+    build = cfg.kmeans_iterations * n_train * nlist + n * nlist
+    search = queries * (nlist + min(cfg.nprobe, nlist) * n / nlist)
+    return {"build": 2.0 * dim * build, "search": 2.0 * dim * search}
+
+
 class Datastore:
     """(hidden state -> next token) pairs in a faiss index."""
 
@@ -200,13 +228,14 @@ class Datastore:
             self.index = faiss.IndexFlatL2(dim)
             self.kind = "Flat"
         else:
-            nlist = int(4 * math.sqrt(n))
+            nlist, n_train = ivf_layout(n, cfg)
             self.index = faiss.index_factory(dim, f"IVF{nlist},Flat")
+            self.index.cp.niter = cfg.kmeans_iterations
             rng = np.random.default_rng(cfg.seed)
-            sample = keys[np.sort(rng.choice(n, min(n, 64 * nlist), replace=False))]
+            sample = keys[np.sort(rng.choice(n, n_train, replace=False))]
             self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
-            self.index.nprobe = cfg.nprobe
-            self.kind = f"IVF{nlist},Flat nprobe {cfg.nprobe}"
+            self.index.nprobe = min(cfg.nprobe, nlist)
+            self.kind = f"IVF{nlist},Flat nprobe {self.index.nprobe}"
         self.index.add(np.ascontiguousarray(keys, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

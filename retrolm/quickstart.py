@@ -51,9 +51,6 @@ BM25_OVERHEAD = 1.6
 MARGIN = 0.1  # of the budget for generation, the report, model saves and start-up
 # the evaluation, in forward passes of batch x seq_len tokens (measured: `measure_forward`):
 KEYS_COST = 0.4  # a kNN-LM datastore batch (hidden states only) against a baseline forward
-# seconds per kNN-LM query (IVF, k=64, nprobe 32, ~0.85M keys, 1 thread), read off one
-# evaluation's log timestamps; the 15-minute quickstart's evaluation took 2.1x the estimate
-SEARCH_S = 2e-4
 COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
 # "retrofit": RETRO is the trained baseline, frozen, with encoder + CCA trained RETROFIT_RATIO
 # of its steps (RETRO[OFF] equals the baseline by construction); "scratch": trained like it
@@ -311,29 +308,60 @@ def measure_forward(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool
     return min(times[1:])
 
 
+def measure_faiss(dim: int, seed: int = 0) -> tuple[float, float]:
+    """Seconds per floating-point operation of building an IVF datastore (k-means and
+    assignment: matrix products) and of searching it (scans of the visited cells, k=64), on a
+    small index of random keys (`comparators.datastore_flops` counts the operations)."""
+    import faiss
+    import numpy as np
+
+    from retrolm.comparators import KnnLMConfig, datastore_flops, ivf_layout
+
+    rng = np.random.default_rng(seed)
+    n, queries = 20000, 2048
+    cfg = KnnLMConfig(exact_below=0)
+    keys = rng.standard_normal((n, dim), dtype=np.float32)
+    nlist, n_train = ivf_layout(n, cfg)
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat")
+    index.cp.niter = cfg.kmeans_iterations
+    start = time.perf_counter()
+    index.train(keys[:n_train])
+    index.add(keys)
+    build = time.perf_counter() - start
+    index.nprobe = cfg.nprobe
+    start = time.perf_counter()
+    index.search(keys[:queries] + 0.01, 64)
+    search = time.perf_counter() - start
+    flops = datastore_flops(n, queries, dim, cfg)
+    return build / flops["build"], search / flops["search"]
+
+
 def estimate_evaluation(
     train_tokens: float, eval_tokens: float, t_retro: float, t_base: float, batch: int,
-    seq_len: int, chunk_size: int,
+    seq_len: int, chunk_size: int, dim: int, faiss_rates: tuple[float, float],
 ) -> float:  # fmt: skip
-    """Seconds `evaluate_run` takes with the comparators, from forward times (`measure_forward`).
+    """Seconds `evaluate_run` takes with the comparators, from forward times (`measure_forward`)
+    and faiss's rates (`measure_faiss`).
 
     RETRO[ON] and RETRO[OFF] and the baseline score the held-out tokens in windows of seq_len
     moving by seq_len / 2; In-Context RALM runs one baseline row per held-out chunk; kNN-LM's
-    datastore reads the training tokens (hidden states only), tunes on up to 32k of them and
-    searches once per tuning and scored token.
+    datastore reads the training tokens (hidden states only) into an IVF index, tunes on up
+    to 32k of them and searches once per tuning and scored token.
     """
-    from retrolm.comparators import KnnLMConfig
+    from retrolm.comparators import KnnLMConfig, datastore_flops
 
     knn = KnnLMConfig()
     per_window = batch * seq_len / 2  # new tokens scored per forward pass of `batch` windows
     tune = min(knn.tune_fraction * train_tokens, knn.tune_tokens)
     store = min(train_tokens - tune, knn.max_datastore)
+    flops = datastore_flops(int(store), int(tune + eval_tokens), dim, knn)
     return (
         eval_tokens / per_window * (t_retro + 2 * t_base)  # RETRO[ON], [OFF], baseline
         + eval_tokens / chunk_size / batch * t_base  # RALM
         + store / per_window * t_base * KEYS_COST  # the datastore's keys
         + tune / per_window * t_base  # the tuning text, with bits
-        + (tune + eval_tokens) * SEARCH_S
+        + flops["build"] * faiss_rates[0]
+        + flops["search"] * faiss_rates[1]
     )
 
 
@@ -378,11 +406,14 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
 
     f_retro = measure_forward(retro_cfg, batch, seq_len, k, bf16=bf16)
     f_base = measure_forward(base_cfg, batch, seq_len, k, bf16=bf16)
+    faiss_rates = measure_faiss(retro_cfg.dec_dim)
 
     def evaluation(corpus: float) -> float:  # seconds, for a training subset of `corpus` bytes
         tokens = corpus / BYTES_PER_TOKEN
         held_out = min(131072.0, 0.05 * tokens)
-        return estimate_evaluation(tokens, held_out, f_retro, f_base, batch, seq_len, 64)
+        return estimate_evaluation(
+            tokens, held_out, f_retro, f_base, batch, seq_len, 64, retro_cfg.dec_dim, faiss_rates
+        )
 
     if embed_rate is not None:
         # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
@@ -461,6 +492,8 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
             baseline_step_s=round(t_base, 4),
             retro_forward_s=round(f_retro, 4),
             baseline_forward_s=round(f_base, 4),
+            faiss_build_gflops=round(1e-9 / faiss_rates[0], 2),
+            faiss_search_gflops=round(1e-9 / faiss_rates[1], 2),
         ),
         estimate_seconds=estimate,
     )

@@ -177,3 +177,30 @@ def test_cli_compare_json_and_its_errors(world, capsys):
     no_base = ["eval", str(world["retro"]), "--db", str(world["db"]), "--compare", "ralm"]
     assert cli_main([*no_base, "--no-progress"]) == 2
     assert "--baseline" in capsys.readouterr().err
+
+
+def test_ivf_datastore_visiting_every_cell_is_the_exact_search():
+    """The IVF layout the large datastores get (sqrt(N) cells, a k-means sample of 40 keys per
+    cell) returns the exact (flat) neighbours when every cell is visited, and its cost model
+    counts what a flat search of the same keys costs at small sizes."""
+    from retrolm.comparators import Datastore, datastore_flops, ivf_layout
+
+    rng = np.random.default_rng(0)
+    keys = rng.standard_normal((5000, 16)).astype(np.float32)
+    values = rng.integers(0, 50, 5000)
+    queries = keys[:200] + 0.05 * rng.standard_normal((200, 16)).astype(np.float32)
+    flat = Datastore(keys, values, KnnLMConfig())
+    nlist, n_train = ivf_layout(5000, KnnLMConfig())
+    assert (nlist, n_train) == (70, 2800)
+    ivf = Datastore(keys, values, KnnLMConfig(exact_below=0, nprobe=nlist))
+    assert flat.kind == "Flat" and ivf.kind == f"IVF{nlist},Flat nprobe {nlist}"
+    d_flat, i_flat = flat.search(queries, 8)
+    d_ivf, i_ivf = ivf.search(queries, 8)
+    np.testing.assert_array_equal(i_ivf, i_flat)
+    np.testing.assert_allclose(d_ivf, d_flat, rtol=1e-4, atol=1e-4)
+    # a few cells: a share of the keys scanned per query, most true neighbours still found
+    few = Datastore(keys, values, KnnLMConfig(exact_below=0, nprobe=8))
+    _, i_few = few.search(queries, 8)
+    assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(i_few, i_flat)]) > 0.5
+    cost = datastore_flops(5000, 200, 16, KnnLMConfig(exact_below=0, nprobe=8))
+    assert cost["search"] < datastore_flops(5000, 200, 16, KnnLMConfig())["search"] / 4
