@@ -221,9 +221,9 @@ def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
     }
     if facts.get("vocab_size"):
         overrides["vocab_size"] = facts["vocab_size"]
-    if cfg.num_neighbours is not None:
-        overrides["num_neighbours"] = cfg.num_neighbours
     overrides.update(cfg.model)
+    if cfg.num_neighbours is not None:  # the run's k wins over a k in the model's fields
+        overrides["num_neighbours"] = cfg.num_neighbours
     if cfg.no_retrieval:
         overrides["cca_layers"] = ()
     mcfg = RetroConfig.preset(cfg.preset, **overrides)

@@ -81,6 +81,19 @@ def test_config_validation_and_tokens():
     assert TrainConfig.from_dict(cfg.to_dict()) == cfg
 
 
+def test_the_runs_num_neighbours_wins_over_the_models_fields():
+    """`num_neighbours` is the run's k; a k among the model's fields (a preset's full field
+    list, as the quickstart and the benchmarks pass) must not silently override it."""
+    from retrolm.config import preset_fields
+    from retrolm.train import model_config
+
+    facts = {"chunk_size": 16, "pad_id": 0, "vocab_size": 300}
+    fields = preset_fields("tiny") | {"num_neighbours": 2}
+    assert model_config(TrainConfig(preset="tiny", model=fields), facts).num_neighbours == 2
+    cfg = TrainConfig(preset="tiny", model=fields, num_neighbours=4)
+    assert model_config(cfg, facts).num_neighbours == 4
+
+
 def test_optimizer_does_not_decay_norms_biases_embeddings():
     from retrolm.config import RetroConfig
 
