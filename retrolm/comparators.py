@@ -140,9 +140,9 @@ class KnnLMConfig:
     exact_below: int = 200_000  # exact (flat) search for datastores up to this size, else IVF
     # IVF layout: cells_per_sqrt x sqrt(N) cells, trained on train_per_cell keys per cell,
     # nprobe cells visited per query. Cells of sqrt(N) keys keep the k-means (per_cell x N x
-    # cells_per_sqrt^2 distances) cheap: 4 sqrt(N) cells with 64 keys each cost 16x as much to
-    # train (about 170 s of a 2-core 15-minute quickstart's evaluation at 2.7M keys) and 4x as
-    # much to fill, for the same share of the datastore visited per query.
+    # cells_per_sqrt^2 distances) cheap: the earlier 4 sqrt(N) cells with 64 keys each cost 16x
+    # as much to train (about 18 TFLOP at 2.7M keys, counted, not timed) and 4x as much to
+    # fill, for the same share of the datastore visited per query.
     cells_per_sqrt: float = 1.0
     train_per_cell: int = 40  # faiss asks for at least 39
     nprobe: int = 8  # IVF cells visited per query: 8 / sqrt(N) of the datastore

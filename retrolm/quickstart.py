@@ -315,28 +315,22 @@ def measure_forward(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool
 
 
 def measure_faiss(dim: int, seed: int = 0) -> tuple[float, float]:
-    """Seconds per floating-point operation of building an IVF datastore (k-means and
-    assignment: matrix products) and of searching it (scans of the visited cells, k=64), on a
-    small index of random keys (`comparators.datastore_flops` counts the operations)."""
-    import faiss
+    """Seconds per floating-point operation of building a kNN-LM datastore (k-means and
+    assignment: matrix products) and of searching it (scans of the visited cells, k=64): a
+    small IVF `Datastore` of random keys (`comparators.datastore_flops` counts the operations)."""
     import numpy as np
 
-    from retrolm.comparators import KnnLMConfig, datastore_flops, ivf_layout
+    from retrolm.comparators import Datastore, KnnLMConfig, datastore_flops
 
     rng = np.random.default_rng(seed)
     n, queries = 20000, 2048
-    cfg = KnnLMConfig(exact_below=0)
+    cfg = KnnLMConfig(exact_below=0, seed=seed)
     keys = rng.standard_normal((n, dim), dtype=np.float32)
-    nlist, n_train = ivf_layout(n, cfg)
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat")
-    index.cp.niter = cfg.kmeans_iterations
     start = time.perf_counter()
-    index.train(keys[:n_train])
-    index.add(keys)
+    store = Datastore(keys, np.zeros(n, dtype=np.int64), cfg)
     build = time.perf_counter() - start
-    index.nprobe = cfg.nprobe
     start = time.perf_counter()
-    index.search(keys[:queries] + 0.01, 64)
+    store.search(keys[:queries] + 0.01, cfg.k)
     search = time.perf_counter() - start
     flops = datastore_flops(n, queries, dim, cfg)
     return build / flops["build"], search / flops["search"]

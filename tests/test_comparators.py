@@ -181,8 +181,8 @@ def test_cli_compare_json_and_its_errors(world, capsys):
 
 def test_ivf_datastore_visiting_every_cell_is_the_exact_search():
     """The IVF layout the large datastores get (sqrt(N) cells, a k-means sample of 40 keys per
-    cell) returns the exact (flat) neighbours when every cell is visited, and its cost model
-    counts what a flat search of the same keys costs at small sizes."""
+    cell) returns the exact (flat) neighbours when every cell is visited, most of them when a
+    few cells are, and its cost model counts a search of a few cells far below a flat one."""
     from retrolm.comparators import Datastore, datastore_flops, ivf_layout
 
     rng = np.random.default_rng(0)
