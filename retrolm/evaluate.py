@@ -20,6 +20,7 @@ import dataclasses
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,7 @@ class EvalReport:
     runs: dict[str, str] = field(default_factory=dict)  # bpb key -> the run folder it is of
 
     comparators: dict[str, Any] = field(default_factory=dict)  # settings found, e.g. kNN-LM's
+    seconds: dict[str, float] = field(default_factory=dict)  # bpb key -> wall seconds scoring it
 
     NAMES = {
         "retro_on": "retro_bpb",
@@ -131,6 +133,8 @@ class EvalReport:
             d["comparators"] = self.comparators
         if self.runs:
             d["runs"] = {self.NAMES[k]: v for k, v in self.runs.items()}
+        if self.seconds:
+            d["seconds"] = {self.NAMES[k]: v for k, v in self.seconds.items()}
         return d
 
     def to_text(self) -> str:
@@ -498,16 +502,20 @@ def evaluate_run(
         )
 
     bits: dict[str, np.ndarray] = {}
+    seconds: dict[str, float] = {}
     hidden = None
     for name, mdl in models.items():
+        start = time.perf_counter()
         mdl.to(device)
         use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
         if name == "baseline" and "knnlm" in compare:
             bits[name], hidden = score(mdl, stream, None, desc=name, hidden=True)
         else:
             bits[name] = score(mdl, stream, use, desc=name)
+        seconds[name] = _took(name, start)
     comparators: dict[str, Any] = {}
     if "ralm" in compare:
+        start = time.perf_counter()
         bits["ralm"] = ralm_bits(
             models["baseline"],
             stream,
@@ -521,7 +529,9 @@ def evaluate_run(
             show_progress=show_progress,
         )
         comparators["ralm"] = {"retrieved": "nearest neighbour + continuation of chunk c-1"}
+        seconds["ralm"] = _took("ralm", start)
     if "knnlm" in compare:
+        start = time.perf_counter()
         train_ids = np.asarray(source.split_chunk_ids("train"), dtype=np.int64)
         train_stream = np.asarray(source.chunk_tokens(train_ids), dtype=np.int64).reshape(-1)
         train_docs = np.repeat(np.asarray(source.chunk_doc)[train_ids], m)
@@ -549,6 +559,7 @@ def evaluate_run(
         )
         bits["knnlm"] = result.bits
         comparators["knnlm"] = result.info
+        seconds["knnlm"] = _took("knnlm", start)
     scored = ~np.isnan(next(iter(bits.values())))
     every = np.ones(len(chunk_ids), dtype=bool)
     report = EvalReport(
@@ -565,6 +576,7 @@ def evaluate_run(
         bpb={name: bucket_bpb(b, nbytes, chunk_of, every) for name, b in bits.items()},
         comparators=comparators,
         runs=runs,
+        seconds=seconds,
     )
     r = leakage_ratio(chunk_tokens, nbr_tokens[:, : cfg.leakage_neighbours], m, mcfg.pad_id)
     for alpha in cfg.alphas:
@@ -573,6 +585,13 @@ def evaluate_run(
         row.update({name: bucket_bpb(b, nbytes, chunk_of, mask) for name, b in bits.items()})
         report.filtered.append(row)
     return report
+
+
+def _took(name: str, start: float) -> float:
+    """Log and return the seconds since `start` that scoring `name` took."""
+    seconds = round(time.perf_counter() - start, 2)
+    log.info("%s scored in %.1f s", EvalReport.HEADS[name], seconds)
+    return seconds
 
 
 def check_baseline(run: Any, model: nn.Module, baseline: Any, base_model: nn.Module) -> None:

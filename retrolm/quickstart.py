@@ -20,6 +20,7 @@ import logging
 import math
 import os
 import re
+import statistics
 import sysconfig
 import time
 from collections import Counter
@@ -34,9 +35,10 @@ from retrolm.io import atomic_open, read_json, write_json
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 5  # 2: folders by redundancy, cca_match; 3: BM25 + retrieval-only, comparators;
+PLAN_VERSION = 6  # 2: folders by redundancy, cca_match; 3: BM25 + retrieval-only, comparators;
 # 4: the copy head, steps timed with the fused loss; 5: k=8 at evaluation, retrofit 1/4 of the
-# baseline's steps, the kNN-LM datastore's build and search in the evaluation estimate
+# baseline's steps, the kNN-LM datastore's build and search in the evaluation estimate;
+# 6: training steps timed on seq_len + 1 tokens, the median of STEP_SAMPLES
 # the report's sample: greedy decoding of a model this small repeats one line over and over
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.7, 40
 BYTES_PER_TOKEN = 3.6  # of Python source under an 8k byte-level BPE, padding included (measured)
@@ -49,6 +51,7 @@ DB_SHARE = 0.15  # of the budget for the BM25 database, which caps the retrieval
 # the whole stage against the small measurement: index build, re-searches past a chunk's own
 # document (measured: 217 s for 21.6k x 121.5k chunks, against 53 ns a pair measured up front)
 BM25_OVERHEAD = 1.6
+STEP_SAMPLES = 3  # timed training steps per measurement (one step's time varies by 10-30%)
 MARGIN = 0.1  # of the budget for generation, the report, model saves and start-up
 # the evaluation, in forward passes of batch x seq_len tokens (measured: `measure_forward`):
 KEYS_COST = 0.4  # a kNN-LM datastore batch (hidden states only) against a baseline forward
@@ -256,7 +259,8 @@ def measure_bm25(texts: list[str], queries: int = 256) -> float:
 def measure_train_step(
     model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool, retrofit: bool = False
 ) -> float:
-    """Seconds of one training step (forward, backward, AdamW) of a model, on random data.
+    """Seconds of one training step (forward, backward, AdamW) of a model, on random data of
+    the shape training feeds it: the median of STEP_SAMPLES steps after a first one.
 
     With `retrofit`, only the encoder and CCA are trained (the decoder frozen)."""
     import torch
@@ -270,7 +274,9 @@ def measure_train_step(
         for _, p in model.retrieval_parameters():
             p.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    tokens = torch.randint(1, model_cfg.vocab_size, (batch, seq_len), generator=g)
+    # a training sample is seq_len inputs and their seq_len targets: seq_len + 1 tokens (one
+    # token fewer leaves the last chunk incomplete, which made a RETRO step ~25% cheaper)
+    tokens = torch.randint(1, model_cfg.vocab_size, (batch, seq_len + 1), generator=g)
     chunks = seq_len // model_cfg.chunk_size
     shape = (batch, chunks, k, model_cfg.neighbour_len)
     neighbours = torch.randint(1, model_cfg.vocab_size, shape, generator=g)
@@ -285,11 +291,11 @@ def measure_train_step(
 
     step()
     times = []
-    for _ in range(2):
+    for _ in range(STEP_SAMPLES):
         start = time.perf_counter()
         step()
         times.append(time.perf_counter() - start)
-    return min(times)
+    return statistics.median(times)  # training pays the typical step, not the fastest
 
 
 def measure_forward(model_cfg: Any, batch: int, seq_len: int, k: int, bf16: bool) -> float:
@@ -404,13 +410,15 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
             retro_cfg, batch, seq_len, k, bf16=bf16, retrofit=True
         )
 
-    f_retro = measure_forward(retro_cfg, batch, seq_len, EVAL_K, bf16=bf16)
-    f_base = measure_forward(base_cfg, batch, seq_len, k, bf16=bf16)
+    # the evaluation runs in float32 (plan.eval has no bf16), whatever training runs in
+    f_retro = measure_forward(retro_cfg, batch, seq_len, EVAL_K, bf16=False)
+    f_base = measure_forward(base_cfg, batch, seq_len, k, bf16=False)
     faiss_rates = measure_faiss(retro_cfg.dec_dim)
 
-    def evaluation(corpus: float) -> float:  # seconds, for a training subset of `corpus` bytes
+    def evaluation(corpus: float, held_out: float | None = None) -> float:
+        """Seconds, for a training subset of `corpus` bytes and `held_out` scored tokens."""
         tokens = corpus / BYTES_PER_TOKEN
-        held_out = min(131072.0, 0.05 * tokens)
+        held_out = min(131072.0, 0.05 * tokens) if held_out is None else held_out
         return estimate_evaluation(
             tokens, held_out, f_retro, f_base, batch, seq_len, 64, retro_cfg.dec_dim, faiss_rates
         )
@@ -453,7 +461,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     estimate = dict(
         train_retro=round(steps * t_retro, 1),
         train_baseline=round(steps * t_base, 1),
-        evaluate=round(evaluation(chosen_bytes), 1),
+        evaluate=round(evaluation(chosen_bytes, eval_tokens), 1),
     )
     if embed_rate is not None:
         estimate["embed"] = round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1)
@@ -816,6 +824,7 @@ def report_json(
         },
         "wall_seconds": clock.total,
         "stage_seconds": clock.stages,
+        "evaluate_seconds": figures.get("seconds", {}),  # per model / comparator
         "plan": {k: v for k, v in plan.to_dict().items() if k != "files"},
         "sample": {"source": source, "prompt": sample.prompt, "text": sample.text},
     }

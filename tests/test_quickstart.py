@@ -155,3 +155,49 @@ def test_the_verdict_names_the_lowest_bits_per_byte_and_how_far_the_others_are()
     # 1.5 / 1.2 - 1 = 25.0%, 1.65 / 1.2 - 1 = 37.5%; nearest first
     assert "RETRO[ON] (25.0% higher), In-Context RALM (37.5% higher)" in sentence
     assert comparator_verdict({"retro_bpb": 1.5}) == []  # nothing to compare with
+
+
+def test_a_measured_training_step_feeds_what_training_feeds(monkeypatch):
+    """The planner times the step training runs: seq_len inputs (a complete last chunk, which
+    the encoder and CCA read) with seq_len targets, and k neighbours per chunk."""
+    from retrolm.config import RetroConfig
+    from retrolm.model import RETRO
+    from retrolm.quickstart import measure_train_step
+
+    seen = []
+    real_loss = RETRO.loss
+
+    def loss(self, tokens, targets, neighbours=None):
+        seen.append((tuple(tokens.shape), tuple(targets.shape), tuple(neighbours.shape)))
+        return real_loss(self, tokens, targets, neighbours)
+
+    monkeypatch.setattr(RETRO, "loss", loss)
+    cfg = RetroConfig.preset("tiny", vocab_size=64)
+    measure_train_step(cfg, batch=2, seq_len=64, k=2, bf16=False, retrofit=True)
+    chunks = 64 // cfg.chunk_size
+    assert seen and set(seen) == {((2, 64), (2, 64), (2, chunks, 2, cfg.neighbour_len))}
+
+
+def test_the_plan_times_the_evaluation_in_the_precision_it_runs_in(tmp_path, monkeypatch):
+    """Training may use bfloat16; the evaluation runs as `plan.eval` says, and its estimate
+    comes from forward passes timed that way."""
+    import retrolm.quickstart as qs
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(40):
+        (corpus / f"f{i}.py").write_text("def f(x):\n    return x + 1\n" * (20 + i))
+    forward = []
+    monkeypatch.setattr(qs, "measure_bm25", lambda texts: 50e-9)
+    monkeypatch.setattr(qs, "measure_faiss", lambda dim: (1e-10, 1e-10))
+    # bfloat16 steps twice as fast as float32: training takes bfloat16
+    monkeypatch.setattr(
+        qs, "measure_train_step", lambda cfg, b, s, k, bf16, retrofit=False: 0.5 if bf16 else 1.0
+    )
+    monkeypatch.setattr(
+        qs, "measure_forward", lambda cfg, b, s, k, bf16: forward.append(bf16) or 0.1
+    )
+    cfg = qs.QuickstartConfig(out=str(tmp_path / "o"), corpus=[str(corpus)], retriever="bm25")
+    plan = qs.make_plan(cfg, embedder=None)
+    assert plan.train["bf16"] is True
+    assert forward and set(forward) == {plan.eval.get("bf16", False)}
