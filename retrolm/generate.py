@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from retrolm.errors import InputError
+from retrolm.model import window_start
 from retrolm.runs import (
     check_database,
     load_run_model,
@@ -121,6 +122,8 @@ def generate_text(
         run: training run folder.
         db: database folder (or an opened Database) with the run's tokenizer and chunk size.
         prompt: text to continue (any length >= 1 character; no retrieval until a chunk is full).
+            One longer than the model's window is read as the window would hold it: its oldest
+            whole chunks are dropped (`retrolm.model.window_start`), as generation drops them.
         max_new_tokens: tokens to generate.
         temperature: 0 is greedy; top_k / top_p restrict sampling.
         seed: seeds the sampling generator.
@@ -133,9 +136,7 @@ def generate_text(
         The generated text and, per completed chunk, the retrieved database chunks.
 
     Raises:
-        InputError: empty prompt, missing run, a prompt longer than the model's max_seq_len
-            (generation may run past it: the window drops its oldest chunks, see
-            `retrolm.model.window_start`);
+        InputError: empty prompt, missing run;
             MismatchError: a database with another tokenizer or chunk size.
     """
     if not prompt:
@@ -150,11 +151,7 @@ def generate_text(
     check_database(meta["database"], source, str(run))
     cfg = model.cfg
     ids = source.tokenizer.encode(prompt)
-    if len(ids) > cfg.max_seq_len:
-        raise InputError(
-            f"the prompt ({len(ids)} tokens) is longer than the model's max_seq_len "
-            f"{cfg.max_seq_len}; shorten it (generation itself may run past max_seq_len)"
-        )
+    first_chunk = window_start(len(ids), cfg.max_seq_len, source.chunk_size) // source.chunk_size
     dev = resolve_device(device)
     model.to(dev).eval()
     k = num_neighbours or cfg.num_neighbours
@@ -171,7 +168,7 @@ def generate_text(
         nb_ids, dists = source.search_chunks(tokens, k)
         neighbours = torch.from_numpy(np.asarray(source.neighbour_tokens(nb_ids), dtype=np.int64))
         retrieval_time[0] += time.perf_counter() - t0
-        u = len(history)
+        u = first_chunk + len(history)  # the chunks a long prompt drops are not retrieved for
         history.append(tokens[0].tolist())
         attribution.append(_attribute(source, u, m, len(ids), tokens[0], nb_ids[0], dists[0]))
         return neighbours.to(dev)

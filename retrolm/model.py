@@ -1466,7 +1466,9 @@ class RETRO(nn.Module):
         Greedy output equals decoding by full re-computation with `model(window, neighbours)`.
 
         Args:
-            prompt: (B, P) int64, 1 <= P <= max_seq_len.
+            prompt: (B, P) int64, P >= 1. A prompt longer than max_seq_len is read as the
+                window would hold it had it been generated: its oldest whole chunks (the first
+                `window_start(P, ...)` tokens) are dropped unread and never retrieved for.
             max_new_tokens: tokens to add (any number >= 0).
             retrieve: neighbours for a completed chunk; None decodes with RETRO[OFF].
             temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / T).
@@ -1637,6 +1639,17 @@ def windowed_generate(
     window of at most max_seq_len tokens that drops its oldest whole chunk when full.
     """
     cfg = model.cfg
+    if isinstance(prompt, Tensor) and prompt.dim() == 2 and prompt.shape[1] > cfg.max_seq_len:
+        # the window after feeding the whole prompt: the dropped chunks are never read again,
+        # and every later window start is the same chunk boundary shifted by `skip`
+        skip = window_start(prompt.shape[1], cfg.max_seq_len, cfg.chunk_size)
+        if prompt.dtype == torch.long:
+            model._check_ids(prompt, "prompt")
+        kept = windowed_generate(
+            model, prompt[:, skip:], max_new_tokens, retrieve, temperature, top_k, top_p,
+            generator, on_token,
+        )  # fmt: skip
+        return torch.cat([prompt[:, :skip], kept], dim=1)
     model._check_tokens(prompt, "prompt")
     B, P = prompt.shape
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:

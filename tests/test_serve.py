@@ -101,7 +101,7 @@ def serve(world, db=None, run=None, **settings) -> Server:
 
 @pytest.fixture(scope="module")
 def server(world):
-    with serve(world, max_tokens=400) as s:
+    with serve(world, max_tokens=400, max_prompt_tokens=1000) as s:
         yield s
 
 
@@ -228,6 +228,20 @@ def test_generation_past_the_window(server, world):
     assert len(r["retrieved"]) == (alone.prompt_tokens + n - 1) // 16
 
 
+def test_a_prompt_longer_than_the_window_is_read_as_generate_reads_it(server, world):
+    """A prompt over max_seq_len loses its oldest whole chunks (as `retrolm generate` and the
+    model's own window do): the same text, and sources for the kept chunks only."""
+    prompt = PROMPT * 20  # about 5 x the tiny model's max_seq_len of 128 tokens
+    r = complete(server.url, prompt=prompt, max_tokens=30, temperature=0).json()
+    alone = generate_text(
+        world["retro"], world["db"], prompt, max_new_tokens=30, model=world["model"]
+    )
+    assert alone.prompt_tokens > 128 and r["usage"]["prompt_tokens"] == alone.prompt_tokens
+    assert r["choices"][0]["text"] == alone.text
+    indexes = [c["chunk_index"] for c in r["retrieved"]]
+    assert indexes == [c.chunk_index for c in alone.attribution] and indexes[0] > 0
+
+
 def test_a_baseline_run_is_served_without_retrieval(world):
     with serve(world, run=world["base"]) as s:
         d = complete(s.url, prompt=PROMPT, max_tokens=20, temperature=0).json()
@@ -321,7 +335,7 @@ BAD_REQUESTS = {
     "negative temperature": ("/v1/completions", {"prompt": "a", "temperature": -0.5}, 400),
     "top_p 0": ("/v1/completions", {"prompt": "a", "top_p": 0}, 400),
     "top_k 0": ("/v1/completions", {"prompt": "a", "top_k": 0}, 400),
-    "prompt too long": ("/v1/completions", {"prompt": "dog " * 200}, 400),
+    "prompt too long": ("/v1/completions", {"prompt": "dog " * 1200}, 400),  # > 1000 tokens
     "body too large": ("/v1/completions", {"prompt": "x" * 70_000}, 413),
     "search k 0": ("/v1/search", {"query": "a", "k": 0}, 400),
     "search k over the limit": ("/v1/search", {"query": "a", "k": 51}, 400),

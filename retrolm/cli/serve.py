@@ -43,7 +43,11 @@ def register(subparsers: Any) -> None:
         "--max-queue", type=int, default=d.max_queue, help="requests waiting; more get 429"
     )
     p.add_argument(
-        "--max-prompt-tokens", type=int, help="longest prompt (default: the model's max_seq_len)"
+        "--max-prompt-tokens",
+        type=int,
+        default=d.max_prompt_tokens,
+        help="longest prompt in tokens (a prompt longer than the model's window loses its "
+        "oldest whole chunks, as generation does past the window)",
     )
     p.add_argument(
         "--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens of a request"

@@ -210,8 +210,7 @@ def create_app(
         neighbours=settings.neighbours,
         device=device,
     )
-    max_prompt = settings.max_prompt_tokens or cfg.max_seq_len
-    max_prompt = min(max_prompt, cfg.max_seq_len)
+    max_prompt = settings.max_prompt_tokens  # longer prompts are read as the window holds them
     name = settings.model_name or Path(run).resolve().name
     created = int(time.time())
     state = {"shutting_down": False}

@@ -27,6 +27,7 @@ import torch
 
 from retrolm.errors import InputError
 from retrolm.generate import RetrievedChunk, _attribute
+from retrolm.model import window_start
 from retrolm.serve.batch import BatchDecoder, Sequence
 
 log = logging.getLogger(__name__)
@@ -167,6 +168,7 @@ class Completion:
     text: str = ""  # emitted so far
     generated: list[int] = field(default_factory=list)
     chunks_sent: int = 0
+    skipped: int = 0  # the oldest prompt tokens a prompt longer than the window drops, unread
     started: float = field(default_factory=time.monotonic)
 
     def cancel(self) -> None:
@@ -279,6 +281,7 @@ class Engine:
         with self._cond:
             while not self._stop and not self._pending and not self.decoder.running:
                 self._cond.wait(0.5)
+            m = self.decoder.cfg.chunk_size
             while self._pending and self.decoder.has_room:
                 c = self._pending.popleft()
                 if c.cancelled:
@@ -287,8 +290,11 @@ class Engine:
                 if c.temperature > 0:
                     seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(6), "big")
                     generator = torch.Generator(device=self.decoder.device).manual_seed(seed)
+                # a prompt longer than the window: decoded from the window it leaves, as
+                # `RETRO.generate` does (the dropped whole chunks are never read again)
+                c.skipped = window_start(len(c.prompt_ids), self.decoder.cfg.max_seq_len, m)
                 c.sequence = Sequence(
-                    list(c.prompt_ids),
+                    c.prompt_ids[c.skipped :],
                     c.max_tokens,
                     retrieve=self._retriever(c.db),
                     temperature=c.temperature,
@@ -326,10 +332,12 @@ class Engine:
     def _send_chunks(self, c: Completion, seq: Sequence) -> None:
         m = self.decoder.cfg.chunk_size
         while c.chunks_sent < len(seq.retrieved):
-            u = c.chunks_sent
+            u = c.chunks_sent  # in the decoded sequence; c.skipped // m + u in the request's
             nb_ids, dists = seq.retrieved[u]
             chunk = np.asarray(seq.tokens[u * m : (u + 1) * m])
-            entry: RetrievedChunk = _attribute(c.db, u, m, seq.prompt_len, chunk, nb_ids, dists)
+            entry: RetrievedChunk = _attribute(
+                c.db, c.skipped // m + u, m, len(c.prompt_ids), chunk, nb_ids, dists
+            )
             c.emit({"type": "chunk", "chunk": entry})
             c.chunks_sent += 1
 

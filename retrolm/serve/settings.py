@@ -12,7 +12,8 @@ class ServeSettings:
     """Everything `retrolm serve` can set (the CLI flags), with their defaults."""
 
     api_key: str | None = None  # every /v1/* request needs `Authorization: Bearer KEY`
-    max_prompt_tokens: int | None = None  # default: the model's max_seq_len
+    # tokens a prompt may have; one longer than the model's window loses its oldest whole chunks
+    max_prompt_tokens: int = 8192
     max_tokens: int = 1024  # the largest `max_tokens` a request may ask for
     max_body_bytes: int = 65536
     max_search_k: int = 50
