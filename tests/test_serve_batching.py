@@ -196,6 +196,31 @@ def test_a_removed_sequence_frees_its_row_for_the_next():
     assert second.tokens == model.generate(torch.tensor([[9, 3]]), 40, retrieve=table)[0].tolist()
 
 
+@pytest.mark.parametrize("name", ["tiny", "copy"])
+def test_a_retro_off_sequence_in_a_row_a_retrieving_one_left_reads_no_neighbours(name):
+    """RETRO[OFF] (no retriever) in a retrieval model's batch: it reads no neighbours, not the
+    chunks the row's previous occupant left, and gives `generate` without retrieval."""
+    cfg = CONFIGS[name]
+    model = make_model(cfg)
+    table = TableRetriever(cfg)
+    decoder = BatchDecoder(model, slots=2, k=2)
+    first = [Sequence([5, 6, 7, 1, 2], 3 * cfg.max_seq_len, batch_retrieve(table)) for _ in "ab"]
+    for seq in first:
+        decoder.add(seq)
+    while not all(seq.finished for seq in first):
+        decoder.step()
+    for seq in first:
+        decoder.remove(seq)
+    prompts = [[9, 3], [4] * (cfg.chunk_size + 3)]  # no chunk complete; one chunk complete
+    off = [Sequence(list(p), 2 * cfg.max_seq_len) for p in prompts]  # retrieve=None: OFF
+    for seq in off:
+        decoder.add(seq)
+    while not all(seq.finished for seq in off):
+        decoder.step()
+    for p, seq in zip(prompts, off, strict=True):
+        assert seq.tokens == model.generate(torch.tensor([p]), 2 * cfg.max_seq_len)[0].tolist()
+
+
 def test_sequences_joining_in_one_step_are_encoded_in_one_forward_pass():
     """k sequences joining in a step make one prefill pass (lengths up to two chunks, or
     padded to at most 1.25x their tokens), and one more pass decodes the sequences already running;

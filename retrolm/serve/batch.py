@@ -15,6 +15,8 @@ A model without `slot_cache` (a RETRO-fitted Hugging Face model, `retrolm.hf`, w
 values live in the base's own cache) is decoded the same way but one sequence per forward
 pass: each sequence keeps its own generation cache (`_new_cache` / `_forward_cached`, the calls
 `RETRO.generate`'s loop makes), so requests interleave token by token without being batched.
+A RETRO[OFF] sequence (no retriever) of a retrieval model is decoded that way too: the slot
+cache's rows read neighbours, and a row would otherwise read those its previous occupant left.
 
 It is synchronous and single-threaded; `retrolm.serve.engine.Engine` runs it in a worker
 thread. Greedy output of a sequence does not depend on what else is in the batch (up to float
@@ -157,14 +159,18 @@ class BatchDecoder:
         slid (one pass per group of similar lengths), one `decode_rows` for all the others."""
         m, N = self.cfg.chunk_size, self.cfg.max_seq_len
         prefill, decode = [], []
+        logits: dict[int, Tensor] = {}
         for s in seqs:
             w = window_start(len(s.tokens), N, m)
-            if w != s.start:  # joined, or the window slid: encode tokens w.. into its row
+            if s.retrieve is None and self.cache.retrieval:
+                # RETRO[OFF] in a retrieval model: the slot cache's rows always read
+                # neighbours, so it decodes through a cache of its own, without any
+                logits[id(s)] = self._step_alone(s, w)
+            elif w != s.start:  # joined, or the window slid: encode tokens w.. into its row
                 s.start = w
                 prefill.append(s)
             else:
                 decode.append(s)
-        logits: dict[int, Tensor] = {}
         if prefill:
             logits.update(zip(map(id, prefill), self._prefill(prefill), strict=True))
         if decode:
