@@ -92,7 +92,7 @@ class EvalReport:
     runs: dict[str, str] = field(default_factory=dict)  # bpb key -> the run folder it is of
 
     comparators: dict[str, Any] = field(default_factory=dict)  # settings found, e.g. kNN-LM's
-    seconds: dict[str, float] = field(default_factory=dict)  # bpb key -> wall seconds scoring it
+    seconds: dict[str, float] = field(default_factory=dict)  # bpb key -> seconds scoring it
 
     NAMES = {
         "retro_on": "retro_bpb",
@@ -134,7 +134,7 @@ class EvalReport:
         if self.runs:
             d["runs"] = {self.NAMES[k]: v for k, v in self.runs.items()}
         if self.seconds:
-            d["seconds"] = {self.NAMES[k]: v for k, v in self.seconds.items()}
+            d["seconds"] = dict(self.seconds)  # retro_on, retro_off, baseline, ralm, knnlm
         return d
 
     def to_text(self) -> str:

@@ -156,6 +156,8 @@ def test_evaluate_run_scores_comparators_on_the_same_tokens(world):
     assert set(d["comparators"]) == {"ralm", "knnlm"} and d["comparators"]["knnlm"]["datastore"] > 0
     assert all("ralm_bpb" in f and "knnlm_bpb" in f for f in d["filtered"].values())
     assert "RALM" in report.to_text() and "kNN-LM" in report.to_text()
+    assert set(d["seconds"]) == {"retro_on", "retro_off", "baseline", "ralm", "knnlm"}
+    assert all(s > 0 for s in d["seconds"].values())
     zero = evaluate_run(
         world["retro"],
         world["db"],
