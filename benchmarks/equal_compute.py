@@ -17,8 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
+
+from retrolm.errors import UserError
 
 
 def main() -> None:
@@ -34,8 +37,11 @@ def main() -> None:
     from retrolm.train import TrainConfig, train
 
     qs = args.quickstart
-    if not (qs / "report.json").is_file() or not (qs / "plan.json").is_file():
-        raise SystemExit(f"{qs}: no report.json and plan.json; pass a finished quickstart folder")
+    missing = [n for n in ("report.json", "plan.json", "database") if not (qs / n).exists()]
+    if missing:
+        p.error(f"{qs}: no {', '.join(missing)}; pass the --out folder of a finished quickstart")
+    if args.steps is not None and args.steps <= 0:
+        p.error(f"--steps must be a positive number of steps, got {args.steps}")
     report = json.loads((qs / "report.json").read_text())
     plan = json.loads((qs / "plan.json").read_text())
     stages = report["stage_seconds"]
@@ -47,19 +53,18 @@ def main() -> None:
     settings = dict(plan["train"], max_steps=steps, checkpoint_every=max(1, steps // 4))
     settings["eval_every"] = max(1, steps // 8)
     tcfg = TrainConfig(model=dict(plan["model"]), no_retrieval=True, **settings)
-    db = Database.open(qs / "database")
     start = time.perf_counter()
-    train(
-        tcfg,
-        db,
-        out,
-        resume=(out / "train_config.json").is_file(),
-        show_progress=not args.no_progress,
-    )
-    seconds = time.perf_counter() - start
-    eq = evaluate_run(
-        out, db, config=EvalConfig(**plan["eval"]), show_progress=not args.no_progress
-    )
+    try:  # bad folders, another run in --out (e.g. other --steps): one line, exit 2
+        db = Database.open(qs / "database")
+        resume = (out / "train_config.json").is_file()
+        train(tcfg, db, out, resume=resume, show_progress=not args.no_progress)
+        seconds = time.perf_counter() - start
+        cfg = EvalConfig(**plan["eval"])
+        eq = evaluate_run(out, db, config=cfg, show_progress=not args.no_progress)
+    except UserError as e:
+        hint = " (this script: pass another --out)" if "--overwrite" in str(e) else ""
+        print(f"equal_compute.py: {e}{hint}", file=sys.stderr)
+        raise SystemExit(e.exit_code) from None
     d = eq.to_dict()
 
     def pct(x: float) -> str:

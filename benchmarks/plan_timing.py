@@ -33,10 +33,7 @@ retro = RetroConfig.preset("quickstart", vocab_size=8192)
 base = RetroConfig.preset("quickstart", vocab_size=8192, cca_layers=())
 out = {}
 if order == "plan":
-    files = Q.stdlib_files()
-    sample = "".join(Q._read_text(p)[:65536] for p in files[:: max(1, len(files) // 64)][:64])
-    texts = [sample[i : i + 256] for i in range(0, len(sample), 256)]
-    Q.measure_bm25(texts[:4096])
+    Q.measure_bm25(Q.sample_chunks(Q.stdlib_files())[:4096])  # as make_plan, on the stdlib
     out["retro_fp32"] = Q.measure_train_step(retro, 8, 256, 2, bf16=False)
     out["retro_bf16"] = Q.measure_train_step(retro, 8, 256, 2, bf16=True)
 out["baseline"] = Q.measure_train_step(base, 8, 256, 2, bf16=bf16)

@@ -232,6 +232,15 @@ def choose_valid(files: list[Path], fraction: float, seed: int, min_files: int =
 # calibration and planning
 
 
+def sample_chunks(files: list[Path]) -> list[str]:
+    """Chunk-sized texts from up to 64 of `files`, spread over the list: what the plan times
+    the retriever on."""
+    sample_text = "".join(_read_text(p)[:65536] for p in files[:: max(1, len(files) // 64)][:64])
+    chunk_chars = int(64 * BYTES_PER_TOKEN)
+    texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
+    return [t for t in texts if t.strip()] or ["def f(x):\n    return x\n" * 8]
+
+
 def measure_embedding(embedder: Any, texts: list[str]) -> float:
     """Chunks per second of `embedder` on `texts` (after a warm-up batch)."""
     embedder.embed(texts[:8])
@@ -384,10 +393,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     if not files:
         raise InputError("the standard library of this Python has no .py files; pass --corpus")
     embed_rate = bm25_cost = None
-    sample_text = "".join(_read_text(p)[:65536] for p in files[:: max(1, len(files) // 64)][:64])
-    chunk_chars = int(64 * BYTES_PER_TOKEN)
-    texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
-    texts = [t for t in texts if t.strip()] or ["def f(x):\n    return x\n" * 8]
+    texts = sample_chunks(files)
     if cfg.retriever == "dense":
         embed_rate = measure_embedding(embedder, texts[:96])
     else:
