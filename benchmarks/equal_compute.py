@@ -42,11 +42,15 @@ def main() -> None:
         p.error(f"{qs}: no {', '.join(missing)}; pass the --out folder of a finished quickstart")
     if args.steps is not None and args.steps <= 0:
         p.error(f"--steps must be a positive number of steps, got {args.steps}")
-    report = json.loads((qs / "report.json").read_text())
-    plan = json.loads((qs / "plan.json").read_text())
-    stages = report["stage_seconds"]
-    base_steps = plan["train"]["max_steps"]
-    both = stages["train baseline"] + stages["train retro"]
+    try:  # a quickstart of an older retrolm, or unfinished: one line, not a KeyError
+        report = json.loads((qs / "report.json").read_text())
+        plan = json.loads((qs / "plan.json").read_text())
+        stages = report["stage_seconds"]
+        base_steps = plan["train"]["max_steps"]
+        both = stages["train baseline"] + stages["train retro"]
+        report["filtered"]["0.125"], report["eval"]["tokens"], report["retrofit_steps"]
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        p.error(f"{qs}: report.json or plan.json lacks {e}; rerun that quickstart with this retrolm")
     steps = args.steps or round(base_steps * both / stages["train baseline"])
     out = args.out or qs / "baseline-equal-compute"
 
