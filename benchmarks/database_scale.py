@@ -34,7 +34,7 @@ import numpy as np
 
 from retrolm.database import distributed
 from retrolm.database import index as ix
-from retrolm.database.config import parse_bytes
+from retrolm.database.config import DatabaseConfig, parse_bytes
 from retrolm.database.neighbours import index_search_fn, search_excluding_documents
 from retrolm.database.ondisk import choose_layout, merge_blocks_ondisk
 from retrolm.io import save_npy
@@ -368,7 +368,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-rows", type=int, default=16384, help="chunks per block (as db build)")
     p.add_argument("--index", default="auto", help="'auto' or a faiss factory string")
     p.add_argument("--index-memory", default="4G", help="--index auto memory budget (as db build)")
-    p.add_argument("--index-train-size", type=int, default=100_000, help="as db build")
+    p.add_argument(
+        "--index-train-size",
+        type=int,
+        default=DatabaseConfig.index_train_size,
+        help="as db build (default %(default)s)",
+    )
     p.add_argument("--neighbours", type=int, default=10)
     p.add_argument("--sample", type=int, default=1000, help="chunks whose recall is measured")
     p.add_argument("--workers", type=int, default=1, help="local ranks (elastic launcher)")

@@ -84,8 +84,9 @@ class DatabaseConfig:
     index: str = "auto"
     # memory budget for the faiss index, in bytes
     index_memory: int = 4 << 30
-    # at most this many train chunks are sampled to train an approximate index
-    index_train_size: int = 100_000
+    # at most this many train chunks are sampled to train an approximate index (it takes
+    # 32 per IVF cell: 524k at 4M chunks, 2M at 16M; 4 x dim bytes each in memory)
+    index_train_size: int = 1 << 21
     # neighbours stored per chunk (training uses the first k)
     neighbours: int = 10
     # chunks per block file (the last block of a run may be shorter)

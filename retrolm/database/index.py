@@ -31,9 +31,17 @@ logger = logging.getLogger(__name__)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # Below this many vectors an exact search is cheap enough (about 1 ms per query per 100k x 384).
 EXACT_MAX_VECTORS = 100_000
-# Training points per IVF centroid (faiss warns below 39) and per PQ centroid (256 per codebook).
-POINTS_PER_CENTROID = 64
-MAX_TRAIN_SAMPLE = 1 << 18
+# Training points per IVF centroid and per PQ centroid (256 per codebook). faiss warns below 39;
+# 32 per cell is what the benchmark's 1M-16M chunk runs trained on (recall in RESULTS.md).
+POINTS_PER_CENTROID = 32
+MAX_TRAIN_SAMPLE = 1 << 21
+# IVF cells hold about this many vectors (more cells as the database grows), so that a probe
+# scans the same number of codes at any size and the neighbour stage's time per chunk stays flat.
+CELL_VECTORS = 256
+MAX_NLIST = 1 << 16
+# From this many cells on, the coarse quantizer is an HNSW graph over the centroids: assigning
+# a vector to one of 65536 cells exactly costs 50 MFLOP, which at 16M chunks is hours of encoding.
+HNSW_QUANTIZER_NLIST = 16384
 
 
 def _metric_type(metric: str) -> int:
@@ -48,18 +56,31 @@ def metric_of(index: faiss.Index) -> str:
 
 
 def ivf_nlist(num_vectors: int) -> int:
-    """Number of IVF cells: a power of two near 4 * sqrt(num_vectors), between 64 and 65536."""
-    target = 4 * math.sqrt(max(num_vectors, 1))
-    return int(min(65536, max(64, 2 ** round(math.log2(target)))))
+    """Number of IVF cells: a power of two near the larger of 4 * sqrt(num_vectors) (faiss's
+    rule for small indexes) and num_vectors / `CELL_VECTORS`, between 64 and `MAX_NLIST`."""
+    n = max(num_vectors, 1)
+    target = max(4 * math.sqrt(n), n / CELL_VECTORS)
+    return int(min(MAX_NLIST, max(64, 2 ** round(math.log2(target)))))
+
+
+def ivf_prefix(num_vectors: int) -> str:
+    """The coarse part of an auto-chosen IVF factory: `IVF{nlist}`, or `IVF{nlist}_HNSW32`
+    from `HNSW_QUANTIZER_NLIST` cells on."""
+    nlist = ivf_nlist(num_vectors)
+    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_NLIST else f"IVF{nlist}"
 
 
 def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int) -> str:
     """Pick a faiss index_factory string for `num_vectors` vectors of `dim` floats.
 
     - `Flat` (exact) when there are fewer than 100k vectors and they fit the budget;
-    - `IVF{nlist},Flat` (approximate, raw vectors kept) when the raw vectors fit the budget;
-    - `OPQ{M}_{D},IVF{nlist},PQ{M}` (compressed to M bytes per vector) otherwise, with the
-      largest M whose codes (plus 8-byte ids) fit the budget.
+    - otherwise IVF (`ivf_prefix`: cells of about `CELL_VECTORS` vectors) over the most precise
+      codes whose bytes (plus 8-byte ids) fit the budget: `SQ8` (1 byte per dimension), `SQ4`,
+      then `OPQ{M}_{D},...,PQ{M}` (M bytes per vector, for the largest M that fits).
+
+    Every code is compressed: searches re-rank their candidates with the stored embeddings
+    (`RerankedIndex`), so the stored neighbours carry exact distances while the index holds
+    a quarter (SQ8) or less of the raw vectors' bytes.
 
     Args:
         num_vectors: how many vectors the index will hold.
@@ -77,14 +98,15 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int) -> str:
     raw_bytes = num_vectors * (dim * 4 + 8)  # vectors plus int64 ids
     if raw_bytes <= memory_budget_bytes and num_vectors < EXACT_MAX_VECTORS:
         return "Flat"
-    nlist = ivf_nlist(num_vectors)
-    if raw_bytes <= memory_budget_bytes:
-        return f"IVF{nlist},Flat"
+    ivf = ivf_prefix(num_vectors)
+    for bits in (8, 4):
+        if num_vectors * (-(-dim * bits // 8) + 8) <= memory_budget_bytes:
+            return f"{ivf},SQ{bits}"
     for m in (64, 48, 32, 24, 16, 8):
         if m <= dim and num_vectors * (m + 8) <= memory_budget_bytes:
             # OPQ rotates into D = 4M dimensions (at most dim), a multiple of M as PQ requires.
             d_out = min(4 * m, dim - dim % m)
-            return f"OPQ{m}_{d_out},IVF{nlist},PQ{m}"
+            return f"OPQ{m}_{d_out},{ivf},PQ{m}"
     raise InputError(
         f"an index of {num_vectors} vectors needs at least {num_vectors * 16} bytes "
         f"(8-byte codes and ids) but the memory budget is {memory_budget_bytes} bytes: "
@@ -132,6 +154,95 @@ def _configure_training(index: Any, seed: int) -> None:
             vt = faiss.downcast_VectorTransform(inner.chain.at(i))
             if isinstance(vt, faiss.OPQMatrix):
                 vt.niter = 20
+
+
+KMEANS_ITERATIONS = 10  # as faiss trains IVF centroids
+QUANTIZER_EF_SEARCH = 64  # HNSW quantizer: candidates searched for a vector's cells
+
+
+def _hnsw_quantizer(index: Any) -> Any:
+    """The HNSW coarse quantizer of an `IVF{n}_HNSW{m}` index (through a pre-transform), or None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    quantizer = faiss.downcast_index(ivf.quantizer)
+    return quantizer if isinstance(quantizer, faiss.IndexHNSW) else None
+
+
+def _single_threaded_add(index: Any, vectors: np.ndarray) -> None:
+    """Add to an HNSW graph on one thread: a multi-threaded add links the graph in a timing-
+    dependent order, and the same build must give the same index (resume, ranks)."""
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        index.add(vectors)
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def hnsw_kmeans(
+    x: np.ndarray, k: int, *, seed: int, spherical: bool, niter: int = KMEANS_ITERATIONS
+) -> np.ndarray:
+    """Lloyd's k-means whose assignment step searches an HNSW graph over the centroids.
+
+    Exact assignment costs k x d per point per iteration: at 65536 centroids and 2M points,
+    hours on a few cores; the graph finds the nearest centroid (nearly always) in a few hundred
+    distance computations. Deterministic for a seed: the graph is built on one thread, searches
+    are independent per point, and the sums are accumulated in a fixed order. A cell left empty
+    takes a seeded random point, as faiss's k-means re-seeds empty cells.
+
+    Returns:
+        (k, d) float32 centroids (unit norm when `spherical`).
+    """
+    import torch
+
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, d = x.shape
+    if n < k:
+        raise InputError(f"k-means of {k} centroids needs at least {k} points, got {n}")
+    rng = np.random.default_rng(seed)
+    centroids = x[np.sort(rng.choice(n, k, replace=False))].copy()
+    xt = torch.from_numpy(x)
+    for _ in range(niter):
+        graph = faiss.IndexHNSWFlat(d, 32)
+        graph.hnsw.efConstruction = 40
+        _single_threaded_add(graph, centroids)
+        graph.hnsw.efSearch = 32
+        _, assign = graph.search(x, 1)
+        assign = torch.from_numpy(assign[:, 0].astype(np.int64))
+        sums = torch.zeros((k, d), dtype=torch.float64).index_add_(0, assign, xt.double())
+        counts = torch.bincount(assign, minlength=k).numpy()
+        centroids = (sums.numpy() / np.maximum(counts, 1)[:, None]).astype(np.float32)
+        empty = np.flatnonzero(counts == 0)
+        if len(empty):
+            centroids[empty] = x[rng.choice(n, len(empty), replace=False)]
+        if spherical:
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return centroids
+
+
+def _train_with_hnsw_quantizer(index: Any, sample: np.ndarray, seed: int) -> None:
+    """Train an `IVF{n}_HNSW{m}` index (optionally behind a pre-transform such as OPQ): the
+    transforms on the sample, the centroids by `hnsw_kmeans`, added to the quantizer's graph
+    on one thread, then the codes (SQ / PQ) by faiss on the transformed sample."""
+    inner = faiss.downcast_index(index)
+    x = sample
+    if isinstance(inner, faiss.IndexPreTransform):
+        for i in range(inner.chain.size()):
+            vt = faiss.downcast_VectorTransform(inner.chain.at(i))
+            vt.train(x)
+            x = vt.apply(x)
+        ivf = faiss.downcast_index(inner.index)
+    else:
+        ivf = inner
+    quantizer = _hnsw_quantizer(index)
+    centroids = hnsw_kmeans(
+        x, ivf.nlist, seed=seed, spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    )
+    _single_threaded_add(quantizer, centroids)
+    quantizer.is_trained = True
+    ivf.train(x)  # the quantizer holds nlist centroids: faiss trains only the codes now
+    index.is_trained = True
 
 
 def _supports_ids(index: Any) -> bool:
@@ -185,7 +296,10 @@ def build_index(
             )
         _configure_training(index, seed)
         try:
-            index.train(sample)
+            if _hnsw_quantizer(index) is not None:
+                _train_with_hnsw_quantizer(index, sample, seed)
+            else:
+                index.train(sample)
         except RuntimeError as e:
             raise InputError(f"training index {factory!r} failed: {str(e).strip()}") from None
     return index
@@ -351,6 +465,9 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
         if k_factor is not None:
             index.k_factor = int(k_factor)
         index = index.index
+    if "nprobe" in params and "quantizer_efSearch" not in params:
+        if _hnsw_quantizer(index) is not None:  # the graph must return nprobe cells
+            params["quantizer_efSearch"] = max(QUANTIZER_EF_SEARCH, 2 * int(params["nprobe"]))
     space = faiss.ParameterSpace()
     for name, value in params.items():
         try:
