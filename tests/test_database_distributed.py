@@ -189,7 +189,9 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
     return centres[rng.integers(0, 32, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
 
 
-@pytest.mark.parametrize("factory", ["Flat", "IVF32,Flat", "OPQ4_16,IVF32,PQ4", "HNSW8"])
+@pytest.mark.parametrize(
+    "factory", ["Flat", "IVF32,Flat", "OPQ4_16,IVF32,PQ4", "HNSW8", "IVF32_HNSW8,SQ8"]
+)
 def test_encoded_blocks_added_in_order_equal_a_serial_add(factory):
     x = clustered(6000, 16, seed=0)
     serial = ix.build_index(factory, 16, "l2", x[:3000], seed=0)
@@ -229,16 +231,16 @@ def test_search_params_are_the_cheapest_reaching_the_target_recall(factory, monk
 
 
 def test_auto_index_goes_on_disk_only_when_no_index_fits_memory():
-    assert choose_layout(1_000_000, 384, 8 << 30) == ("IVF4096,Flat", False)
+    assert choose_layout(1_000_000, 384, 8 << 30) == ("IVF4096,SQ8", False)
     factory, ondisk = choose_layout(10_000_000, 384, 64 << 20)  # < 8-byte codes, > centroids
-    assert ondisk and factory == "OPQ32_128,IVF16384,PQ32"
+    assert ondisk and factory == "OPQ32_128,IVF32768_HNSW32,PQ32"
     with pytest.raises(RetrolmError, match="index-memory"):
         choose_layout(10_000_000, 384, 1 << 10)
 
 
-def test_ondisk_lists_merged_from_shards_search_like_the_in_memory_index(tmp_path):
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "IVF32_HNSW8,SQ8"])
+def test_ondisk_lists_merged_from_shards_search_like_the_in_memory_index(tmp_path, factory):
     x = clustered(8000, 16, seed=1)
-    factory = "IVF32,Flat"
     memory = ix.build_index(factory, 16, "ip", x[:4000], seed=0)
     trained = faiss.serialize_index(memory)
     blocks = []

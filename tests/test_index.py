@@ -88,8 +88,9 @@ def test_auto_index_for_100k_vectors_reaches_recall_95(metric, d):
         x /= np.linalg.norm(x, axis=1, keepdims=True)
     db, q = x[:n], x[n:]
     factory = ix.choose_factory(n, d, memory_budget_bytes=1 << 30)
-    assert factory.startswith("IVF") and factory.endswith(",Flat")
-    index = built(factory, db, metric)
+    assert factory == "IVF1024,SQ8"  # 1 byte per dimension
+    # a database re-ranks compressed codes with its stored vectors (`choose_search_params`)
+    index = ix.RerankedIndex(built(factory, db, metric), lambda ids: db[ids], ix.RERANK_FACTOR)
     _, found = ix.search(index, q, 10)
     _, true_rows = _exact(db, q, metric)
     assert ix.recall_at_k(found, true_rows) >= 0.95
@@ -129,10 +130,15 @@ def test_small_opq_pq_index_builds_and_searches():
 
 def test_choose_factory_by_size_and_budget():
     assert ix.choose_factory(50_000, 384, 1 << 30) == "Flat"
-    assert ix.choose_factory(1_000_000, 384, 8 << 30).startswith("IVF4096,Flat")
-    assert ix.choose_factory(10_000_000, 384, 2 << 30).startswith("OPQ64_256,IVF16384,PQ64")
+    # Cells of ~256 vectors; an HNSW coarse quantizer from 16384 cells; the most precise codes
+    # that fit: SQ8, SQ4, then OPQ + PQ.
+    assert ix.choose_factory(1_000_000, 384, 8 << 30) == "IVF4096,SQ8"
+    assert ix.choose_factory(4_000_000, 384, 4 << 30) == "IVF16384_HNSW32,SQ8"
+    assert ix.choose_factory(16_000_000, 384, 4 << 30) == "IVF65536_HNSW32,SQ4"
+    assert ix.choose_factory(10_000_000, 384, 1 << 30) == "OPQ64_256,IVF32768_HNSW32,PQ64"
     # Small databases that do not fit are compressed too.
-    assert ix.choose_factory(50_000, 384, 10_000_000).startswith("OPQ")
+    assert ix.choose_factory(50_000, 384, 10_000_000) == "IVF1024,SQ4"
+    assert ix.choose_factory(50_000, 384, 4_000_000) == "OPQ64_256,IVF1024,PQ64"
     with pytest.raises(InputError, match="index-memory"):
         ix.choose_factory(10_000_000, 384, 1 << 20)
     with pytest.raises(InputError):
@@ -177,6 +183,29 @@ def test_training_is_deterministic_for_a_seed():
     a = ix.search(built("IVF64,Flat", db, "l2", seed=3), db[:50], 10)[1]
     b = ix.search(built("IVF64,Flat", db, "l2", seed=3), db[:50], 10)[1]
     np.testing.assert_array_equal(a, b)
+
+
+def test_hnsw_quantizer_training_is_deterministic_and_matches_exact_kmeans():
+    """`IVF{n}_HNSW32` (the auto choice from 16384 cells) is trained by a k-means whose
+    assignment searches a graph: the same seed must give the same bytes with 2 threads (ranks,
+    resume), and the cells must be as good as faiss's exact k-means."""
+    db = clustered(20_000, 32, 400, spread=1.0, seed=9)
+    db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:200] + 0.01
+    faiss.omp_set_num_threads(2)  # a multi-threaded graph build would differ run to run
+    a, b = (built("IVF256_HNSW32,Flat", db, "ip", seed=3) for _ in range(2))
+    assert faiss.serialize_index(a).tobytes() == faiss.serialize_index(b).tobytes()
+    exact = built("IVF256,Flat", db, "ip", seed=3)
+    _, true_rows = _exact(db, q, "ip")
+    for nprobe in (1, 4):
+        ix.apply_search_params(a, {"nprobe": nprobe})
+        ix.apply_search_params(exact, {"nprobe": nprobe})
+        got = ix.recall_at_k(ix.search(a, q, 10)[1], true_rows)
+        want = ix.recall_at_k(ix.search(exact, q, 10)[1], true_rows)
+        assert got >= want - 0.03, (nprobe, got, want)
+    # the graph must hand the IVF search nprobe cells: efSearch follows nprobe
+    ix.apply_search_params(a, {"nprobe": 200})
+    assert faiss.downcast_index(faiss.extract_index_ivf(a).quantizer).hnsw.efSearch >= 200
 
 
 def test_streamed_exact_search_and_tuning():

@@ -31,9 +31,9 @@ logger = logging.getLogger(__name__)
 METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # Below this many vectors an exact search is cheap enough (about 1 ms per query per 100k x 384).
 EXACT_MAX_VECTORS = 100_000
-# Training points per IVF centroid and per PQ centroid (256 per codebook). faiss warns below 39;
-# 32 per cell is what the benchmark's 1M-16M chunk runs trained on (recall in RESULTS.md).
-POINTS_PER_CENTROID = 32
+# Training points per IVF centroid and per PQ centroid (256 per codebook; faiss warns below 39),
+# up to a sample of 2M (3 GB at 384-d float32): 32 per cell at 65536 cells (16M vectors).
+POINTS_PER_CENTROID = 64
 MAX_TRAIN_SAMPLE = 1 << 21
 # IVF cells hold about this many vectors (more cells as the database grows), so that a probe
 # scans the same number of codes at any size and the neighbour stage's time per chunk stays flat.

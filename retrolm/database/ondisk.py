@@ -32,8 +32,8 @@ def choose_layout(num_vectors: int, dim: int, memory_budget_bytes: int) -> tuple
     """The factory `--index auto` uses and whether its inverted lists live on disk.
 
     In memory whenever `choose_factory` finds an index that fits the budget; otherwise an
-    `OPQ{M}_{D},IVF{nlist},PQ{M}` index whose lists are on disk (only its centroids and
-    codebooks need memory).
+    `OPQ{M}_{D},{ivf},PQ{M}` index (`ivf` as `index.ivf_prefix` chooses the cells) whose lists
+    are on disk (only its centroids and codebooks need memory).
     """
     try:
         return faiss_index.choose_factory(num_vectors, dim, memory_budget_bytes), False
@@ -50,7 +50,7 @@ def choose_layout(num_vectors: int, dim: int, memory_budget_bytes: int) -> tuple
             f"memory for its {nlist} centroids, but the memory budget is {memory_budget_bytes} "
             "bytes: raise --index-memory"
         )
-    return f"OPQ{m}_{d_out},IVF{nlist},PQ{m}", True
+    return f"OPQ{m}_{d_out},{faiss_index.ivf_prefix(num_vectors)},PQ{m}", True
 
 
 def merge_blocks_ondisk(
