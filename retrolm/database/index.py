@@ -465,9 +465,9 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
         if k_factor is not None:
             index.k_factor = int(k_factor)
         index = index.index
-    if "nprobe" in params and "quantizer_efSearch" not in params:
-        if _hnsw_quantizer(index) is not None:  # the graph must return nprobe cells
-            params["quantizer_efSearch"] = max(QUANTIZER_EF_SEARCH, 2 * int(params["nprobe"]))
+    needs_ef = "nprobe" in params and "quantizer_efSearch" not in params
+    if needs_ef and _hnsw_quantizer(index) is not None:  # the graph must return nprobe cells
+        params["quantizer_efSearch"] = max(QUANTIZER_EF_SEARCH, 2 * int(params["nprobe"]))
     space = faiss.ParameterSpace()
     for name, value in params.items():
         try:
