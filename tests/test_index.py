@@ -206,6 +206,9 @@ def test_hnsw_quantizer_training_is_deterministic_and_matches_exact_kmeans():
     # the graph must hand the IVF search nprobe cells: efSearch follows nprobe
     ix.apply_search_params(a, {"nprobe": 200})
     assert faiss.downcast_index(faiss.extract_index_ivf(a).quantizer).hnsw.efSearch >= 200
+    # and the recorded defaults hold no efSearch of their own for it (it would be overridden)
+    assert ix.default_search_params("IVF16384_HNSW32,SQ8", 4_000_000) == {"nprobe": 2048}
+    assert ix.default_search_params("HNSW32", 4_000_000) == {"efSearch": 128}
 
 
 def test_streamed_exact_search_and_tuning():

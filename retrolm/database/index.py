@@ -157,6 +157,7 @@ def _configure_training(index: Any, seed: int) -> None:
 
 
 KMEANS_ITERATIONS = 10  # as faiss trains IVF centroids
+KMEANS_SLICE = 1 << 16  # sample rows summed in float64 at once
 QUANTIZER_EF_SEARCH = 64  # HNSW quantizer: candidates searched for a vector's cells
 
 
@@ -170,8 +171,9 @@ def _hnsw_quantizer(index: Any) -> Any:
 
 
 def _single_threaded_add(index: Any, vectors: np.ndarray) -> None:
-    """Add to an HNSW graph on one thread: a multi-threaded add links the graph in a timing-
-    dependent order, and the same build must give the same index (resume, ranks)."""
+    """Add to an HNSW graph on one thread: faiss's parallel add takes locks per node, so its
+    links may depend on timing, and the same build must give the same index (resume, ranks).
+    (Four 2-thread builds of a 4096-vector graph were byte-identical here: a precaution.)"""
     threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
     try:
@@ -199,7 +201,10 @@ def hnsw_kmeans(
     x = np.ascontiguousarray(x, dtype=np.float32)
     n, d = x.shape
     if n < k:
-        raise InputError(f"k-means of {k} centroids needs at least {k} points, got {n}")
+        raise InputError(
+            f"k-means of {k} index cells needs at least {k} training vectors, got {n}: "
+            "raise --index-train-size"
+        )
     rng = np.random.default_rng(seed)
     centroids = x[np.sort(rng.choice(n, k, replace=False))].copy()
     xt = torch.from_numpy(x)
@@ -210,7 +215,10 @@ def hnsw_kmeans(
         graph.hnsw.efSearch = 32
         _, assign = graph.search(x, 1)
         assign = torch.from_numpy(assign[:, 0].astype(np.int64))
-        sums = torch.zeros((k, d), dtype=torch.float64).index_add_(0, assign, xt.double())
+        sums = torch.zeros((k, d), dtype=torch.float64)
+        for start in range(0, n, KMEANS_SLICE):  # float64 a slice at a time, not a 2x copy
+            end = start + KMEANS_SLICE
+            sums.index_add_(0, assign[start:end], xt[start:end].double())
         counts = torch.bincount(assign, minlength=k).numpy()
         centroids = (sums.numpy() / np.maximum(counts, 1)[:, None]).astype(np.float32)
         empty = np.flatnonzero(counts == 0)
@@ -441,14 +449,15 @@ def default_search_params(factory: str, num_vectors: int) -> dict[str, int]:
     """Search parameters that reach recall@10 >= 0.95 against exact search (see the tests).
 
     IVF: probe 1/8 of the cells, at least 16 (32 with PQ codes, whose distances are coarser);
-    HNSW: efSearch 128. Exact indexes have none.
+    HNSW: efSearch 128 (an IVF's HNSW quantizer gets its own from nprobe in `apply_search_params`).
+    Exact indexes have none.
     """
     params: dict[str, int] = {}
     if m := re.search(r"IVF(\d+)", factory):
         nlist = int(m.group(1))
         floor = 32 if re.search(r"PQ\d+", factory) else 16
         params["nprobe"] = min(nlist, max(floor, nlist // 8))
-    if "HNSW" in factory:
+    if "HNSW" in factory and "IVF" not in factory:  # an HNSW quantizer: apply_search_params
         params["efSearch"] = 128
     return params
 
