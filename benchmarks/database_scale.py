@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import resource
 import shutil
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         now = time.perf_counter()
         times[name] = now - clock[0]
         clock[0] = now
+        if dist.is_main:  # as it goes: a 4M run takes an hour before its report
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {times[name]:.1f} s", file=sys.stderr)
 
     # the chunk -> document map, memory-mapped like a database's chunk_doc.npy
     if dist.is_main:
@@ -415,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         del rest[i : i + 2]
         return distributed.launch_local(args.workers, [os.path.abspath(__file__), *rest])
     faiss.omp_set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the index's choices
     with distributed.session() as dist:
         result = run(args, dist)
     if result is not None:

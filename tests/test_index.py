@@ -211,6 +211,95 @@ def test_hnsw_quantizer_training_is_deterministic_and_matches_exact_kmeans():
     assert ix.default_search_params("HNSW32", 4_000_000) == {"efSearch": 128}
 
 
+def _equidistant_topics(n: int, topics: int, d: int, seed: int) -> np.ndarray:
+    """The benchmark's kind of data: unit vectors around random, equidistant topic centres
+    (no lower-dimensional structure), the hard case for an HNSW graph over the centroids."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((topics, d)).astype(np.float32)
+    x = centres[rng.integers(0, topics, n)] + 1.5 * rng.standard_normal((n, d)).astype(np.float32)
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _list_numbers(index, codes):
+    """The cell each `sa_encode` code was assigned to (its leading little-endian bytes)."""
+    ivf = faiss.extract_index_ivf(index)
+    lists = np.zeros(len(codes), np.int64)
+    for b in range(ivf.coarse_code_size()):
+        lists |= codes[:, b].astype(np.int64) << (8 * b)
+    return lists
+
+
+def _centroids(index):
+    quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    return quantizer, faiss.rev_swig_ptr(
+        faiss.downcast_index(quantizer.storage).get_xb(), quantizer.ntotal * quantizer.d
+    ).reshape(quantizer.ntotal, quantizer.d).copy()
+
+
+def test_hnsw_quantizer_assigns_vectors_to_their_nearest_cell():
+    """faiss searches an HNSW quantizer with efSearch 16 unless told otherwise, and encoding
+    (`sa_encode`) and adding assign with it: on equidistant topics that put 6% of these vectors
+    (a third at 16384 cells) in a wrong cell, which no nprobe repairs. Training measures the
+    efSearch that assigns as an exact search does, the index keeps it, and the search
+    parameters never go below it."""
+    import torch
+
+    db = _equidistant_topics(60_000, 4096, 64, seed=11)
+    index = ix.build_index("IVF2048_HNSW32,Flat", 64, "ip", db[:40_000], seed=0)
+    quantizer, centroids = _centroids(index)
+    trained_ef = quantizer.hnsw.efSearch
+    assert trained_ef > 16  # measured, not faiss's default
+    exact = ix.nearest_centroids(
+        torch.from_numpy(db), torch.from_numpy(centroids), spherical=True
+    ).numpy()
+    lists = _list_numbers(index, ix.encode_block(index, db))
+    assert np.mean(lists == exact) >= 0.985
+    # the recorded search parameters keep at least that efSearch for the quantizer
+    for start in range(0, len(db), 20_000):
+        ix.add_encoded(
+            index,
+            ix.encode_block(index, db[start : start + 20_000]),
+            np.arange(start, min(start + 20_000, len(db))),
+        )
+    params, _ = ix.choose_search_params(index, "IVF2048_HNSW32,Flat", db[:0])
+    assert params["quantizer_efSearch"] >= trained_ef
+    assert quantizer.hnsw.efSearch == params["quantizer_efSearch"]
+
+
+def _lloyd(x, k, seed, spherical, niter):
+    """Reference k-means in float64 numpy, with `ix.kmeans`'s seeded initialisation."""
+    rng = np.random.default_rng(seed)
+    c = x[np.sort(rng.choice(len(x), k, replace=False))].astype(np.float64)
+    x64 = x.astype(np.float64)
+    for _ in range(niter):
+        if spherical:
+            assign = (x64 @ c.T).argmax(1)
+        else:
+            assign = ((x64[:, None, :] - c[None]) ** 2).sum(-1).argmin(1)
+        counts = np.bincount(assign, minlength=k)
+        sums = np.zeros_like(c)
+        np.add.at(sums, assign, x64)
+        c = sums / np.maximum(counts, 1)[:, None]
+        assert (counts > 0).all()  # the reference does not re-seed empty cells
+        if spherical:
+            c /= np.linalg.norm(c, axis=1, keepdims=True)
+    return c
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_equals_plain_lloyd(spherical, monkeypatch):
+    """`ix.kmeans` (torch matrix products, in slices) is Lloyd's algorithm with exact
+    assignments: the same centroids as a float64 brute force from the same start."""
+    x = clustered(3000, 16, 24, spread=0.3, seed=12)
+    if spherical:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    monkeypatch.setattr(ix, "KMEANS_SCORES_BYTES", 4 * 24 * 700)  # several score slices
+    monkeypatch.setattr(ix, "KMEANS_SLICE", 1000)  # several float64 sums
+    got = ix.kmeans(x, 24, seed=5, spherical=spherical, niter=6)
+    want = _lloyd(x, 24, seed=5, spherical=spherical, niter=6)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+
+
 def test_streamed_exact_search_and_tuning():
     db = clustered(30_000, 32, 300, spread=1.0, seed=7)
     q = db[:100] + 0.01
