@@ -233,7 +233,7 @@ def test_search_params_are_the_cheapest_reaching_the_target_recall(factory, monk
 def test_auto_index_goes_on_disk_only_when_no_index_fits_memory():
     assert choose_layout(1_000_000, 384, 8 << 30) == ("IVF4096,SQ8", False)
     factory, ondisk = choose_layout(10_000_000, 384, 64 << 20)  # < 8-byte codes, > centroids
-    assert ondisk and factory == "OPQ32_128,IVF32768_HNSW32,PQ32"
+    assert ondisk and factory == "OPQ32_128,IVF32768,PQ32"
     with pytest.raises(RetrolmError, match="index-memory"):
         choose_layout(10_000_000, 384, 1 << 10)
 

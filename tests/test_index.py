@@ -130,12 +130,12 @@ def test_small_opq_pq_index_builds_and_searches():
 
 def test_choose_factory_by_size_and_budget():
     assert ix.choose_factory(50_000, 384, 1 << 30) == "Flat"
-    # Cells of ~256 vectors; an HNSW coarse quantizer from 16384 cells; the most precise codes
-    # that fit: SQ8, SQ4, then OPQ + PQ.
+    # Cells of ~256 vectors (a flat quantizer, its cells found by torch, at every size); the
+    # most precise codes that fit: SQ8, SQ4, then OPQ + PQ.
     assert ix.choose_factory(1_000_000, 384, 8 << 30) == "IVF4096,SQ8"
-    assert ix.choose_factory(4_000_000, 384, 4 << 30) == "IVF16384_HNSW32,SQ8"
-    assert ix.choose_factory(16_000_000, 384, 4 << 30) == "IVF65536_HNSW32,SQ4"
-    assert ix.choose_factory(10_000_000, 384, 1 << 30) == "OPQ64_256,IVF32768_HNSW32,PQ64"
+    assert ix.choose_factory(4_000_000, 384, 4 << 30) == "IVF16384,SQ8"
+    assert ix.choose_factory(16_000_000, 384, 4 << 30) == "IVF65536,SQ4"
+    assert ix.choose_factory(10_000_000, 384, 1 << 30) == "OPQ64_256,IVF32768,PQ64"
     # Small databases that do not fit are compressed too.
     assert ix.choose_factory(50_000, 384, 10_000_000) == "IVF1024,SQ4"
     assert ix.choose_factory(50_000, 384, 4_000_000) == "OPQ64_256,IVF1024,PQ64"
@@ -264,6 +264,31 @@ def test_hnsw_quantizer_assigns_vectors_to_their_nearest_cell():
     params, _ = ix.choose_search_params(index, "IVF2048_HNSW32,Flat", db[:0])
     assert params["quantizer_efSearch"] >= trained_ef
     assert quantizer.hnsw.efSearch == params["quantizer_efSearch"]
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2"])
+@pytest.mark.parametrize("factory", ["IVF64,Flat", "IVF64,SQ8", "OPQ8_32,IVF64,PQ8"])
+def test_exact_cells_equal_faiss_flat_quantizer(factory, metric):
+    """Encoding and searching an IVF with a flat quantizer find the cells by torch
+    (`CellFinder`) instead of faiss: the same codes as faiss's `sa_encode` and the same
+    results as faiss's own search, pre-transforms and residual codes included."""
+    db = clustered(12_000, 32, 100, spread=1.0, seed=13)
+    if metric == "ip":
+        db /= np.linalg.norm(db, axis=1, keepdims=True)
+    q = db[:300] + 0.05
+    index = ix.build_index(factory, 32, metric, db[ix.sample_rows(len(db), 8000)], seed=0)
+    codes = ix.encode_block(index, db)
+    np.testing.assert_array_equal(codes, index.sa_encode(db))
+    ix.add_encoded(index, codes, np.arange(len(db)))
+    wrapped = ix.searchable(index)
+    assert isinstance(wrapped, ix.ExactCellsIndex)
+    for nprobe in (1, 8):
+        ix.apply_search_params(wrapped, {"nprobe": nprobe})
+        assert faiss.extract_index_ivf(index).nprobe == nprobe
+        d_got, i_got = ix.search(wrapped, q, 10)
+        d_want, i_want = ix.search(index, q, 10)
+        np.testing.assert_array_equal(i_got, i_want)
+        np.testing.assert_allclose(d_got, d_want, rtol=1e-4, atol=1e-4)  # float rounding
 
 
 def _lloyd(x, k, seed, spherical, niter):

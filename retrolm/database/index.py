@@ -39,9 +39,6 @@ MAX_TRAIN_SAMPLE = 1 << 21
 # scans the same number of codes at any size and the neighbour stage's time per chunk stays flat.
 CELL_VECTORS = 256
 MAX_NLIST = 1 << 16
-# From this many cells on, the coarse quantizer is an HNSW graph over the centroids: assigning
-# a vector to one of 65536 cells exactly costs 50 MFLOP, which at 16M chunks is hours of encoding.
-HNSW_QUANTIZER_NLIST = 16384
 
 
 def _metric_type(metric: str) -> int:
@@ -64,10 +61,11 @@ def ivf_nlist(num_vectors: int) -> int:
 
 
 def ivf_prefix(num_vectors: int) -> str:
-    """The coarse part of an auto-chosen IVF factory: `IVF{nlist}`, or `IVF{nlist}_HNSW32`
-    from `HNSW_QUANTIZER_NLIST` cells on."""
-    nlist = ivf_nlist(num_vectors)
-    return f"IVF{nlist}_HNSW32" if nlist >= HNSW_QUANTIZER_NLIST else f"IVF{nlist}"
+    """The coarse part of an auto-chosen IVF factory: `IVF{nlist}`, a flat quantizer at every
+    size. Its cells are found by exact matrix products (`CellFinder`): at 16384 cells that
+    cost 78 us a vector on 2 cores here, where an HNSW quantizer needed efSearch 128 (491 us)
+    to find the nearest cell of 99% of the benchmark's vectors (`benchmarks/RESULTS.md`)."""
+    return f"IVF{ivf_nlist(num_vectors)}"
 
 
 def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int) -> str:
@@ -191,21 +189,31 @@ def _single_threaded_add(index: Any, vectors: np.ndarray) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def nearest_centroids(x: Any, centroids: Any, *, spherical: bool) -> Any:
-    """Exact nearest centroid of each row (torch tensors on one device; int64 (n,)), a slice
-    of rows at a time so that the (rows, k) scores stay within `KMEANS_SCORES_BYTES`."""
+def _nearest(x: Any, centroids: Any, half_norms: Any, n: int) -> tuple[Any, Any]:
+    """The n nearest centroids of each row of `x` by exact float32 matrix products (torch,
+    on the centroids' device), a slice of rows at a time so that the (rows, k) scores stay
+    within `KMEANS_SCORES_BYTES`. Scores are inner products, minus |c|^2 / 2 for l2
+    (`half_norms`, None for ip): higher is nearer. Returns (scores (len, n), ids (len, n))."""
     import torch
 
-    k = centroids.shape[0]
-    rows = max(1, KMEANS_SCORES_BYTES // (4 * k))
-    half_norms = None if spherical else 0.5 * (centroids * centroids).sum(1)
-    out = torch.empty(len(x), dtype=torch.int64, device=x.device)
+    rows = max(1, KMEANS_SCORES_BYTES // (4 * centroids.shape[0]))
+    top_scores = torch.empty((len(x), n), dtype=torch.float32, device=centroids.device)
+    top_ids = torch.empty((len(x), n), dtype=torch.int64, device=centroids.device)
     for start in range(0, len(x), rows):
-        scores = x[start : start + rows] @ centroids.T  # inner products, higher is nearer
+        scores = x[start : start + rows] @ centroids.T
         if half_norms is not None:  # l2: |x - c|^2 = |x|^2 - 2 (x.c - |c|^2 / 2)
             scores -= half_norms
-        out[start : start + rows] = scores.argmax(1)
-    return out
+        if n == 1:
+            top_scores[start : start + rows, 0], top_ids[start : start + rows, 0] = scores.max(1)
+        else:
+            top_scores[start : start + rows], top_ids[start : start + rows] = scores.topk(n, 1)
+    return top_scores, top_ids
+
+
+def nearest_centroids(x: Any, centroids: Any, *, spherical: bool) -> Any:
+    """Exact nearest centroid of each row (torch tensors on one device): int64 (n,)."""
+    half_norms = None if spherical else 0.5 * (centroids * centroids).sum(1)
+    return _nearest(x, centroids, half_norms, 1)[1][:, 0]
 
 
 def kmeans(
@@ -219,12 +227,12 @@ def kmeans(
 ) -> np.ndarray:
     """Lloyd's k-means with exact assignments, computed as float32 matrix products by torch.
 
-    The IVF centroids of indexes with an HNSW quantizer (`HNSW_QUANTIZER_NLIST` cells and
-    more). Exact assignment costs 2 k d flops per point and iteration, which torch's matrix
-    product runs at ~200 GFLOP/s on 2 cores here, ~6x faiss's own flat search (~33 GFLOP/s
-    measured side by side); an assignment by a graph over the centroids is cheaper only where
-    the graph needs few candidates, which the benchmark's data does not allow (efSearch 32
-    put 15% of the points of a 16384-cell k-means in a wrong cell). `device` may be a GPU.
+    The IVF centroids of every index with a flat or HNSW quantizer. Exact assignment costs
+    2 k d flops per point and iteration, which torch's matrix product runs at ~200 GFLOP/s on
+    2 cores here, ~6x faiss's own flat search (~33 GFLOP/s, measured side by side); assigning
+    through a graph over the centroids is cheaper only where the graph needs few candidates,
+    which the benchmark's data does not allow (efSearch 32 put 15% of the points of a
+    16384-cell k-means in a wrong cell). `device` may be a GPU.
     Initialised with k seeded sample points; a cell left empty takes a seeded random point, as
     faiss's k-means re-seeds empty cells; sums are accumulated in float64 in row order.
 
@@ -284,11 +292,12 @@ def assignment_ef(quantizer: Any, sample: np.ndarray) -> tuple[int, float]:
         ef *= 2
 
 
-def _train_with_hnsw_quantizer(index: Any, sample: np.ndarray, seed: int) -> None:
-    """Train an `IVF{n}_HNSW{m}` index (optionally behind a pre-transform such as OPQ): the
-    transforms on the sample, the centroids by the exact `kmeans`, added to the quantizer's
-    graph on one thread, its assignment efSearch measured (`assignment_ef`), then the codes
-    (SQ / PQ) by faiss on the transformed sample."""
+def _train_ivf(index: Any, sample: np.ndarray, seed: int) -> None:
+    """Train an IVF index with a flat or HNSW quantizer (optionally behind a pre-transform
+    such as OPQ): the transforms on the sample, the centroids by the exact `kmeans` (torch;
+    faiss's own k-means runs its flat search at ~1/6 of the speed here), added to the
+    quantizer (an HNSW graph on one thread, its assignment efSearch measured by
+    `assignment_ef`), then the codes (SQ / PQ) by faiss on the transformed sample."""
     inner = faiss.downcast_index(index)
     x = sample
     if isinstance(inner, faiss.IndexPreTransform):
@@ -299,23 +308,31 @@ def _train_with_hnsw_quantizer(index: Any, sample: np.ndarray, seed: int) -> Non
         ivf = faiss.downcast_index(inner.index)
     else:
         ivf = inner
-    quantizer = _hnsw_quantizer(index)
     centroids = kmeans(
         x, ivf.nlist, seed=seed, spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT
     )
-    _single_threaded_add(quantizer, centroids)
-    quantizer.is_trained = True
-    rows = np.random.default_rng(seed + 2).choice(len(x), min(len(x), ASSIGN_SAMPLE), False)
-    ef, agreement = assignment_ef(quantizer, x[np.sort(rows)])
-    logger.info(
-        "HNSW quantizer of %d cells: assignment efSearch %d (nearest cell exact for %.4f of a "
-        "sample)",
-        ivf.nlist,
-        ef,
-        agreement,
-    )
+    quantizer = _hnsw_quantizer(index)
+    if quantizer is None:
+        ivf.quantizer.add(centroids)
+    else:
+        _single_threaded_add(quantizer, centroids)
+        rows = np.random.default_rng(seed + 2).choice(len(x), min(len(x), ASSIGN_SAMPLE), False)
+        ef, agreement = assignment_ef(quantizer, x[np.sort(rows)])
+        logger.info(
+            "HNSW quantizer of %d cells: assignment efSearch %d (nearest cell exact for %.4f "
+            "of a sample)",
+            ivf.nlist,
+            ef,
+            agreement,
+        )
+    ivf.quantizer.is_trained = True
     ivf.train(x)  # the quantizer holds nlist centroids: faiss trains only the codes now
     index.is_trained = True
+
+
+def _trains_own_centroids(index: Any) -> bool:
+    """Whether `_train_ivf` trains `index`: an IVF whose quantizer is flat or HNSW."""
+    return _flat_quantized(index) is not None or _hnsw_quantizer(index) is not None
 
 
 def _supports_ids(index: Any) -> bool:
@@ -369,8 +386,8 @@ def build_index(
             )
         _configure_training(index, seed)
         try:
-            if _hnsw_quantizer(index) is not None:
-                _train_with_hnsw_quantizer(index, sample, seed)
+            if _trains_own_centroids(index):
+                _train_ivf(index, sample, seed)
             else:
                 index.train(sample)
         except RuntimeError as e:
@@ -386,6 +403,10 @@ def add_vectors(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray) -> Non
         raise InputError(f"vectors have shape {vectors.shape}, index expects (n, {index.d})")
     if len(ids) != len(vectors):
         raise InputError(f"{len(vectors)} vectors but {len(ids)} ids")
+    if _code_target(index) is not None:  # one way into an IVF: its cells as `encode_block` finds
+        if len(ids):
+            add_encoded(index, encode_block(index, vectors), ids)
+        return
     index.add_with_ids(vectors, ids)
 
 
@@ -402,20 +423,121 @@ def _code_target(index: faiss.Index) -> Any:
     return inner if isinstance(inner, faiss.IndexIVF) else None
 
 
+def _flat_quantized(index: Any) -> Any:
+    """The IVF inside `index` when its coarse quantizer is a flat (exact) index, else None."""
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None:
+        return None
+    return ivf if isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat) else None
+
+
+class CellFinder:
+    """The nearest IVF cells of vectors, found by exact float32 matrix products in torch.
+
+    What faiss's flat coarse quantizer computes, ~6x faster on this CPU (torch's matrix product
+    ran at ~200 GFLOP/s on 2 cores, faiss's flat search at ~33, side by side), and on a GPU
+    when `device` is one. Encoding and searching an IVF index with a flat quantizer go through
+    it (`encode_block`, `ExactCellsIndex`); faiss then encodes (`encode_vectors`) and scans
+    (`search_preassigned`) the cells it names, as its own search would.
+    """
+
+    def __init__(self, index: faiss.Index, device: str = "cpu") -> None:
+        import torch
+
+        ivf = _flat_quantized(index)
+        if ivf is None:
+            raise InputError("CellFinder needs an IVF index with a flat coarse quantizer")
+        self.ivf = ivf
+        inner = faiss.downcast_index(index)
+        self.transforms = (
+            [faiss.downcast_VectorTransform(inner.chain.at(i)) for i in range(inner.chain.size())]
+            if isinstance(inner, faiss.IndexPreTransform)
+            else []
+        )
+        centroids = ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        self.l2 = ivf.metric_type == faiss.METRIC_L2
+        self.centroids = torch.from_numpy(centroids).to(device)
+        self.half_norms = 0.5 * (self.centroids * self.centroids).sum(1) if self.l2 else None
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        """`vectors` through the index's pre-transforms (OPQ, PCA): what the IVF sees."""
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        for vt in self.transforms:
+            x = vt.apply(x)
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def cells(self, x: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `n` nearest cells of each transformed row, nearest first, with faiss's coarse
+        distances (inner products for ip, squared L2 for l2): ((rows, n) float32, int64)."""
+        import torch
+
+        xt = torch.from_numpy(x).to(self.centroids.device)
+        scores, ids = _nearest(xt, self.centroids, self.half_norms, n)
+        if self.l2:  # |x|^2 - 2 (x.c - |c|^2 / 2)
+            scores = (xt * xt).sum(1, keepdim=True) - 2 * scores
+        return scores.cpu().numpy(), ids.cpu().numpy()
+
+
+class ExactCellsIndex:
+    """An IVF index with a flat coarse quantizer, searched with its cells from `CellFinder`.
+
+    Returns what the wrapped index's own `search` returns (the same cells, scanned by faiss's
+    `search_preassigned`); stands wherever a faiss index is searched. Search parameters
+    (nprobe) are set on the wrapped index (`apply_search_params` does).
+    """
+
+    def __init__(self, index: faiss.Index, device: str = "cpu") -> None:
+        self.index, self.finder = index, CellFinder(index, device)
+
+    @property
+    def d(self) -> int:
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    @property
+    def metric_type(self) -> int:
+        return int(self.index.metric_type)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ivf = self.finder.ivf
+        x = self.finder.transform(queries)
+        coarse_dis, cells = self.finder.cells(x, max(1, min(int(ivf.nprobe), int(ivf.nlist))))
+        return ivf.search_preassigned(x, k, cells, coarse_dis)
+
+
+def searchable(index: faiss.Index, device: str = "cpu") -> Any:
+    """`index` as searches should use it: an IVF with a flat quantizer as an `ExactCellsIndex`
+    (its cells found by torch), any other index as it is."""
+    return ExactCellsIndex(index, device) if _flat_quantized(index) is not None else index
+
+
 def encode_block(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
     """One block of vectors as the codes `add_encoded` adds: (n, code_size) uint8 `sa_encode`
     codes for IVF indexes, the float32 vectors themselves for the others.
 
-    Encoding is the costly part of an add (the coarse assignment and the compression), and it
-    needs only the trained index, so ranks encode their blocks in parallel; adding the codes in
+    Encoding is the costly part of an add (the coarse assignment, by `CellFinder` where the
+    quantizer is flat, and the compression), and it needs only the trained index, so ranks encode their blocks in parallel; adding the codes in
     block order then gives the very index a serial `add_vectors` of the blocks gives.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != index.d:
         raise InputError(f"vectors have shape {vectors.shape}, index expects (n, {index.d})")
-    if _code_target(index) is None or len(vectors) == 0:
+    target = _code_target(index)
+    if target is None or len(vectors) == 0:
         return vectors
-    return index.sa_encode(vectors)
+    if _flat_quantized(index) is None:  # e.g. an HNSW quantizer: faiss assigns the cells
+        return index.sa_encode(vectors)
+    finder = CellFinder(index)
+    x = finder.transform(vectors)
+    cells = np.ascontiguousarray(finder.cells(x, 1)[1][:, 0])
+    codes = np.empty((len(x), index.sa_code_size()), dtype=np.uint8)
+    target.encode_vectors(
+        len(x), faiss.swig_ptr(x), faiss.swig_ptr(cells), faiss.swig_ptr(codes), True
+    )
+    return codes
 
 
 def add_encoded(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
@@ -527,6 +649,13 @@ def default_search_params(factory: str, num_vectors: int) -> dict[str, int]:
     return params
 
 
+def unwrap(index: Any) -> faiss.Index:
+    """The faiss index inside the search wrappers (`RerankedIndex`, `ExactCellsIndex`)."""
+    while isinstance(index, RerankedIndex | ExactCellsIndex):
+        index = index.index
+    return index
+
+
 def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     """Set search parameters (nprobe, efSearch, ...) through any wrapper (IDMap, OPQ, ...).
 
@@ -535,10 +664,9 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
     """
     params = dict(params)
     k_factor = params.pop(K_FACTOR, None)
-    if isinstance(index, RerankedIndex):
-        if k_factor is not None:
-            index.k_factor = int(k_factor)
-        index = index.index
+    if isinstance(index, RerankedIndex) and k_factor is not None:
+        index.k_factor = int(k_factor)
+    index = unwrap(index)
     needs_ef = "nprobe" in params and "quantizer_efSearch" not in params
     if needs_ef and _hnsw_quantizer(index) is not None:  # the graph must return nprobe cells
         params["quantizer_efSearch"] = max(QUANTIZER_EF_SEARCH, 2 * int(params["nprobe"]))
@@ -703,6 +831,7 @@ def choose_search_params(
         return params
 
     default = default_search_params(factory, int(index.ntotal))
+    index = searchable(index)
     if vectors_of is not None and is_compressed(factory):
         default[K_FACTOR] = RERANK_FACTOR
         index = RerankedIndex(index, vectors_of, RERANK_FACTOR)

@@ -117,7 +117,7 @@ def merge_blocks_ondisk(
 
 def is_ondisk(index: faiss.Index) -> bool:
     """Whether `index` keeps its inverted lists in an on-disk (.ivfdata) file."""
-    ivf = faiss.try_extract_index_ivf(index)
+    ivf = faiss.try_extract_index_ivf(faiss_index.unwrap(index))
     return ivf is not None and isinstance(
         faiss.downcast_InvertedLists(ivf.invlists), faiss.OnDiskInvertedLists
     )

@@ -161,9 +161,15 @@ class BlockStore:
             from retrolm.database.bm25 import BM25Index
 
             return BM25Index.load(path, mmap=mmap)
-        from retrolm.database.index import K_FACTOR, RerankedIndex, apply_search_params, load_index
+        from retrolm.database.index import (
+            K_FACTOR,
+            RerankedIndex,
+            apply_search_params,
+            load_index,
+            searchable,
+        )
 
-        index = load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk")))
+        index = searchable(load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk"))))
         params = record["search_params"]
         if K_FACTOR in params:  # compressed codes: candidates re-ranked with the embeddings
             index = RerankedIndex(index, self.embeddings_of_ids, params[K_FACTOR])
