@@ -570,7 +570,8 @@ def _build_faiss(
             ids = store.indexed_ids_of_block(block)
             vectors = np.asarray(store.embeddings_of_block(block)[ids - block["start"]])
             file = f"index/codes-{generation:04d}-{block['index']:06d}.npy"
-            sha = save_npy(folder / file, faiss_index.encode_block(trained, vectors))
+            encoded = faiss_index.encode_block(trained, vectors, dist.device(config.device))
+            sha = save_npy(folder / file, encoded)
             entry = {"file": file, "sha256": sha, "rows": int(len(ids))}
             _finish_block(folder, manifest, "index-codes", codes, block["index"], entry, dist)
             bar.update(block["rows"])
@@ -637,7 +638,9 @@ def _plan_index(
             num_train,
             0 if sample is None else len(sample),
         )
-        index = faiss_index.build_index(factory, dim, metric, sample, seed=config.seed)
+        index = faiss_index.build_index(
+            factory, dim, metric, sample, seed=config.seed, device=config.device
+        )
         first_block = 0
     (folder / "index").mkdir(exist_ok=True)
     trained_file = f"index/trained-{generation:04d}.faiss"
@@ -802,7 +805,7 @@ def _run_neighbours(
     mine = dist.mine(todo)
     if mine:
         # ranks share one memory-mapped copy of the index (and on-disk lists are mapped anyway)
-        index = store.load_index(mmap=dist.world > 1)
+        index = store.load_index(mmap=dist.world > 1, device=dist.device(config.device))
         metric = manifest["index"]["metric"]
         (folder / "neighbours").mkdir(exist_ok=True)
         bar = progress(

@@ -250,7 +250,8 @@ def kmeans(
         )
     rng = np.random.default_rng(seed)
     xt = torch.from_numpy(x).to(device)
-    centroids = xt[torch.from_numpy(np.sort(rng.choice(n, k, replace=False)))].clone()
+    first = torch.from_numpy(np.sort(rng.choice(n, k, replace=False))).to(xt.device)
+    centroids = xt[first].clone()
     for _ in range(niter):
         assign = nearest_centroids(xt, centroids, spherical=spherical)
         sums = torch.zeros((k, d), dtype=torch.float64, device=xt.device)
@@ -292,7 +293,7 @@ def assignment_ef(quantizer: Any, sample: np.ndarray) -> tuple[int, float]:
         ef *= 2
 
 
-def _train_ivf(index: Any, sample: np.ndarray, seed: int) -> None:
+def _train_ivf(index: Any, sample: np.ndarray, seed: int, device: str = "cpu") -> None:
     """Train an IVF index with a flat or HNSW quantizer (optionally behind a pre-transform
     such as OPQ): the transforms on the sample, the centroids by the exact `kmeans` (torch;
     faiss's own k-means runs its flat search at ~1/6 of the speed here), added to the
@@ -309,7 +310,11 @@ def _train_ivf(index: Any, sample: np.ndarray, seed: int) -> None:
     else:
         ivf = inner
     centroids = kmeans(
-        x, ivf.nlist, seed=seed, spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+        x,
+        ivf.nlist,
+        seed=seed,
+        spherical=ivf.metric_type == faiss.METRIC_INNER_PRODUCT,
+        device=device,
     )
     quantizer = _hnsw_quantizer(index)
     if quantizer is None:
@@ -343,7 +348,13 @@ def _supports_ids(index: Any) -> bool:
 
 
 def build_index(
-    factory: str, dim: int, metric: str, train_sample: np.ndarray | None, *, seed: int = 0
+    factory: str,
+    dim: int,
+    metric: str,
+    train_sample: np.ndarray | None,
+    *,
+    seed: int = 0,
+    device: str = "cpu",
 ) -> faiss.Index:
     """Create an empty, trained faiss index that accepts global chunk ids.
 
@@ -354,6 +365,7 @@ def build_index(
         train_sample: (n, dim) float32 vectors to train on (a seeded random sample of the
             database, see `sample_rows`); may be None for indexes that need no training.
         seed: seed of the k-means / PQ training.
+        device: torch device of the IVF k-means (`kmeans`), e.g. "cuda:0".
 
     Returns:
         A trained index with no vectors; indexes that cannot store ids are wrapped in IDMap2.
@@ -387,7 +399,7 @@ def build_index(
         _configure_training(index, seed)
         try:
             if _trains_own_centroids(index):
-                _train_ivf(index, sample, seed)
+                _train_ivf(index, sample, seed, device)
             else:
                 index.train(sample)
         except RuntimeError as e:
@@ -514,13 +526,14 @@ def searchable(index: faiss.Index, device: str = "cpu") -> Any:
     return ExactCellsIndex(index, device) if _flat_quantized(index) is not None else index
 
 
-def encode_block(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
+def encode_block(index: faiss.Index, vectors: np.ndarray, device: str = "cpu") -> np.ndarray:
     """One block of vectors as the codes `add_encoded` adds: (n, code_size) uint8 `sa_encode`
     codes for IVF indexes, the float32 vectors themselves for the others.
 
-    Encoding is the costly part of an add (the coarse assignment, by `CellFinder` where the
-    quantizer is flat, and the compression), and it needs only the trained index, so ranks encode their blocks in parallel; adding the codes in
-    block order then gives the very index a serial `add_vectors` of the blocks gives.
+    Encoding is the costly part of an add (the coarse assignment, by `CellFinder` on `device`
+    where the quantizer is flat, and the compression), and it needs only the trained index, so
+    ranks encode their blocks in parallel; adding the codes in block order then gives the very
+    index a serial `add_vectors` of the blocks gives.
     """
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != index.d:
@@ -530,7 +543,7 @@ def encode_block(index: faiss.Index, vectors: np.ndarray) -> np.ndarray:
         return vectors
     if _flat_quantized(index) is None:  # e.g. an HNSW quantizer: faiss assigns the cells
         return index.sa_encode(vectors)
-    finder = CellFinder(index)
+    finder = CellFinder(index, device)
     x = finder.transform(vectors)
     cells = np.ascontiguousarray(finder.cells(x, 1)[1][:, 0])
     codes = np.empty((len(x), index.sa_code_size()), dtype=np.uint8)

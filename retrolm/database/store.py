@@ -154,7 +154,10 @@ class BlockStore:
         )
 
     # -- retrieval
-    def load_index(self, mmap: bool = False) -> Any:
+    def load_index(self, mmap: bool = False, device: str = "cpu") -> Any:
+        """The database's index as searches use it (`searchable`: IVF cells found by torch on
+        `device`; compressed codes re-ranked with the stored embeddings), set to the recorded
+        search parameters; or its BM25 index."""
         record = self.manifest["index"]
         path = self.folder / record["file"]
         if record["kind"] == "bm25":
@@ -169,7 +172,8 @@ class BlockStore:
             searchable,
         )
 
-        index = searchable(load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk"))))
+        index = load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk")))
+        index = searchable(index, device)
         params = record["search_params"]
         if K_FACTOR in params:  # compressed codes: candidates re-ranked with the embeddings
             index = RerankedIndex(index, self.embeddings_of_ids, params[K_FACTOR])
