@@ -39,6 +39,7 @@ from retrolm.database import index as ix
 from retrolm.database.config import DatabaseConfig, parse_bytes
 from retrolm.database.neighbours import index_search_fn, search_excluding_documents
 from retrolm.database.ondisk import choose_layout, merge_blocks_ondisk
+from retrolm.database.store import gather_rows
 from retrolm.io import save_npy
 
 DOC_CHUNKS = 8  # chunks per synthetic document
@@ -82,27 +83,21 @@ class Synthetic:
 
 class StoredVectors:
     """`vectors_of(ids)` over the float16 embedding blocks written in the encode stage, memory-
-    mapped like a database's `embeddings/emb-*.npy` (what re-ranking reads; `BlockStore`)."""
+    mapped and read as a database's `BlockStore.embeddings_of_ids` reads them (`gather_rows`;
+    each block opened once)."""
 
     def __init__(self, out: Path, data: Synthetic) -> None:
-        self.out, self.block_rows = out, data.block_rows
+        self.out, self.dim = out, data.dim
+        self.starts = np.arange(data.blocks, dtype=np.int64) * data.block_rows
         self.maps: dict[int, np.ndarray] = {}
 
+    def block(self, b: int) -> np.ndarray:
+        if b not in self.maps:
+            self.maps[b] = np.load(self.out / f"emb-{b:06d}.npy", mmap_mode="r")
+        return self.maps[b]
+
     def __call__(self, ids: np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
-        result = np.empty((len(ids), 0), np.float32)
-        which = ids // self.block_rows
-        order = np.argsort(which, kind="stable")  # one pass per block hit, as BlockStore does
-        blocks, firsts = np.unique(which[order], return_index=True)
-        for b, lo, hi in zip(blocks, firsts, [*firsts[1:], len(ids)]):
-            b, sel = int(b), order[lo:hi]
-            if b not in self.maps:
-                self.maps[b] = np.load(self.out / f"emb-{b:06d}.npy", mmap_mode="r")
-            rows = np.asarray(self.maps[b][ids[sel] - b * self.block_rows], dtype=np.float32)
-            if result.shape[1] == 0:
-                result = np.empty((len(ids), rows.shape[1]), np.float32)
-            result[sel] = rows
-        return result
+        return gather_rows(self.block, self.starts, ids, self.dim)
 
 
 def peak_rss_mb() -> float:

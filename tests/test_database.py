@@ -548,3 +548,27 @@ def test_cli_add_retrieval_only_and_info(setup, tmp_path, capsys):
     assert n > 0 and f"{n} retrieval-only" in capsys.readouterr().out
     assert cli_main(["-q", "db", "add", str(copy)]) == 2
     assert "--retrieval-only" in capsys.readouterr().err
+
+
+def test_gather_rows_reads_ids_in_the_order_asked_across_blocks(tmp_path):
+    """What re-ranking reads: rows of memory-mapped blocks by global id, unsorted, repeated,
+    from several blocks in one call, equal to indexing the blocks laid end to end."""
+    from retrolm.database.store import gather_rows
+
+    rng = np.random.default_rng(0)
+    sizes = [5, 1, 7, 3]
+    blocks = [rng.standard_normal((n, 4)).astype(np.float16) for n in sizes]
+    for b, block in enumerate(blocks):
+        np.save(tmp_path / f"b{b}.npy", block)
+    starts = np.cumsum([0, *sizes[:-1]])
+    opened = []
+
+    def block_of(b):
+        opened.append(b)
+        return np.load(tmp_path / f"b{b}.npy", mmap_mode="r")
+
+    ids = np.array([15, 0, 5, 6, 15, 12, 3, 13, 0])
+    got = gather_rows(block_of, starts, ids, 4)
+    np.testing.assert_array_equal(got, np.concatenate(blocks).astype(np.float32)[ids])
+    assert sorted(opened) == [0, 1, 2, 3]  # each block hit read once
+    assert gather_rows(block_of, starts, ids[:0], 4).shape == (0, 4)

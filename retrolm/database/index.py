@@ -623,9 +623,13 @@ class RerankedIndex:
     def _search_rows(self, queries: np.ndarray, k: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
         _, ids = self.index.search(queries, kk)  # (n, kk) in approximate order
         found = ids >= 0
-        vectors = np.zeros((*ids.shape, self.d), dtype=np.float32)  # (n, kk, d)
-        if found.any():
-            vectors[found] = np.asarray(self.vectors_of(ids[found]), dtype=np.float32)
+        if found.all():  # the usual case: no scatter of (n * kk, d) rows through a mask
+            vectors = np.asarray(self.vectors_of(ids.ravel()), dtype=np.float32)
+            vectors = vectors.reshape(*ids.shape, self.d)  # (n, kk, d)
+        else:
+            vectors = np.zeros((*ids.shape, self.d), dtype=np.float32)
+            if found.any():
+                vectors[found] = np.asarray(self.vectors_of(ids[found]), dtype=np.float32)
         if self.metric_type == faiss.METRIC_INNER_PRODUCT:
             scores = np.einsum("nkd,nd->nk", vectors, queries)  # (n, kk), higher is closer
             order_key, worst = -scores, -np.inf
