@@ -75,10 +75,17 @@ class Synthetic:
         return self._make(rng.integers(0, max(self.chunks // DOC_CHUNKS, 1), size), rng)
 
     def _make(self, docs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        topics = (docs * 2654435761 + self.seed) % (1 << 32) % self.topics
-        v = self.centres[topics] + NOISE * rng.standard_normal((len(docs), self.dim), np.float32)
-        v /= np.linalg.norm(v, axis=1, keepdims=True)
-        return v
+        """Unit vectors for `docs`, made a slice at a time (a 2M-row training sample would
+        otherwise hold three float32 copies at once; the draws are the same either way)."""
+        out = np.empty((len(docs), self.dim), np.float32)
+        for start in range(0, len(docs), 1 << 16):
+            part = docs[start : start + (1 << 16)]
+            topics = (part * 2654435761 + self.seed) % (1 << 32) % self.topics
+            v = self.centres[topics]
+            v += NOISE * rng.standard_normal((len(part), self.dim), np.float32)
+            v /= np.linalg.norm(v, axis=1, keepdims=True)
+            out[start : start + len(part)] = v
+        return out
 
 
 class StoredVectors:

@@ -157,6 +157,10 @@ def _configure_training(index: Any, seed: int) -> None:
 KMEANS_ITERATIONS = 10  # as faiss trains IVF centroids
 KMEANS_SCORES_BYTES = 256 << 20  # a slice's (rows, k) float32 scores in the exact k-means
 KMEANS_SLICE = 1 << 16  # sample rows summed in float64 at once
+# The codes (SQ ranges, PQ codebooks: 256 centroids each) train on at most this many of the
+# sample's vectors: faiss computes the residuals of every training vector, a second copy of a
+# sample that reaches 3 GB at 2M x 384 floats.
+CODES_TRAIN_SAMPLE = 1 << 18
 QUANTIZER_EF_SEARCH = 64  # HNSW quantizer: the least efSearch a search gives it
 # An HNSW quantizer's efSearch for assigning vectors to cells (encode, add, k-means is exact):
 # the least power of two from 16 whose nearest cell equals the exact one for this share of a
@@ -331,6 +335,9 @@ def _train_ivf(index: Any, sample: np.ndarray, seed: int, device: str = "cpu") -
             agreement,
         )
     ivf.quantizer.is_trained = True
+    if len(x) > CODES_TRAIN_SAMPLE:  # residual codes copy their sample: a seeded share will do
+        keep = np.random.default_rng(seed + 3).choice(len(x), CODES_TRAIN_SAMPLE, replace=False)
+        x = x[np.sort(keep)]
     ivf.train(x)  # the quantizer holds nlist centroids: faiss trains only the codes now
     index.is_trained = True
 
