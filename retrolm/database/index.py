@@ -497,16 +497,11 @@ class CellFinder:
         return scores.cpu().numpy(), ids.cpu().numpy()
 
 
-class ExactCellsIndex:
-    """An IVF index with a flat coarse quantizer, searched with its cells from `CellFinder`.
+class SearchWrapper:
+    """A faiss index (`self.index`) behind a search of its own: its size, dimension and
+    metric read through, so that it stands wherever a faiss index is searched."""
 
-    Returns what the wrapped index's own `search` returns (the same cells, scanned by faiss's
-    `search_preassigned`); stands wherever a faiss index is searched. Search parameters
-    (nprobe) are set on the wrapped index (`apply_search_params` does).
-    """
-
-    def __init__(self, index: faiss.Index, device: str = "cpu") -> None:
-        self.index, self.finder = index, CellFinder(index, device)
+    index: Any
 
     @property
     def d(self) -> int:
@@ -519,6 +514,18 @@ class ExactCellsIndex:
     @property
     def metric_type(self) -> int:
         return int(self.index.metric_type)
+
+
+class ExactCellsIndex(SearchWrapper):
+    """An IVF index with a flat coarse quantizer, searched with its cells from `CellFinder`.
+
+    Returns what the wrapped index's own `search` returns (the same cells, scanned by faiss's
+    `search_preassigned`); stands wherever a faiss index is searched. Search parameters
+    (nprobe) are set on the wrapped index (`apply_search_params` does).
+    """
+
+    def __init__(self, index: faiss.Index, device: str = "cpu") -> None:
+        self.index, self.finder = index, CellFinder(index, device)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ivf = self.finder.ivf
@@ -590,7 +597,7 @@ def is_compressed(factory: str) -> bool:
     return bool(re.search(r"(?<!O)PQ\d+|SQ\d+", factory))
 
 
-class RerankedIndex:
+class RerankedIndex(SearchWrapper):
     """A faiss index whose candidates are re-scored with exact distances and re-sorted.
 
     `search(x, k)` asks the wrapped index for `k_factor * k` candidates, fetches their stored
@@ -603,18 +610,6 @@ class RerankedIndex:
         if k_factor < 1:
             raise InputError(f"k_factor must be >= 1, got {k_factor}")
         self.index, self.vectors_of, self.k_factor = index, vectors_of, int(k_factor)
-
-    @property
-    def d(self) -> int:
-        return int(self.index.d)
-
-    @property
-    def ntotal(self) -> int:
-        return int(self.index.ntotal)
-
-    @property
-    def metric_type(self) -> int:
-        return int(self.index.metric_type)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         kk = min(max(k * self.k_factor, k), max(self.ntotal, 1))
@@ -674,8 +669,8 @@ def default_search_params(factory: str, num_vectors: int) -> dict[str, int]:
 
 
 def unwrap(index: Any) -> faiss.Index:
-    """The faiss index inside the search wrappers (`RerankedIndex`, `ExactCellsIndex`)."""
-    while isinstance(index, RerankedIndex | ExactCellsIndex):
+    """The faiss index inside the search wrappers (`SearchWrapper`s)."""
+    while isinstance(index, SearchWrapper):
         index = index.index
     return index
 
