@@ -251,7 +251,9 @@ def test_cli_eval_json(world, capsys):
     )
     assert code == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["tokens"] > 0 and d["chunks"] == 16 and "retro_bpb" in d
+    # the first 256 tokens' chunks of 16, or fewer where the valid split is shorter (document
+    # names, and so the split, include the temporary folder's path: CI once had 10 chunks)
+    assert 1 <= d["chunks"] <= 16 and 0 < d["tokens"] <= 16 * d["chunks"] and "retro_bpb" in d
 
 
 def test_cli_train_preset_quickstart_trains_the_quickstart_model(world, tmp_path):
