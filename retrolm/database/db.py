@@ -251,7 +251,7 @@ class Database:
     def index(self) -> Any:
         """The faiss index (or BM25 index), loaded on first use."""
         if self._index is None:
-            self._index = self._store.load_index(mmap=self.mmap_index, device=self.config.device)
+            self._index = self._store.load_index(mmap=self.mmap_index)  # cells on the CPU
         return self._index
 
     @property
