@@ -17,7 +17,14 @@ import numpy as np
 import pytest
 import torch
 
-from retrolm.database import Database, build_database, chunk_stage, embed_stage
+from retrolm.database import (
+    Database,
+    build_database,
+    chunk_stage,
+    embed_stage,
+    index_stage,
+    neighbours_stage,
+)
 from retrolm.database import index as ix
 from retrolm.database.distributed import Dist, blocks_for_rank, build_lock
 from retrolm.database.embed import load_embedder, make_tiny_bert, measure_dtypes
@@ -228,6 +235,37 @@ def test_search_params_are_the_cheapest_reaching_the_target_recall(factory, monk
     assert recall == reached[params["nprobe"]]
     goal = min(ix.TUNE_TARGET_RECALL, max(reached.values()) - ix.TUNE_PLATEAU)
     assert recall >= goal and all(r < goal for p, r in reached.items() if p < params["nprobe"])
+
+
+def test_neighbours_search_with_the_cells_the_encoding_kept(inputs, tmp_path, monkeypatch):
+    """The encode stage keeps each chunk's nearest IVF cells; the neighbour stage searches the
+    same chunks with them instead of finding them again, with the very neighbours a fresh
+    search finds, and deletes them when it ends."""
+    root, bert, corpus, reference = inputs
+    config = tiny_config(bert, block_rows=25, index="IVF64,Flat")  # probes 16 of 64 cells
+    out = chunk_stage([corpus], tmp_path / "db", config, show_progress=False)
+    embed_stage(out, show_progress=False)
+    index_stage(out, show_progress=False)
+    kept = read_manifest(out)["index"]["encoded_cells"]
+    assert kept and all((out / e["cells_file"]).is_file() for e in kept.values())
+    indexed = sum(e["rows"] for e in kept.values())
+    found_rows = []
+    cells = ix.CellFinder.cells
+    monkeypatch.setattr(
+        ix.CellFinder, "cells", lambda self, x, n: found_rows.append(len(x)) or cells(self, x, n)
+    )
+    neighbours_stage(out, show_progress=False)
+    with_kept = sum(found_rows)
+    assert with_kept < indexed  # only the valid chunks' cells were found again
+    assert "encoded_cells" not in read_manifest(out)["index"]
+    assert not list((out / "index").glob("cells-*")) and not list((out / "index").glob("celldis-*"))
+    first = {k: v for k, v in arrays(out).items() if k.startswith("neighbours/")}
+    for path in (out / "neighbours").glob("*.npy"):  # again, now without kept cells
+        path.unlink()
+    found_rows.clear()
+    neighbours_stage(out, show_progress=False)
+    assert sum(found_rows) >= indexed
+    assert {k: v for k, v in arrays(out).items() if k.startswith("neighbours/")} == first
 
 
 def test_auto_index_goes_on_disk_only_when_no_index_fits_memory():

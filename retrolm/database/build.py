@@ -570,9 +570,18 @@ def _build_faiss(
             ids = store.indexed_ids_of_block(block)
             vectors = np.asarray(store.embeddings_of_block(block)[ids - block["start"]])
             file = f"index/codes-{generation:04d}-{block['index']:06d}.npy"
-            encoded = faiss_index.encode_block(trained, vectors, dist.device(config.device))
+            encoded, cells = faiss_index.encode_with_cells(
+                trained, vectors, faiss_index.KEPT_CELLS, dist.device(config.device)
+            )
             sha = save_npy(folder / file, encoded)
             entry = {"file": file, "sha256": sha, "rows": int(len(ids))}
+            if cells is not None:  # kept for the neighbour stage, which searches these vectors
+                for key, array in zip(("celldis", "cells"), cells):
+                    name = f"index/{key}-{generation:04d}-{block['index']:06d}.npy"
+                    entry[f"{key}_file"], entry[f"{key}_sha256"] = (
+                        name,
+                        save_npy(folder / name, array),
+                    )
             _finish_block(folder, manifest, "index-codes", codes, block["index"], entry, dist)
             bar.update(block["rows"])
         bar.close()
@@ -583,7 +592,7 @@ def _build_faiss(
         record = _add_codes(folder, manifest, config, store, show_progress)
         _install_index(folder, manifest, record)
         for entry in codes.values():
-            (folder / entry["file"]).unlink(missing_ok=True)
+            (folder / entry["file"]).unlink(missing_ok=True)  # the cells stay (`encoded_cells`)
         (folder / plan["trained_file"]).unlink(missing_ok=True)
 
 
@@ -734,6 +743,13 @@ def _add_codes(
         record["search_recall_at_10"] = round(recall, 4)
     with write_guard(folder / file):  # faiss reports a full disk as a RuntimeError
         faiss_index.save_index(index, folder / file)
+    cells = {  # each block's nearest cells from the encoding, until the neighbour stage ends
+        b: {key: entry[key] for key in CELLS_KEYS}
+        for b, entry in plan["codes"].items()
+        if "cells_file" in entry
+    }
+    if cells:
+        record["encoded_cells"] = cells
     return {
         "kind": "faiss",
         "file": file,
@@ -746,6 +762,39 @@ def _add_codes(
         "generation": generation,
         **record,
     }
+
+
+CELLS_KEYS = ("rows", "cells_file", "cells_sha256", "celldis_file", "celldis_sha256")
+
+
+def _encoded_cells(
+    folder: Path, store: BlockStore, block: dict[str, Any], entry: dict[str, Any] | None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """The nearest cells the encoding found for a block's indexed chunks, spread over the
+    block's rows ((rows, c) float32 and int32, -1 where a row was not encoded), or None where
+    they were not kept or their files are not intact (the search then finds them itself)."""
+    if entry is None or not all(
+        block_ok(folder, entry[f"{key}_file"], entry[f"{key}_sha256"])
+        for key in ("cells", "celldis")
+    ):
+        return None
+    indexed = store.indexed_ids_of_block(block) - block["start"]
+    cells, dis = np.load(folder / entry["cells_file"]), np.load(folder / entry["celldis_file"])
+    if len(cells) != len(indexed) or len(dis) != len(indexed):
+        return None
+    all_dis = np.zeros((block["rows"], cells.shape[1]), np.float32)
+    all_cells = np.full((block["rows"], cells.shape[1]), -1, np.int32)
+    all_dis[indexed], all_cells[indexed] = dis, cells
+    return all_dis, all_cells
+
+
+def _drop_encoded_cells(folder: Path, manifest: dict[str, Any]) -> None:
+    """Delete the kept cells once every block's neighbours are written."""
+    cells = manifest["index"].pop("encoded_cells", None) or {}
+    save_manifest(folder, manifest)
+    for entry in cells.values():
+        for key in ("cells_file", "celldis_file"):
+            (folder / entry[key]).unlink(missing_ok=True)
 
 
 def _build_bm25(
@@ -814,8 +863,10 @@ def _run_neighbours(
             unit="chunk",
             show=show_progress and dist.is_main,
         )
+        encoded = manifest["index"].get("encoded_cells") or {}
         for block in mine:
-            ids, dists = _block_neighbours(store, block, index, metric, k)
+            cells = _encoded_cells(folder, store, block, encoded.get(str(block["index"])))
+            ids, dists = _block_neighbours(store, block, index, metric, k, cells)
             i = block["index"]
             ids_file, dists_file = f"neighbours/ids-{i:06d}.npy", f"neighbours/dists-{i:06d}.npy"
             entry = {
@@ -832,15 +883,22 @@ def _run_neighbours(
     if dist.is_main:
         _merge_records(folder, manifest, "neighbours", record["blocks"])
         record["k"] = k
+        _drop_encoded_cells(folder, manifest)  # before the stage is done: none left behind
         manifest["stages"]["neighbours"] = True
         save_manifest(folder, manifest)
     _sync(folder, manifest, dist)
 
 
 def _block_neighbours(
-    store: BlockStore, block: dict[str, Any], index: Any, metric: str, k: int
+    store: BlockStore,
+    block: dict[str, Any],
+    index: Any,
+    metric: str,
+    k: int,
+    cells: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The k nearest indexed chunks of other documents for each chunk of a block.
+    """The k nearest indexed chunks of other documents for each chunk of a block (`cells`:
+    the nearest IVF cells of the block's rows, where the encoding kept them).
 
     Retrieval-only chunks are not queried (nothing reads their neighbours): -1 / inf rows.
     """
@@ -861,7 +919,8 @@ def _block_neighbours(
         search_fn = index.search_fn(texts)
     else:
         vectors = np.asarray(store.embeddings_of_block(block)[rows], dtype=np.float32)
-        search_fn = index_search_fn(index, vectors)
+        known = None if cells is None else (cells[0][rows], cells[1][rows])
+        search_fn = index_search_fn(index, vectors, known)
     query_docs = store.chunk_doc[block["start"] + rows]
     found, found_dists = search_excluding_documents(
         search_fn,

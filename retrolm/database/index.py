@@ -442,6 +442,14 @@ def _code_target(index: faiss.Index) -> Any:
     return inner if isinstance(inner, faiss.IndexIVF) else None
 
 
+# Nearest cells kept per encoded vector (`encode_with_cells`), for the neighbour stage to search
+# the same vectors without finding them again: 8 bytes each, 128 bytes a chunk until it ends.
+KEPT_CELLS = 16
+# the nearest cells of some vectors, nearest first: (coarse distances (n, c) float32, cell ids
+# (n, c) int; -1 ids where unknown)
+Cells = tuple[np.ndarray, np.ndarray]
+
+
 def _flat_quantized(index: Any) -> Any:
     """The IVF inside `index` when its coarse quantizer is a flat (exact) index, else None."""
     ivf = faiss.try_extract_index_ivf(index)
@@ -503,6 +511,11 @@ class SearchWrapper:
 
     index: Any
 
+    def search(
+        self, queries: np.ndarray, k: int, cells: Cells | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
     @property
     def d(self) -> int:
         return int(self.index.d)
@@ -527,11 +540,25 @@ class ExactCellsIndex(SearchWrapper):
     def __init__(self, index: faiss.Index, device: str = "cpu") -> None:
         self.index, self.finder = index, CellFinder(index, device)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, cells: Cells | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """`k` nearest of each query; `cells`, when given, are each query's nearest cells as
+        `CellFinder.cells` gave them (nearest first, at least nprobe columns; rows whose first
+        cell is -1 are found here), so that searching a chunk encoded earlier (the neighbour
+        stage) does not find its cells a second time."""
         ivf = self.finder.ivf
         x = self.finder.transform(queries)
-        coarse_dis, cells = self.finder.cells(x, max(1, min(int(ivf.nprobe), int(ivf.nlist))))
-        return ivf.search_preassigned(x, k, cells, coarse_dis)
+        nprobe = max(1, min(int(ivf.nprobe), int(ivf.nlist)))
+        if cells is None or cells[1].shape[1] < nprobe:
+            coarse_dis, found = self.finder.cells(x, nprobe)
+        else:
+            coarse_dis = np.array(cells[0][:, :nprobe], dtype=np.float32)  # copies: filled below
+            found = np.array(cells[1][:, :nprobe], dtype=np.int64)
+            missing = np.flatnonzero(found[:, 0] < 0)
+            if len(missing):
+                coarse_dis[missing], found[missing] = self.finder.cells(x[missing], nprobe)
+        return ivf.search_preassigned(x, k, found, coarse_dis)
 
 
 def searchable(index: faiss.Index, device: str = "cpu") -> Any:
@@ -549,22 +576,32 @@ def encode_block(index: faiss.Index, vectors: np.ndarray, device: str = "cpu") -
     ranks encode their blocks in parallel; adding the codes in block order then gives the very
     index a serial `add_vectors` of the blocks gives.
     """
+    return encode_with_cells(index, vectors, 1, device)[0]
+
+
+def encode_with_cells(
+    index: faiss.Index, vectors: np.ndarray, keep: int, device: str = "cpu"
+) -> tuple[np.ndarray, Cells | None]:
+    """`encode_block`'s codes, and where `CellFinder` found the cells (a flat quantizer), each
+    vector's `keep` nearest cells with their coarse distances ((n, keep) float32 and int32),
+    for a later search of the same vectors (`ExactCellsIndex.search`); None otherwise."""
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[1] != index.d:
         raise InputError(f"vectors have shape {vectors.shape}, index expects (n, {index.d})")
     target = _code_target(index)
     if target is None or len(vectors) == 0:
-        return vectors
+        return vectors, None
     if _flat_quantized(index) is None:  # e.g. an HNSW quantizer: faiss assigns the cells
-        return index.sa_encode(vectors)
+        return index.sa_encode(vectors), None
     finder = CellFinder(index, device)
     x = finder.transform(vectors)
-    cells = np.ascontiguousarray(finder.cells(x, 1)[1][:, 0])
+    coarse_dis, cells = finder.cells(x, max(1, min(keep, int(target.nlist))))
+    nearest = np.ascontiguousarray(cells[:, 0])
     codes = np.empty((len(x), index.sa_code_size()), dtype=np.uint8)
     target.encode_vectors(
-        len(x), faiss.swig_ptr(x), faiss.swig_ptr(cells), faiss.swig_ptr(codes), True
+        len(x), faiss.swig_ptr(x), faiss.swig_ptr(nearest), faiss.swig_ptr(codes), True
     )
-    return codes
+    return codes, (coarse_dis.astype(np.float32), cells.astype(np.int32))
 
 
 def add_encoded(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
@@ -611,19 +648,29 @@ class RerankedIndex(SearchWrapper):
             raise InputError(f"k_factor must be >= 1, got {k_factor}")
         self.index, self.vectors_of, self.k_factor = index, vectors_of, int(k_factor)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, queries: np.ndarray, k: int, cells: Cells | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         kk = min(max(k * self.k_factor, k), max(self.ntotal, 1))
         # the candidates' vectors of `rows` queries at a time: (rows, kk, d) float32 <= 64 MB
         rows = max(1, (64 << 20) // (kk * self.d * 4))
         parts = [
-            self._search_rows(queries[s : s + rows], k, kk) for s in range(0, len(queries), rows)
+            self._search_rows(
+                queries[s : s + rows],
+                k,
+                kk,
+                None if cells is None else (cells[0][s : s + rows], cells[1][s : s + rows]),
+            )
+            for s in range(0, len(queries), rows)
         ]
         if not parts:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate([d for d, _ in parts]), np.concatenate([i for _, i in parts])
 
-    def _search_rows(self, queries: np.ndarray, k: int, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        _, ids = self.index.search(queries, kk)  # (n, kk) in approximate order
+    def _search_rows(
+        self, queries: np.ndarray, k: int, kk: int, cells: Cells | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        _, ids = _search_index(self.index, queries, kk, cells)  # (n, kk) in approximate order
         found = ids >= 0
         if found.all():  # the usual case: no scatter of (n * kk, d) rows through a mask
             vectors = np.asarray(self.vectors_of(ids.ravel()), dtype=np.float32)
@@ -697,8 +744,20 @@ def apply_search_params(index: faiss.Index, params: dict[str, Any]) -> None:
             raise InputError(f"cannot set search parameter {name}={value}: {e}") from None
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Search `k` nearest neighbours of each query.
+def _search_index(
+    index: Any, queries: np.ndarray, k: int, cells: Cells | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """`index.search`, with the queries' known cells where the index takes them."""
+    if cells is not None and isinstance(index, SearchWrapper):
+        return index.search(queries, k, cells)
+    return index.search(queries, k)
+
+
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, cells: Cells | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Search `k` nearest neighbours of each query (`cells`: their nearest IVF cells, when
+    known; see `ExactCellsIndex.search`).
 
     Returns:
         distances (n, k) float32 and ids (n, k) int64; where fewer than k results exist the id is
@@ -711,7 +770,7 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         raise InputError(f"queries have shape {queries.shape}, index expects (n, {index.d})")
     if len(queries) == 0:
         return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
-    dists, ids = index.search(queries, k)
+    dists, ids = _search_index(index, queries, k, cells)
     dists = dists.astype(np.float32, copy=False)
     ids = ids.astype(np.int64, copy=False)
     dists[ids < 0] = -np.inf if metric_of(index) == "ip" else np.inf

@@ -116,10 +116,14 @@ def search_excluding_documents(
     return out_ids, out_dists
 
 
-def index_search_fn(index: object, queries: np.ndarray) -> SearchFn:
-    """A `search_fn` over a faiss index for the given (n, dim) query vectors."""
+def index_search_fn(
+    index: object, queries: np.ndarray, cells: tuple[np.ndarray, np.ndarray] | None = None
+) -> SearchFn:
+    """A `search_fn` over a faiss index for the given (n, dim) query vectors, and optionally
+    their nearest IVF cells (`index.encode_with_cells`; found again where absent)."""
 
     def search_fn(rows: np.ndarray, kk: int) -> tuple[np.ndarray, np.ndarray]:
-        return index_search(index, queries[rows], kk)
+        known = None if cells is None else (cells[0][rows], cells[1][rows])
+        return index_search(index, queries[rows], kk, known)
 
     return search_fn
