@@ -7,9 +7,10 @@ topic per 256 chunks, noise 1.5x the centres' scale; so the same-document exclus
 do and the nearest other documents are the ~31 others of the topic) are generated block by block on the fly, never all at
 once, and go through the functions `db build` calls for its index and neighbour stages:
 `choose_layout` (in memory or on-disk lists), `build_index` on a seeded sample,
-`encode_block` per rank, `add_encoded` in block order (or `merge_blocks_ondisk`),
-`choose_search_params`, and per rank `search_excluding_documents` against the memory-mapped
-index. Ranks run as in `db build --workers N` (torch's elastic launcher, gloo); each stage is
+`encode_with_cells` per rank (codes, and each chunk's nearest cells kept for its search),
+`add_encoded` in block order (or `merge_blocks_ondisk`), `choose_search_params`, and per rank
+`search_excluding_documents` against the memory-mapped index with the kept cells
+(--compare-cells: and again with the cells found afresh, side by side). Ranks run as in `db build --workers N` (torch's elastic launcher, gloo); each stage is
 timed on rank 0 between barriers.
 
 Prints per stage seconds and chunks/s, peak RSS (the largest rank and all ranks together; and
@@ -30,6 +31,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -177,14 +179,20 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     if dist.is_main:
         size = min(ix.training_sample_size(factory, args.chunks), args.index_train_size)
         sample = data.training_sample(size) if size else None
-        ix.save_index(ix.build_index(factory, args.dim, "ip", sample, seed=args.seed), trained_path)
+        with distributed.node_threads():  # as _plan_index: the waiting ranks' cores too
+            trained = ix.build_index(factory, args.dim, "ip", sample, seed=args.seed)
+        ix.save_index(trained, trained_path)
     stage("train")
 
     # encode (every rank, its blocks), as _build_faiss does
     trained = ix.load_index(trained_path, mmap=True)
     for b in dist.mine(list(range(data.blocks))):
         vectors = data.vectors(b)
-        save_npy(out / f"codes-{b:06d}.npy", ix.encode_block(trained, vectors))
+        codes, cells = ix.encode_with_cells(trained, vectors, ix.KEPT_CELLS)
+        save_npy(out / f"codes-{b:06d}.npy", codes)
+        if cells is not None:  # kept for the neighbour stage, as _build_faiss keeps them
+            save_npy(out / f"celldis-{b:06d}.npy", cells[0])
+            save_npy(out / f"cells-{b:06d}.npy", cells[1])
         save_npy(out / f"emb-{b:06d}.npy", vectors.astype(np.float16))  # as a database stores
     del trained
     stage("encode")
@@ -223,26 +231,30 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     sample_ids = np.concatenate(picks)[: args.sample]
     recall_truth, params, tuned_recall, code_bytes = None, None, None, None
     if dist.is_main:
-        queries = np.concatenate(
-            [data.vectors(int(b))[p - data.rows(int(b))[0]] for b, p in zip(sample_blocks, picks)]
-        )[: args.sample]
-        k_exact = args.neighbours + DOC_CHUNKS
-        stream = ((data.vectors(b), data.ids(b)) for b in range(data.blocks))
-        _, exact = ix.exact_search_blocks(queries, stream, k_exact, "ip")
-        params, tuned_recall = ix.choose_search_params(
-            index,
-            factory,
-            queries,
-            true_ids=exact,
-            k=args.neighbours,
-            vectors_of=None if args.no_rerank else StoredVectors(out, data),
-        )
-        same_doc = (exact // DOC_CHUNKS) == (sample_ids // DOC_CHUNKS)[:, None]
-        recall_truth = [row[~same][: args.neighbours] for row, same in zip(exact, same_doc)]
-        code_bytes = _code_bytes(index)
-        ix.save_index(index, index_path)
-        del index
-        trained_path.unlink()
+        with distributed.node_threads():  # as _add_codes
+            queries = np.concatenate(
+                [
+                    data.vectors(int(b))[p - data.rows(int(b))[0]]
+                    for b, p in zip(sample_blocks, picks)
+                ]
+            )[: args.sample]
+            k_exact = args.neighbours + DOC_CHUNKS
+            stream = ((data.vectors(b), data.ids(b)) for b in range(data.blocks))
+            _, exact = ix.exact_search_blocks(queries, stream, k_exact, "ip")
+            params, tuned_recall = ix.choose_search_params(
+                index,
+                factory,
+                queries,
+                true_ids=exact,
+                k=args.neighbours,
+                vectors_of=None if args.no_rerank else StoredVectors(out, data),
+            )
+            same_doc = (exact // DOC_CHUNKS) == (sample_ids // DOC_CHUNKS)[:, None]
+            recall_truth = [row[~same][: args.neighbours] for row, same in zip(exact, same_doc)]
+            code_bytes = _code_bytes(index)
+            ix.save_index(index, index_path)
+            del index
+            trained_path.unlink()
     stage("search params")
 
     # neighbours (every rank, its blocks, against the memory-mapped index), as _run_neighbours
@@ -257,10 +269,14 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     ix.apply_search_params(index, box[0])
     chunk_doc = np.load(chunk_doc_path, mmap_mode="r")
     searched = [int(b) for b in sample_blocks] if args.search_blocks else list(range(data.blocks))
-    for b in dist.mine(searched):
+
+    def neighbours(index: Any, b: int, kept_cells: bool) -> tuple[np.ndarray, np.ndarray]:
         start, end = data.rows(b)
-        ids, dists = search_excluding_documents(
-            index_search_fn(index, data.vectors(b)),
+        cells = None
+        if kept_cells and (out / f"cells-{b:06d}.npy").is_file():
+            cells = (np.load(out / f"celldis-{b:06d}.npy"), np.load(out / f"cells-{b:06d}.npy"))
+        return search_excluding_documents(
+            index_search_fn(index, data.vectors(b), cells),
             end - start,
             chunk_doc[start:end],
             chunk_doc,
@@ -268,18 +284,28 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
             int(index.ntotal),
             metric="ip",
         )
+
+    for b in dist.mine(searched):
+        ids, dists = neighbours(index, b, kept_cells=True)
         save_npy(out / f"ids-{b:06d}.npy", ids)
         save_npy(out / f"dists-{b:06d}.npy", dists)
-    del index
     stage("neighbours")
+    same_ids = True
+    if args.compare_cells:  # the same blocks again, every chunk's cells found afresh
+        for b in dist.mine(searched):
+            ids, _ = neighbours(index, b, kept_cells=False)
+            same_ids &= bool(np.array_equal(ids, np.load(out / f"ids-{b:06d}.npy")))
+        stage("neighbours, cells found again")
+    del index
 
-    rss, anon_mb = [peak_rss_mb()], [anon.mb()]
+    rss, anon_mb, same = [peak_rss_mb()], [anon.mb()], [same_ids]
     if dist.world > 1:
         import torch.distributed as td
 
-        rss, anon_mb = [None] * dist.world, [None] * dist.world
+        rss, anon_mb, same = [None] * dist.world, [None] * dist.world, [None] * dist.world
         td.all_gather_object(rss, peak_rss_mb())
         td.all_gather_object(anon_mb, anon.mb())
+        td.all_gather_object(same, same_ids)
     if not dist.is_main:
         return None
     found = []
@@ -287,8 +313,18 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         found.append(np.load(out / f"ids-{int(b):06d}.npy")[p - data.rows(int(b))[0]])
     found = np.concatenate(found)[: args.sample]
     recall = ix.recall_at_k(found, np.array(recall_truth))
+    again = times.pop("neighbours, cells found again", None)
     work = {k: v for k, v in times.items() if k != "setup"}
     searched_chunks = sum(data.rows(b)[1] - data.rows(b)[0] for b in searched)
+    compared = {}
+    if again is not None:
+        compared = {
+            "neighbour_ms_per_chunk_cells_found_again": round(
+                1000 * again / searched_chunks * dist.world, 4
+            ),
+            "cells_found_again_over_kept": round(again / times["neighbours"], 3),
+            "same_neighbours_either_way": all(same),
+        }
     return {
         "chunks": args.chunks,
         "dim": args.dim,
@@ -315,6 +351,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         "neighbour_ms_per_chunk": round(
             1000 * times["neighbours"] / searched_chunks * dist.world, 4
         ),
+        **compared,
         "peak_rss_mb": round(max(rss), 1),
         "peak_rss_mb_all_ranks": round(sum(rss), 1),
         "peak_anon_rss_mb": round(max(anon_mb), 1),
@@ -345,6 +382,13 @@ def report(result: dict, as_json: bool) -> None:
         f"{result['index_file_mb']} MB; recall@10 of the stored neighbours "
         f"{result['recall_at_10']:.4f} (index alone {result['index_recall_at_10']})"
     )
+    if "cells_found_again_over_kept" in result:
+        print(
+            f"  neighbours with the kept cells {result['neighbour_ms_per_chunk']} ms/chunk, "
+            f"cells found again {result['neighbour_ms_per_chunk_cells_found_again']} ms/chunk: "
+            f"{result['cells_found_again_over_kept']}x; same neighbours: "
+            f"{result['same_neighbours_either_way']}"
+        )
     if as_json:
         print(json.dumps(result))
 
@@ -429,6 +473,13 @@ def main(argv: list[str] | None = None) -> int:
         help="search the neighbours of N sampled blocks only (the recall sample's), to time the "
         "neighbour stage per chunk at a size where searching every block takes hours "
         "(default: every block)",
+    )
+    p.add_argument(
+        "--compare-cells",
+        action="store_true",
+        help="search the same blocks a second time with every chunk's cells found afresh "
+        "(not the ones the encode stage kept) and report the time ratio, and whether the "
+        "neighbours are the same",
     )
     p.add_argument(
         "--compare-embed-dtypes",

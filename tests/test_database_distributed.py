@@ -26,7 +26,7 @@ from retrolm.database import (
     neighbours_stage,
 )
 from retrolm.database import index as ix
-from retrolm.database.distributed import Dist, blocks_for_rank, build_lock
+from retrolm.database.distributed import Dist, blocks_for_rank, build_lock, node_threads
 from retrolm.database.embed import load_embedder, make_tiny_bert, measure_dtypes
 from retrolm.database.ondisk import choose_layout, is_ondisk, merge_blocks_ondisk
 from retrolm.errors import RetrolmError
@@ -266,6 +266,43 @@ def test_neighbours_search_with_the_cells_the_encoding_kept(inputs, tmp_path, mo
     neighbours_stage(out, show_progress=False)
     assert sum(found_rows) >= indexed
     assert {k: v for k, v in arrays(out).items() if k.startswith("neighbours/")} == first
+
+
+def test_index_training_borrows_the_threads_of_the_waiting_local_ranks(
+    inputs, tmp_path, monkeypatch
+):
+    """Rank 0 trains and tunes the index while the other ranks of its node wait at a barrier:
+    it uses their threads too (LOCAL_WORLD_SIZE x its own, at most the cores), and its own
+    again afterwards."""
+    saved = torch.get_num_threads(), faiss.omp_get_max_threads()
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    try:
+        torch.set_num_threads(2)
+        faiss.omp_set_num_threads(2)
+        for local, expected in (("4", 8), ("8", 8), ("1", 2)):  # 4 x 2; capped at the cores
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+            with node_threads() as threads:
+                assert threads == torch.get_num_threads() == faiss.omp_get_max_threads()
+                assert threads == expected
+            assert (torch.get_num_threads(), faiss.omp_get_max_threads()) == (2, 2)
+        torch.set_num_threads(1)
+        faiss.omp_set_num_threads(1)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        seen = []
+        build_index = ix.build_index
+        monkeypatch.setattr(
+            ix,
+            "build_index",
+            lambda *a, **k: seen.append(torch.get_num_threads()) or build_index(*a, **k),
+        )
+        root, bert, corpus, reference = inputs
+        out = chunk_stage([corpus], tmp_path / "db", tiny_config(bert), show_progress=False)
+        embed_stage(out, show_progress=False)
+        index_stage(out, show_progress=False)
+        assert seen == [2] and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved[0])
+        faiss.omp_set_num_threads(saved[1])
 
 
 def test_auto_index_goes_on_disk_only_when_no_index_fits_memory():

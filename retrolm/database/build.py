@@ -20,7 +20,7 @@ import numpy as np
 from retrolm.database import distributed
 from retrolm.database.chunks import run_chunks, run_tokenizer
 from retrolm.database.config import DatabaseConfig
-from retrolm.database.distributed import Dist
+from retrolm.database.distributed import Dist, node_threads
 from retrolm.database.manifest import (
     CONFIG_FILE,
     block_ok,
@@ -589,7 +589,8 @@ def _build_faiss(
     dist.barrier()
     if dist.is_main:
         _merge_records(folder, manifest, "index-codes", codes)
-        record = _add_codes(folder, manifest, config, store, show_progress)
+        with node_threads():  # adding and tuning on this rank; the others wait
+            record = _add_codes(folder, manifest, config, store, show_progress)
         _install_index(folder, manifest, record)
         for entry in codes.values():
             (folder / entry["file"]).unlink(missing_ok=True)  # the cells stay (`encoded_cells`)
@@ -647,9 +648,10 @@ def _plan_index(
             num_train,
             0 if sample is None else len(sample),
         )
-        index = faiss_index.build_index(
-            factory, dim, metric, sample, seed=config.seed, device=config.device
-        )
+        with node_threads():  # the other ranks of this node wait meanwhile: use their cores
+            index = faiss_index.build_index(
+                factory, dim, metric, sample, seed=config.seed, device=config.device
+            )
         first_block = 0
     (folder / "index").mkdir(exist_ok=True)
     trained_file = f"index/trained-{generation:04d}.faiss"

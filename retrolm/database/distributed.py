@@ -98,6 +98,30 @@ class Dist:
         return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
 
 
+@contextmanager
+def node_threads() -> Iterator[int]:
+    """torch and faiss use the threads of all the local ranks (`LOCAL_WORLD_SIZE` x this rank's
+    own, at most the cores) for the length of the block, and their own again after it: for work
+    one rank does while the others on its node wait at a barrier (index training), which would
+    otherwise leave their cores idle. Yields the thread count used."""
+    import faiss
+    import torch
+
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    torch_threads, faiss_threads = torch.get_num_threads(), faiss.omp_get_max_threads()
+    want = min(os.cpu_count() or 1, torch_threads * max(local, 1))
+    if want <= torch_threads:
+        yield torch_threads
+        return
+    torch.set_num_threads(want)
+    faiss.omp_set_num_threads(want)
+    try:
+        yield want
+    finally:
+        torch.set_num_threads(torch_threads)
+        faiss.omp_set_num_threads(faiss_threads)
+
+
 def current() -> Dist:
     """The Dist of a torch.distributed job already initialised in this process, else one rank."""
     try:
