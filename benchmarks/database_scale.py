@@ -227,6 +227,11 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
                 load_trained=lambda: ix.load_index(trained_path),
             )
         else:
+            kept = [out / f"cells-{b:06d}.npy" for b in range(data.blocks)]
+            ivf = faiss.try_extract_index_ivf(index)
+            if ivf is not None and all(path.is_file() for path in kept):  # as _add_codes
+                nearest = (np.load(path, mmap_mode="r")[:, 0] for path in kept)
+                ix.reserve_lists(index, sum(np.bincount(c, minlength=ivf.nlist) for c in nearest))
             for codes, ids in coded:
                 ix.add_encoded(index, codes, ids)
         for b in range(data.blocks):

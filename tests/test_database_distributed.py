@@ -196,6 +196,29 @@ def clustered(n: int, d: int, seed: int) -> np.ndarray:
     return centres[rng.integers(0, 32, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
 
 
+@pytest.mark.parametrize("factory", ["IVF32,Flat", "OPQ4_16,IVF32,PQ4"])
+def test_lists_sized_before_adding_give_the_same_index(factory):
+    """`reserve_lists` (what `_add_codes` does with the cells the encoding kept) only makes
+    room: the index equals one added without it, also when the lists already hold entries
+    (`db add`)."""
+    x = clustered(6000, 16, seed=0)
+    plain = ix.build_index(factory, 16, "l2", x[:3000], seed=0)
+    sized = ix.build_index(factory, 16, "l2", x[:3000], seed=0)
+    blocks = [
+        (x[s : s + 1000], np.arange(s, s + 1000, dtype=np.int64)) for s in range(0, 6000, 1000)
+    ]
+    for vectors, ids in blocks:
+        ix.add_encoded(plain, ix.encode_block(plain, vectors), ids)
+    for part in (blocks[:2], blocks[2:]):  # the first part fills lists the second adds to
+        cells = np.concatenate([ix.encode_with_cells(sized, v, 1)[1][1][:, 0] for v, _ in part])
+        assert ix.reserve_lists(sized, np.bincount(cells, minlength=32))
+        for vectors, ids in part:
+            ix.add_encoded(sized, ix.encode_block(sized, vectors), ids)
+    assert faiss.serialize_index(sized).tobytes() == faiss.serialize_index(plain).tobytes()
+    assert not ix.reserve_lists(sized, np.ones(31, np.int64))  # not one count per list
+    assert not ix.reserve_lists(ix.build_index("Flat", 16, "l2", None), np.ones(32, np.int64))
+
+
 @pytest.mark.parametrize(
     "factory", ["Flat", "IVF32,Flat", "OPQ4_16,IVF32,PQ4", "HNSW8", "IVF32_HNSW8,SQ8"]
 )
@@ -245,10 +268,16 @@ def test_neighbours_search_with_the_cells_the_encoding_kept(inputs, tmp_path, mo
     config = tiny_config(bert, block_rows=25, index="IVF64,Flat")  # probes 16 of 64 cells
     out = chunk_stage([corpus], tmp_path / "db", config, show_progress=False)
     embed_stage(out, show_progress=False)
+    reserved = []  # the add sizes the lists from the kept cells first
+    reserve = ix.reserve_lists
+    monkeypatch.setattr(
+        ix, "reserve_lists", lambda index, n: reserved.append(int(n.sum())) or reserve(index, n)
+    )
     index_stage(out, show_progress=False)
     kept = read_manifest(out)["index"]["encoded_cells"]
     assert kept and all((out / e["cells_file"]).is_file() for e in kept.values())
     indexed = sum(e["rows"] for e in kept.values())
+    assert reserved == [indexed]
     found_rows = []
     cells = ix.CellFinder.cells
     monkeypatch.setattr(

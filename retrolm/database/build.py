@@ -736,6 +736,9 @@ def _add_codes(
             ondisk=True, ivfdata_file=ivfdata, ivfdata_sha256=sha256_file(folder / ivfdata)
         )
     else:
+        counts = _encoded_list_sizes(folder, plan, blocks, index)
+        if counts is not None:
+            faiss_index.reserve_lists(index, counts)
         for codes, ids in coded_blocks():
             faiss_index.add_encoded(index, codes, ids)
         record["ondisk"] = False
@@ -767,6 +770,30 @@ def _add_codes(
 
 
 CELLS_KEYS = ("rows", "cells_file", "cells_sha256", "celldis_file", "celldis_sha256")
+
+
+def _encoded_list_sizes(
+    folder: Path, plan: dict[str, Any], blocks: list[dict[str, Any]], index: Any
+) -> np.ndarray | None:
+    """How many codes each inverted list will get from `blocks`: their chunks' nearest cells
+    as the encoding kept them; None where any block's are missing or not intact."""
+    import faiss
+
+    ivf = faiss.try_extract_index_ivf(index)
+    entries = [plan["codes"].get(str(block["index"])) for block in blocks]
+    entries = [e for e in entries if e is None or e["rows"]]  # a block with no indexed chunks
+    if ivf is None or not all(
+        entry is not None
+        and "cells_file" in entry
+        and block_ok(folder, entry["cells_file"], entry["cells_sha256"])
+        for entry in entries
+    ):
+        return None
+    counts = np.zeros(ivf.nlist, np.int64)
+    for entry in entries:
+        nearest = np.load(folder / entry["cells_file"], mmap_mode="r")[:, 0]
+        counts += np.bincount(nearest, minlength=ivf.nlist)[: ivf.nlist]
+    return counts
 
 
 def _encoded_cells(

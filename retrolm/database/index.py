@@ -159,8 +159,9 @@ KMEANS_SCORES_BYTES = 256 << 20  # a slice's (rows, k) float32 scores in the exa
 KMEANS_SLICE = 1 << 16  # sample rows summed in float64 at once
 # The codes (SQ ranges, PQ codebooks: 256 centroids each) train on at most this many of the
 # sample's vectors: faiss computes the residuals of every training vector, a second copy of a
-# sample that reaches 3 GB at 2M x 384 floats.
-CODES_TRAIN_SAMPLE = 1 << 18
+# sample that reaches 3 GB at 2M x 384 floats. faiss's PQ k-means uses at most 256 x 256 points
+# anyway; at 256k rows the subset and its residuals were 768 MB of the 4M benchmark's peak.
+CODES_TRAIN_SAMPLE = 1 << 16
 QUANTIZER_EF_SEARCH = 64  # HNSW quantizer: the least efSearch a search gives it
 # An HNSW quantizer's efSearch for assigning vectors to cells (encode, add, k-means is exact):
 # the least power of two from 16 whose nearest cell equals the exact one for this share of a
@@ -606,6 +607,25 @@ def encode_with_cells(
         len(x), faiss.swig_ptr(x), faiss.swig_ptr(nearest), faiss.swig_ptr(codes), True
     )
     return codes, (coarse_dis.astype(np.float32), cells.astype(np.int32))
+
+
+def reserve_lists(index: faiss.Index, counts: np.ndarray) -> bool:
+    """Make room in each inverted list of `index` for `counts[l]` more entries at once, so that
+    adding them block by block does not grow the lists by doubling (faiss's per-list vectors
+    held 1.47x the codes of 1M chunks added to an `IVF16384,SQ8` block by block; 1.02x with
+    the room made first). Contents are unchanged. False, and nothing done, where the index has
+    no in-memory lists (on-disk lists, no IVF) or `counts` does not have one count per list."""
+    target = _code_target(index)
+    if target is None or len(counts) != target.nlist:
+        return False
+    lists = faiss.downcast_InvertedLists(target.invlists)
+    if not isinstance(lists, faiss.ArrayInvertedLists):
+        return False
+    for list_no in np.flatnonzero(counts):
+        size = lists.list_size(int(list_no))
+        lists.resize(int(list_no), size + int(counts[list_no]))  # allocates exactly this much
+        lists.resize(int(list_no), size)  # and keeps it: a std::vector shrinks in size only
+    return True
 
 
 def add_encoded(index: faiss.Index, codes: np.ndarray, ids: np.ndarray) -> None:
