@@ -72,14 +72,18 @@ class Synthetic:
         return self._make(ids // DOC_CHUNKS, np.random.default_rng([self.seed, 1, b]))
 
     def training_sample(self, size: int) -> np.ndarray:
-        """Fresh draws from the same distribution (faiss benchmarks train on a learn set too)."""
+        """Fresh draws from the same distribution (faiss benchmarks train on a learn set too),
+        float16 as a database stores embeddings and `_plan_index` reads its sample."""
         rng = np.random.default_rng([self.seed, 2])
-        return self._make(rng.integers(0, max(self.chunks // DOC_CHUNKS, 1), size), rng)
+        docs = rng.integers(0, max(self.chunks // DOC_CHUNKS, 1), size)
+        return self._make(docs, rng, np.float16)
 
-    def _make(self, docs: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    def _make(
+        self, docs: np.ndarray, rng: np.random.Generator, dtype: type = np.float32
+    ) -> np.ndarray:
         """Unit vectors for `docs`, made a slice at a time (a 2M-row training sample would
         otherwise hold three float32 copies at once; the draws are the same either way)."""
-        out = np.empty((len(docs), self.dim), np.float32)
+        out = np.empty((len(docs), self.dim), dtype)
         for start in range(0, len(docs), 1 << 16):
             part = docs[start : start + (1 << 16)]
             topics = (part * 2654435761 + self.seed) % (1 << 32) % self.topics

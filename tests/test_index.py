@@ -325,6 +325,19 @@ def test_kmeans_equals_plain_lloyd(spherical, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+@pytest.mark.parametrize("factory", ["IVF32,SQ8", "OPQ4_16,IVF32,PQ4", "IVF32_HNSW8,Flat", "PQ4"])
+def test_float16_sample_trains_the_index_its_float32_copy_trains(factory, monkeypatch):
+    """`db build` hands the stored float16 embeddings to training as they are (half the memory
+    of float32); the k-means reads them a slice at a time as float32, so the index is byte for
+    byte the one their float32 copy trains."""
+    x16 = clustered(4000, 16, 40, spread=0.5, seed=3).astype(np.float16)
+    monkeypatch.setattr(ix, "KMEANS_SCORES_BYTES", 4 * 32 * 700)  # several score slices
+    monkeypatch.setattr(ix, "CODES_TRAIN_SAMPLE", 1500)  # a codes subset too
+    half = ix.build_index(factory, 16, "l2", x16, seed=1)
+    full = ix.build_index(factory, 16, "l2", x16.astype(np.float32), seed=1)
+    assert faiss.serialize_index(half).tobytes() == faiss.serialize_index(full).tobytes()
+
+
 def test_streamed_exact_search_and_tuning():
     db = clustered(30_000, 32, 300, spread=1.0, seed=7)
     q = db[:100] + 0.01

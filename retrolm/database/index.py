@@ -208,7 +208,7 @@ def _nearest(x: Any, centroids: Any, half_norms: Any, n: int) -> tuple[Any, Any]
     # computed before the last was freed), 512 MB of the 1M benchmark's 1.1 GB training peak
     buffer = torch.empty((rows, centroids.shape[0]), dtype=torch.float32, device=centroids.device)
     for start in range(0, len(x), rows):
-        part = x[start : start + rows]
+        part = x[start : start + rows].float()  # a float16 sample's slice as float32
         scores = torch.matmul(part, centroids.T, out=buffer[: len(part)])
         if half_norms is not None:  # l2: |x - c|^2 = |x|^2 - 2 (x.c - |c|^2 / 2)
             scores -= half_norms
@@ -250,7 +250,7 @@ def kmeans(
     """
     import torch
 
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    x = _training_array(x)  # float16 stays so: read a slice at a time as float32 below
     n, d = x.shape
     if n < k:
         raise InputError(
@@ -260,7 +260,7 @@ def kmeans(
     rng = np.random.default_rng(seed)
     xt = torch.from_numpy(x).to(device)
     first = torch.from_numpy(np.sort(rng.choice(n, k, replace=False))).to(xt.device)
-    centroids = xt[first].clone()
+    centroids = xt[first].float()  # a copy (indexed rows), float32
     for _ in range(niter):
         assign = nearest_centroids(xt, centroids, spherical=spherical)
         sums = torch.zeros((k, d), dtype=torch.float64, device=xt.device)
@@ -272,7 +272,7 @@ def kmeans(
         empty = np.flatnonzero(counts.cpu().numpy() == 0)
         if len(empty):
             pick = torch.from_numpy(rng.choice(n, len(empty), replace=False)).to(xt.device)
-            centroids[torch.from_numpy(empty).to(xt.device)] = xt[pick]
+            centroids[torch.from_numpy(empty).to(xt.device)] = xt[pick].float()
         if spherical:
             centroids /= centroids.norm(dim=1, keepdim=True).clamp(min=1e-12)
     return centroids.cpu().numpy()
@@ -359,6 +359,15 @@ def _supports_ids(index: Any) -> bool:
     )
 
 
+def _training_array(sample: Any) -> np.ndarray:
+    """A training sample as float16 when given so (half the memory; `kmeans` reads it a slice
+    at a time as float32) and float32 otherwise."""
+    sample = np.asarray(sample)
+    if sample.dtype == np.float16:
+        return np.ascontiguousarray(sample)
+    return np.ascontiguousarray(sample, dtype=np.float32)
+
+
 def build_index(
     factory: str,
     dim: int,
@@ -374,8 +383,8 @@ def build_index(
         factory: any faiss `index_factory` string ("Flat", "IVF1024,Flat", "HNSW32", ...).
         dim: vector dimension.
         metric: "ip" or "l2".
-        train_sample: (n, dim) float32 vectors to train on (a seeded random sample of the
-            database, see `sample_rows`); may be None for indexes that need no training.
+        train_sample: (n, dim) float32 or float16 vectors to train on (a seeded random sample
+            of the database, see `sample_rows`); may be None for indexes that need no training.
         seed: seed of the k-means / PQ training.
         device: torch device of the IVF k-means (`kmeans`), e.g. "cuda:0".
 
@@ -399,7 +408,7 @@ def build_index(
     if not index.is_trained:
         if train_sample is None or len(train_sample) == 0:
             raise InputError(f"index {factory!r} needs training vectors, but none were given")
-        sample = np.ascontiguousarray(train_sample, dtype=np.float32)
+        sample = _training_array(train_sample)
         if sample.ndim != 2 or sample.shape[1] != dim:
             raise InputError(f"training sample has shape {sample.shape}, expected (n, {dim})")
         ivf = faiss.try_extract_index_ivf(index)
@@ -413,7 +422,7 @@ def build_index(
             if _trains_own_centroids(index):
                 _train_ivf(index, sample, seed, device)
             else:
-                index.train(sample)
+                index.train(sample)  # faiss's wrapper takes float16 as float32
         except RuntimeError as e:
             raise InputError(f"training index {factory!r} failed: {str(e).strip()}") from None
     return index
