@@ -156,7 +156,7 @@ def _configure_training(index: Any, seed: int) -> None:
 
 KMEANS_ITERATIONS = 10  # as faiss trains IVF centroids
 KMEANS_SCORES_BYTES = 256 << 20  # a slice's (rows, k) float32 scores in the exact k-means
-KMEANS_SLICE = 1 << 16  # sample rows summed in float64 at once
+KMEANS_SLICE = 1 << 14  # sample rows summed in float64 at once (one 24 MB buffer at 384-d)
 # The codes (SQ ranges, PQ codebooks: 256 centroids each) train on at most this many of the
 # sample's vectors: faiss computes the residuals of every training vector, a second copy of a
 # sample that reaches 3 GB at 2M x 384 floats. faiss's PQ k-means uses at most 256 x 256 points
@@ -207,8 +207,14 @@ def _nearest(x: Any, centroids: Any, half_norms: Any, n: int) -> tuple[Any, Any]
     # one buffer for every slice: a fresh product per slice held two slices at once (the next
     # computed before the last was freed), 512 MB of the 1M benchmark's 1.1 GB training peak
     buffer = torch.empty((rows, centroids.shape[0]), dtype=torch.float32, device=centroids.device)
+    # a float16 sample's slices as float32, into one buffer too (fresh ones fragment the heap)
+    as_float = (
+        None if x.dtype == torch.float32 else torch.empty((rows, x.shape[1]), device=x.device)
+    )
     for start in range(0, len(x), rows):
-        part = x[start : start + rows].float()  # a float16 sample's slice as float32
+        part = x[start : start + rows]
+        if as_float is not None:
+            part = as_float[: len(part)].copy_(part)
         scores = torch.matmul(part, centroids.T, out=buffer[: len(part)])
         if half_norms is not None:  # l2: |x - c|^2 = |x|^2 - 2 (x.c - |c|^2 / 2)
             scores -= half_norms
@@ -261,12 +267,13 @@ def kmeans(
     xt = torch.from_numpy(x).to(device)
     first = torch.from_numpy(np.sort(rng.choice(n, k, replace=False))).to(xt.device)
     centroids = xt[first].float()  # a copy (indexed rows), float32
+    wide = torch.empty((min(n, KMEANS_SLICE), d), dtype=torch.float64, device=xt.device)
     for _ in range(niter):
         assign = nearest_centroids(xt, centroids, spherical=spherical)
         sums = torch.zeros((k, d), dtype=torch.float64, device=xt.device)
         for start in range(0, n, KMEANS_SLICE):  # float64 a slice at a time, not a 2x copy
-            end = start + KMEANS_SLICE
-            sums.index_add_(0, assign[start:end], xt[start:end].double())
+            part = xt[start : start + KMEANS_SLICE]
+            sums.index_add_(0, assign[start : start + len(part)], wide[: len(part)].copy_(part))
         counts = torch.bincount(assign, minlength=k)
         centroids = (sums / counts.clamp(min=1)[:, None].double()).float()
         empty = np.flatnonzero(counts.cpu().numpy() == 0)
