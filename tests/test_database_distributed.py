@@ -297,6 +297,26 @@ def test_neighbours_search_with_the_cells_the_encoding_kept(inputs, tmp_path, mo
     assert {k: v for k, v in arrays(out).items() if k.startswith("neighbours/")} == first
 
 
+def test_an_index_replaced_before_its_neighbour_stage_takes_its_kept_cells_along(inputs, tmp_path):
+    """Kept cells belong to the index that encoded them: when a new index replaces it before
+    the neighbour stage ended (`db add` after an interrupted build), they are deleted too."""
+    from retrolm.database.build import _install_index
+
+    root, bert, corpus, reference = inputs
+    config = tiny_config(bert, block_rows=25, index="IVF64,Flat")
+    out = chunk_stage([corpus], tmp_path / "db", config, show_progress=False)
+    embed_stage(out, show_progress=False)
+    index_stage(out, show_progress=False)
+    manifest = read_manifest(out)
+    kept = manifest["index"]["encoded_cells"]
+    files = [out / e[key] for e in kept.values() for key in ("cells_file", "celldis_file")]
+    assert files and all(f.is_file() for f in files)
+    replacement = {k: v for k, v in manifest["index"].items() if k != "encoded_cells"}
+    _install_index(out, manifest, replacement)
+    assert not any(f.exists() for f in files)
+    assert (out / replacement["file"]).is_file()  # the index file itself is still in use
+
+
 def test_index_training_borrows_the_threads_of_the_waiting_local_ranks(
     inputs, tmp_path, monkeypatch
 ):

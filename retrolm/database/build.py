@@ -513,6 +513,7 @@ def _install_index(folder: Path, manifest: dict[str, Any], record: dict[str, Any
     manifest.pop("index_build", None)
     save_manifest(folder, manifest)
     if old:  # only now is the old index no longer referenced
+        _delete_kept_cells(folder, old.get("encoded_cells"))  # of a neighbour stage not ended
         for key in ("file", "ivfdata_file"):
             if old.get(key) and old[key] != record.get(key):
                 path = folder / old[key]
@@ -821,9 +822,13 @@ def _encoded_cells(
 
 def _drop_encoded_cells(folder: Path, manifest: dict[str, Any]) -> None:
     """Delete the kept cells once every block's neighbours are written."""
-    cells = manifest["index"].pop("encoded_cells", None) or {}
-    save_manifest(folder, manifest)
-    for entry in cells.values():
+    cells = manifest["index"].pop("encoded_cells", None)
+    save_manifest(folder, manifest)  # unreferenced first, then deleted
+    _delete_kept_cells(folder, cells)
+
+
+def _delete_kept_cells(folder: Path, cells: dict[str, Any] | None) -> None:
+    for entry in (cells or {}).values():
         for key in ("cells_file", "celldis_file"):
             (folder / entry[key]).unlink(missing_ok=True)
 
