@@ -579,7 +579,14 @@ class ExactCellsIndex(SearchWrapper):
             missing = np.flatnonzero(found[:, 0] < 0)
             if len(missing):
                 coarse_dis[missing], found[missing] = self.finder.cells(x[missing], nprobe)
-        return ivf.search_preassigned(x, k, found, coarse_dis)
+        # faiss runs search_preassigned on one thread at parallel_mode 0 (IndexIVF.search
+        # spreads the queries over threads itself before calling it); 3 spreads the queries
+        mode = int(ivf.parallel_mode)
+        ivf.parallel_mode = 3
+        try:
+            return ivf.search_preassigned(x, k, found, coarse_dis)
+        finally:
+            ivf.parallel_mode = mode
 
 
 def searchable(index: faiss.Index, device: str = "cpu") -> Any:
