@@ -152,10 +152,38 @@ class AnonPeak:
         return self.peak_kb / 1024
 
 
+def reusable(args: argparse.Namespace) -> str | None:
+    """Why --out cannot stand for this run's setup to add stages (--reuse-index), or None."""
+    out = Path(args.out)
+    data = Synthetic(args.chunks, args.dim, args.block_rows, args.seed)
+    names = ["chunk_doc.npy", "index.faiss"]
+    names += [
+        f"{kind}-{b:06d}.npy" for kind in ("emb", "cells", "celldis") for b in range(data.blocks)
+    ]
+    missing = [name for name in names if not (out / name).is_file()]
+    if missing:
+        return f"{out / missing[0]} is missing ({len(missing)} of the {len(names)} files a finished run leaves)"
+    if (out / "trained.faiss").exists() or list(out.glob("codes-*.npy")):
+        return f"{out} holds a run stopped before its search-params stage ended"
+    index = ix.load_index(out / "index.faiss", mmap=True)
+    emb = np.load(out / f"emb-{data.blocks - 1:06d}.npy", mmap_mode="r")
+    last = data.rows(data.blocks - 1)
+    if (
+        index.ntotal != args.chunks
+        or index.d != args.dim
+        or emb.shape != (last[1] - last[0], args.dim)
+    ):
+        return (
+            f"{out} holds a run of {index.ntotal} chunks of dim {index.d}, not {args.chunks} of "
+            f"dim {args.dim} (or another --block-rows)"
+        )
+    return None
+
+
 def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     anon = AnonPeak()
     out = Path(args.out)
-    if dist.is_main:
+    if dist.is_main and not args.reuse_index:
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
     dist.barrier()
@@ -178,69 +206,76 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
                 file=sys.stderr,
             )
 
-    # the chunk -> document map, memory-mapped like a database's chunk_doc.npy
-    if dist.is_main:
-        mapping = np.lib.format.open_memmap(chunk_doc_path, "w+", np.int64, (args.chunks,))
-        for b in range(data.blocks):
-            start, end = data.rows(b)
-            mapping[start:end] = np.arange(start, end) // DOC_CHUNKS
-        mapping.flush()
-        del mapping
-    stage("setup")
-
-    # train (rank 0), as _plan_index does
     if args.index == "auto":
         factory, ondisk = choose_layout(args.chunks, args.dim, parse_bytes(args.index_memory))
     else:
         factory, ondisk = args.index, False
     trained_path = out / "trained.faiss"
-    if dist.is_main:
-        size = min(ix.training_sample_size(factory, args.chunks), args.index_train_size)
-        sample = data.training_sample(size) if size else None
-        with distributed.node_threads():  # as _plan_index: the waiting ranks' cores too
-            trained = ix.build_index(factory, args.dim, "ip", sample, seed=args.seed)
-        del sample  # as _plan_index returns: held to the end, it was 1.5 GB of the 4M peak
-        ix.save_index(trained, trained_path)
-    stage("train")
-
-    # encode (every rank, its blocks), as _build_faiss does
-    trained = ix.load_index(trained_path, mmap=True)
-    for b in dist.mine(list(range(data.blocks))):
-        vectors = data.vectors(b)
-        codes, cells = ix.encode_with_cells(trained, vectors, ix.KEPT_CELLS)
-        save_npy(out / f"codes-{b:06d}.npy", codes)
-        if cells is not None:  # kept for the neighbour stage, as _build_faiss keeps them
-            save_npy(out / f"celldis-{b:06d}.npy", cells[0])
-            save_npy(out / f"cells-{b:06d}.npy", cells[1])
-        save_npy(out / f"emb-{b:06d}.npy", vectors.astype(np.float16))  # as a database stores
-    del trained
-    stage("encode")
-
-    # add in block order (rank 0), as _add_codes does
     index_path = out / "index.faiss"
-    if dist.is_main:
-        index = ix.load_index(trained_path)
-        coded = ((np.load(out / f"codes-{b:06d}.npy"), data.ids(b)) for b in range(data.blocks))
-        if ondisk:
-            merge_blocks_ondisk(
-                index,
-                coded,
-                out / "lists.ivfdata",
-                out / "shards",
-                shard_bytes=parse_bytes(args.index_memory) // 4,
-                load_trained=lambda: ix.load_index(trained_path),
-            )
-        else:
-            kept = [out / f"cells-{b:06d}.npy" for b in range(data.blocks)]
-            ivf = faiss.try_extract_index_ivf(index)
-            if ivf is not None and all(path.is_file() for path in kept):  # as _add_codes
-                nearest = (np.load(path, mmap_mode="r")[:, 0] for path in kept)
-                ix.reserve_lists(index, sum(np.bincount(c, minlength=ivf.nlist) for c in nearest))
-            for codes, ids in coded:
-                ix.add_encoded(index, codes, ids)
-        for b in range(data.blocks):
-            (out / f"codes-{b:06d}.npy").unlink()
-    stage("add")
+    if args.reuse_index:  # the filled index of an earlier run (`reusable` checked it)
+        if dist.is_main:
+            index = ix.load_index(index_path, ondisk=ondisk)
+        stage("load reused index")
+    else:
+        # the chunk -> document map, memory-mapped like a database's chunk_doc.npy
+        if dist.is_main:
+            mapping = np.lib.format.open_memmap(chunk_doc_path, "w+", np.int64, (args.chunks,))
+            for b in range(data.blocks):
+                start, end = data.rows(b)
+                mapping[start:end] = np.arange(start, end) // DOC_CHUNKS
+            mapping.flush()
+            del mapping
+        stage("setup")
+
+        # train (rank 0), as _plan_index does
+        if dist.is_main:
+            size = min(ix.training_sample_size(factory, args.chunks), args.index_train_size)
+            sample = data.training_sample(size) if size else None
+            with distributed.node_threads():  # as _plan_index: the waiting ranks' cores too
+                trained = ix.build_index(factory, args.dim, "ip", sample, seed=args.seed)
+            del sample  # as _plan_index returns: held to the end, it was 1.5 GB of the 4M peak
+            ix.save_index(trained, trained_path)
+        stage("train")
+
+        # encode (every rank, its blocks), as _build_faiss does
+        trained = ix.load_index(trained_path, mmap=True)
+        for b in dist.mine(list(range(data.blocks))):
+            vectors = data.vectors(b)
+            codes, cells = ix.encode_with_cells(trained, vectors, ix.KEPT_CELLS)
+            save_npy(out / f"codes-{b:06d}.npy", codes)
+            if cells is not None:  # kept for the neighbour stage, as _build_faiss keeps them
+                save_npy(out / f"celldis-{b:06d}.npy", cells[0])
+                save_npy(out / f"cells-{b:06d}.npy", cells[1])
+            save_npy(out / f"emb-{b:06d}.npy", vectors.astype(np.float16))  # as a database stores
+        del trained
+        stage("encode")
+
+        # add in block order (rank 0), as _add_codes does
+        if dist.is_main:
+            index = ix.load_index(trained_path)
+            coded = ((np.load(out / f"codes-{b:06d}.npy"), data.ids(b)) for b in range(data.blocks))
+            if ondisk:
+                merge_blocks_ondisk(
+                    index,
+                    coded,
+                    out / "lists.ivfdata",
+                    out / "shards",
+                    shard_bytes=parse_bytes(args.index_memory) // 4,
+                    load_trained=lambda: ix.load_index(trained_path),
+                )
+            else:
+                kept = [out / f"cells-{b:06d}.npy" for b in range(data.blocks)]
+                ivf = faiss.try_extract_index_ivf(index)
+                if ivf is not None and all(path.is_file() for path in kept):  # as _add_codes
+                    nearest = (np.load(path, mmap_mode="r")[:, 0] for path in kept)
+                    ix.reserve_lists(
+                        index, sum(np.bincount(c, minlength=ivf.nlist) for c in nearest)
+                    )
+                for codes, ids in coded:
+                    ix.add_encoded(index, codes, ids)
+            for b in range(data.blocks):
+                (out / f"codes-{b:06d}.npy").unlink()
+        stage("add")
 
     # search parameters and the exact ground truth of the recall sample (rank 0)
     rng = np.random.default_rng([args.seed, 3])
@@ -278,7 +313,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
             code_bytes = _code_bytes(index)
             ix.save_index(index, index_path)
             del index
-            trained_path.unlink()
+            trained_path.unlink(missing_ok=True)  # absent when reused
     stage("search params")
 
     # neighbours (every rank, its blocks, against the memory-mapped index), as _run_neighbours
@@ -356,6 +391,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         "threads_per_rank": args.threads,
         "index": factory,
         "ondisk": ondisk,
+        "reused_index": args.reuse_index,
         "search_params": box[0],
         "index_recall_at_10": None if tuned_recall is None else round(tuned_recall, 4),
         "code_bytes": code_bytes,
@@ -396,6 +432,11 @@ def report(result: dict, as_json: bool) -> None:
         f"{result['chunks']} chunks of dim {result['dim']}, {result['ranks']} rank(s) x "
         f"{result['threads_per_rank']} thread(s): index {result['index']!r}"
         f"{' (on-disk lists)' if result['ondisk'] else ''}, search {result['search_params']}"
+        + (
+            " (the filled index of an earlier run: no setup, train, encode, add)"
+            if result["reused_index"]
+            else ""
+        )
     )
     for name, seconds in result["stage_seconds"].items():
         rate = result["stage_chunks_per_s"].get(name)
@@ -500,6 +541,14 @@ def main(argv: list[str] | None = None) -> int:
         "(default: every block)",
     )
     p.add_argument(
+        "--reuse-index",
+        action="store_true",
+        help="skip the setup, train, encode and add stages: take the filled index, embeddings "
+        "and kept cells that a run with the same --chunks, --dim, --block-rows, --index and "
+        "--seed left in --out, and rerun the search-params and neighbour stages (after a "
+        "change to them; a 16M run takes 2 h to get there)",
+    )
+    p.add_argument(
         "--compare-cells",
         action="store_true",
         help="search the same blocks a second time with every chunk's cells found afresh "
@@ -521,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--chunks is required")
     if args.chunks < args.sample or args.chunks < 1000:
         p.error("--chunks must be at least 1000 and at least --sample")
+    if args.reuse_index and (why := reusable(args)):
+        p.error(f"--reuse-index: {why}; run once without it")
     if args.workers > 1 and "WORLD_SIZE" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         rest = list(argv if argv is not None else sys.argv[1:])

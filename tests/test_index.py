@@ -358,6 +358,44 @@ def test_streamed_exact_search_and_tuning():
         assert ix.recall_at_k(ix.search(index, q, 10)[1], i_flat) < 0.95
 
 
+@pytest.mark.parametrize(
+    "curve, chosen, probed",
+    [
+        # creeping, as 16M synthetic chunks did: stop where a doubling gains < TUNE_MIN_GAIN
+        ({1: 0.80, 2: 0.88, 4: 0.884, 8: 0.95, 16: 0.96, 32: 0.97}, 2, [1, 2, 4]),
+        # steady gains reach the target
+        ({1: 0.80, 2: 0.88, 4: 0.92, 8: 0.951, 16: 0.96, 32: 0.97}, 8, [1, 2, 4, 8]),
+        # flat from the start: the cheapest
+        ({1: 0.90, 2: 0.902, 4: 0.95, 8: 0.96, 16: 0.97, 32: 0.98}, 1, [1, 2]),
+    ],
+)
+def test_tuning_stops_where_recall_flattens(curve, chosen, probed, monkeypatch, caplog):
+    """The tuning doubles nprobe until the target, the default, or a doubling that gains less
+    than TUNE_MIN_GAIN; then picks the cheapest setting within TUNE_PLATEAU of the best tried.
+    (A recall that creeps up with nprobe ran the 16M benchmark's tuning to nprobe 4096.)"""
+    monkeypatch.setattr(ix, "TUNE_MIN_VECTORS", 0)
+    db = clustered(20_000, 16, 200, spread=1.0, seed=3)
+    index = built("IVF256,Flat", db, "l2")  # default nprobe: 256 / 8 = 32
+    queries, true = db[:100], np.arange(1000).reshape(100, 10)
+    asked = []
+
+    def fake_search(index, queries, k, cells=None):  # ids whose recall is curve[nprobe]
+        nprobe = int(ix.unwrap(index).nprobe)
+        asked.append(nprobe)
+        found = true.copy().ravel()
+        found[round(curve[nprobe] * found.size) :] = -1
+        return np.zeros(true.shape, np.float32), found.reshape(true.shape)
+
+    monkeypatch.setattr(ix, "search", fake_search)
+    with caplog.at_level("INFO", logger=ix.__name__):
+        params, recall = ix.choose_search_params(index, "IVF256,Flat", queries, true_ids=true)
+    assert asked == probed
+    assert params == {"nprobe": chosen} and recall == pytest.approx(curve[chosen])
+    assert index.nprobe == chosen
+    low = recall < ix.TUNE_LOW_RECALL
+    assert any(r.levelname == ("WARNING" if low else "INFO") for r in caplog.records)
+
+
 def test_bad_inputs_raise_input_errors(tmp_path):
     with pytest.raises(InputError, match="faiss cannot build index 'NoSuchIndex9'"):
         ix.build_index("NoSuchIndex9", 16, "l2", None)
