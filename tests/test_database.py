@@ -567,8 +567,19 @@ def test_gather_rows_reads_ids_in_the_order_asked_across_blocks(tmp_path):
         opened.append(b)
         return np.load(tmp_path / f"b{b}.npy", mmap_mode="r")
 
+    read = []  # the rows each block was indexed with
+
+    class Recorded:
+        def __init__(self, array):
+            self.array = array
+
+        def __getitem__(self, rows):
+            read.extend(int(r) for r in np.atleast_1d(rows))
+            return self.array[rows]
+
     ids = np.array([15, 0, 5, 6, 15, 12, 3, 13, 0])
-    got = gather_rows(block_of, starts, ids, 4)
+    got = gather_rows(lambda b: Recorded(block_of(b)), starts, ids, 4)
     np.testing.assert_array_equal(got, np.concatenate(blocks).astype(np.float32)[ids])
-    assert sorted(opened) == [0, 1, 2, 3]  # each block hit read once
+    assert sorted(opened) == [0, 1, 2, 3]  # each block hit opened once
+    assert len(read) == len(set(ids.tolist()))  # each distinct row read once, not each ask
     assert gather_rows(block_of, starts, ids[:0], 4).shape == (0, 4)

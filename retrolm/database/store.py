@@ -45,17 +45,19 @@ def gather_rows(
     block_of: Callable[[int], np.ndarray], starts: np.ndarray, ids: np.ndarray, dim: int
 ) -> np.ndarray:
     """Rows `ids` (global, int64) of arrays split in blocks, as one (len(ids), dim) float32
-    array in the order asked: the ids are grouped by block with one sort, and each block hit
-    (`block_of(b)`, a memory-mapped array starting at global row `starts[b]`) is read once."""
+    array in the order asked. Each distinct id is read once, in ascending order (one
+    `np.unique`), and each block hit (`block_of(b)`, a memory-mapped array starting at global
+    row `starts[b]`) is indexed once: re-ranking asks for the candidates of many queries at a
+    time, and queries from one document share most of theirs (the benchmark's 4M neighbour
+    stage read each row about 4 times over)."""
     ids = np.asarray(ids, dtype=np.int64)
-    out = np.empty((len(ids), dim), dtype=np.float32)
-    which = np.searchsorted(starts, ids, side="right") - 1  # block of each id
-    order = np.argsort(which, kind="stable")  # one pass per block hit, not one mask each
-    blocks, firsts = np.unique(which[order], return_index=True)
-    for b, lo, hi in zip(blocks, firsts, [*firsts[1:], len(ids)]):
-        rows = order[lo:hi]
-        out[rows] = block_of(int(b))[ids[rows] - starts[b]]
-    return out
+    distinct, inverse = np.unique(ids, return_inverse=True)
+    rows = np.empty((len(distinct), dim), dtype=np.float32)
+    which = np.searchsorted(starts, distinct, side="right") - 1  # block of each id, ascending
+    blocks, firsts = np.unique(which, return_index=True)
+    for b, lo, hi in zip(blocks, firsts, [*firsts[1:], len(distinct)]):
+        rows[lo:hi] = block_of(int(b))[distinct[lo:hi] - starts[b]]
+    return rows[inverse.reshape(-1)]
 
 
 class BlockStore:
