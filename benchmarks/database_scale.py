@@ -229,7 +229,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
 
         # train (rank 0), as _plan_index does
         if dist.is_main:
-            size = min(ix.training_sample_size(factory, args.chunks), args.index_train_size)
+            size = ix.training_sample_size(factory, args.chunks, args.index_train_size)
             sample = data.training_sample(size) if size else None
             with distributed.node_threads():  # as _plan_index: the waiting ranks' cores too
                 trained = ix.build_index(factory, args.dim, "ip", sample, seed=args.seed)

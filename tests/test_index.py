@@ -3,6 +3,8 @@ factory strings, atomic save and (memory-mapped) load."""
 
 from __future__ import annotations
 
+import logging
+
 import faiss
 import numpy as np
 import pytest
@@ -126,6 +128,18 @@ def test_small_opq_pq_index_builds_and_searches():
     _, true_rows = _exact(db, q, "l2")
     assert ix.recall_at_k(found, true_rows) >= 0.3  # 4 bytes per vector: coarse but useful
     assert (found[:, 0] == np.arange(100)).mean() >= 0.5  # the query's own vector, mostly
+
+
+def test_training_sample_is_64_a_cell_up_to_index_train_size():
+    """64 vectors a cell, capped by --index-train-size (default 2M), which can raise it: the
+    default gives 16M chunks' 65536 cells 32 each, and a user who wants 64 asks for 4M."""
+    n = 16_000_000
+    assert ix.training_sample_size("IVF65536,SQ4", n) == ix.MAX_TRAIN_SAMPLE == 1 << 21
+    assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 22) == 64 * 65536
+    assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 23) == 64 * 65536  # no more needed
+    assert ix.training_sample_size("IVF4096,SQ8", 100_000, 1 << 22) == 100_000  # all there is
+    assert ix.training_sample_size("OPQ16_64,IVF1024,PQ16", n, 1000) == 1000
+    assert ix.training_sample_size("Flat", n, 1 << 22) == 0
 
 
 def test_choose_factory_by_size_and_budget():
@@ -369,7 +383,7 @@ def test_streamed_exact_search_and_tuning():
         ({1: 0.90, 2: 0.902, 4: 0.95, 8: 0.96, 16: 0.97, 32: 0.98}, 1, [1, 2]),
     ],
 )
-def test_tuning_stops_where_recall_flattens(curve, chosen, probed, monkeypatch, caplog):
+def test_tuning_stops_where_recall_flattens(curve, chosen, probed, monkeypatch):
     """The tuning doubles nprobe until the target, the default, or a doubling that gains less
     than TUNE_MIN_GAIN; then picks the cheapest setting within TUNE_PLATEAU of the best tried.
     (A recall that creeps up with nprobe ran the 16M benchmark's tuning to nprobe 4096.)"""
@@ -387,13 +401,23 @@ def test_tuning_stops_where_recall_flattens(curve, chosen, probed, monkeypatch, 
         return np.zeros(true.shape, np.float32), found.reshape(true.shape)
 
     monkeypatch.setattr(ix, "search", fake_search)
-    with caplog.at_level("INFO", logger=ix.__name__):
+    records = []  # a handler of its own: the CLI's set-up stops "retrolm" propagating to caplog
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append
+    level = ix.logger.level
+    ix.logger.addHandler(handler)
+    ix.logger.setLevel(logging.INFO)
+    try:
         params, recall = ix.choose_search_params(index, "IVF256,Flat", queries, true_ids=true)
+    finally:
+        ix.logger.removeHandler(handler)
+        ix.logger.setLevel(level)
     assert asked == probed
     assert params == {"nprobe": chosen} and recall == pytest.approx(curve[chosen])
     assert index.nprobe == chosen
     low = recall < ix.TUNE_LOW_RECALL
-    assert any(r.levelname == ("WARNING" if low else "INFO") for r in caplog.records)
+    assert [r.levelname for r in records] == ["WARNING" if low else "INFO"]
+    assert f"tried: {', '.join(f'{v}: {curve[v]:.4f}' for v in probed)}" in records[0].getMessage()
 
 
 def test_bad_inputs_raise_input_errors(tmp_path):

@@ -48,8 +48,8 @@ def gather_rows(
     array in the order asked. Each distinct id is read once, in ascending order (one
     `np.unique`), and each block hit (`block_of(b)`, a memory-mapped array starting at global
     row `starts[b]`) is indexed once: re-ranking asks for the candidates of many queries at a
-    time, and queries from one document share most of theirs (the benchmark's 4M neighbour
-    stage read each row about 4 times over)."""
+    time, and queries from one document share most of theirs (the benchmark's neighbour stage
+    asked for each row 4.2 times at 4M chunks, 3.2 at 16M)."""
     ids = np.asarray(ids, dtype=np.int64)
     distinct, inverse = np.unique(ids, return_inverse=True)
     rows = np.empty((len(distinct), dim), dtype=np.float32)
