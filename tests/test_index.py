@@ -405,6 +405,7 @@ def test_tuning_stops_where_recall_flattens(curve, chosen, probed, monkeypatch):
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
     level = ix.logger.level
+    monkeypatch.setattr(ix.logger, "propagate", False)  # nor to a set-up's closed stream
     ix.logger.addHandler(handler)
     ix.logger.setLevel(logging.INFO)
     try:
