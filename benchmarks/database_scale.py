@@ -10,7 +10,10 @@ once, and go through the functions `db build` calls for its index and neighbour 
 `encode_with_cells` per rank (codes, and each chunk's nearest cells kept for its search),
 `add_encoded` in block order (or `merge_blocks_ondisk`), `choose_search_params`, and per rank
 `search_excluding_documents` against the memory-mapped index with the kept cells
-(--compare-cells: and again with the cells found afresh, side by side). Ranks run as in `db build --workers N` (torch's elastic launcher, gloo); each stage is
+(--compare-cells: and again with the cells found afresh, side by side). A run stopped before its add stage
+ended continues with --resume (the trained index and the encoded blocks kept; it builds the very
+index an uninterrupted run builds); one that ended reruns its search-params and neighbour stages
+with --reuse-index. Ranks run as in `db build --workers N` (torch's elastic launcher, gloo); each stage is
 timed on rank 0 between barriers.
 
 Prints per stage seconds and chunks/s, peak RSS (the largest rank and all ranks together; and
@@ -180,25 +183,48 @@ def reusable(args: argparse.Namespace) -> str | None:
     return None
 
 
+SETTINGS = ("chunks", "dim", "block_rows", "index", "index_memory", "index_train_size", "seed")
+
+
+def resumable(args: argparse.Namespace) -> str | None:
+    """Why --out cannot be resumed by this run (--resume), or None."""
+    path = Path(args.out) / "run.json"
+    if not path.is_file():
+        return f"{path} is missing: no run of this benchmark was started in {args.out}"
+    earlier = json.loads(path.read_text())
+    differ = [k for k in SETTINGS if earlier.get(k) != getattr(args, k)]
+    if differ:
+        return f"{path} was started with other settings ({', '.join(differ)})"
+    return None
+
+
 def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     anon = AnonPeak()
     out = Path(args.out)
-    if dist.is_main and not args.reuse_index:
+    if dist.is_main and not (args.reuse_index or args.resume):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
+        (out / "run.json").write_text(json.dumps({k: getattr(args, k) for k in SETTINGS}))
     dist.barrier()
+    stages_path = out / "stages.json"  # each finished stage's seconds, for a resumed run
+    earlier = json.loads(stages_path.read_text()) if args.resume and stages_path.is_file() else {}
     data = Synthetic(args.chunks, args.dim, args.block_rows, args.seed)
     chunk_doc_path = out / "chunk_doc.npy"
     times: dict[str, float] = {}
     stage_anon: dict[str, float] = {}  # rank 0's
     clock = [time.perf_counter()]
 
-    def stage(name: str) -> None:
+    def stage(name: str, record: bool = True) -> None:
+        """End stage `name`: its time and rank 0's anonymous peak; `record` it in stages.json
+        for a later --resume (not a stage this run skipped, or did only a part of)."""
         dist.barrier()
         now = time.perf_counter()
         times[name] = now - clock[0]
         clock[0] = now
         stage_anon[name] = anon.stage_mb()
+        if dist.is_main and record:
+            recorded = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
+            stages_path.write_text(json.dumps({**recorded, name: times[name]}))
         if dist.is_main:  # as it goes: a 4M run takes an hour before its report
             print(
                 f"[{time.strftime('%H:%M:%S')}] {name}: {times[name]:.1f} s, anonymous RSS peak "
@@ -227,19 +253,32 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
             del mapping
         stage("setup")
 
-        # train (rank 0), as _plan_index does
-        if dist.is_main:
+        # train (rank 0), as _plan_index does; not again when resumed after it
+        trained_before = args.resume and trained_path.is_file()
+        if dist.is_main and not trained_before:
             size = ix.training_sample_size(factory, args.chunks, args.index_train_size)
             sample = data.training_sample(size) if size else None
             with distributed.node_threads():  # as _plan_index: the waiting ranks' cores too
                 trained = ix.build_index(factory, args.dim, "ip", sample, seed=args.seed)
             del sample  # as _plan_index returns: held to the end, it was 1.5 GB of the 4M peak
             ix.save_index(trained, trained_path)
-        stage("train")
+        stage("train", record=not trained_before)
+        if trained_before:
+            del times["train"]
+            if "train" in earlier:
+                times["train (earlier run)"] = earlier["train"]
 
-        # encode (every rank, its blocks), as _build_faiss does
+        # encode (every rank, its blocks), as _build_faiss does; when resumed, the blocks whose
+        # embeddings were written (each file atomically, the embeddings last) are not again
         trained = ix.load_index(trained_path, mmap=True)
+        done = {
+            b
+            for b in range(data.blocks)
+            if args.resume and all((out / f"{k}-{b:06d}.npy").is_file() for k in ("codes", "emb"))
+        }
         for b in dist.mine(list(range(data.blocks))):
+            if b in done:
+                continue
             vectors = data.vectors(b)
             codes, cells = ix.encode_with_cells(trained, vectors, ix.KEPT_CELLS)
             save_npy(out / f"codes-{b:06d}.npy", codes)
@@ -248,7 +287,13 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
                 save_npy(out / f"cells-{b:06d}.npy", cells[1])
             save_npy(out / f"emb-{b:06d}.npy", vectors.astype(np.float16))  # as a database stores
         del trained
-        stage("encode")
+        stage("encode", record=not done)
+        if done:  # the time above is this run's part only (a stopped run's part is not known)
+            times[f"encode (this run: {data.blocks - len(done)} of {data.blocks} blocks)"] = (
+                times.pop("encode")
+            )
+            if "encode" in earlier:
+                times["encode (earlier run)"] = earlier["encode"]
 
         # add in block order (rank 0), as _add_codes does
         if dist.is_main:
@@ -405,7 +450,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         "stage_chunks_per_s": {
             k: round((searched_chunks if k == "neighbours" else args.chunks) / v)
             for k, v in work.items()
-            if v > 0
+            if v > 0 and "this run:" not in k
         },
         "neighbours_searched_chunks": searched_chunks,
         "neighbour_ms_per_chunk": round(
@@ -549,6 +594,13 @@ def main(argv: list[str] | None = None) -> int:
         "change to them; a 16M run takes 2 h to get there)",
     )
     p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue a run that was stopped before its add stage ended in --out (same "
+        "settings): the trained index is not trained again and the blocks already encoded are "
+        "not encoded again; stage times of earlier runs are reported as such",
+    )
+    p.add_argument(
         "--compare-cells",
         action="store_true",
         help="search the same blocks a second time with every chunk's cells found afresh "
@@ -572,6 +624,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--chunks must be at least 1000 and at least --sample")
     if args.reuse_index and (why := reusable(args)):
         p.error(f"--reuse-index: {why}; run once without it")
+    if args.resume and args.reuse_index:
+        p.error(
+            "--resume and --reuse-index exclude each other: a run whose add stage ended "
+            "is reused, not resumed"
+        )
+    if args.resume and (why := resumable(args)):
+        p.error(f"--resume: {why}; run without --resume to start afresh")
     if args.workers > 1 and "WORLD_SIZE" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = str(args.threads)
         rest = list(argv if argv is not None else sys.argv[1:])
