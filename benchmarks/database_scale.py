@@ -45,7 +45,7 @@ from retrolm.database.config import DatabaseConfig, parse_bytes
 from retrolm.database.neighbours import index_search_fn, search_excluding_documents
 from retrolm.database.ondisk import choose_layout, merge_blocks_ondisk
 from retrolm.database.store import gather_rows
-from retrolm.io import save_npy
+from retrolm.io import read_json, save_npy, write_json
 
 DOC_CHUNKS = 8  # chunks per synthetic document
 TOPIC_CHUNKS = 256  # chunks per topic (cluster centre) on average: 32 documents
@@ -191,10 +191,13 @@ def resumable(args: argparse.Namespace) -> str | None:
     path = Path(args.out) / "run.json"
     if not path.is_file():
         return f"{path} is missing: no run of this benchmark was started in {args.out}"
-    earlier = json.loads(path.read_text())
+    earlier = read_json(path)
     differ = [k for k in SETTINGS if earlier.get(k) != getattr(args, k)]
     if differ:
         return f"{path} was started with other settings ({', '.join(differ)})"
+    out = Path(args.out)
+    if (out / "index.faiss").is_file() and not (out / "trained.faiss").exists():
+        return f"the run in {out} ended: rerun its search and neighbour stages with --reuse-index"
     return None
 
 
@@ -204,10 +207,10 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     if dist.is_main and not (args.reuse_index or args.resume):
         shutil.rmtree(out, ignore_errors=True)
         out.mkdir(parents=True)
-        (out / "run.json").write_text(json.dumps({k: getattr(args, k) for k in SETTINGS}))
+        write_json(out / "run.json", {k: getattr(args, k) for k in SETTINGS})
     dist.barrier()
     stages_path = out / "stages.json"  # each finished stage's seconds, for a resumed run
-    earlier = json.loads(stages_path.read_text()) if args.resume and stages_path.is_file() else {}
+    earlier = read_json(stages_path) if args.resume and stages_path.is_file() else {}
     data = Synthetic(args.chunks, args.dim, args.block_rows, args.seed)
     chunk_doc_path = out / "chunk_doc.npy"
     times: dict[str, float] = {}
@@ -223,8 +226,8 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
         clock[0] = now
         stage_anon[name] = anon.stage_mb()
         if dist.is_main and record:
-            recorded = json.loads(stages_path.read_text()) if stages_path.is_file() else {}
-            stages_path.write_text(json.dumps({**recorded, name: times[name]}))
+            recorded = read_json(stages_path) if stages_path.is_file() else {}
+            write_json(stages_path, {**recorded, name: times[name]})  # atomic: killable
         if dist.is_main:  # as it goes: a 4M run takes an hour before its report
             print(
                 f"[{time.strftime('%H:%M:%S')}] {name}: {times[name]:.1f} s, anonymous RSS peak "
