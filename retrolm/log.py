@@ -12,13 +12,27 @@ from tqdm.auto import tqdm
 T = TypeVar("T")
 
 
+class StderrHandler(logging.StreamHandler):
+    """A handler on whatever `sys.stderr` is when a record is emitted, not the stream of the
+    moment it was made: a caller that redirects stderr (a test's capture, a notebook) after
+    `setup_logging` still gets the records, and never a write to a closed file."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbosity: int = 0) -> None:
     """Configure the `retrolm` logger: 0 = INFO, >= 1 = DEBUG, < 0 = WARNING."""
     level = logging.INFO if verbosity == 0 else logging.DEBUG if verbosity > 0 else logging.WARNING
     logger = logging.getLogger("retrolm")
     logger.setLevel(level)
     if not logger.handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = StderrHandler()
         handler.setFormatter(
             logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
         )

@@ -91,7 +91,7 @@ def arrays(folder: Path) -> dict[str, bytes]:
 
 @pytest.fixture(autouse=True)
 def keep_logging():
-    # the CLI's setup_logging adds a handler bound to this test's captured stderr: undo it
+    # the CLI's setup_logging sets the level and stops propagation (caplog needs it): undo it
     logger = logging.getLogger("retrolm")
     handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
     yield
