@@ -372,6 +372,27 @@ def test_streamed_exact_search_and_tuning():
         assert ix.recall_at_k(ix.search(index, q, 10)[1], i_flat) < 0.95
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_streamed_exact_search_equals_float64_brute_force(metric):
+    """Uneven blocks (one of 7 rows, fewer than k; one empty), ids not 0..n, near-duplicate
+    queries whose l2 distances are small: ids and distances as a float64 brute force gives."""
+    x = clustered(9_007, 48, 90, spread=0.8, seed=11)
+    ids = np.arange(len(x)) * 3 + 5
+    q = np.concatenate([x[:40] + 1e-3, clustered(40, 48, 90, spread=0.8, seed=12)])
+    cuts = [0, 4000, 4007, 4007, 9007]
+    blocks = [(x[a:b], ids[a:b]) for a, b in zip(cuts, cuts[1:])]
+    d, i = ix.exact_search_blocks(q, blocks, 10, metric)
+    x64, q64 = x.astype(np.float64), q.astype(np.float64)
+    if metric == "l2":
+        full = ((q64[:, None, :] - x64[None]) ** 2).sum(-1)
+    else:
+        full = -(q64 @ x64.T)
+    order = np.argsort(full, axis=1, kind="stable")[:, :10]
+    np.testing.assert_array_equal(i, ids[order])
+    want = np.take_along_axis(full, order, axis=1)
+    np.testing.assert_allclose(d, want if metric == "l2" else -want, rtol=1e-6, atol=1e-9)
+
+
 @pytest.mark.parametrize(
     "curve, chosen, probed",
     [

@@ -836,20 +836,34 @@ def exact_search_blocks(
     """Brute-force k nearest neighbours of `queries` over a stream of (vectors, ids) blocks.
 
     Memory stays at one block plus the running (n, k) results, whatever the database size: the
-    ground truth for `tune_search_params` on a database that does not fit in memory.
+    ground truth for `tune_search_params` on a database that does not fit in memory. Torch's
+    float32 matrix products (`_nearest`, as the k-means) rank each block (faiss's flat search
+    was most of a large build's search-params stage); for l2 the distances of 2k candidates
+    are then computed directly. Rows at equal distance keep block order.
 
     Returns:
         distances (n, k) float32 and ids (n, k) int64, like `search`.
     """
+    import torch
+
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     similarity = _metric_type(metric) == faiss.METRIC_INNER_PRODUCT
+    q = torch.from_numpy(queries)
     worst = -np.inf if similarity else np.inf
     best_d = np.full((len(queries), k), worst, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
     for vectors, ids in blocks:
-        flat = build_index("Flat", queries.shape[1], metric, None)
-        add_vectors(flat, vectors, ids)
-        d, i = search(flat, queries, k)
+        if len(vectors) == 0:
+            continue
+        v = torch.from_numpy(np.ascontiguousarray(vectors)).float()
+        if similarity:  # the products are the scores
+            scores, rows = _nearest(q, v, None, min(k, len(v)))
+            d = scores.numpy()
+        else:  # |q|^2 - 2 q.v + |v|^2 loses a small distance's digits: 2k candidates by the
+            # products, then their distances computed directly
+            _, rows = _nearest(q, v, 0.5 * (v * v).sum(1), min(2 * k, len(v)))
+            d = ((q[:, None, :] - v[rows]) ** 2).sum(-1).numpy()
+        i = np.asarray(ids, dtype=np.int64)[rows.numpy()]
         all_d = np.concatenate([best_d, d], axis=1)
         all_i = np.concatenate([best_i, i], axis=1)
         order = np.argsort(-all_d if similarity else all_d, axis=1, kind="stable")[:, :k]
