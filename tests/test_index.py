@@ -426,7 +426,7 @@ def test_tuning_stops_where_recall_flattens(curve, chosen, probed, monkeypatch):
     handler = logging.Handler(logging.INFO)
     handler.emit = records.append
     level = ix.logger.level
-    monkeypatch.setattr(ix.logger, "propagate", False)  # nor to a set-up's closed stream
+    monkeypatch.setattr(ix.logger, "propagate", False)  # these records are the test's alone
     ix.logger.addHandler(handler)
     ix.logger.setLevel(logging.INFO)
     try:
