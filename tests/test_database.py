@@ -470,6 +470,34 @@ def test_interrupted_add_resumes_to_the_same_database(setup, tmp_path, monkeypat
     assert Database.open(resumed).num_chunks == Database.open(straight).num_chunks
 
 
+def test_build_killed_in_the_index_kmeans_resumes_it_where_it_stopped(setup, tmp_path, monkeypatch):
+    """The index's k-means is the longest step of a large build (hours at 16M chunks): a build
+    killed in it reruns only the iterations after its last checkpoint, gives the database of an
+    uninterrupted build, and leaves no checkpoint behind."""
+    from retrolm.database import index as ix
+
+    _, bert, corpus, _ = setup
+    config = tiny_config(bert, index="IVF8,Flat")
+    straight = build_database([corpus], tmp_path / "straight", config, show_progress=False)
+    real, saved = ix._save_kmeans_checkpoint, []
+
+    def save(path, key, done, *args):
+        real(path, key, done, *args)
+        saved.append(done)
+        if done == 4:
+            raise KeyboardInterrupt  # as if killed right after the fourth iteration
+
+    monkeypatch.setattr(ix, "_save_kmeans_checkpoint", save)
+    resumed = tmp_path / "resumed"
+    with pytest.raises(KeyboardInterrupt):
+        build_database([corpus], resumed, config, show_progress=False)
+    assert [p.name for p in (resumed / "index").glob("kmeans-*")] == ["kmeans-0000.npz"]
+    build_database([corpus], resumed, config, show_progress=False)
+    assert saved == list(range(1, ix.KMEANS_ITERATIONS + 1))  # 1-4, then 5-10 in the rerun
+    assert arrays(resumed) == arrays(straight)
+    assert not list((resumed / "index").glob("kmeans-*"))
+
+
 def test_pickled_database_reopens_its_files(db):
     import pickle
 

@@ -339,6 +339,76 @@ def test_kmeans_equals_plain_lloyd(spherical, monkeypatch):
     np.testing.assert_allclose(got, want, atol=1e-5)
 
 
+class Killed(Exception):
+    """Stands for a SIGKILL right after a k-means checkpoint was written."""
+
+
+def _kill_after_saves(monkeypatch, saves: int) -> list[int]:
+    """Make `ix.kmeans` die right after its `saves`-th checkpoint; returns the iterations saved."""
+    real, saved = ix._save_kmeans_checkpoint, []
+
+    def save(path, key, done, *args):
+        real(path, key, done, *args)
+        saved.append(done)
+        if len(saved) == saves:
+            raise Killed
+
+    monkeypatch.setattr(ix, "_save_kmeans_checkpoint", save)
+    return saved
+
+
+@pytest.mark.parametrize("spherical", [True, False])
+def test_kmeans_killed_after_any_iteration_resumes_to_the_uninterrupted_centroids(
+    spherical, tmp_path, monkeypatch
+):
+    """A k-means (hours at 16M chunks) killed after an iteration and run again starts after that
+    iteration and ends with the centroids of an uninterrupted run, bit for bit, also where empty
+    cells drew random points (the random state is in the checkpoint)."""
+    # 48 distinct points for 64 cells: every iteration leaves cells empty, which draw points
+    x = np.repeat(clustered(48, 8, 6, spread=0.2, seed=2), 25, axis=0)
+    if spherical:
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    want = ix.kmeans(x, 64, seed=3, spherical=spherical, niter=6)
+    path = tmp_path / "kmeans.npz"
+    for saves, done in [(2, [1, 2]), (3, [3, 4, 5])]:  # killed after 2, then after 5
+        with monkeypatch.context() as patch:
+            saved = _kill_after_saves(patch, saves)
+            with pytest.raises(Killed):
+                ix.kmeans(x, 64, seed=3, spherical=spherical, niter=6, checkpoint=path)
+        assert saved == done
+    with monkeypatch.context() as patch:
+        saved = _kill_after_saves(patch, 99)
+        got = ix.kmeans(x, 64, seed=3, spherical=spherical, niter=6, checkpoint=path)
+    assert saved == [6]  # only the last iteration ran again
+    np.testing.assert_array_equal(got, want)
+    with np.load(path) as state:
+        assert int(state["done"]) == 6  # kept until the caller has saved the trained index
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_kmeans_checkpoint_of_another_sample_or_seed_is_not_used(tmp_path, monkeypatch, caplog):
+    x = clustered(1000, 8, 20, spread=0.2, seed=4)
+    path = tmp_path / "kmeans.npz"
+    with monkeypatch.context() as patch:
+        _kill_after_saves(patch, 3)
+        with pytest.raises(Killed):
+            ix.kmeans(x, 16, seed=1, spherical=False, niter=5, checkpoint=path)
+    other = x.copy()
+    other[7, 3] += 1e-3  # one number differs
+    for sample, seed in [(other, 1), (x, 2)]:
+        with caplog.at_level(logging.WARNING, logger="retrolm.database.index"):
+            got = ix.kmeans(sample, 16, seed=seed, spherical=False, niter=5, checkpoint=path)
+        assert "another sample or setting" in caplog.text
+        caplog.clear()
+        want = ix.kmeans(sample, 16, seed=seed, spherical=False, niter=5)
+        np.testing.assert_array_equal(got, want)
+    path.write_bytes(b"not a checkpoint")
+    with caplog.at_level(logging.WARNING, logger="retrolm.database.index"):
+        got = ix.kmeans(x, 16, seed=1, spherical=False, niter=5, checkpoint=path)
+    assert "unreadable" in caplog.text
+    np.testing.assert_array_equal(got, ix.kmeans(x, 16, seed=1, spherical=False, niter=5))
+
+
 @pytest.mark.parametrize("factory", ["IVF32,SQ8", "OPQ4_16,IVF32,PQ4", "IVF32_HNSW8,Flat", "PQ4"])
 def test_float16_sample_trains_the_index_its_float32_copy_trains(factory, monkeypatch):
     """`db build` hands the stored float16 embeddings to training as they are (half the memory

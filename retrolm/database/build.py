@@ -653,7 +653,13 @@ def _plan_index(
         )
         with node_threads():  # the other ranks of this node wait meanwhile: use their cores
             index = faiss_index.build_index(
-                factory, dim, metric, sample, seed=config.seed, device=config.device
+                factory,
+                dim,
+                metric,
+                sample,
+                seed=config.seed,
+                device=config.device,
+                checkpoint=folder / _kmeans_checkpoint(generation),
             )
         first_block = 0
     (folder / "index").mkdir(exist_ok=True)
@@ -671,6 +677,13 @@ def _plan_index(
         "codes": {},
     }
     save_manifest(folder, manifest)
+    (folder / _kmeans_checkpoint(generation)).unlink(missing_ok=True)
+
+
+def _kmeans_checkpoint(generation: int) -> str:
+    """Where `_plan_index`'s k-means keeps its state between iterations (a killed build
+    resumes the k-means there), until the trained index is recorded."""
+    return f"index/kmeans-{generation:04d}.npz"
 
 
 def _search_params(
