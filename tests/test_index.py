@@ -593,6 +593,41 @@ def test_reranking_fewer_vectors_than_asked():
     assert np.isinf(dists[:, 5:]).all()
 
 
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_reranking_where_some_lists_are_shorter_than_asked(metric):
+    """At nprobe 1 a query whose cell holds fewer vectors than the k_factor * k candidates asked
+    gets -1s among them, in the same slice as queries that get all: each query's result is
+    its raw candidates ranked by exact distance (float64), padded with -1 / worst distance."""
+    sizes = [2, 3, 40, 60]  # cells shorter than the 8 results asked (and the 8 * 4 candidates)
+    db = np.concatenate(
+        [c + 0.05 * np.random.default_rng(i).standard_normal((n, 16)).astype(np.float32)
+         for i, (n, c) in enumerate(zip(sizes, 4 * np.eye(16, dtype=np.float32)[:4]))]
+    )  # fmt: skip
+    if metric == "ip":
+        db /= np.linalg.norm(db, axis=1, keepdims=True)
+    index = ix.build_index("IVF4,Flat", 16, metric, db, seed=0)
+    ix.add_vectors(index, db, np.arange(len(db)) * 3 + 1)  # ids that are not rows
+    ix.apply_search_params(index, {"nprobe": 1})
+    vectors = {i * 3 + 1: v.astype(np.float64) for i, v in enumerate(db)}
+    queries = db[[0, 4, 10, 70, 1, 9]] + 0.01  # short and full cells mixed in one slice
+    reranked = ix.RerankedIndex(index, lambda ids: np.stack([vectors[i] for i in ids]), 4)
+    dists, ids = ix.search(reranked, queries, 8)
+    _, candidates = ix.search(index, queries, 32)
+    for q, row_ids, row_dists, cands in zip(queries, ids, dists, candidates):
+        cands = cands[cands >= 0]
+        exact = np.array([
+            -(vectors[c] @ q) if metric == "ip" else ((vectors[c] - q) ** 2).sum() for c in cands
+        ])  # fmt: skip
+        want = cands[np.argsort(exact, kind="stable")[:8]]
+        assert list(row_ids[: len(want)]) == list(want)
+        assert (row_ids[len(want) :] == -1).all()
+        want_dists = np.sort(exact)[: len(want)] * (-1 if metric == "ip" else 1)
+        np.testing.assert_allclose(row_dists[: len(want)], want_dists, rtol=1e-5, atol=1e-6)
+        worst = -np.inf if metric == "ip" else np.inf
+        assert (row_dists[len(want) :] == worst).all()
+    assert (ids == -1).any() and (ids != -1).all(axis=1).any()  # both kinds were searched
+
+
 def test_tuning_compressed_codes_with_reranking(monkeypatch):
     """With the stored vectors at hand, compressed indexes record k_factor and are tuned with
     re-ranking: the target recall at a small nprobe, where the raw codes plateau far below."""
