@@ -425,6 +425,11 @@ def test_kmeans_checkpoint_of_another_sample_or_seed_is_not_used(tmp_path, monke
         assert said(records, "another sample or setting")
         want = ix.kmeans(sample, 16, seed=seed, spherical=False, niter=5)
         np.testing.assert_array_equal(got, want)
+    ix.kmeans(x, 16, seed=1, spherical=False, niter=5, checkpoint=path)  # 5 iterations saved
+    with index_records() as records:
+        got = ix.kmeans(x, 16, seed=1, spherical=False, niter=3, checkpoint=path)  # fewer asked
+    assert said(records, "another sample or setting")
+    np.testing.assert_array_equal(got, ix.kmeans(x, 16, seed=1, spherical=False, niter=3))
     path.write_bytes(b"not a checkpoint")
     with index_records() as records:
         got = ix.kmeans(x, 16, seed=1, spherical=False, niter=5, checkpoint=path)

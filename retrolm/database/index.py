@@ -262,7 +262,7 @@ def kmeans(
     (atomically) after every iteration, and a call that finds a checkpoint of the same sample,
     k, seed and metric starts after its iteration: a k-means killed at any moment and run again
     gives the centroids of an uninterrupted one. The caller deletes the file once the trained
-    index is saved (at 16M chunks one iteration takes ~15 minutes on 2 cores).
+    index is saved (at 16M chunks one iteration took ~17 minutes on 2 cores here).
 
     Returns:
         (k, d) float32 centroids (unit norm when `spherical`).
@@ -280,7 +280,7 @@ def kmeans(
     xt = torch.from_numpy(x).to(device)
     key = _kmeans_key(x, k, seed, spherical) if checkpoint is not None else ""
     done, spent = 0, 0.0  # iterations and seconds before this call (a resumed k-means)
-    resumed = _load_kmeans_checkpoint(checkpoint, key, (k, d)) if checkpoint else None
+    resumed = _load_kmeans_checkpoint(checkpoint, key, (k, d), niter) if checkpoint else None
     if resumed is not None:
         done, spent, saved, rng.bit_generator.state = resumed
         centroids = torch.from_numpy(saved).to(xt.device)
@@ -352,7 +352,7 @@ def _save_kmeans_checkpoint(
 
 
 def _load_kmeans_checkpoint(
-    path: str | os.PathLike[str], key: str, shape: tuple[int, int]
+    path: str | os.PathLike[str], key: str, shape: tuple[int, int], niter: int
 ) -> tuple[int, float, np.ndarray, dict] | None:
     """(iterations done, their seconds, centroids, random state) of the checkpoint at `path`,
     or None when there is none or it belongs to another k-means (logged; it starts afresh)."""
@@ -370,7 +370,7 @@ def _load_kmeans_checkpoint(
     except (OSError, ValueError, KeyError, EOFError) as e:
         logger.warning("k-means checkpoint %s unreadable (%s): starting afresh", path, e)
         return None
-    if found[0] != key or found[2].shape != shape:
+    if found[0] != key or found[2].shape != shape or found[1] > niter:
         logger.warning(
             "k-means checkpoint %s is of another sample or setting: starting afresh", path
         )
