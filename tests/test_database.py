@@ -475,21 +475,14 @@ def test_build_killed_in_the_index_kmeans_resumes_it_where_it_stopped(setup, tmp
     killed in it reruns only the iterations after its last checkpoint, gives the database of an
     uninterrupted build, and leaves no checkpoint behind."""
     from retrolm.database import index as ix
+    from tests.test_index import Killed, _kill_after_saves
 
     _, bert, corpus, _ = setup
     config = tiny_config(bert, index="IVF8,Flat")
     straight = build_database([corpus], tmp_path / "straight", config, show_progress=False)
-    real, saved = ix._save_kmeans_checkpoint, []
-
-    def save(path, key, done, *args):
-        real(path, key, done, *args)
-        saved.append(done)
-        if done == 4:
-            raise KeyboardInterrupt  # as if killed right after the fourth iteration
-
-    monkeypatch.setattr(ix, "_save_kmeans_checkpoint", save)
+    saved = _kill_after_saves(monkeypatch, 4)  # as if killed right after the fourth iteration
     resumed = tmp_path / "resumed"
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(Killed):
         build_database([corpus], resumed, config, show_progress=False)
     assert [p.name for p in (resumed / "index").glob("kmeans-*")] == ["kmeans-0000.npz"]
     build_database([corpus], resumed, config, show_progress=False)
