@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from retrolm.database import index as ix
+from retrolm.database.config import DatabaseConfig
 from retrolm.errors import CorruptArtifactError, InputError
 
 
@@ -132,11 +133,12 @@ def test_small_opq_pq_index_builds_and_searches():
 
 
 def test_training_sample_is_64_a_cell_up_to_index_train_size():
-    """64 vectors a cell, capped by --index-train-size (default 2M), which can raise it: the
-    default gives 16M chunks' 65536 cells 32 each, and a user who wants 64 asks for 4M."""
+    """64 vectors a cell, capped by --index-train-size (default 4M): the default gives 16M
+    chunks' 65536 cells 64 each; a smaller cap trades recall for k-means time."""
     n = 16_000_000
-    assert ix.training_sample_size("IVF65536,SQ4", n) == ix.MAX_TRAIN_SAMPLE == 1 << 21
-    assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 22) == 64 * 65536
+    assert ix.training_sample_size("IVF65536,SQ4", n) == ix.MAX_TRAIN_SAMPLE == 64 * 65536
+    assert DatabaseConfig().index_train_size == ix.MAX_TRAIN_SAMPLE  # db build's default too
+    assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 21) == 32 * 65536
     assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 23) == 64 * 65536  # no more needed
     assert ix.training_sample_size("IVF4096,SQ8", 100_000, 1 << 22) == 100_000  # all there is
     assert ix.training_sample_size("OPQ16_64,IVF1024,PQ16", n, 1000) == 1000

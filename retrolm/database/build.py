@@ -642,7 +642,7 @@ def _plan_index(
             factory, ondisk = config.index, False
         size = faiss_index.training_sample_size(factory, num_train, config.index_train_size)
         # float16 as stored: the k-means reads it a slice at a time as float32, so the same
-        # centroids in half the memory (768 MB at 4M chunks, 1.5 GB at the default 2M cap)
+        # centroids in half the memory (768 MB at 4M chunks, 3 GB at the default 4M cap)
         sample = store.indexed_sample(size, config.seed, np.float16) if size > 0 else None
         log.info(
             "index %r%s over %d train and retrieval-only chunks (trained on %d)",

@@ -85,8 +85,8 @@ class DatabaseConfig:
     # memory budget for the faiss index, in bytes
     index_memory: int = 4 << 30
     # at most this many train chunks are sampled to train an approximate index (it takes
-    # 64 per IVF cell: 1M at 4M chunks, 2M from 8M; 4 x dim bytes each in memory)
-    index_train_size: int = 1 << 21
+    # 64 per IVF cell: 1M at 4M chunks, 4M from 16M; 2 x dim bytes each in memory)
+    index_train_size: int = 1 << 22
     # neighbours stored per chunk (training uses the first k)
     neighbours: int = 10
     # chunks per block file (the last block of a run may be shorter)

@@ -35,9 +35,9 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # Below this many vectors an exact search is cheap enough (about 1 ms per query per 100k x 384).
 EXACT_MAX_VECTORS = 100_000
 # Training points per IVF centroid and per PQ centroid (256 per codebook; faiss warns below 39),
-# up to a sample of 2M (3 GB at 384-d float32): 32 per cell at 65536 cells (16M vectors).
+# up to a sample of 4M (3 GB at 384-d as float16): 64 per cell at 65536 cells (16M vectors).
 POINTS_PER_CENTROID = 64
-MAX_TRAIN_SAMPLE = 1 << 21
+MAX_TRAIN_SAMPLE = 1 << 22
 # IVF cells hold about this many vectors (more cells as the database grows), so that a probe
 # scans the same number of codes at any size and the neighbour stage's time per chunk stays flat.
 CELL_VECTORS = 256
@@ -118,8 +118,8 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int) -> str:
 def training_sample_size(factory: str, num_vectors: int, most: int = MAX_TRAIN_SAMPLE) -> int:
     """How many vectors to train `factory` on: `POINTS_PER_CENTROID` a cell (and a codebook
     centroid), at most `most` (`--index-train-size`) and `num_vectors`; 0 when it needs no
-    training. The default `most`, 2M, gives 65536 cells 32 points each, and such cells split
-    ~9% of the benchmark's true neighbours at 16M chunks (RESULTS); 4M restores 64."""
+    training. The default `most`, 4M, gives 65536 cells 64 points each; 2M gave them 32, and
+    such cells split ~9% of the benchmark's true neighbours at 16M chunks (RESULTS)."""
     need = 0
     if m := re.search(r"IVF(\d+)", factory):
         need = max(need, POINTS_PER_CENTROID * int(m.group(1)))
