@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 
 from retrolm.database import index as ix
-from retrolm.database.config import DatabaseConfig
 from retrolm.errors import CorruptArtifactError, InputError
 
 
@@ -137,7 +136,6 @@ def test_training_sample_is_64_a_cell_up_to_index_train_size():
     chunks' 65536 cells 64 each; a smaller cap trades recall for k-means time."""
     n = 16_000_000
     assert ix.training_sample_size("IVF65536,SQ4", n) == ix.MAX_TRAIN_SAMPLE == 64 * 65536
-    assert DatabaseConfig().index_train_size == ix.MAX_TRAIN_SAMPLE  # db build's default too
     assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 21) == 32 * 65536
     assert ix.training_sample_size("IVF65536,SQ4", n, 1 << 23) == 64 * 65536  # no more needed
     assert ix.training_sample_size("IVF4096,SQ8", 100_000, 1 << 22) == 100_000  # all there is

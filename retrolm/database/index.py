@@ -26,6 +26,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from retrolm.database.config import DatabaseConfig
 from retrolm.errors import CorruptArtifactError, InputError
 from retrolm.io import atomic_path
 
@@ -35,9 +36,10 @@ METRICS = {"ip": faiss.METRIC_INNER_PRODUCT, "l2": faiss.METRIC_L2}
 # Below this many vectors an exact search is cheap enough (about 1 ms per query per 100k x 384).
 EXACT_MAX_VECTORS = 100_000
 # Training points per IVF centroid and per PQ centroid (256 per codebook; faiss warns below 39),
-# up to a sample of 4M (3 GB at 384-d as float16): 64 per cell at 65536 cells (16M vectors).
+# up to `db build`'s default --index-train-size, 4M (3 GB at 384-d as float16): 64 per cell at
+# 65536 cells (16M vectors).
 POINTS_PER_CENTROID = 64
-MAX_TRAIN_SAMPLE = 1 << 22
+MAX_TRAIN_SAMPLE = DatabaseConfig.index_train_size
 # IVF cells hold about this many vectors (more cells as the database grows), so that a probe
 # scans the same number of codes at any size and the neighbour stage's time per chunk stays flat.
 CELL_VECTORS = 256
