@@ -444,8 +444,10 @@ def evaluate_run(
             chunk size than the run.
     """
     from retrolm.hf import hf_baseline, is_hf_model_folder
+    from retrolm.hf.resolve import resolve_reference
 
     cfg = config or EvalConfig()
+    baseline = resolve_reference(None if baseline is None else str(baseline))
     compare = check_comparators(compare)
     model, meta = load_run_model(run)
     source = open_database(db)

@@ -635,7 +635,9 @@ class CopyHead(ChunkedCrossAttention):
 
     SENTINEL_MARGIN = 3.0  # initial sentinel score over log(k*r): p(copy) ~ 0.05 with no match
 
-    def __init__(self, dim: int, enc_dim: int, chunk_size: int, match: int, keys: int) -> None:
+    def __init__(
+        self, dim: int, enc_dim: int, chunk_size: int, match: int, keys: int, gated: bool = False
+    ) -> None:
         super().__init__(dim, enc_dim, 1, chunk_size, match)
         del self.out  # the output is a distribution over token ids, not a residual update
         self.kv = nn.Linear(enc_dim, dim, bias=False)  # keys only; no rotary: the match
@@ -643,6 +645,21 @@ class CopyHead(ChunkedCrossAttention):
         self.sentinel = nn.Parameter(torch.zeros(dim))  # the sentinel's key
         self.sentinel_bias = nn.Parameter(torch.tensor(0.0))
         self.init_bias = math.log(keys) + self.SENTINEL_MARGIN
+        # gated: the pointer's share is scaled by a gate that starts at exactly 0, so that a
+        # model built on a pretrained base is that base until it learns to copy (see `share`)
+        self.gate = nn.Parameter(torch.tensor(0.0)) if gated else None
+
+    def closed(self) -> bool:
+        """True when a gated head puts no weight on any neighbour token (its gate is <= 0)."""
+        return self.gate is not None and bool(self.gate.detach() <= 0)
+
+    def share(self) -> Tensor | None:
+        """The gate in [0, 1] (None: ungated). Its forward value is the clamped parameter; its
+        gradient passes the clamp (straight through), so a gate at 0 still learns whether
+        copying would lower the loss, and opens when it would."""
+        if self.gate is None:
+            return None
+        return self.gate + (self.gate.clamp(0.0, 1.0) - self.gate).detach()
 
     def attend(  # type: ignore[override]
         self,
@@ -672,6 +689,10 @@ class CopyHead(ChunkedCrossAttention):
         scores = scores.masked_fill(~key_mask[:, chunks, None, :], float("-inf"))
         sentinel = (q @ self.sentinel).to(acc) / math.sqrt(dim) + self.sentinel_bias  # (B,G,Q)
         weights = torch.cat([sentinel[..., None], scores], dim=-1).softmax(dim=-1)
+        gate = self.share()
+        if gate is not None:  # 1 - g * (1 - w_sentinel), then g * w_j: still sums to 1
+            gate = gate.to(weights.dtype)
+            weights = torch.cat([1 - gate * (1 - weights[..., :1]), gate * weights[..., 1:]], -1)
         weights = weights.reshape(B, G * Q, -1)  # (B, G*Q, 1 + k*r)
         if plan.pad != (0, 0):
             weights = weights[:, plan.pad[0] : plan.pad[0] + T - plan.skip]  # (B, T', 1+k*r)
@@ -1555,12 +1576,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
         keep = targets != ignore  # (N,)
         count = keep.sum().clamp(min=1)
         need_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        weight_grad = ctx.needs_input_grad[1]  # False for a frozen output layer (RETRO-fitting)
         grad_hidden = grad_weight = grad_logits = None
         if need_grad and low:
             grad_logits = hidden.new_empty(N, weight.shape[0])  # (N, V)
         elif need_grad:
             grad_hidden = torch.empty_like(hidden)  # (N, d)
-            grad_weight = torch.zeros_like(weight)  # (V, d)
+            grad_weight = torch.zeros_like(weight) if weight_grad else None  # (V, d)
         mixture = log_gate is not None and copied is not None
         grad_gate = grad_copied = None
         if mixture:
@@ -1601,10 +1623,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     grad_logits[s : s + rows] = grad
                 else:
                     grad_hidden[s : s + rows] = grad @ weight  # (rows, d)
-                    grad_weight.addmm_(grad.T, h)  # (V, d)
+                    if grad_weight is not None:
+                        grad_weight.addmm_(grad.T, h)  # (V, d)
             if need_grad and low:
                 grad_hidden = grad_logits @ weight  # (N, d)
-                grad_weight = grad_logits.T @ hidden  # (V, d)
+                grad_weight = grad_logits.T @ hidden if weight_grad else None  # (V, d)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_gate, grad_copied)
         return total / count
 
@@ -1612,7 +1635,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: Tensor):
         grad_hidden, grad_weight, grad_gate, grad_copied = ctx.saved_tensors
         grad_h = grad_hidden * grad_loss.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_w = grad_weight * grad_loss.to(grad_weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = grad_weight * grad_loss.to(grad_weight.dtype)
         grad_g = grad_c = None
         if grad_gate is not None and ctx.needs_input_grad[4]:
             grad_g = grad_gate * grad_loss.to(grad_gate.dtype)

@@ -330,6 +330,7 @@ def setup(
     from retrolm.hf import check_database_tokens, is_hf_model_folder, load_model_folder
 
     out = Path(out)
+    config = resolve_retrofit_base(config)
     prepare_run_folder(out, resume, overwrite)
     check_writable(out, "run folder")
     stored = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else None
@@ -422,6 +423,8 @@ def setup(
             "world_size": dist_.world_size,
             "retrofit_from": str(Path(cfg.retrofit).resolve()) if cfg.retrofit else None,
             "retrofit_base_sha256": getattr(mcfg, "base_sha256", None),  # a HF base's weights
+            "retrofit_gguf": getattr(mcfg, "base_gguf", None) or None,  # the file it came from
+            "retrofit_gguf_sha256": getattr(mcfg, "base_gguf_sha256", None) or None,
         }
         write_json(out / RUN_FILE, run_meta)
         truncate_metrics(out / METRICS_FILE, trainer.step)
@@ -798,6 +801,7 @@ def train(
         DivergedError: the loss became non-finite (the last checkpoint is kept).
     """
     out = Path(out)
+    config = resolve_retrofit_base(config)
     if resume and (out / MODEL_DIR / "config.json").is_file():
         stored = read_json(out / CONFIG_FILE)
         if config is None or config.to_dict() == stored:
@@ -818,6 +822,16 @@ def train(
             if started_over and int(os.environ.get("RANK", "0")) == 0 and not has_checkpoints(out):
                 clear_run_folder(out)
             raise
+
+
+def resolve_retrofit_base(config: TrainConfig | None) -> TrainConfig | None:
+    """`config` with a `retrofit` GGUF file or packaged name (`smollm2`) replaced by its
+    converted Hugging Face folder (`retrolm.hf.resolve`), as the run records it."""
+    from retrolm.hf.resolve import resolve_reference
+
+    if config is None or not config.retrofit:
+        return config
+    return dataclasses.replace(config, retrofit=resolve_reference(config.retrofit))
 
 
 def has_checkpoints(out: Path) -> bool:

@@ -62,12 +62,15 @@ def reference(folder) -> torch.nn.Module:
 
 def perturb(model: RetroFitted, seed: int = 1) -> RetroFitted:
     """Give every retrieval weight (the CCA output projections are zero at init) random values
-    of unit-variance scale, so that the neighbours change the logits a lot."""
+    of unit-variance scale, so that the neighbours change the logits a lot; open the copy
+    head's gate (zero at init) halfway, so that it copies too."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for _, p in model.retrieval_parameters():
             if p.dim() == 2:
                 p.copy_(torch.randn(p.shape, generator=g) / p.shape[1] ** 0.5)
+        if model.copy is not None:
+            model.copy.gate.fill_(0.5)
     return model
 
 
@@ -118,7 +121,9 @@ def test_trained_cca_changes_on_but_never_off(base_folder):
     assert (off - expected).abs().max() <= 1e-5
     assert (on - expected).abs().max() > 1e-2
     # positions before m-1 read no chunk: still the base's
-    assert (on[:, : M - 1] - expected[:, : M - 1]).abs().max() <= 1e-5
+    # (with the copy head, `on` is log-probabilities: compare distributions)
+    lp_on, lp_expected = on.log_softmax(-1), expected.log_softmax(-1)
+    assert (lp_on[:, : M - 1] - lp_expected[:, : M - 1]).abs().max() <= 1e-5
 
 
 def test_loss_is_the_cross_entropy_of_the_logits(base_folder):
@@ -313,3 +318,60 @@ def test_bad_settings_and_unsupported_families_are_refused(tmp_path):
         retrofit_hf(opt)
     with pytest.raises(InputError, match="not a Hugging Face model folder"):
         retrofit_hf(tmp_path / "nowhere")
+
+
+# ---- the copy head (the same CopyHead as RETRO's, gated to start closed)
+
+
+def test_the_copy_head_is_on_by_default_and_closed_at_init(base_folder):
+    model = retrofit_hf(base_folder, **SETTINGS)
+    assert model.copy is not None and model.cfg.copy_head and model.cfg.cca_match > 0
+    x, nb, y = tokens(2, 4 * M), neighbours(2, 4), tokens(2, 4 * M, seed=4)
+    with torch.no_grad():
+        expected = F.cross_entropy(reference(base_folder)(x).logits.flatten(0, 1), y.flatten())
+    # with gradients on, the mixture is computed (the gate must learn) and is still the base
+    loss = model.loss(x, y, nb)
+    assert abs(loss.item() - expected.item()) <= 1e-5
+    loss.backward()
+    assert model.copy.gate.grad is not None and model.copy.gate.grad.abs() > 0
+
+
+def continuation_case(model):
+    """Tokens whose chunk 0 is retrieved with its own continuation (the neighbour is the
+    text itself): the copy head's match bonus points at the token that comes next."""
+    x = tokens(1, 3 * M, seed=7)
+    nb = torch.zeros(1, 3, K, R, dtype=torch.long)
+    nb[:, 0, 0] = x[0, : 2 * M]  # chunk 0 and its continuation
+    nb[:, 1, 0] = x[0, M : 3 * M]
+    nb[:, 2, 0] = tokens(1, R, seed=8)[0]
+    return x, nb
+
+
+def test_an_open_copy_head_puts_probability_on_the_neighbour_token_that_follows(base_folder):
+    model = retrofit_hf(base_folder, **SETTINGS)
+    x, nb = continuation_case(model)
+    with torch.no_grad():
+        model.copy.gate.fill_(1.0)
+        on = model(x, nb).log_softmax(-1)[0]  # (n, V)
+        base = reference(base_folder)(x).logits.log_softmax(-1)[0]
+    # positions M-1 .. 2M-2 read chunk 0, whose neighbour holds x[p + 1] after a copy of x[..p]
+    rows = torch.arange(M - 1, 2 * M - 1)
+    nxt = x[0, rows + 1]
+    p_on, p_base = on[rows, nxt].exp(), base[rows, nxt].exp()
+    assert (p_on > 0.5).all(), p_on
+    assert (p_base < 0.1).all()
+    # before M-1 nothing is read: the base's distribution
+    assert (on[: M - 1] - base[: M - 1]).abs().max() <= 1e-5
+
+
+def test_the_gate_opens_where_copying_lowers_the_loss(base_folder):
+    model = retrofit_hf(base_folder, **SETTINGS)
+    x, nb = continuation_case(model)
+    y = torch.cat([x[:, 1:], torch.zeros(1, 1, dtype=torch.long)], dim=1)
+    model.loss(x, y, nb).backward()
+    pull = model.copy.gate.grad.item()
+    assert pull < 0  # gradient descent raises the gate
+    model.zero_grad()
+    nb[:, :, 0] = tokens(1, R, seed=9)[0]  # unrelated neighbours: little to copy
+    model.loss(x, y, nb).backward()
+    assert model.copy.gate.grad.item() > pull / 4

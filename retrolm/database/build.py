@@ -8,6 +8,7 @@ others. `build_database` runs all stages; each stage is also a function of its o
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -55,6 +56,16 @@ Paths = Sequence[str | os.PathLike[str]]
 
 
 # ----------------------------------------------------------------------------- settings
+
+
+def _resolve_tokenizer(config: DatabaseConfig) -> DatabaseConfig:
+    """A `tokenizer` naming a GGUF file or a packaged base (`smollm2`) replaced by the folder
+    it is converted to (`retrolm.hf.resolve`), which holds its tokenizer.json."""
+    from retrolm.hf.resolve import is_base_reference, resolve_reference
+
+    if not is_base_reference(config.tokenizer):
+        return config
+    return dataclasses.replace(config, tokenizer=resolve_reference(config.tokenizer))
 
 
 def validate_build_settings(
@@ -1021,6 +1032,7 @@ def chunk_stage(
         MismatchError: `out` holds a database built with other settings or another corpus.
         LockedError: another process is writing `out`.
     """
+    config = _resolve_tokenizer(config)
     validate_build_settings(config, corpus_paths, out)
     dist = dist or distributed.current()
     with distributed.build_lock(Path(out), dist):
@@ -1182,6 +1194,7 @@ def build_database(
         LockedError: another process is writing `out`.
     """
     config = config or DatabaseConfig()
+    config = _resolve_tokenizer(config)
     validate_build_settings(config, corpus_paths, out)
     dist = dist or distributed.current()
     extra = _inputs(retrieval_only) if retrieval_only else None

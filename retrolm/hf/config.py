@@ -25,6 +25,7 @@ RETRIEVAL_SETTINGS = (
     "enc_depth",
     "enc_heads",
     "cca_match",
+    "copy_head",
     "ff_mult",
     "max_seq_len",
     "pad_id",
@@ -66,6 +67,8 @@ class RetrofitConfig:
     enc_depth: int = 2  # retrieval encoder blocks (bidirectional)
     enc_heads: int = 14  # encoder attention heads
     cca_match: int = 0  # retrolm's copy prior in CCA (RetroConfig.cca_match); 0 is off
+    copy_head: bool = False  # retrolm's pointer over neighbour tokens (RetroConfig.copy_head),
+    # gated to start at exactly zero (CopyHead's `gated`), so the model starts as the base
     ff_mult: int = 4  # encoder feed-forward width = ff_mult * enc_dim
     pad_id: int = 0  # padding token of the database (never attended in encoder and CCA)
     dropout: float = 0.0  # dropout in the encoder and on the CCA residual (the base has none)
@@ -74,6 +77,8 @@ class RetrofitConfig:
     init_std: float = 0.02  # std of the new weights (CCA output projections start at zero)
     dtype: str = "float32"  # the frozen base's weights: float32 or bfloat16
     gradient_checkpointing: bool = False  # recompute base layers after the first CCA in backward
+    base_gguf: str = ""  # the GGUF file base_path was converted from (retrolm.hf.resolve), if any
+    base_gguf_sha256: str = ""  # and that file's sha256
 
     def __post_init__(self) -> None:
         self.cca_layers = tuple(sorted(int(x) for x in self.cca_layers))

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -46,17 +45,19 @@ from retrolm.io import atomic_path, write_json
 from retrolm.model import (
     RETRO,
     ChunkedCrossAttention,
+    CopyHead,
     Encoder,
     Residual,
     Retrieve,
     Rotary,
+    Span,
+    _LinearCrossEntropy,
     windowed_generate,
 )
 
 CONFIG_FILE = "config.json"  # as a RETRO folder's: the file that marks a finished model
 WEIGHTS_FILE = "retrofit.safetensors"
 _META_KEY = "retrolm_retrofit_config"  # the config, also stored inside the weights file
-LOSS_ROWS = 1024  # rows of the output layer + loss per recomputed block (gradient checkpointing)
 
 
 @dataclass
@@ -89,6 +90,7 @@ class _Pass:
     cache: CCACache | None = None  # None: a full pass from position 0
     encoded: Tensor | None = None  # (B, U, k, r, e) once the first CCA layer has run
     nb_mask: Tensor | None = None  # (B, U, k*r)
+    match: tuple[Tensor, Tensor] | None = None  # (ids, nb_ids) of a full pass, for cca_match
 
 
 class RetroFitted(nn.Module):
@@ -127,6 +129,12 @@ class RetroFitted(nn.Module):
         self.cca_res = nn.ModuleDict(
             {str(i): Residual(d, cfg.norm_eps, False, 1.0, cfg.dropout) for i in cfg.cca_layers}
         )
+        self.copy = (
+            CopyHead(d, cfg.enc_dim, m, cfg.cca_match,
+                     cfg.num_neighbours * cfg.neighbour_len, gated=True)
+            if cfg.copy_head and cfg.retrieval else None
+        )  # fmt: skip
+        self.copy_layer = cfg.dec_depth + 1  # the copy head's key in the CCA cache
         self.rotary = Rotary(d // heads, cfg.rotary_base)
         self.first_cca = cfg.cca_layers[0] if cfg.retrieval else 0
         self._pass: _Pass | None = None  # set for the duration of one forward through the base
@@ -141,7 +149,8 @@ class RetroFitted(nn.Module):
     # ---- parameters
 
     def reset_parameters(self) -> None:
-        """Normal(0, init_std) new weights; every CCA output projection zero (model == base)."""
+        """Normal(0, init_std) new weights; every CCA output projection and the copy head's gate
+        zero (model == base)."""
         for name, module in self.named_modules():
             if name.startswith("base"):
                 continue
@@ -154,6 +163,11 @@ class RetroFitted(nn.Module):
             nn.init.zeros_(cca.out.weight)
             if cca.match_weight is not None:
                 nn.init.constant_(cca.match_weight, cca.MATCH_INIT)
+        if self.copy is not None:
+            nn.init.zeros_(self.copy.sentinel)
+            nn.init.constant_(self.copy.sentinel_bias, self.copy.init_bias)
+            nn.init.constant_(self.copy.match_weight, self.copy.MATCH_INIT)
+            nn.init.zeros_(self.copy.gate)
 
     def retrieval_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
         """(name, parameter) of the encoder and the CCA layers: the only weights trained."""
@@ -203,7 +217,9 @@ class RetroFitted(nn.Module):
                 keys, values = self.cca[str(layer)].keys_values(state.encoded, self.rotary)
             key_mask, ids, nb_ids = state.nb_mask, None, None
             if self.cfg.cca_match and state.neighbours is not None:
-                ids, nb_ids = self._match_ids(state.tokens, state.neighbours[:, :chunks])
+                if state.match is None:
+                    state.match = self._match_ids(state.tokens, state.neighbours[:, :chunks])
+                ids, nb_ids = state.match
         else:
             keys, values, key_mask, ids, nb_ids = self._cached_keys(layer, x, state)
         cca = partial(
@@ -253,16 +269,21 @@ class RetroFitted(nn.Module):
             nb_ids,
         )
 
-    def _store(self, cache: CCACache, layer: int, keys: Tensor, values: Tensor, state: _Pass):
-        """Write keys/values (B, U, h, k*r, hd) of the newly encoded chunks into the cache."""
+    def _store(
+        self, cache: CCACache, layer: int, keys: Tensor, values: Tensor | None, state: _Pass
+    ) -> None:
+        """Write keys/values (B, U, h, k*r, hd) of the newly encoded chunks into the cache
+        (values None: the copy head's keys)."""
         B, U, h, KR, hd = keys.shape
         u0, u1 = cache.num_chunks, cache.num_chunks + U
         chunks = cache.size // self.cfg.chunk_size
         if layer not in cache.keys:
             cache.keys[layer] = keys.new_zeros(B, chunks, h, KR, hd)
-            cache.values[layer] = values.new_zeros(B, chunks, h, KR, hd)
+            if values is not None:
+                cache.values[layer] = values.new_zeros(B, chunks, h, KR, hd)
         cache.keys[layer][:, u0:u1] = keys
-        cache.values[layer][:, u0:u1] = values
+        if values is not None:
+            cache.values[layer][:, u0:u1] = values
         if layer == self.first_cca:
             assert state.nb_mask is not None and state.neighbours is not None
             if cache.mask is None:
@@ -304,15 +325,49 @@ class RetroFitted(nn.Module):
             self._pass = None
 
     def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """The base's final (normalised) hidden states (B, n, d) with CCA; see `forward`."""
+        """The base's final (normalised) hidden states (B, n, d) with CCA; see `forward`. (With a
+        copy head, `lm_head` of them is the LM part of the distribution, not all of it.)"""
+        return self._hidden(tokens, neighbours)[0]
+
+    def _hidden(self, tokens: Tensor, neighbours: Tensor | None) -> tuple[Tensor, _Pass]:
+        """The checked full pass: (final hidden states (B, n, d), the pass's state)."""
         self._check_tokens(tokens)
         if neighbours is not None:
             self._check_neighbours(neighbours, *tokens.shape)
         state = _Pass(tokens=tokens, start=0, neighbours=neighbours)
-        return self._run_base(state, use_cache=False).last_hidden_state  # (B, n, d)
+        return self._run_base(state, use_cache=False).last_hidden_state, state
+
+    def _copy(self, hidden: Tensor, state: _Pass, start: int) -> tuple[Tensor, Tensor] | None:
+        """The copy head's (weights (B, T, 1 + k*r), ids (B, T, k*r)) for final hidden states
+        (B, T, d) at positions start..start+T-1 of the pass `state`; None: no position copies.
+        In a cached pass the head's keys of the newly encoded chunks are cached here."""
+        if self.copy is None or (self.copy.closed() and not torch.is_grad_enabled()):
+            return None  # a closed gate is the plain LM (training still needs its gradient)
+        cache, T = state.cache, hidden.shape[1]
+        if cache is None:
+            if state.encoded is None or state.match is None:
+                return None
+            keys, mask = self.copy.keys(state.encoded), state.nb_mask
+            ids, nb_ids = state.match
+        else:
+            if not cache.retrieval:
+                return None
+            if state.encoded is not None:
+                self._store(cache, self.copy_layer, self.copy.keys(state.encoded), None, state)
+            new = 0 if state.neighbours is None else state.neighbours.shape[1]
+            total = cache.num_chunks + new
+            if total == 0 or cache.mask is None or cache.nb_ids is None:
+                return None
+            keys, mask = cache.keys[self.copy_layer][:, :total], cache.mask[:, :total]
+            ids = cache.token_ids[:, : start + T]
+            ids, nb_ids = ids.masked_fill(ids == self.cfg.pad_id, -2), cache.nb_ids[:, :total]
+        span = Span(start, T, self.rotary, hidden.device, start + T, match_ids=ids)
+        weights = self.copy.attend(hidden.float(), span, keys, None, mask, nb_ids)
+        return None if weights is None else (weights, self.copy.copy_ids(span, nb_ids, T))
 
     def forward(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """Logits (B, n, vocab_size) for every position.
+        """Logits (B, n, vocab_size) for every position (with a copy head reading neighbours:
+        the log-probabilities of its mixture, `CopyHead.mix`).
 
         Args:
             tokens: (B, n) int64, 1 <= n <= max_seq_len.
@@ -321,34 +376,38 @@ class RetroFitted(nn.Module):
         Raises:
             ValueError: wrong shapes, dtypes or token ids.
         """
-        return self.lm_head(self.hidden_states(tokens, neighbours))
+        hidden, state = self._hidden(tokens, neighbours)
+        logits = self.lm_head(hidden)
+        copy = self._copy(hidden, state, 0)
+        return logits if copy is None else CopyHead.mix(logits, *copy)
 
     def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored
-        (0 when every target is padding). With gradient checkpointing the output layer and the
-        loss are recomputed in blocks of rows, so no (B, n, vocab) logits are kept for backward.
+        (0 when every target is padding). The output layer and the loss run in row blocks
+        (`_LinearCrossEntropy`, with the copy head's mixture), so no (B, n, vocab) logits are
+        kept for backward.
         """
         if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
             got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(
                 f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
             )
-        hidden = self.hidden_states(tokens, neighbours).flatten(0, 1)  # (B*n, d)
-        flat = targets.flatten()  # (B*n,)
-        count = (flat != self.cfg.pad_id).sum().clamp(min=1)
-        if not (self.cfg.gradient_checkpointing and torch.is_grad_enabled()):
-            return self._summed_nll(hidden, flat) / count
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for s in range(0, hidden.shape[0], LOSS_ROWS):
-            rows = slice(s, s + LOSS_ROWS)
-            total = total + checkpoint(
-                self._summed_nll, hidden[rows], flat[rows], use_reentrant=False
-            )
-        return total / count
-
-    def _summed_nll(self, hidden: Tensor, targets: Tensor) -> Tensor:
-        logits = self.lm_head(hidden).float()  # (N, V)
-        return F.cross_entropy(logits, targets, ignore_index=self.cfg.pad_id, reduction="sum")
+        hidden, state = self._hidden(tokens, neighbours)  # (B, n, d)
+        mixture: tuple[Tensor, ...] = ()
+        copy = self._copy(hidden, state, 0)
+        if copy is not None:
+            weights, ids = copy  # (B, n, 1 + k*r), (B, n, k*r)
+            copied = (weights[..., 1:] * (ids == targets[..., None])).sum(-1)  # (B, n)
+            log_gate = weights[..., 0].clamp_min(1e-30).log()
+            mixture = (log_gate.flatten(), copied.flatten())
+        head = self.lm_head
+        if getattr(head, "bias", None) is not None:
+            raise NotImplementedError("RETRO-fitting expects an output layer without bias")
+        weight = head.weight  # (V, d)
+        return _LinearCrossEntropy.apply(
+            hidden.flatten(0, 1).to(weight.dtype), weight, targets.flatten(), self.cfg.pad_id,
+            *mixture,
+        )  # fmt: skip
 
     # ---- generation
 
@@ -366,9 +425,12 @@ class RetroFitted(nn.Module):
         out = self._run_base(
             state, position_ids=positions, use_cache=True, **{self._cache_arg: cache.kv}
         )
+        last = out.last_hidden_state[:, -1:]  # (B, 1, d)
+        copy = self._copy(last, state, start + T - 1)
         cache.length = start + T
         cache.num_chunks += 0 if neighbours is None else neighbours.shape[1]
-        return self.lm_head(out.last_hidden_state[:, -1])  # (B, V)
+        logits = self.lm_head(last)
+        return (logits if copy is None else CopyHead.mix(logits, *copy))[:, 0]  # (B, V)
 
     def _new_cache(self, out: Tensor, size: int, retrieval: bool) -> CCACache:
         from transformers import DynamicCache
@@ -434,16 +496,21 @@ class RetroFitted(nn.Module):
         base: str | os.PathLike[str] | None = None,
         map_location: str | torch.device = "cpu",
     ) -> RetroFitted:
-        """Load a model written by `save`, with the base from `base` (default: the recorded path).
+        """Load a model written by `save`, with the base from `base` (default: the recorded
+        folder, or the recorded GGUF file converted again if that folder is gone).
 
         Raises:
             InputError: a file is missing, or the base folder is not there.
             MismatchError: the base's weights changed since the retrofit was trained.
             CorruptArtifactError: unreadable files, missing, extra or misshapen weights.
         """
+        from retrolm.hf.resolve import resolve_base
+
         folder = Path(folder)
         cfg, state = _read_folder(folder)
-        base_path = Path(base if base is not None else cfg.base_path)
+        if base is None and not Path(cfg.base_path).is_dir() and cfg.base_gguf:
+            base = cfg.base_gguf  # the converted folder is gone: convert the file again
+        base_path = resolve_base(base) if base is not None else Path(cfg.base_path)
         if not base_path.is_dir():
             raise InputError(
                 f"the base model folder {base_path} recorded in {folder / CONFIG_FILE} is not "

@@ -11,10 +11,12 @@ from retrolm.errors import ConfigError, InputError, MismatchError
 from retrolm.hf.base import check_family, read_hf_config, weights_sha256
 from retrolm.hf.config import RETRIEVAL_SETTINGS, RetrofitConfig, default_cca_layers
 from retrolm.hf.model import RetroFitted, is_retrofit_folder
+from retrolm.hf.resolve import resolve_base, source_of
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_SEQ_LEN = 2048  # the longest window by default (capped by the base's positions)
+DEFAULT_CCA_MATCH = 4  # lags of CCA's match bonus, which the copy head needs (RetroConfig's)
 
 
 def retrofit_config(path: str | os.PathLike[str], **settings: Any) -> RetrofitConfig:
@@ -23,14 +25,16 @@ def retrofit_config(path: str | os.PathLike[str], **settings: Any) -> RetrofitCo
     Reads the base's config.json and hashes its weights; loads no weights.
 
     Args:
-        path: a local Hugging Face model folder.
+        path: a local Hugging Face model folder, a .gguf file or a packaged name such as
+            `smollm2` (`retrolm.hf.resolve.resolve_base`).
         settings: RetrofitConfig fields (`RETRIEVAL_SETTINGS`); defaults: chunk_size 64,
             neighbour_len 2 * chunk_size, cca_layers every third layer from the middle,
             max_seq_len the base's longest sequence (at most 2048) in whole chunks, pad_id
-            the base's pad (or eos) token.
+            the base's pad (or eos) token, cca_match 4 and the copy head on.
     Raises:
         InputError: not a Hugging Face model folder; ConfigError: a bad or unknown setting.
     """
+    path = resolve_base(path)
     unknown = sorted(set(settings) - set(RETRIEVAL_SETTINGS))
     if unknown:
         raise ConfigError(
@@ -51,6 +55,9 @@ def retrofit_config(path: str | os.PathLike[str], **settings: Any) -> RetrofitCo
     settings.setdefault("cca_layers", default_cca_layers(shape["dec_depth"]))
     settings.setdefault("max_seq_len", max(m, min(longest, DEFAULT_MAX_SEQ_LEN) // m * m))
     settings.setdefault("pad_id", _default_pad(config, shape["vocab_size"]))
+    settings.setdefault("cca_match", DEFAULT_CCA_MATCH)
+    settings.setdefault("copy_head", settings["cca_match"] > 0)
+    source = source_of(path) or {}
     if settings["max_seq_len"] > longest:
         raise ConfigError(
             f"max_seq_len {settings['max_seq_len']} is longer than the base model's "
@@ -59,6 +66,8 @@ def retrofit_config(path: str | os.PathLike[str], **settings: Any) -> RetrofitCo
     return RetrofitConfig(
         base_path=str(Path(path).resolve()),
         base_sha256=weights_sha256(path),
+        base_gguf=str(source.get("gguf", "")),
+        base_gguf_sha256=str(source.get("sha256", "")),
         **shape,
         **settings,
     )
@@ -135,6 +144,7 @@ def check_database_tokens(path: str | os.PathLike[str], source: Any) -> None:
     """
     from tokenizers import Tokenizer as HFTokenizer
 
+    path = resolve_base(path)
     tokenizer = getattr(source, "tokenizer", None)
     where = getattr(source, "path", "the database")
     if tokenizer is None:
@@ -163,6 +173,7 @@ def check_database_tokens(path: str | os.PathLike[str], source: Any) -> None:
 
 def hf_baseline(path: str | os.PathLike[str], source: Any, like: Any) -> RetroFitted:
     """The untouched base model in `path`, to score beside a run whose config is `like`."""
+    path = resolve_base(path)
     check_database_tokens(path, source)
     m = int(like.chunk_size)
     longest = _base_shape(path)["longest"]
