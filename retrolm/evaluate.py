@@ -506,7 +506,10 @@ def evaluate_run(
     bits: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     hidden = None
+    reuse_off = "retro_off" in models and same_base(models["retro_off"], models.get("baseline"))
     for name, mdl in models.items():
+        if name == "retro_off" and reuse_off:
+            continue  # RETRO[OFF] of a RETRO-fitted base is that base: scored once, below
         start = time.perf_counter()
         mdl.to(device)
         use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
@@ -515,6 +518,8 @@ def evaluate_run(
         else:
             bits[name] = score(mdl, stream, use, desc=name)
         seconds[name] = _took(name, start)
+    if reuse_off:
+        bits["retro_off"], seconds["retro_off"] = bits["baseline"], 0.0
     comparators: dict[str, Any] = {}
     if "ralm" in compare:
         start = time.perf_counter()
@@ -594,6 +599,18 @@ def _took(name: str, start: float) -> float:
     seconds = round(time.perf_counter() - start, 2)
     log.info("%s scored in %.1f s", EvalReport.HEADS[name], seconds)
     return seconds
+
+
+def same_base(model: nn.Module, baseline: nn.Module | None) -> bool:
+    """True when `model` without neighbours computes exactly `baseline`: a RETRO-fitted model
+    and its own untouched base (same weights hash, same dtype)."""
+    cfg, base_cfg = getattr(model, "cfg", None), getattr(baseline, "cfg", None)
+    sha = getattr(cfg, "base_sha256", None)
+    return (
+        sha is not None
+        and sha == getattr(base_cfg, "base_sha256", None)
+        and getattr(cfg, "dtype", None) == getattr(base_cfg, "dtype", None)
+    )
 
 
 def check_baseline(run: Any, model: nn.Module, baseline: Any, base_model: nn.Module) -> None:

@@ -79,6 +79,9 @@ class QuickstartConfig:
     # retrieval-only documents); "dense": all-MiniLM-L6-v2 + faiss over the subset alone
     retriever: str = "bm25"
     show_progress: bool = True  # progress bars on stderr
+    # a pretrained base to RETRO-fit (a Hugging Face folder, a .gguf file or `smollm2`):
+    # `retrolm.quickstart_base` runs instead of training a small model from scratch
+    base: str | None = None
 
     def __post_init__(self) -> None:
         if not 3 <= self.minutes <= 24 * 60:
@@ -676,6 +679,10 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from retrolm.plot import plot_runs
     from retrolm.train import TrainConfig, train
 
+    if cfg.base is not None:
+        from retrolm.quickstart_base import quickstart_base
+
+        return quickstart_base(cfg)
     clock = Clock(cfg.minutes * 60.0)
     check_quickstart_inputs(cfg)  # a bad --corpus or --out fails now, not minutes later
     out = Path(cfg.out)

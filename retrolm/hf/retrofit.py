@@ -183,6 +183,7 @@ def hf_baseline(path: str | os.PathLike[str], source: Any, like: Any) -> RetroFi
         chunk_size=m,
         max_seq_len=min(int(like.max_seq_len), longest // m * m),
         pad_id=int(like.pad_id),
+        dtype=getattr(like, "dtype", "float32"),  # a retrofit's base as it runs in the retrofit
     )
 
 

@@ -1,0 +1,509 @@
+"""`retrolm quickstart --base smollm2|PATH`: RETRO-fit a real pretrained model on a corpus and
+compare it with the base, In-Context RALM and kNN-LM, within a wall-time budget.
+
+The pipeline: the base (a Hugging Face folder, a .gguf file or `smollm2`, converted once) ->
+held-out documents chosen by seed before anything is scored -> a BM25 database in the base's
+own tokens (the training subset, the held-out documents and retrieval-only documents) ->
+RETRO-fit (the base frozen; encoder, CCA in its upper layers and the copy head trained) ->
+base / RETRO[ON] / RETRO[OFF] (the base itself, scored once) / In-Context RALM / kNN-LM on
+the same held-out tokens -> a generated sample with its sources -> report.md, report.json,
+loss.png.
+
+Sizes come from measurements on the machine at hand: the base's dtype (float32 or bfloat16,
+whichever runs its forward faster here), the seconds of one RETRO-fit step and of one base
+forward. The training steps are decided when training starts, from the time left after the
+database, and stored in `plan.json` with the rest, so that a resumed quickstart makes the same
+run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from retrolm.errors import MismatchError
+from retrolm.io import atomic_open, read_json, write_json
+from retrolm.quickstart import (
+    Clock,
+    QuickstartConfig,
+    check_quickstart_inputs,
+    corpus_files,
+    fence_language,
+    held_out_prompt,
+    select_files,
+    stdlib_files,
+)
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE = "plan.json"
+PLAN_KIND = "base"  # plan.json of a real-base quickstart (the tiny-model one has none)
+CHUNK = 64  # the paper's chunk size
+TRAIN_K = 2  # neighbours read in training
+EVAL_K = 4  # neighbours read at evaluation (the copy head copies from every one it reads)
+TRAIN_SEQ = 512  # tokens per training sequence
+BATCH = 2  # sequences per step
+EVAL_WINDOW = 1024  # tokens per scoring window: RALM's prepended text leaves room for context
+EVAL_TOKENS = 12_000  # held-out tokens scored (spread over at least EVAL_DOCS documents)
+EVAL_DOCS = 12
+MAX_DOC_TOKENS = 2_400  # a held-out document longer than this is not chosen (one would dominate)
+# the retrieval parts, sized for a CPU: measured on SmolLM2-135M (docs/results.md), enc_dim 384
+# x 1 layer with CCA after layers depth-4 and depth trains 2.6x as many tokens/s as the
+# defaults (enc_dim 896 x 2, six CCA layers from the middle)
+RETROFIT_MODEL = {"enc_dim": 384, "enc_heads": 6, "enc_depth": 1, "cca_match": 4, "copy_head": True}
+LR = 1e-3
+DB_BYTES_PER_MINUTE = 400_000  # corpus bytes the database takes per budget minute (BM25)
+TRAIN_PASSES = 1.5  # the training subset holds this many times the tokens training reads
+MARGIN = 0.06  # of the budget kept for generation, the report and model saves
+MIN_STEPS = 20
+SAMPLE_TOKENS = 96
+
+
+def measure_dtype(folder: Path, tokens: int = 256) -> tuple[str, dict[str, float]]:
+    """float32 or bfloat16: whichever runs the base's forward faster on this machine, timed on
+    one short batch each (after a warm-up); bfloat16 is not tried where the CPU lacks it."""
+    import torch
+
+    from retrolm.hf.base import load_base
+
+    timings: dict[str, float] = {}
+    candidates = ["float32"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX", "AMX_BF16"):
+        candidates.append("bfloat16")  # AVX2-only CPUs emulate it: measured 2.7x slower
+    for dtype in candidates:
+        base = load_base(folder, dtype)
+        x = torch.randint(3, base.config.vocab_size, (1, tokens))
+        with torch.inference_mode():
+            base(input_ids=x)
+            t = time.perf_counter()
+            base(input_ids=x)
+            timings[dtype] = tokens / (time.perf_counter() - t)
+        del base
+    best = max(timings, key=lambda d: timings[d])
+    return best, timings
+
+
+def measure_step(folder: Path, dtype: str, cca_layers: tuple[int, ...]) -> float:
+    """Seconds of one RETRO-fit step as the quickstart trains (median of 2 after a warm-up)."""
+    import torch
+
+    from retrolm.hf import retrofit_hf
+
+    model = retrofit_hf(
+        folder, dtype=dtype, cca_layers=cca_layers, num_neighbours=TRAIN_K, **RETROFIT_MODEL
+    ).train()
+    V = model.cfg.vocab_size
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(3, V, (BATCH, TRAIN_SEQ), generator=g)
+    nb = torch.randint(3, V, (BATCH, TRAIN_SEQ // CHUNK, TRAIN_K, 2 * CHUNK), generator=g)
+    opt = torch.optim.AdamW([p for _, p in model.retrieval_parameters()], lr=LR)
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model.loss(x, x, nb).backward()
+        opt.step()
+        times.append(time.perf_counter() - t)
+    return sorted(times[1:])[0] if len(times) > 2 else times[-1]
+
+
+def text_files(files: list[Path]) -> list[Path]:
+    """The files the database would read as text (UTF-8, not binary, not empty): only these
+    can be held out, trained on or retrieved from."""
+    from retrolm.corpus import decode_text
+
+    kept = []
+    for p in files:
+        try:
+            with open(p, "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        if decode_text(data)[1] is None:
+            kept.append(p)
+    return kept
+
+
+def bytes_per_token(folder: Path, files: list[Path]) -> float:
+    """Bytes of text per token of the base's tokenizer, on a sample of the corpus."""
+    from retrolm.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(folder)
+    sample = "".join(_read(p)[:20000] for p in files[:: max(1, len(files) // 32)][:32])
+    if not sample:
+        return 4.0
+    return len(sample.encode("utf-8")) / max(1, len(tokenizer.encode(sample)))
+
+
+def choose_held_out(files: list[Path], per_token: float, seed: int) -> list[Path]:
+    """Held-out documents, by a seeded hash of their relative paths (fixed before any result):
+    at least EVAL_DOCS of them and EVAL_TOKENS tokens, each short enough not to dominate."""
+    root = Path(os.path.commonpath(files))
+
+    def key(p: Path) -> str:
+        return hashlib.sha256(f"held-out:{seed}:{p.relative_to(root)}".encode()).hexdigest()
+
+    low, high = 4 * CHUNK * per_token, MAX_DOC_TOKENS * per_token
+    candidates = sorted((p for p in files if low <= p.stat().st_size <= high), key=key)
+    chosen, total = [], 0.0
+    for p in candidates:
+        if len(chosen) >= EVAL_DOCS and total >= EVAL_TOKENS * per_token:
+            break
+        chosen.append(p)
+        total += p.stat().st_size
+    if len(chosen) < 2:
+        chosen = sorted(files, key=key)[: max(1, min(EVAL_DOCS, len(files) // 4))]
+    return sorted(chosen)
+
+
+def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
+    """Measure the machine and the corpus, and size every stage except training's steps."""
+    from retrolm.hf.resolve import resolve_base
+
+    assert cfg.base is not None
+    folder = resolve_base(cfg.base)
+    files = text_files(corpus_files(cfg.corpus)) if cfg.corpus else stdlib_files()
+    dtype, forward = measure_dtype(folder)
+    depth = int(read_json(folder / "config.json")["num_hidden_layers"])
+    cca_layers = tuple(sorted({max(1, depth - 4), depth}))
+    step_seconds = measure_step(folder, dtype, cca_layers)
+    per_token = bytes_per_token(folder, files)
+    held_out = choose_held_out(files, per_token, cfg.seed)
+    budget = minutes * 60.0
+    rest = [p for p in files if p not in set(held_out)]
+    train_tokens = budget * 0.45 / step_seconds * BATCH * TRAIN_SEQ  # an upper bound
+    train_bytes = int(train_tokens * TRAIN_PASSES * per_token)
+    train_files = select_files(rest, train_bytes, cfg.seed) if rest else []
+    chosen = set(train_files)
+    db_bytes = int(DB_BYTES_PER_MINUTE * minutes)
+    retrieval_only, extra = [], 0
+    for p in select_files([p for p in rest if p not in chosen] or rest, db_bytes, cfg.seed + 1):
+        if p in chosen or extra + p.stat().st_size > db_bytes:
+            continue
+        retrieval_only.append(p)
+        extra += p.stat().st_size
+    fwd = forward[dtype]
+    eval_tokens = sum(p.stat().st_size for p in held_out) / per_token
+    datastore = int(min(400_000, 0.02 * budget * fwd))  # kNN-LM keys: ~2% of the budget
+    # evaluation in base-forward token equivalents, per scored token (the base 3.5, RETRO[ON]
+    # 7.9: windows overlap by half, short documents pad), per chunk for RALM (1.6 windows),
+    # per datastore key and tuning token for kNN-LM (2 each); measured on SmolLM2-135M
+    forward_tokens = (
+        11.4 * eval_tokens
+        + 1.6 * EVAL_WINDOW * eval_tokens / CHUNK
+        + 2 * datastore
+        + 2 * min(32768, datastore // 10)
+    )
+    return {
+        "kind": PLAN_KIND,
+        "settings": _settings(cfg, minutes),
+        "base": str(folder),
+        "dtype": dtype,
+        "cca_layers": list(cca_layers),
+        "files": [str(p) for p in sorted(set(train_files) | set(held_out))],
+        "held_out": [str(p) for p in held_out],
+        "retrieval_only": [str(p) for p in retrieval_only],
+        "train_bytes": sum(p.stat().st_size for p in train_files),
+        "held_out_bytes": sum(p.stat().st_size for p in held_out),
+        "retrieval_only_bytes": extra,
+        "datastore": datastore,
+        "measured": {
+            "forward_tokens_per_s": {k: round(v, 1) for k, v in forward.items()},
+            "step_seconds": round(step_seconds, 3),
+            "bytes_per_token": round(per_token, 3),
+            "cpu_capability": _capability(),
+        },
+        "estimate_seconds": {"evaluate": round(forward_tokens / fwd, 1)},
+        "train_steps": None,  # decided when training starts (`decide_steps`)
+    }
+
+
+def decide_steps(plan: dict[str, Any], budget: float, elapsed: float) -> int:
+    """Training steps that fit the time left after the database, with evaluation's estimate,
+    the margin and one model save kept back."""
+    left = budget * (1 - MARGIN) - elapsed - plan["estimate_seconds"]["evaluate"]
+    return max(MIN_STEPS, int(left / plan["measured"]["step_seconds"]))
+
+
+def _capability() -> str:
+    import torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def _settings(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
+    return {
+        "base": cfg.base,
+        "corpus": cfg.corpus,
+        "minutes": minutes,
+        "seed": cfg.seed,
+    }
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def load_or_make_plan(cfg: QuickstartConfig, out: Path, minutes: float) -> dict[str, Any]:
+    """Reuse `out/plan.json` when it was made with the same settings, else make and store one.
+
+    Raises:
+        MismatchError: `out` holds a quickstart made with other settings.
+    """
+    path = out / PLAN_FILE
+    if path.is_file():
+        stored = read_json(path)
+        if stored.get("kind") != PLAN_KIND or stored.get("settings") != _settings(cfg, minutes):
+            raise MismatchError(
+                f"{out} holds a quickstart made with other settings ({stored.get('settings')}); "
+                "use another --out, or delete that folder to start over"
+            )
+        log.info("reusing the plan in %s (delete the folder to start over)", path)
+        return stored
+    log.info("measuring this machine and the base to size the run for %.0f minutes", minutes)
+    plan = make_plan(cfg, minutes)
+    write_json(path, plan)
+    return plan
+
+
+def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Run the real-base pipeline and write the report. Returns the `report.json` content."""
+    from retrolm.comparators import KnnLMConfig
+    from retrolm.database import Database, DatabaseConfig, build_database
+    from retrolm.evaluate import EvalConfig, evaluate_run
+    from retrolm.generate import generate_text
+    from retrolm.plot import plot_runs
+    from retrolm.train import TrainConfig, train
+
+    minutes = cfg.minutes
+    budget = minutes * 60.0
+    clock = Clock(budget)
+    check_quickstart_inputs(cfg)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plan = clock.run("plan", lambda: load_or_make_plan(cfg, out, minutes))
+    base = plan["base"]
+    log.info(
+        "plan: base %s in %s; %d files (%.1f MB) to train on, %d held out (%.0f kB), %d "
+        "retrieval-only (%.1f MB)",
+        cfg.base,
+        plan["dtype"],
+        len(plan["files"]) - len(plan["held_out"]),
+        plan["train_bytes"] / 1e6,
+        len(plan["held_out"]),
+        plan["held_out_bytes"] / 1e3,
+        len(plan["retrieval_only"]),
+        plan["retrieval_only_bytes"] / 1e6,
+    )
+    valid_list = out / "valid_files.txt"
+    if not valid_list.is_file():
+        with atomic_open(valid_list, "w", encoding="utf-8") as f:
+            f.write("".join(f"{name}\n" for name in plan["held_out"]))
+    db_cfg = DatabaseConfig(
+        tokenizer=base,
+        chunk_size=CHUNK,
+        retriever="bm25",
+        seed=cfg.seed,
+        valid_list=str(valid_list),
+    )
+    db_path = out / "database"
+    clock.run(
+        "database",
+        lambda: build_database(
+            plan["files"],
+            db_path,
+            db_cfg,
+            retrieval_only=plan["retrieval_only"],
+            show_progress=cfg.show_progress,
+        ),
+    )
+    db = Database.open(db_path)
+    if plan["train_steps"] is None:
+        plan["train_steps"] = decide_steps(plan, budget, time.perf_counter() - clock.start)
+        write_json(out / PLAN_FILE, plan)  # a resumed quickstart trains as many steps
+    steps = int(plan["train_steps"])
+    run = out / "retro"
+    model = dict(RETROFIT_MODEL, dtype=plan["dtype"], cca_layers=plan["cca_layers"])
+    tcfg = TrainConfig(
+        retrofit=base,
+        model=model,
+        max_steps=steps,
+        seq_len=TRAIN_SEQ,
+        batch_size=BATCH,
+        num_neighbours=TRAIN_K,
+        lr=LR,
+        warmup_steps=max(5, min(30, steps // 10)),
+        weight_decay=0.0,
+        seed=cfg.seed,
+        eval_every=max(10, steps // 6),
+        eval_batches=2,
+        checkpoint_every=max(10, steps // 4),
+        keep_checkpoints=1,
+    )
+    clock.run(
+        "RETRO-fit",
+        lambda: train(
+            tcfg,
+            db,
+            run,
+            resume=(run / "train_config.json").is_file(),
+            show_progress=cfg.show_progress,
+        ),
+    )
+    eval_cfg = EvalConfig(window=EVAL_WINDOW, stride=EVAL_WINDOW // 2, num_neighbours=EVAL_K)
+    report = clock.run(
+        "evaluate",
+        lambda: evaluate_run(
+            run,
+            db,
+            config=eval_cfg,
+            baseline=base,
+            compare=("ralm", "knnlm"),
+            knnlm=KnnLMConfig(max_datastore=plan["datastore"], seed=cfg.seed),
+            show_progress=cfg.show_progress,
+        ),
+    )
+    prompt, source = held_out_prompt(db)
+    sample = clock.run(
+        "generate",
+        lambda: generate_text(run, db, prompt, max_new_tokens=SAMPLE_TOKENS, seed=cfg.seed),
+    )
+    clock.run(
+        "plot",
+        lambda: plot_runs([run], out / "loss.png", labels=["RETRO-fit"], title="RETRO-fit loss"),
+    )
+    result = report_json(plan, db, report, sample, source, clock, tcfg)
+    write_json(out / "report.json", result)
+    with atomic_open(out / "report.md", "w", encoding="utf-8") as f:
+        f.write(report_markdown(cfg, plan, result, sample, source))
+    log.info("report written to %s", out / "report.md")
+    return result
+
+
+def report_json(
+    plan: dict[str, Any], db: Any, report: Any, sample: Any, source: str, clock: Clock, tcfg: Any
+) -> dict[str, Any]:
+    figures = report.to_dict()
+    return {
+        "retro_bpb": figures.get("retro_bpb"),
+        "retro_off_bpb": figures.get("retro_off_bpb"),
+        "baseline_bpb": figures.get("baseline_bpb"),
+        "ralm_bpb": figures.get("ralm_bpb"),
+        "knnlm_bpb": figures.get("knnlm_bpb"),
+        "comparators": figures.get("comparators", {}),
+        "filtered": figures.get("filtered", {}),
+        "train_steps": tcfg.max_steps,
+        "train_tokens": tcfg.max_steps * tcfg.batch_size * tcfg.seq_len,
+        "database_chunks": int(db.num_chunks),
+        "database_documents": len(db.documents),
+        "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
+        "eval": {
+            k: figures[k]
+            for k in ("tokens", "bytes", "chunks", "documents", "window", "stride", "k")
+        },
+        "wall_seconds": clock.total,
+        "budget_seconds": clock.plan_seconds,
+        "stage_seconds": clock.stages,
+        "evaluate_seconds": figures.get("seconds", {}),
+        "plan": {k: v for k, v in plan.items() if k not in ("files", "retrieval_only")},
+        "sample": {"source": source, "prompt": sample.prompt, "text": sample.text},
+    }
+
+
+def report_markdown(
+    cfg: QuickstartConfig, plan: dict[str, Any], result: dict[str, Any], sample: Any, source: str
+) -> str:
+    """The human-readable report: what was done, the figures, the sample and its sources."""
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+    def rel(x: float | None) -> str:
+        base = result["baseline_bpb"]
+        if x is None or not base or not math.isfinite(x):
+            return "-"
+        return f"{100 * (x / base - 1):+.1f}%"
+
+    knn = result["comparators"].get("knnlm", {})
+    ev = result["eval"]
+    rows = [
+        ("base model (no retrieval)", result["baseline_bpb"]),
+        ("RETRO[ON]: the RETRO-fitted base reading its neighbours", result["retro_bpb"]),
+        ("RETRO[OFF]: the same without neighbours (the base, by construction)",
+         result["retro_off_bpb"]),
+        ("In-Context RALM: the base with the previous chunk's nearest neighbour prepended",
+         result["ralm_bpb"]),
+        (f"kNN-LM: the base interpolated with {knn.get('datastore', 0):,} training positions "
+         f"(lambda {knn.get('lambda', 0):.2f})", result["knnlm_bpb"]),
+    ]  # fmt: skip
+    entries = {n: v for n, v in rows[1:2] + rows[3:] if v is not None and math.isfinite(v)}
+    best = min(entries, key=lambda n: entries[n]) if entries else None
+    lines = [
+        "# retrolm quickstart report: RETRO-fitting a pretrained model",
+        "",
+        f"Base: `{cfg.base}` ({plan['base']}), frozen, run in {plan['dtype']} (the faster "
+        f"on this machine: {plan['measured']['forward_tokens_per_s']} forward tokens/s). "
+        f"Trained: a {RETROFIT_MODEL['enc_dim']}x{RETROFIT_MODEL['enc_depth']} neighbour "
+        f"encoder, chunked cross-attention after layers {plan['cca_layers']} and the copy head, "
+        f"{result['train_steps']} steps of {BATCH} x {TRAIN_SEQ} tokens "
+        f"({result['train_tokens']:,} tokens), k={TRAIN_K} neighbours.",
+        "",
+        f"Database: {result['database_documents']} documents, {result['database_chunks']:,} "
+        f"chunks of {CHUNK} tokens in the base's own tokens, BM25, of which "
+        f"{result['retrieval_only_chunks']:,} chunks retrieval-only (never trained on or "
+        "evaluated).",
+        "",
+        "## Held-out bits per byte (lower is better)",
+        "",
+        f"{ev['documents']} held-out documents chosen by seed {cfg.seed} before scoring, "
+        f"{ev['tokens']:,} tokens ({ev['bytes']:,} bytes), windows of {ev['window']} tokens with "
+        f"stride {ev['stride']}, k={ev['k']} neighbours at evaluation.",
+        "",
+        "| model | bits per byte | vs base |",
+        "|---|---|---|",
+        *(f"| {name} | {fmt(v)} | {rel(v)} |" for name, v in rows),
+        "",
+        f"Best use of the database here: {best}." if best else "",
+        "",
+        "By leakage (r(C): the share of a held-out chunk's tokens found in a run shared with its "
+        "nearest training chunks):",
+        "",
+        "| r(C) <= | chunks | base | RETRO[ON] | RALM | kNN-LM |",
+        "|---|---|---|---|---|---|",
+    ]
+    for alpha, row in result["filtered"].items():
+        lines.append(
+            f"| {alpha} | {row['chunks']} | {fmt(row.get('baseline_bpb'))} | "
+            f"{fmt(row.get('retro_bpb'))} | {fmt(row.get('ralm_bpb'))} | "
+            f"{fmt(row.get('knnlm_bpb'))} |"
+        )
+    fence = fence_language(source)
+    lines += [
+        "",
+        f"## A generated sample (greedy, {SAMPLE_TOKENS} tokens, retrieving at every chunk)",
+        "",
+        f"Prompt: the start of the held-out `{Path(source).name}`:",
+        "",
+        f"```{fence}",
+        sample.prompt,
+        "```",
+        "",
+        "Continuation:",
+        "",
+        f"```{fence}",
+        sample.text,
+        "```",
+        "",
+        f"Wall time: {result['wall_seconds']:.0f} s of a {result['budget_seconds']:.0f} s budget "
+        f"({', '.join(f'{k} {v:.0f} s' for k, v in result['stage_seconds'].items())}).",
+        "",
+    ]
+    return "\n".join(lines)
