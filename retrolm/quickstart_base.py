@@ -52,6 +52,11 @@ EVAL_WINDOW = 1024  # tokens per scoring window: RALM's prepended text leaves ro
 EVAL_TOKENS = 12_000  # held-out tokens scored (spread over at least EVAL_DOCS documents)
 EVAL_DOCS = 12
 MAX_DOC_TOKENS = 2_400  # a held-out document longer than this is not chosen (one would dominate)
+EVAL_SHARE = 0.3  # at most this share of the budget for evaluation (fewer scored tokens)
+# evaluation in base-forward token equivalents per scored token: the base 3.5 and RETRO[ON]
+# 7.9 (windows overlap by half, short documents pad), RALM 1.6 windows per chunk; kNN-LM
+# costs 2 per datastore key and tuning token. Measured on SmolLM2-135M (docs/results.md).
+EVAL_COST = 3.5 + 7.9 + 1.6 * EVAL_WINDOW / CHUNK
 # the retrieval parts, sized for a CPU: measured on SmolLM2-135M (docs/results.md), enc_dim 384
 # x 1 layer with CCA after layers depth-4 and depth trains 2.6x as many tokens/s as the
 # defaults (enc_dim 896 x 2, six CCA layers from the middle)
@@ -69,11 +74,12 @@ def measure_dtype(folder: Path, tokens: int = 256) -> tuple[str, dict[str, float
     one short batch each (after a warm-up); bfloat16 is not tried where the CPU lacks it."""
     import torch
 
+    from retrolm.database.embed import cpu_has_fast_bf16
     from retrolm.hf.base import load_base
 
     timings: dict[str, float] = {}
     candidates = ["float32"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX512", "AVX512_BF16", "AMX", "AMX_BF16"):
+    if cpu_has_fast_bf16():
         candidates.append("bfloat16")  # AVX2-only CPUs emulate it: measured 2.7x slower
     for dtype in candidates:
         base = load_base(folder, dtype)
@@ -140,9 +146,15 @@ def bytes_per_token(folder: Path, files: list[Path]) -> float:
     return len(sample.encode("utf-8")) / max(1, len(tokenizer.encode(sample)))
 
 
-def choose_held_out(files: list[Path], per_token: float, seed: int) -> list[Path]:
+def choose_held_out(
+    files: list[Path],
+    per_token: float,
+    seed: int,
+    tokens: float = EVAL_TOKENS,
+    docs: int = EVAL_DOCS,
+) -> list[Path]:
     """Held-out documents, by a seeded hash of their relative paths (fixed before any result):
-    at least EVAL_DOCS of them and EVAL_TOKENS tokens, each short enough not to dominate."""
+    at least `docs` of them and `tokens` tokens, each short enough not to dominate."""
     root = Path(os.path.commonpath(files))
 
     def key(p: Path) -> str:
@@ -152,7 +164,7 @@ def choose_held_out(files: list[Path], per_token: float, seed: int) -> list[Path
     candidates = sorted((p for p in files if low <= p.stat().st_size <= high), key=key)
     chosen, total = [], 0.0
     for p in candidates:
-        if len(chosen) >= EVAL_DOCS and total >= EVAL_TOKENS * per_token:
+        if len(chosen) >= docs and total >= tokens * per_token:
             break
         chosen.append(p)
         total += p.stat().st_size
@@ -173,8 +185,14 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     cca_layers = tuple(sorted({max(1, depth - 4), depth}))
     step_seconds = measure_step(folder, dtype, cca_layers)
     per_token = bytes_per_token(folder, files)
-    held_out = choose_held_out(files, per_token, cfg.seed)
     budget = minutes * 60.0
+    fwd = forward[dtype]
+    # scored tokens: EVAL_TOKENS, or fewer where evaluation would take over EVAL_SHARE of the
+    # budget (a few minutes' quickstart); 12 documents at 30 minutes
+    scored = min(EVAL_TOKENS, EVAL_SHARE * budget * fwd / EVAL_COST)
+    held_out = choose_held_out(
+        files, per_token, cfg.seed, scored, max(2, round(EVAL_DOCS * scored / EVAL_TOKENS))
+    )
     rest = [p for p in files if p not in set(held_out)]
     train_tokens = budget * 0.45 / step_seconds * BATCH * TRAIN_SEQ  # an upper bound
     train_bytes = int(train_tokens * TRAIN_PASSES * per_token)
@@ -187,18 +205,9 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
             continue
         retrieval_only.append(p)
         extra += p.stat().st_size
-    fwd = forward[dtype]
     eval_tokens = sum(p.stat().st_size for p in held_out) / per_token
     datastore = int(min(400_000, 0.02 * budget * fwd))  # kNN-LM keys: ~2% of the budget
-    # evaluation in base-forward token equivalents, per scored token (the base 3.5, RETRO[ON]
-    # 7.9: windows overlap by half, short documents pad), per chunk for RALM (1.6 windows),
-    # per datastore key and tuning token for kNN-LM (2 each); measured on SmolLM2-135M
-    forward_tokens = (
-        11.4 * eval_tokens
-        + 1.6 * EVAL_WINDOW * eval_tokens / CHUNK
-        + 2 * datastore
-        + 2 * min(32768, datastore // 10)
-    )
+    forward_tokens = EVAL_COST * eval_tokens + 2 * datastore + 2 * min(32768, datastore // 10)
     return {
         "kind": PLAN_KIND,
         "settings": _settings(cfg, minutes),
@@ -219,15 +228,16 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
             "cpu_capability": _capability(),
         },
         "estimate_seconds": {"evaluate": round(forward_tokens / fwd, 1)},
-        "train_steps": None,  # decided when training starts (`decide_steps`)
+        "train_seconds": None,  # decided when training starts (`training_seconds`)
     }
 
 
-def decide_steps(plan: dict[str, Any], budget: float, elapsed: float) -> int:
-    """Training steps that fit the time left after the database, with evaluation's estimate,
-    the margin and one model save kept back."""
+def training_seconds(plan: dict[str, Any], budget: float, elapsed: float) -> float:
+    """The training's budget: the time left after the database, less evaluation's estimate
+    and the margin (at least MIN_STEPS of the measured steps). Training decides its steps
+    from it after timing its first steps (`TrainConfig.minutes`)."""
     left = budget * (1 - MARGIN) - elapsed - plan["estimate_seconds"]["evaluate"]
-    return max(MIN_STEPS, int(left / plan["measured"]["step_seconds"]))
+    return max(MIN_STEPS * plan["measured"]["step_seconds"], left)
 
 
 def _capability() -> str:
@@ -326,21 +336,23 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
         ),
     )
     db = Database.open(db_path)
-    if plan["train_steps"] is None:
-        plan["train_steps"] = decide_steps(plan, budget, time.perf_counter() - clock.start)
-        write_json(out / PLAN_FILE, plan)  # a resumed quickstart trains as many steps
-    steps = int(plan["train_steps"])
+    if plan["train_seconds"] is None:
+        plan["train_seconds"] = training_seconds(plan, budget, time.perf_counter() - clock.start)
+        write_json(out / PLAN_FILE, plan)  # a resumed quickstart trains as long
+    seconds = float(plan["train_seconds"])
+    steps = max(MIN_STEPS, int(seconds / plan["measured"]["step_seconds"]))  # expected
     run = out / "retro"
     model = dict(RETROFIT_MODEL, dtype=plan["dtype"], cca_layers=plan["cca_layers"])
     tcfg = TrainConfig(
         retrofit=base,
         model=model,
-        max_steps=steps,
+        max_steps=2 * steps,  # the upper bound; `minutes` decides
+        minutes=seconds / 60.0,
         seq_len=TRAIN_SEQ,
         batch_size=BATCH,
         num_neighbours=TRAIN_K,
         lr=LR,
-        warmup_steps=max(5, min(30, steps // 10)),
+        warmup_steps=max(10, min(30, steps // 10)),  # past the steps `minutes` times
         weight_decay=0.0,
         seed=cfg.seed,
         eval_every=max(10, steps // 6),
@@ -380,7 +392,8 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
         "plot",
         lambda: plot_runs([run], out / "loss.png", labels=["RETRO-fit"], title="RETRO-fit loss"),
     )
-    result = report_json(plan, db, report, sample, source, clock, tcfg)
+    trained = int(read_json(run / "run.json").get("decided_steps") or tcfg.max_steps)
+    result = report_json(plan, db, report, sample, source, clock, tcfg, trained)
     write_json(out / "report.json", result)
     with atomic_open(out / "report.md", "w", encoding="utf-8") as f:
         f.write(report_markdown(cfg, plan, result, sample, source))
@@ -389,7 +402,14 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
 
 
 def report_json(
-    plan: dict[str, Any], db: Any, report: Any, sample: Any, source: str, clock: Clock, tcfg: Any
+    plan: dict[str, Any],
+    db: Any,
+    report: Any,
+    sample: Any,
+    source: str,
+    clock: Clock,
+    tcfg: Any,
+    steps: int,
 ) -> dict[str, Any]:
     figures = report.to_dict()
     return {
@@ -400,8 +420,8 @@ def report_json(
         "knnlm_bpb": figures.get("knnlm_bpb"),
         "comparators": figures.get("comparators", {}),
         "filtered": figures.get("filtered", {}),
-        "train_steps": tcfg.max_steps,
-        "train_tokens": tcfg.max_steps * tcfg.batch_size * tcfg.seq_len,
+        "train_steps": steps,
+        "train_tokens": steps * tcfg.batch_size * tcfg.seq_len,
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
         "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),

@@ -97,12 +97,16 @@ class TrainConfig:
     neighbour_dropout: float = 0.0
     device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
     tensorboard: bool = False  # also write TensorBoard events (if tensorboard is installed)
+    # wall-time budget of the training steps: after the first CALIBRATION_STEPS steps, the
+    # run's steps are decided from their measured time (max_steps / max_tokens stay the upper
+    # bound) and recorded in run.json as `decided_steps`, so that a resumed run trains as many
+    minutes: float | None = None
 
     def __post_init__(self) -> None:
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigError("max_steps / max_tokens: give one, not both")
         if self.max_steps is None and self.max_tokens is None:
-            self.max_steps = 1000
+            self.max_steps = 1000 if self.minutes is None else 10**9  # minutes decides
         positive = ["batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"]
         positive += ["log_every", "eval_batches"]
         for name in ("max_steps", "max_tokens", "seq_len", "num_neighbours"):
@@ -117,6 +121,10 @@ class TrainConfig:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.minutes is not None and not (
+            isinstance(self.minutes, (int, float)) and 0 < self.minutes < float("inf")
+        ):
+            raise ConfigError(f"TrainConfig.minutes must be > 0, got {self.minutes!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(
                 f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"
@@ -297,6 +305,7 @@ class Trainer:
     device: torch.device
     dist: Dist
     total_steps: int
+    decided: bool = False  # `minutes`: total_steps is decided (measured, or read from run.json)
     pad_id: int = 0
     step: int = 0
     tokens_seen: int = 0
@@ -407,6 +416,9 @@ def setup(
         restore(trainer, ckpt)
     elif resume:
         log.info("no checkpoint in %s yet; starting the run from step 0", out)
+    decided = read_json(out / RUN_FILE).get("decided_steps") if resume and ckpt else None
+    if decided is not None:  # a --minutes run resumed: the steps its first session decided
+        trainer.total_steps, trainer.decided = int(decided), True
     dist_.barrier()  # every rank has checked everything before rank 0 changes the folder
     if dist_.is_main:
         if overwrite and not resume:
@@ -426,6 +438,8 @@ def setup(
             "retrofit_gguf": getattr(mcfg, "base_gguf", None) or None,  # the file it came from
             "retrofit_gguf_sha256": getattr(mcfg, "base_gguf_sha256", None) or None,
         }
+        if decided is not None:
+            run_meta["decided_steps"] = int(decided)
         write_json(out / RUN_FILE, run_meta)
         truncate_metrics(out / METRICS_FILE, trainer.step)
         trainer.writer = open_tensorboard(out) if cfg.tensorboard else None
@@ -702,6 +716,7 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
     )
     tokens_per_step = cfg.batch_size * trainer.train_data.seq_len
     t_start, steps_done = time.perf_counter(), 0
+    t_calibrate = t_start  # the end of the first step of this session (timing starts there)
     trainer.model.train()
     while trainer.step < trainer.total_steps:
         t0 = time.perf_counter()
@@ -709,6 +724,11 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
         loss = train_step(trainer)
         dt = time.perf_counter() - t0
         steps_done += 1
+        if steps_done == 1:
+            t_calibrate = time.perf_counter()
+        elif cfg.minutes and not trainer.decided and steps_done == CALIBRATION_STEPS:
+            decide_steps(trainer, t_start, (time.perf_counter() - t_calibrate) / (steps_done - 1))
+            bar.total = trainer.total_steps
         tok_s = tokens_per_step * steps_done / (time.perf_counter() - t_start)
         record: dict[str, Any] = {
             "step": trainer.step,
@@ -732,6 +752,29 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
             checkpoint(trainer)
         yield record
     bar.close()
+
+
+CALIBRATION_STEPS = 8  # steps timed (after the first) before a --minutes run decides its steps
+TIME_RESERVE = 0.03  # of a --minutes budget kept for validation, checkpoints and the final save
+
+
+def decide_steps(trainer: Trainer, t_start: float, step_seconds: float) -> None:
+    """Fix a `minutes` run's total steps from the measured seconds per step, on every rank
+    alike, and record them in run.json (a resumed run reads them back)."""
+    cfg = trainer.cfg
+    assert cfg.minutes is not None
+    left = cfg.minutes * 60.0 * (1 - TIME_RESERVE) - (time.perf_counter() - t_start)
+    steps = min(trainer.total_steps, trainer.step + max(0, int(left / step_seconds)))
+    if trainer.dist.enabled:
+        shared = torch.tensor([steps], dtype=torch.int64, device=trainer.device)
+        dist.broadcast(shared, src=0)
+        steps = int(shared.item())
+    trainer.total_steps, trainer.decided = max(steps, trainer.step), True
+    log.info("%.2f s a step: %d steps fit the %.1f-minute budget", step_seconds, steps, cfg.minutes)
+    if trainer.dist.is_main:
+        meta = read_json(trainer.out / RUN_FILE)
+        meta["decided_steps"] = trainer.total_steps
+        write_json(trainer.out / RUN_FILE, meta)
 
 
 def diverged(trainer: Trainer, loss: float, lr: float) -> DivergedError:

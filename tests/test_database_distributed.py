@@ -454,7 +454,8 @@ def test_auto_embed_dtype_is_measured_once_and_recorded(inputs, tmp_path):
     assert all(got[k] != float32[k] for k in got if k.startswith("emb"))  # bfloat16 differs
 
 
-def test_measure_dtypes_picks_bfloat16_only_when_clearly_faster(tmp_path):
+def test_measure_dtypes_picks_bfloat16_only_when_clearly_faster(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     wide = make_tiny_bert(tmp_path / "wide", hidden_size=128, intermediate_size=256)
     embedder = load_embedder(f"bert-mean:{wide}")
     choice = measure_dtypes(embedder, ["some words of text"] * 40, batch_size=16)
@@ -462,6 +463,20 @@ def test_measure_dtypes_picks_bfloat16_only_when_clearly_faster(tmp_path):
     assert choice["float32_s"] > 0 and choice["bfloat16_s"] > 0 and choice["chunks"] == 32
     faster = choice["bfloat16_s"] * 1.2 < choice["float32_s"]
     assert choice["dtype"] == ("bfloat16" if faster else "float32")
+
+
+def test_a_cpu_without_native_bf16_keeps_float32_without_timing(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    wide = make_tiny_bert(tmp_path / "wide", hidden_size=128, intermediate_size=256)
+    embedder = load_embedder(f"bert-mean:{wide}")
+
+    def embed(*args, **kwargs):
+        raise AssertionError("timed on a CPU without bf16")
+
+    monkeypatch.setattr(embedder, "embed", embed)
+    choice = measure_dtypes(embedder, ["some words of text"] * 40, batch_size=16)
+    assert choice["dtype"] == "float32" and choice["float32_s"] is None
+    assert "AVX2" in choice["reason"]
 
 
 # ----------------------------------------------------------------------------- faults

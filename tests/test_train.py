@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import shutil
+import time
 
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ import torch
 from retrolm.checkpoint import latest_checkpoint, load_checkpoint_state
 from retrolm.data import ArrayChunkSource
 from retrolm.errors import InputError, MismatchError
+from retrolm.io import read_json
 from retrolm.model import RETRO
 from retrolm.runs import read_metrics
 from retrolm.train import (
@@ -306,3 +309,33 @@ def test_sigkill_during_training_and_saving_then_resume_gives_the_same_losses(tm
     ref, got = losses(tmp_path / "ref"), losses(run)
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 25))
     assert got == ref, [(i, a, b) for i, (a, b) in enumerate(zip(got, ref)) if a != b]
+
+
+def test_a_minutes_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_path, monkeypatch):
+    import retrolm.train as train_module
+
+    real_step = train_module.train_step
+    pause = {"s": 0.05}
+
+    def slow_step(trainer):  # a step of known length, so that the budget decides the steps
+        time.sleep(pause["s"])
+        return real_step(trainer)
+
+    monkeypatch.setattr(train_module, "train_step", slow_step)
+    src = make_source()
+    cfg = tiny_config(max_steps=400, minutes=0.03, checkpoint_every=10, keep_checkpoints=50)
+    train(cfg, src, tmp_path / "run", show_progress=False)
+    decided = read_json(tmp_path / "run" / "run.json")["decided_steps"]
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    # 1.8 s of steps of at least 0.05 s: at most 36, and most of the budget used
+    assert 15 < decided <= 36 and steps[-1] == decided
+    ref = losses(tmp_path / "run")
+    # killed after step 12: the resumed run trains the decided steps, not a new decision
+    shutil.rmtree(tmp_path / "run" / "model")
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > 10:
+            shutil.rmtree(ckpt)
+    pause["s"] = 0.0  # a new decision would now choose the upper bound
+    train(None, src, tmp_path / "run", resume=True, show_progress=False)
+    assert read_json(tmp_path / "run" / "run.json")["decided_steps"] == decided
+    assert losses(tmp_path / "run") == ref

@@ -34,6 +34,7 @@ _FIELDS = {
     "neighbour_dropout": "neighbour_dropout",
     "device": "device",
     "tensorboard": "tensorboard",
+    "minutes": "minutes",
 }
 
 
@@ -55,6 +56,12 @@ def register(subparsers: Any) -> None:
     steps = p.add_mutually_exclusive_group()
     steps.add_argument("--steps", type=int, help="optimizer steps")
     steps.add_argument("--tokens", type=int, help="training tokens (rounded up to whole steps)")
+    p.add_argument(
+        "--minutes",
+        type=float,
+        help="wall-time budget: the steps that fit are decided from the first steps' measured "
+        "time (--steps / --tokens stay the upper bound) and kept on --resume",
+    )
     p.add_argument("--seq-len", type=int, help="tokens per sample (default: max_seq_len)")
     p.add_argument("--batch-size", type=int, help="sequences per step, all processes together")
     p.add_argument("--grad-accum", type=int, help="micro-batches per step")

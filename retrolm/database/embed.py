@@ -163,6 +163,12 @@ class Embedder:
         return h.hexdigest()
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True when this CPU has vector bfloat16 instructions (torch's capability AVX512 or
+    better); on AVX2-only CPUs bfloat16 is emulated and runs several times slower than float32."""
+    return torch.backends.cpu.get_cpu_capability() not in ("DEFAULT", "AVX2", "NO AVX")
+
+
 # bfloat16 is taken by `--embed-dtype auto` only when at least this much faster than float32:
 # a margin over timing noise, so that a tie (or an overhead-bound tiny model) stays float32.
 BF16_MIN_SPEEDUP = 1.2
@@ -175,9 +181,11 @@ def measure_dtypes(
 ) -> dict[str, Any]:
     """Time float32 against bfloat16 autocast on a few batches of `texts`; pick the faster.
 
-    Each dtype embeds the same `batches` batches after one warm-up batch, three times in
-    alternation, and keeps its best time. bfloat16 wins only when `BF16_MIN_SPEEDUP` times
-    faster; an encoder narrower than `BF16_MIN_DIM` stays float32 without being timed.
+    Each dtype embeds the same `batches` batches after a short warm-up, twice in alternation
+    (once when bfloat16 is more than twice as slow), and keeps its best time. bfloat16 wins
+    only when `BF16_MIN_SPEEDUP` times faster. Nothing is timed, and float32 is kept, for an
+    encoder narrower than `BF16_MIN_DIM` and on a CPU without native bfloat16 arithmetic
+    (`cpu_has_fast_bf16`), where it was measured 5x slower.
 
     Returns:
         {"dtype", "float32_s", "bfloat16_s", "chunks", "device"}: recorded in the manifest
@@ -193,20 +201,31 @@ def measure_dtypes(
             "chunks": 0,
             "device": str(embedder.device),
         }
+    if embedder.device.type == "cpu" and not cpu_has_fast_bf16():
+        return {
+            "dtype": "float32",
+            "float32_s": None,
+            "bfloat16_s": None,
+            "chunks": 0,
+            "device": str(embedder.device),
+            "reason": f"CPU capability {torch.backends.cpu.get_cpu_capability()}: no native bf16",
+        }
     sample = list(texts[: batch_size * batches])
-    warm = sample[:batch_size]
+    warm = sample[: max(1, batch_size // 4)]
     original = embedder.dtype
     best = {"float32": float("inf"), "bfloat16": float("inf")}
     try:
         for dtype in best:
             embedder.dtype = dtype
             embedder.embed(warm, batch_size=batch_size)
-        for _ in range(3):
+        for _ in range(2):
             for dtype in best:
                 embedder.dtype = dtype
                 start = time.perf_counter()
                 embedder.embed(sample, batch_size=batch_size)
                 best[dtype] = min(best[dtype], time.perf_counter() - start)
+            if best["bfloat16"] > 2 * best["float32"]:
+                break  # clearly slower: not worth timing again
     finally:
         embedder.dtype = original
     faster = best["bfloat16"] * BF16_MIN_SPEEDUP < best["float32"]
