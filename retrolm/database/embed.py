@@ -189,26 +189,23 @@ def measure_dtypes(
 
     Returns:
         {"dtype", "float32_s", "bfloat16_s", "chunks", "device"}: recorded in the manifest
-        (the times are None when nothing was timed).
+        (the times are None, and "reason" says why, when nothing was timed).
     """
     import time
 
+    untimed = None
     if embedder.dim < BF16_MIN_DIM:
+        untimed = f"an encoder narrower than {BF16_MIN_DIM}: overhead-bound"
+    elif embedder.device.type == "cpu" and not cpu_has_fast_bf16():
+        untimed = f"CPU capability {torch.backends.cpu.get_cpu_capability()}: no native bf16"
+    if untimed is not None:
         return {
             "dtype": "float32",
             "float32_s": None,
             "bfloat16_s": None,
             "chunks": 0,
             "device": str(embedder.device),
-        }
-    if embedder.device.type == "cpu" and not cpu_has_fast_bf16():
-        return {
-            "dtype": "float32",
-            "float32_s": None,
-            "bfloat16_s": None,
-            "chunks": 0,
-            "device": str(embedder.device),
-            "reason": f"CPU capability {torch.backends.cpu.get_cpu_capability()}: no native bf16",
+            "reason": untimed,
         }
     sample = list(texts[: batch_size * batches])
     warm = sample[: max(1, batch_size // 4)]
