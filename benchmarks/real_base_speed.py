@@ -38,9 +38,10 @@ def timed(fn, steps: int) -> float:
 
 def cpu_name() -> str:
     try:
-        for line in open("/proc/cpuinfo", encoding="utf-8"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return platform.processor() or "unknown"
@@ -77,7 +78,7 @@ def main() -> None:
         V = base.config.vocab_size
         x = torch.randint(3, V, (B, n), generator=g)
         with torch.inference_mode():
-            sec = timed(lambda: base(input_ids=x), args.steps)
+            sec = timed(lambda base=base, x=x: base(input_ids=x), args.steps)
         rows.append((f"forward {dtype}", B * n / sec))
         del base
     placements = args.cca or ["default"]
