@@ -813,20 +813,15 @@ def held_out_prompt(db: Any, max_lines: int = 12, min_tokens: int = 100) -> tupl
     return prompt, doc.name
 
 
-def report_json(
-    plan: QuickstartPlan, db: Any, report: Any, sample: Any, source: str, clock: Clock
-) -> dict[str, Any]:
+def report_figures(report: Any, db: Any) -> dict[str, Any]:
+    """What every quickstart's report.json holds of its evaluation and database: bits per byte,
+    comparators, leakage buckets, the evaluated tokens, seconds, and the database's size."""
     figures = report.to_dict()
+    names = ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb")
     return {
-        "retro_bpb": figures.get("retro_bpb"),
-        "retro_off_bpb": figures.get("retro_off_bpb"),
-        "baseline_bpb": figures.get("baseline_bpb"),
-        "ralm_bpb": figures.get("ralm_bpb"),
-        "knnlm_bpb": figures.get("knnlm_bpb"),
+        **{name: figures.get(name) for name in names},
         "comparators": figures.get("comparators", {}),
         "filtered": figures.get("filtered", {}),
-        "train_tokens": plan.train["max_steps"] * plan.train["batch_size"] * plan.train["seq_len"],
-        "retrofit_steps": plan.retrofit_steps,
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
         "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
@@ -835,9 +830,19 @@ def report_json(
             k: figures[k]
             for k in ("tokens", "bytes", "chunks", "documents", "window", "stride", "k")
         },
+        "evaluate_seconds": figures.get("seconds", {}),  # per model / comparator
+    }
+
+
+def report_json(
+    plan: QuickstartPlan, db: Any, report: Any, sample: Any, source: str, clock: Clock
+) -> dict[str, Any]:
+    return {
+        **report_figures(report, db),
+        "train_tokens": plan.train["max_steps"] * plan.train["batch_size"] * plan.train["seq_len"],
+        "retrofit_steps": plan.retrofit_steps,
         "wall_seconds": clock.total,
         "stage_seconds": clock.stages,
-        "evaluate_seconds": figures.get("seconds", {}),  # per model / comparator
         "plan": {k: v for k, v in plan.to_dict().items() if k != "files"},
         "sample": {"source": source, "prompt": sample.prompt, "text": sample.text},
     }

@@ -35,6 +35,7 @@ from retrolm.quickstart import (
     corpus_files,
     fence_language,
     held_out_prompt,
+    report_figures,
     select_files,
     stdlib_files,
 )
@@ -411,28 +412,13 @@ def report_json(
     tcfg: Any,
     steps: int,
 ) -> dict[str, Any]:
-    figures = report.to_dict()
     return {
-        "retro_bpb": figures.get("retro_bpb"),
-        "retro_off_bpb": figures.get("retro_off_bpb"),
-        "baseline_bpb": figures.get("baseline_bpb"),
-        "ralm_bpb": figures.get("ralm_bpb"),
-        "knnlm_bpb": figures.get("knnlm_bpb"),
-        "comparators": figures.get("comparators", {}),
-        "filtered": figures.get("filtered", {}),
+        **report_figures(report, db),
         "train_steps": steps,
         "train_tokens": steps * tcfg.batch_size * tcfg.seq_len,
-        "database_chunks": int(db.num_chunks),
-        "database_documents": len(db.documents),
-        "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
-        "eval": {
-            k: figures[k]
-            for k in ("tokens", "bytes", "chunks", "documents", "window", "stride", "k")
-        },
         "wall_seconds": clock.total,
         "budget_seconds": clock.plan_seconds,
         "stage_seconds": clock.stages,
-        "evaluate_seconds": figures.get("seconds", {}),
         "plan": {k: v for k, v in plan.items() if k not in ("files", "retrieval_only")},
         "sample": {"source": source, "prompt": sample.prompt, "text": sample.text},
     }
