@@ -96,7 +96,8 @@ def measure_dtype(folder: Path, tokens: int = 256) -> tuple[str, dict[str, float
 
 
 def measure_step(folder: Path, dtype: str, cca_layers: tuple[int, ...]) -> float:
-    """Seconds of one RETRO-fit step as the quickstart trains (median of 2 after a warm-up)."""
+    """Seconds of one RETRO-fit step as the quickstart trains (the faster of 2 after a warm-up;
+    training measures its own steps again, `TrainConfig.minutes`)."""
     import torch
 
     from retrolm.hf import retrofit_hf
@@ -116,7 +117,7 @@ def measure_step(folder: Path, dtype: str, cca_layers: tuple[int, ...]) -> float
         model.loss(x, x, nb).backward()
         opt.step()
         times.append(time.perf_counter() - t)
-    return sorted(times[1:])[0] if len(times) > 2 else times[-1]
+    return min(times[1:])  # the first step warms up
 
 
 def text_files(files: list[Path]) -> list[Path]:
