@@ -8,6 +8,7 @@ either the old file, the new file, or a stray `*.tmp-*` file that no reader ever
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -22,6 +23,47 @@ import numpy as np
 from retrolm.errors import WriteError
 
 TMP_MARK = ".tmp-"
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether `e` is the operating system saying there is no room left for a write.
+
+    numpy's `tofile` (behind `np.save`) reports a short write as a bare `OSError` without an
+    errno ("N requested and M written"), so that message counts as well.
+    """
+    if not isinstance(e, OSError):
+        return False
+    if e.errno in DISK_FULL_ERRNOS:
+        return True
+    return e.errno is None and "requested and" in str(e) and "written" in str(e)
+
+
+def _mib(nbytes: float) -> str:
+    return f"{nbytes / 2**20:.1f} MiB"
+
+
+def existing_folder(path: str | os.PathLike[str]) -> Path:
+    """The nearest folder on the way to `path` that exists (`path` itself if it is one)."""
+    where = Path(path)
+    while not where.is_dir() and where != where.parent:
+        where = where.parent
+    return where
+
+
+def disk_full_error(path: str | os.PathLike[str], needed: int | None = None) -> WriteError:
+    """The one-line error for a write to `path` that ran out of space: where, how much is free,
+    how much the write needed (when known), and that a rerun resumes."""
+    folder = existing_folder(Path(path).parent)
+    try:
+        free = f"{_mib(shutil.disk_usage(folder).free)} free in {folder}"
+    except OSError:
+        free = f"free space in {folder} unknown"
+    need = f", {_mib(needed)} needed for this file" if needed else ""
+    return WriteError(
+        f"cannot write {path}: the disk is full ({free}{need}); free some space or choose "
+        "another folder, then rerun the same command (finished work is kept)"
+    )
 
 
 def _fsync_dir(path: Path) -> None:
@@ -34,10 +76,11 @@ def _fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_path(path: str | os.PathLike[str], needed: int | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success it is renamed to `path`.
 
-    On an exception the temporary file (or folder) is removed and `path` is left untouched.
+    On an exception the temporary file (or folder) is removed and `path` is left untouched; a
+    full disk becomes a `WriteError` naming `path`, the free space and `needed` bytes if given.
     """
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -51,12 +94,14 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
                 os.fsync(f.fileno())
         os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             with contextlib.suppress(FileNotFoundError):
                 tmp.unlink()
+        if is_disk_full(e):
+            raise disk_full_error(final, needed) from e
         raise
 
 
@@ -93,8 +138,10 @@ def atomic_dir(path: str | os.PathLike[str]) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
         _fsync_dir(final.parent)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):
+            raise disk_full_error(final) from e
         raise
 
 
@@ -112,7 +159,7 @@ def read_json(path: str | os.PathLike[str]) -> Any:
 
 def save_npy(path: str | os.PathLike[str], array: np.ndarray) -> str:
     """Save `array` as .npy atomically and return the sha256 of the written file."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, needed=array.nbytes) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.ascontiguousarray(array), allow_pickle=False)
         digest = sha256_file(tmp)
@@ -204,3 +251,23 @@ def write_guard(path: str | os.PathLike[str]) -> Iterator[None]:
 def _is_write_failure(e: Exception) -> bool:
     """A RuntimeError (faiss, torch's zip writer) or a safetensors error raised by a writer."""
     return isinstance(e, RuntimeError) or type(e).__name__ == "SafetensorError"
+
+
+def allocate(path: str | os.PathLike[str], nbytes: int | None = None) -> None:
+    """Reserve the disk blocks of `path` (its current size, or `nbytes`) before it is written
+    through a memory map: a full disk is then a `WriteError` here instead of a SIGBUS that kills
+    the process on the first page written. Filesystems without `fallocate` are left as they are.
+    """
+    size = os.path.getsize(path) if nbytes is None else nbytes
+    if size <= 0 or not hasattr(os, "posix_fallocate"):
+        return
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if is_disk_full(e):
+            raise disk_full_error(path, size) from e
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+    finally:
+        os.close(fd)

@@ -522,6 +522,76 @@ def test_disk_full_on_a_small_tmpfs(world, tmp_path, capsys):
         assert code == 2 and "disk" in one_error_line(err)
 
 
+def test_a_short_write_is_a_disk_full_error_naming_file_and_space(tmp_path):
+    """numpy reports a full disk as a bare OSError ("N requested and M written"): it is a
+    `WriteError` naming the file, the free space and the size needed, and leaves no file."""
+    from retrolm.errors import WriteError
+    from retrolm.io import save_npy
+
+    with small_disk(tmp_path / "small", "300k") as disk:
+        with pytest.raises(WriteError) as info:
+            save_npy(disk / "big.npy", np.zeros(200_000))  # 1.5 MiB
+        message = str(info.value)
+        assert str(disk / "big.npy") in message and "disk is full" in message
+        assert "1.5 MiB needed" in message and f"free in {disk}" in message
+        assert list(disk.iterdir()) == []
+
+
+def test_a_memory_mapped_output_on_a_full_disk_is_an_error_not_a_bus_error(tmp_path):
+    """A memory map over a sparse file dies of SIGBUS on a full disk; `allocate` reserves the
+    blocks first, so the failure is a `WriteError`."""
+    from retrolm.errors import WriteError
+    from retrolm.io import allocate
+
+    with small_disk(tmp_path / "small", "100k") as disk:
+        path = disk / "map.npy"
+        mapping = np.lib.format.open_memmap(path, mode="w+", dtype=np.int64, shape=(100_000,))
+        with pytest.raises(WriteError, match="disk is full"):
+            allocate(path)
+        del mapping
+
+
+def test_a_short_write_outside_the_atomic_writers_is_one_line(world, tmp_path, capsys,
+                                                               monkeypatch):  # fmt: skip
+    import retrolm.train as train_module
+
+    def short_write(*args, **kwargs):
+        raise OSError("664704 requested and 234464 written")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(train_module, "save_checkpoint", short_write)
+    code, _, err = cli(capsys, *tiny_train_args(world["db"], run, "--steps", "2"))
+    line = one_error_line(err)
+    assert code == 2 and "disk is full" in line and str(run) in line and "free in" in line
+
+
+@pytest.mark.slow
+def test_no_disk_size_kills_a_build_or_a_training_run(world, tmp_path):
+    """On a disk of any size, `db build` and `train` end in success or in one line about the
+    full disk (exit 2), never in a signal or a traceback; the rerun with room resumes."""
+    corpus = world["root"] / "corpus"
+    for kb in range(40, 200, 16):
+        with small_disk(tmp_path / f"d{kb}", f"{kb}k") as disk:
+            done = subprocess.run(
+                [sys.executable, "-m", "retrolm", "-q", *map(str, _build_args(world, corpus,
+                                                                              disk / "db"))],
+                env=python_env(), capture_output=True, text=True,
+            )  # fmt: skip
+            assert done.returncode in (0, 2), (kb, done.returncode, done.stderr)
+            assert "Traceback" not in done.stderr, done.stderr
+            if done.returncode == 2:
+                assert "disk" in one_error_line(done.stderr), done.stderr
+    for mb in (1, 2, 3):
+        with small_disk(tmp_path / f"t{mb}", f"{mb}m") as disk:
+            args = tiny_train_args(world["db"], disk / "run", "--steps", "4",
+                                   "--checkpoint-every", "2")  # fmt: skip
+            done = subprocess.run(
+                [sys.executable, "-m", "retrolm", "-q", *map(str, args)],
+                env=python_env(), capture_output=True, text=True,
+            )  # fmt: skip
+            assert done.returncode in (0, 2) and "Traceback" not in done.stderr, done.stderr
+
+
 def test_unwritable_outputs_fail_before_any_work(world, read_only, capsys, monkeypatch):
     import retrolm.evaluate as evaluate
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 from retrolm import __version__
 from retrolm.errors import UserError
+from retrolm.io import disk_full_error, is_disk_full
 from retrolm.log import setup_logging
 
 SUBCOMMAND_MODULES = (
@@ -39,10 +40,8 @@ BUG_HINT = (
     "this is a bug in retrolm, not a problem with your input; please report it with the "
     "command and the traceback above"
 )
-# errno -> what to do about it; other OSErrors are bugs (tracebacks)
+# errno -> what to do about it (a full disk is `io.disk_full_error`); other OSErrors are bugs
 OS_ERRORS = {
-    errno.ENOSPC: "the disk is full; free some space (finished work is kept) and rerun",
-    errno.EDQUOT: "the disk quota is exceeded; free some space and rerun",
     errno.EFBIG: "the file is too large for this filesystem; choose another output folder",
     errno.EROFS: "the filesystem is read-only; choose another output folder",
     errno.EACCES: "permission denied; choose a folder you can write, or change its permissions",
@@ -87,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         _silence_stdout()
         return _user_error(args, "the output pipe was closed early; the output is incomplete", 2)
     except OSError as e:
+        if is_disk_full(e):  # a write outside io's atomic writers: name the output folder
+            where = e.filename or getattr(args, "out", None) or os.getcwd()
+            return _user_error(args, str(disk_full_error(where)), 2)
         hint = OS_ERRORS.get(e.errno) if e.errno != errno.EPIPE else "the output pipe was closed"
         if hint is None:
             return _bug(args)

@@ -39,7 +39,7 @@ from retrolm.database.config import DatabaseConfig
 from retrolm.database.manifest import block_ok, save_manifest
 from retrolm.database.store import stores_byte_lengths
 from retrolm.errors import InputError
-from retrolm.io import atomic_open, save_npy, sha256_file
+from retrolm.io import allocate, atomic_open, save_npy, sha256_file
 from retrolm.log import progress
 from retrolm.tokenizer import CONFIG_FILES, TOKENIZER_FILE, Tokenizer, byte_counts, train_tokenizer
 
@@ -582,6 +582,7 @@ def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfi
         tmp_map = doc_path.with_name(doc_path.name + ".tmp-build")
         # streamed: the memory-mapped map is filled block by block, never held in memory
         mapping = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int64, shape=(end.chunks,))
+        allocate(tmp_map)  # a full disk is an error here, not a SIGBUS while the map is filled
         for block in blocks:
             with open(folder / block["docs_file"], encoding="utf-8") as f:
                 for line in f:
