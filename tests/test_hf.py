@@ -16,6 +16,7 @@ import transformers
 import retrolm
 from retrolm.errors import ConfigError, InputError, MismatchError
 from retrolm.hf import RetroFitted, default_cca_layers, retrofit_hf
+from retrolm.hf.base import decoder_layers
 from retrolm.hf.model import CONFIG_FILE, WEIGHTS_FILE
 from retrolm.model import window_start
 
@@ -124,6 +125,27 @@ def test_trained_cca_changes_on_but_never_off(base_folder):
     # (with the copy head, `on` is log-probabilities: compare distributions)
     lp_on, lp_expected = on.log_softmax(-1), expected.log_softmax(-1)
     assert (lp_on[:, : M - 1] - lp_expected[:, : M - 1]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("gradient_checkpointing", [False, True])
+def test_base_and_retro_from_one_lower_pass_equal_each_alone(base_folder, gradient_checkpointing):
+    model = perturb(retrofit_hf(base_folder, **{**SETTINGS, "cca_layers": (3, 4)},
+                                gradient_checkpointing=gradient_checkpointing))  # fmt: skip
+    x, nb = tokens(2, 4 * M + 5), neighbours(2, 5)
+    layers = list(decoder_layers(model.base))
+    calls = [0] * len(layers)
+    for i, layer in enumerate(layers):  # the layer's first module runs when the layer computes
+        first = next(layer.children())
+        first.register_forward_pre_hook(lambda *a, i=i: calls.__setitem__(i, calls[i] + 1))
+    with torch.no_grad():
+        base_hidden, on = model.base_and_retro(x, nb)
+        assert calls == [1, 1, 1, 2]  # below the first CCA layer (after layer 3): one pass
+        alone_base, alone_on = model.hidden_states(x), model(x, nb)
+        again_base, again_on = model.base_and_retro(x, nb)  # the layers are themselves again
+    assert (base_hidden - alone_base).abs().max() <= 1e-5
+    assert (on - alone_on).abs().max() <= 1e-5
+    assert (on - reference(base_folder)(x).logits).abs().max() > 1e-2  # CCA did read them
+    assert torch.equal(again_base, base_hidden) and torch.equal(again_on, on)
 
 
 def test_loss_is_the_cross_entropy_of_the_logits(base_folder):

@@ -376,10 +376,42 @@ class RetroFitted(nn.Module):
         Raises:
             ValueError: wrong shapes, dtypes or token ids.
         """
-        hidden, state = self._hidden(tokens, neighbours)
+        return self._logits(*self._hidden(tokens, neighbours))
+
+    def _logits(self, hidden: Tensor, state: _Pass) -> Tensor:
+        """The output distribution of a full pass's final hidden states (B, n, d)."""
         logits = self.lm_head(hidden)
         copy = self._copy(hidden, state, 0)
         return logits if copy is None else CopyHead.mix(logits, *copy)
+
+    @torch.no_grad()
+    def base_and_retro(self, tokens: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
+        """The base's final hidden states (B, n, d) and RETRO[ON]'s logits (B, n, V) (`forward`
+        with `neighbours`), with the layers below the first CCA layer run once for both: the
+        second pass replays their output instead of recomputing it. Inference only.
+        """
+        layers = list(decoder_layers(self.base))[: self.first_cca]
+        if not self.cfg.retrieval or not layers:
+            return self.hidden_states(tokens), self(tokens, neighbours)
+        self._check_neighbours(neighbours, *tokens.shape)
+        shared: list[Any] = []
+        capture = layers[-1].register_forward_hook(lambda module, args, out: shared.append(out))
+        try:
+            base_hidden = self.hidden_states(tokens)
+        finally:
+            capture.remove()
+        own = [layer.__dict__.get("forward") for layer in layers]
+        for layer in layers:  # each returns the shared output whatever it is given
+            layer.forward = lambda *args, **kwargs: shared[0]
+        try:
+            hidden, state = self._hidden(tokens, neighbours)
+        finally:
+            for layer, forward in zip(layers, own, strict=True):
+                if forward is None:
+                    del layer.forward
+                else:
+                    layer.forward = forward
+        return base_hidden, self._logits(hidden, state)
 
     def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
         """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored
