@@ -21,7 +21,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -254,7 +254,51 @@ def _window_inputs(
         yield batch, x, y, nb
 
 
+Step = Callable[[Tensor, Tensor | None], dict[str, tuple[Tensor, Tensor | None]]]
+
+
 @torch.no_grad()
+def _score_windows(
+    step: Step,
+    tokens: np.ndarray,
+    neighbours: np.ndarray | None,
+    *,
+    chunk_size: int,
+    window: int,
+    stride: int,
+    pad_id: int,
+    batch_size: int,
+    device: torch.device | str,
+    bf16: bool,
+    desc: str,
+    show_progress: bool,
+) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
+    """Bits (and hidden states, where `step` gives them) of every token of a stream for each
+    output `step(inputs (B, n), neighbours) -> {name: (logits (B, n, V), hidden (B, n, d) |
+    None)}` gives: {name: ((T,) bits, NaN where not scored; (T, d) float32 states | None)}."""
+    out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
+    windows = _window_inputs(
+        tokens, neighbours, chunk_size, window, stride, batch_size, device, desc, show_progress
+    )
+    for batch, x, y, nb in windows:
+        n = x.shape[1]
+        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = step(x, nb)
+        for name, (logits, h) in outputs.items():
+            logp = torch.log_softmax(logits.float(), dim=-1)
+            nll = -logp.gather(-1, y[..., None])[..., 0] / math.log(2)  # (B, n) bits
+            nll = nll.masked_fill(y == pad_id, float("nan")).double().cpu().numpy()
+            if name not in out:
+                states = None if h is None else np.zeros((len(tokens), h.shape[-1]), np.float32)
+                out[name] = (np.full(len(tokens), np.nan), states)
+            bits, states = out[name]
+            for row, (s, _, first) in enumerate(batch):
+                bits[s + 1 + first : s + 1 + n] = nll[row, first:]
+                if states is not None and h is not None:
+                    states[s + 1 + first : s + 1 + n] = h[row, first:].float().cpu().numpy()
+    return out
+
+
 def score_stream(
     model: nn.Module,
     tokens: np.ndarray,
@@ -284,33 +328,54 @@ def score_stream(
         (T,) float64 bits; NaN for token 0 and for padding targets. With `hidden`, also
         (T, d) float32 hidden states (zeros where not scored).
     """
-    bits = np.full(len(tokens), np.nan)
-    states: np.ndarray | None = None
     model.eval()
-    windows = _window_inputs(
-        tokens, neighbours, chunk_size, window, stride, batch_size, device, desc, show_progress
-    )
-    for batch, x, y, nb in windows:
-        n = x.shape[1]
-        ctx = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16)
-        with ctx:
-            if hidden:
-                h = model.hidden_states(x, nb)  # (B, n, d)
-                logits = model.lm_head(h)
-            else:
-                logits = model(x, neighbours=nb)
-        logp = torch.log_softmax(logits.float(), dim=-1)
-        nll = -logp.gather(-1, y[..., None])[..., 0] / math.log(2)  # (B, n) bits
-        nll = nll.masked_fill(y == pad_id, float("nan")).double().cpu().numpy()
-        if hidden and states is None:
-            states = np.zeros((len(tokens), h.shape[-1]), dtype=np.float32)
-        for row, (s, _, first) in enumerate(batch):
-            bits[s + 1 + first : s + 1 + n] = nll[row, first:]
-            if hidden:
-                states[s + 1 + first : s + 1 + n] = h[row, first:].float().cpu().numpy()
+
+    def step(x: Tensor, nb: Tensor | None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        if hidden:
+            h = model.hidden_states(x, nb)  # (B, n, d)
+            return {"": (model.lm_head(h), h)}
+        return {"": (model(x, neighbours=nb), None)}
+
+    bits, states = _score_windows(
+        step, tokens, neighbours, chunk_size=chunk_size, window=window, stride=stride,
+        pad_id=pad_id, batch_size=batch_size, device=device, bf16=bf16, desc=desc,
+        show_progress=show_progress,
+    ).get("", (np.full(len(tokens), np.nan), None))  # fmt: skip
     if hidden:
         return bits, states if states is not None else np.zeros((len(tokens), 0), np.float32)
     return bits
+
+
+def score_base_and_retro(
+    model: nn.Module,
+    tokens: np.ndarray,
+    neighbours: np.ndarray,
+    *,
+    hidden: bool = False,
+    desc: str = "base + retro_on",
+    **kwargs: Any,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """`score_stream` of a RETRO-fitted model's RETRO[ON] and of its base at once, the layers
+    below the first CCA layer run once for both (`RetroFitted.base_and_retro`).
+
+    Returns:
+        (RETRO[ON] bits (T,), the base's bits (T,), the base's hidden states (T, d) if `hidden`)
+    """
+    model.eval()
+
+    def step(x: Tensor, nb: Tensor | None) -> dict[str, tuple[Tensor, Tensor | None]]:
+        base_h, on = model.base_and_retro(x, nb)
+        return {
+            "retro_on": (on, None),
+            "baseline": (model.lm_head(base_h), base_h if hidden else None),
+        }
+
+    out = _score_windows(step, tokens, neighbours, desc=desc, **kwargs)
+    none = (np.full(len(tokens), np.nan), None)
+    (on_bits, _), (base_bits, states) = out.get("retro_on", none), out.get("baseline", none)
+    if hidden and states is None:
+        states = np.zeros((len(tokens), 0), np.float32)
+    return on_bits, base_bits, states
 
 
 @torch.no_grad()
@@ -487,33 +552,38 @@ def evaluate_run(
             "give it with --baseline BASE_RUN"
         )
 
+    window_settings = dict(
+        chunk_size=m,
+        window=window,
+        stride=stride,
+        pad_id=mcfg.pad_id,
+        batch_size=cfg.batch_size,
+        device=device,
+        bf16=cfg.bf16,
+        show_progress=show_progress,
+    )
+
     def score(mdl: nn.Module, tokens: np.ndarray, nbrs: np.ndarray | None, **kw: Any) -> Any:
-        return score_stream(
-            mdl,
-            tokens,
-            nbrs,
-            chunk_size=m,
-            window=window,
-            stride=stride,
-            pad_id=mcfg.pad_id,
-            batch_size=cfg.batch_size,
-            device=device,
-            bf16=cfg.bf16,
-            show_progress=show_progress,
-            **kw,
-        )
+        return score_stream(mdl, tokens, nbrs, **window_settings, **kw)
 
     bits: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     hidden = None
     reuse_off = "retro_off" in models and same_base(models["retro_off"], models.get("baseline"))
+    # RETRO[ON] of a RETRO-fitted base and that base share the layers below the first CCA layer
+    together = reuse_off and "baseline" in models and hasattr(model, "base_and_retro")
     for name, mdl in models.items():
-        if name == "retro_off" and reuse_off:
-            continue  # RETRO[OFF] of a RETRO-fitted base is that base: scored once, below
+        if name == "retro_off" and reuse_off or name == "baseline" and together:
+            continue  # RETRO[OFF] of a RETRO-fitted base is that base: scored once
         start = time.perf_counter()
         mdl.to(device)
         use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
-        if name == "baseline" and "knnlm" in compare:
+        if name == "retro_on" and together:
+            bits[name], bits["baseline"], hidden = score_base_and_retro(
+                mdl, stream, use, hidden="knnlm" in compare, **window_settings
+            )
+            seconds["baseline"] = 0.0  # counted in retro_on's seconds
+        elif name == "baseline" and "knnlm" in compare:
             bits[name], hidden = score(mdl, stream, None, desc=name, hidden=True)
         else:
             bits[name] = score(mdl, stream, use, desc=name)
@@ -550,17 +620,7 @@ def evaluate_run(
             stream,
             score=lambda tokens: score(models["baseline"], tokens, None, desc="knnlm", hidden=True),
             keys=lambda tokens: hidden_stream(
-                models["baseline"],
-                tokens,
-                chunk_size=m,
-                window=window,
-                stride=stride,
-                pad_id=mcfg.pad_id,
-                batch_size=cfg.batch_size,
-                device=device,
-                bf16=cfg.bf16,
-                desc="knnlm datastore",
-                show_progress=show_progress,
+                models["baseline"], tokens, desc="knnlm datastore", **window_settings
             ),
             cfg=knnlm,
         )

@@ -93,6 +93,28 @@ def test_eval_with_the_base_as_baseline_off_equals_it_exactly(world, capsys):
     assert math.isfinite(report["ralm_bpb"]) and math.isfinite(report["knnlm_bpb"])
 
 
+def test_eval_scores_the_base_and_retro_on_from_one_lower_pass_as_if_alone(world, monkeypatch):
+    from retrolm.evaluate import EvalConfig, evaluate_run
+
+    def report():
+        return evaluate_run(world["run"], world["db"], config=EvalConfig(),
+                            baseline=world["base"], compare=("knnlm",),
+                            show_progress=False).to_dict()  # fmt: skip
+
+    calls = []
+    real = RetroFitted.base_and_retro
+    monkeypatch.setattr(RetroFitted, "base_and_retro",
+                        lambda self, *a: calls.append(1) or real(self, *a))  # fmt: skip
+    together = report()
+    assert calls  # the shared pass was used
+    monkeypatch.delattr(RetroFitted, "base_and_retro")
+    alone = report()
+    for key in ("retro_bpb", "retro_off_bpb", "baseline_bpb", "knnlm_bpb"):
+        assert together[key] == pytest.approx(alone[key], rel=1e-6, abs=1e-9), key
+    for alpha, row in alone["filtered"].items():
+        assert together["filtered"][alpha] == pytest.approx(row, rel=1e-6, nan_ok=True), alpha
+
+
 def test_generate_on_the_retrofitted_run(world, capsys):
     args = ["generate", str(world["run"]), "--db", str(world["db"]), "alpha beta gamma delta"]
     assert cli_main([*args, "--max-new-tokens", "40", "--json"]) == 0
