@@ -23,6 +23,17 @@ import numpy as np
 from retrolm.errors import WriteError
 
 TMP_MARK = ".tmp-"
+CACHE_ENV = "RETROLM_CACHE"  # where derived files shared between runs are kept
+
+
+def cache_root() -> Path:
+    """`$RETROLM_CACHE`, else `$XDG_CACHE_HOME/retrolm`, else `~/.cache/retrolm`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "retrolm"
+
+
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 

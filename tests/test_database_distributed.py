@@ -27,7 +27,13 @@ from retrolm.database import (
 )
 from retrolm.database import index as ix
 from retrolm.database.distributed import Dist, blocks_for_rank, build_lock, node_threads
-from retrolm.database.embed import load_embedder, make_tiny_bert, measure_dtypes
+from retrolm.database.embed import (
+    DTYPE_CACHE_FILE,
+    choose_dtype,
+    load_embedder,
+    make_tiny_bert,
+    measure_dtypes,
+)
 from retrolm.database.ondisk import choose_layout, is_ondisk, merge_blocks_ondisk
 from retrolm.errors import RetrolmError
 from tests.test_database import arrays, make_corpus, tiny_config
@@ -463,6 +469,36 @@ def test_measure_dtypes_picks_bfloat16_only_when_clearly_faster(tmp_path, monkey
     assert choice["float32_s"] > 0 and choice["bfloat16_s"] > 0 and choice["chunks"] == 32
     faster = choice["bfloat16_s"] * 1.2 < choice["float32_s"]
     assert choice["dtype"] == ("bfloat16" if faster else "float32")
+
+
+def test_the_dtype_choice_is_timed_once_per_machine(tmp_path, monkeypatch):
+    import retrolm.database.embed as embed_module
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    wide = make_tiny_bert(tmp_path / "wide", hidden_size=128, intermediate_size=256)
+    embedder = load_embedder(f"bert-mean:{wide}")
+    timed = []
+    real = embedder.embed
+    monkeypatch.setattr(embedder, "embed", lambda *a, **k: timed.append(1) or real(*a, **k))
+    texts, cache = ["some words of text"] * 40, tmp_path / "cache"
+    first = choose_dtype(embedder, texts, 16, cache=cache)
+    assert timed and "cached" not in first
+    timed.clear()
+    again = choose_dtype(embedder, texts, 16, cache=cache)
+    assert not timed and again == {**first, "cached": True}
+    choose_dtype(embedder, texts, 8, cache=cache)  # another batch size: timed again
+    assert timed
+    timed.clear()
+    monkeypatch.setattr(embed_module, "_cpu_model", lambda: "another processor")
+    choose_dtype(embedder, texts, 16, cache=cache)  # another machine: timed again
+    assert timed
+    timed.clear()
+    (cache / DTYPE_CACHE_FILE).write_text("{not json")  # damaged: timed over, then rewritten
+    choose_dtype(embedder, texts, 16, cache=cache)
+    assert timed and "another processor" in (cache / DTYPE_CACHE_FILE).read_text()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    untimed = choose_dtype(embedder, texts, 4, cache=cache)  # nothing measured: nothing kept
+    assert untimed["chunks"] == 0 and "batch 4" not in (cache / DTYPE_CACHE_FILE).read_text()
 
 
 def test_a_cpu_without_native_bf16_keeps_float32_without_timing(tmp_path, monkeypatch):

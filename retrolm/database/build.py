@@ -456,11 +456,11 @@ def _choose_embed_dtype(
     and every rank, then uses it; a resumed build reuses the record)."""
     if manifest["embeddings"].get("dtype_choice"):
         return
-    from retrolm.database.embed import load_embedder, measure_dtypes
+    from retrolm.database.embed import choose_dtype, load_embedder
 
     embedder = load_embedder(config.embedder, device=config.device, dtype="float32")
     tokens = np.load(folder / block["file"], mmap_mode="r")
-    choice = measure_dtypes(embedder, tokenizer.decode_batch(tokens), config.embed_batch_size)
+    choice = choose_dtype(embedder, tokenizer.decode_batch(tokens), config.embed_batch_size)
     log.info(
         "embedding dtype %s (float32 %s s, bfloat16 %s s on %d chunks)",
         choice["dtype"],

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -34,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrolm.errors import InputError
+from retrolm.errors import InputError, UserError
 from retrolm.log import progress
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,71 @@ def cpu_has_fast_bf16() -> bool:
 BF16_MIN_SPEEDUP = 1.2
 # Encoders narrower than this are overhead-bound (autocast only adds casts): float32, untimed.
 BF16_MIN_DIM = 128
+
+
+DTYPE_CACHE_FILE = "embed-dtype.json"  # in `io.cache_root()`: choices by machine and encoder
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine_key(embedder: Embedder, batch_size: int) -> str:
+    """What a float32/bfloat16 timing depends on: the processor, torch, the encoder, the batch."""
+    return " | ".join(
+        (
+            _cpu_model(),
+            f"capability {torch.backends.cpu.get_cpu_capability()}",
+            f"{os.cpu_count()} cores",
+            f"torch {torch.__version__}",
+            f"device {embedder.device}",
+            f"batch {batch_size}",
+            f"encoder {embedder.fingerprint}",
+        )
+    )
+
+
+def choose_dtype(
+    embedder: Embedder,
+    texts: Sequence[str],
+    batch_size: int,
+    *,
+    cache: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """`measure_dtypes`, once per machine: the choice is kept in `cache` (default
+    `io.cache_root()`) under `machine_key` and read back, untimed, by later builds; the
+    returned record then says `"cached": True`. An unreadable cache file is timed over.
+    """
+    from retrolm.io import cache_root, write_json
+
+    path = Path(cache or cache_root()) / DTYPE_CACHE_FILE
+    key = machine_key(embedder, batch_size)
+    try:
+        known = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(known, dict):
+            known = {}
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known.get(key), dict) and known[key].get("dtype") in DTYPES:
+        logger.info("embedding dtype %s, as measured before on this machine", known[key]["dtype"])
+        return {**known[key], "cached": True}
+    choice = measure_dtypes(embedder, texts, batch_size)
+    if choice["chunks"]:  # something was timed: worth keeping
+        known[key] = choice
+        try:
+            write_json(path, known)
+        except (OSError, UserError) as e:  # a cache that cannot be written costs a timing
+            logger.warning("could not keep the embedding dtype choice in %s: %s", path, e)
+    return choice
 
 
 def measure_dtypes(

