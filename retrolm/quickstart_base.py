@@ -56,10 +56,12 @@ MAX_DOC_TOKENS = 2_400  # a held-out document longer than this is not chosen (on
 EVAL_SHARE = 0.3  # at most this share of the budget for evaluation (fewer scored tokens)
 # evaluation in base-forward token equivalents per scored token: the base 3.5 and RETRO[ON]
 # 7.9 (windows overlap by half, short documents pad), RALM 1.6 windows per chunk; kNN-LM
-# costs 2 per datastore key and tuning token. Measured on SmolLM2-135M (docs/results.md).
+# costs 2 per datastore key and tuning token. Measured on SmolLM2-135M
+# (benchmarks/RESULTS.md) with the base and RETRO[ON] in separate passes: an upper bound, since
+# they share the pass below the first CCA layer (`evaluate.score_base_and_retro`).
 EVAL_COST = 3.5 + 7.9 + 1.6 * EVAL_WINDOW / CHUNK
-# the retrieval parts, sized for a CPU: measured on SmolLM2-135M (docs/results.md), enc_dim 384
-# x 1 layer with CCA after layers depth-4 and depth trains 2.6x as many tokens/s as the
+# the retrieval parts, sized for a CPU: measured on SmolLM2-135M (benchmarks/RESULTS.md),
+# enc_dim 384 x 1 layer with CCA after layers depth-4 and depth trains 2.6x as many tokens/s as the
 # defaults (enc_dim 896 x 2, six CCA layers from the middle)
 RETROFIT_MODEL = {"enc_dim": 384, "enc_heads": 6, "enc_depth": 1, "cca_match": 4, "copy_head": True}
 LR = 1e-3
