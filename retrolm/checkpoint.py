@@ -191,9 +191,16 @@ def load_checkpoint_state(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """
     try:
         trainer_state = torch.load(path / "trainer.pt", map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError) as e:
+    except Exception as e:  # torch raises pickle, zip, EOF and runtime errors alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        why = first if 0 < len(first) <= 160 else f"{type(e).__name__}: not a readable torch file"
         raise CorruptArtifactError(
-            f"cannot read {path / 'trainer.pt'} ({str(e).splitlines()[0] if str(e) else e}); "
-            "the checkpoint is damaged"
+            f"cannot read {path / 'trainer.pt'} ({why}); the checkpoint is damaged: start "
+            "the run over with --overwrite, or into another --out"
         ) from e
+    if not isinstance(trainer_state, dict) or "optimizer" not in trainer_state:
+        raise CorruptArtifactError(
+            f"{path / 'trainer.pt'} holds no optimizer state; the checkpoint is damaged: start "
+            "the run over with --overwrite, or into another --out"
+        )
     return trainer_state, read_json(path / STATE)

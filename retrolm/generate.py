@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +33,53 @@ from retrolm.runs import (
 )
 
 log = logging.getLogger(__name__)
+
+# the seeds torch.Generator.manual_seed takes (a negative one is read modulo 2**64)
+SEED_RANGE = (-(2**63), 2**64 - 1)
+
+
+def check_settings(
+    *,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    seed: int,
+    num_neighbours: int | None,
+) -> None:
+    """Refuse generation settings that cannot be honoured, naming the flag.
+
+    Raises:
+        InputError: a count that is not positive, a temperature that is negative or not
+            finite, top_p outside (0, 1], or a seed the sampling generator cannot take.
+    """
+    for flag, value, least in (
+        ("--max-new-tokens", max_new_tokens, 1),
+        ("--top-k", top_k, 1),
+        ("--neighbours", num_neighbours, 1),
+    ):
+        if value is not None and (
+            not isinstance(value, int) or isinstance(value, bool) or value < least
+        ):
+            hint = ""
+            if flag == "--neighbours":
+                hint = (
+                    " (leave it out for the model's training k; a model trained with "
+                    "--no-retrieval generates without any)"
+                )
+            raise InputError(f"{flag} must be a positive integer, got {value!r}{hint}")
+    if not (isinstance(temperature, (int, float)) and 0 <= temperature < math.inf):
+        raise InputError(
+            f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}"
+        )
+    if top_p is not None and not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
+        raise InputError(f"--top-p must lie in (0, 1], got {top_p}")
+    lo, hi = SEED_RANGE
+    if not isinstance(seed, int) or isinstance(seed, bool) or not lo <= seed <= hi:
+        raise InputError(
+            f"--seed must be an integer from -2**63 to 2**64 - 1 (what torch's generator takes), "
+            f"got {seed}"
+        )
 
 
 @dataclass
@@ -136,13 +184,20 @@ def generate_text(
         The generated text and, per completed chunk, the retrieved database chunks.
 
     Raises:
-        InputError: empty prompt, missing run;
+        InputError: empty or non-text prompt, bad settings (`check_settings`), missing run;
             MismatchError: a database with another tokenizer or chunk size.
     """
     if not prompt:
         raise InputError("the prompt is empty; give some text to continue")
-    if max_new_tokens <= 0:
-        raise InputError(f"--max-new-tokens must be positive, got {max_new_tokens}")
+    check_prompt_text(prompt)
+    check_settings(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        seed=seed,
+        num_neighbours=num_neighbours,
+    )
     if model is None:
         model, meta = load_run_model(run)
     else:
@@ -206,6 +261,22 @@ def generate_text(
         seconds=seconds,
         retrieval_seconds=retrieval_time[0],
     )
+
+
+def check_prompt_text(prompt: str) -> None:
+    """Refuse a prompt that is not text: invalid UTF-8 (which Python keeps as lone surrogates
+    when it reads the command line).
+
+    Raises:
+        InputError: naming the position of the first bad character.
+    """
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            f"the prompt is not valid UTF-8 text (character {e.start} cannot be encoded); give "
+            "UTF-8 text"
+        ) from e
 
 
 def _attribute(

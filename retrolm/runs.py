@@ -8,6 +8,10 @@ A run folder (written by `retrolm.train`) holds::
     metrics.jsonl       one JSON object per logged step / validation
     checkpoints/        see retrolm.checkpoint
     model/              the final model (retrolm.weights), written when training completes
+    tensorboard/        TensorBoard events (with --tensorboard)
+
+These names (`RUN_ARTIFACTS`), their temporary files and the lock file are all a run writes:
+anything else in the folder is the user's, and `--overwrite` leaves it alone.
 
 This module opens and checks what a run depends on (device, database, model) without importing
 the training loop, so that evaluation, generation and serving need nothing from `retrolm.train`.
@@ -25,8 +29,8 @@ import torch
 
 from retrolm.checkpoint import latest_checkpoint
 from retrolm.data import ChunkSource
-from retrolm.errors import ConfigError, InputError, MismatchError
-from retrolm.io import read_json
+from retrolm.errors import ConfigError, CorruptArtifactError, InputError, MismatchError
+from retrolm.io import TMP_MARK, read_json
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +38,45 @@ CONFIG_FILE = "train_config.json"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
 MODEL_DIR = "model"
+CHECKPOINTS_DIR = "checkpoints"
+TENSORBOARD_DIR = "tensorboard"
+RUN_ARTIFACTS = (CONFIG_FILE, RUN_FILE, METRICS_FILE, MODEL_DIR, CHECKPOINTS_DIR, TENSORBOARD_DIR)
+# the probe file `retrolm.io.check_writable` creates and removes at once
+_PROBE = ".write-check" + TMP_MARK
+
+
+def is_run_temp(path: Path) -> bool:
+    """A temporary file (or folder) that a killed writer of a run artifact left behind."""
+    name = path.name
+    return name.startswith(_PROBE) or any(name.startswith(a + TMP_MARK) for a in RUN_ARTIFACTS)
+
+
+def is_run_artifact(path: Path) -> bool:
+    """A file or folder a run writes into its folder (`RUN_ARTIFACTS`) or a temporary one of
+    them; the lock file is neither."""
+    return path.name in RUN_ARTIFACTS or is_run_temp(path)
+
+
+def read_run_json(path: Path, hint: str) -> dict[str, Any]:
+    """A JSON object file of a run folder (`train_config.json`, `run.json`).
+
+    Raises:
+        CorruptArtifactError: it is not a readable JSON object; `hint` says what to do.
+    """
+    try:
+        data = read_json(path)
+    except ValueError as e:  # invalid JSON or UTF-8
+        raise CorruptArtifactError(f"{path} is damaged ({_first_line(e)}); {hint}") from e
+    if not isinstance(data, dict):
+        raise CorruptArtifactError(
+            f"{path} is damaged (a JSON {type(data).__name__}, not an object); {hint}"
+        )
+    return data
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -156,6 +199,8 @@ def finished_model(run: Path) -> Path:
     Raises:
         InputError: `run` is not a run folder or has not finished.
     """
+    if run.exists() and not run.is_dir():
+        raise InputError(f"{run} is a file, not a run folder; give the folder of a training run")
     if not run.is_dir():
         raise InputError(f"run folder {run} does not exist")
     if not (run / MODEL_DIR / "config.json").is_file():
@@ -170,14 +215,32 @@ def read_run_meta(run: str | Path) -> dict[str, Any]:
     """The run.json of a run folder.
 
     Raises:
-        InputError: not a run folder.
+        InputError: not a run folder; CorruptArtifactError: a run.json that is not a readable
+            record of the run.
     """
     run = Path(run)
+    if run.exists() and not run.is_dir():
+        raise InputError(f"{run} is a file, not a run folder; give the folder of a training run")
     if not run.is_dir():
         raise InputError(f"run folder {run} does not exist; train one with `retrolm train`")
     if not (run / RUN_FILE).is_file():
+        if (run / CONFIG_FILE).is_file():
+            raise InputError(
+                f"{run} holds a run stopped before it recorded its database ({RUN_FILE} "
+                f"missing); train it with `retrolm train --out {run} --db DB`"
+            )
         raise InputError(f"{run} is not a retrolm run folder ({RUN_FILE} missing)")
-    return read_json(run / RUN_FILE)
+    meta = read_run_json(
+        run / RUN_FILE,
+        "it records the run's database and model; restore it, or train the run again "
+        "(`retrolm train --overwrite`)",
+    )
+    if not isinstance(meta.get("database"), dict):
+        raise CorruptArtifactError(
+            f"{run / RUN_FILE} is damaged (no database recorded); restore it, or train the run "
+            "again (`retrolm train --overwrite`)"
+        )
+    return meta
 
 
 def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[Any, dict[str, Any]]:
@@ -200,14 +263,17 @@ def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[A
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's metrics.jsonl (a line cut short by a kill is skipped)."""
+    """The records of a run's metrics.jsonl (a line cut short by a kill, or damaged, is
+    skipped)."""
     path = Path(run) / METRICS_FILE
     if not path.is_file():
         raise InputError(f"{path} does not exist; is {run} a training run folder?")
     records = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    for line in path.read_bytes().decode("utf-8", errors="replace").splitlines():
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except ValueError:
             continue
+        if isinstance(record, dict) and "step" in record:
+            records.append(record)
     return records

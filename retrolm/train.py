@@ -37,9 +37,16 @@ from retrolm.checkpoint import (
     latest_checkpoint,
     load_checkpoint_state,
     save_checkpoint,
+    step_of,
 )
 from retrolm.data import ChunkSource, ResumableSampler, RetroSamples
-from retrolm.errors import ConfigError, DivergedError, InputError, MismatchError
+from retrolm.errors import (
+    ConfigError,
+    CorruptArtifactError,
+    DivergedError,
+    InputError,
+    MismatchError,
+)
 from retrolm.io import atomic_open, check_writable, read_json, write_json
 from retrolm.lock import folder_lock, is_lock_file
 from retrolm.log import progress
@@ -53,7 +60,10 @@ from retrolm.runs import (
     check_same_database,
     database_facts,
     finished_model,
+    is_run_artifact,
+    is_run_temp,
     open_database,
+    read_run_json,
     read_run_meta,
     resolve_device,
 )
@@ -61,6 +71,9 @@ from retrolm.runs import (
 log = logging.getLogger(__name__)
 RETROFIT_FIELDS = ("cca_layers", "enc_dim", "enc_depth", "enc_heads", "num_neighbours",
                    "cca_match", "copy_head")  # fmt: skip
+
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most this; numpy's seeds must be >= 0
 
 
 @dataclass
@@ -103,6 +116,9 @@ class TrainConfig:
     minutes: float | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.retrofit, os.PathLike):
+            self.retrofit = os.fspath(self.retrofit)
+        self._check_types()
         if self.max_steps is not None and self.max_tokens is not None:
             raise ConfigError("max_steps / max_tokens: give one, not both")
         if self.max_steps is None and self.max_tokens is None:
@@ -114,16 +130,19 @@ class TrainConfig:
                 positive.append(name)
         for name in positive:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if value <= 0:
                 raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
         for name in ("warmup_steps", "eval_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ConfigError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.minutes is not None and not (
-            isinstance(self.minutes, (int, float)) and 0 < self.minutes < float("inf")
-        ):
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(
+                f"TrainConfig.seed must lie in [0, 2**64 - 1] (what torch and numpy can be seeded "
+                f"with), got {self.seed}"
+            )
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+        if self.minutes is not None and not 0 < self.minutes < math.inf:
             raise ConfigError(f"TrainConfig.minutes must be > 0, got {self.minutes!r}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(
@@ -133,8 +152,17 @@ class TrainConfig:
             raise ConfigError(
                 f"TrainConfig.neighbour_dropout must lie in [0, 1], got {self.neighbour_dropout}"
             )
-        if self.weight_decay < 0 or self.grad_clip < 0:
-            raise ConfigError("TrainConfig.weight_decay and grad_clip must be >= 0")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(
+                    f"TrainConfig.{name} must lie in [0, 1), got {getattr(self, name)}"
+                )
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(
+                f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if not self.grad_clip >= 0:  # inf: no clipping, as 0
+            raise ConfigError(f"TrainConfig.grad_clip must be >= 0, got {self.grad_clip}")
         if self.batch_size % self.grad_accum:
             raise ConfigError(
                 f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accum "
@@ -145,6 +173,29 @@ class TrainConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
         self.model = dict(self.model)
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong kind (a config file's string for a number, say)."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind = _FIELD_KINDS.get(f.name)
+            if kind is None or (value is None and f.name in _OPTIONAL_FIELDS):
+                continue
+            if kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                what = "an integer"
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok = ok and not math.isnan(value)
+                what = "a number"
+            elif kind is bool:
+                ok, what = isinstance(value, bool), "true or false"
+            elif kind is dict:
+                ok, what = isinstance(value, dict), "a mapping of RetroConfig fields"
+            else:
+                ok, what = isinstance(value, str), "a string"
+            if not ok:
+                raise ConfigError(f"TrainConfig.{f.name} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -162,6 +213,18 @@ class TrainConfig:
             return self.max_steps
         assert self.max_tokens is not None
         return math.ceil(self.max_tokens / (self.batch_size * seq_len))
+
+
+_FIELD_KINDS: dict[str, type] = {
+    "preset": str, "model": dict, "max_steps": int, "max_tokens": int, "seq_len": int,
+    "batch_size": int, "grad_accum": int, "num_neighbours": int, "lr": float,
+    "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "beta1": float,
+    "beta2": float, "grad_clip": float, "bf16": bool, "seed": int, "checkpoint_every": int,
+    "keep_checkpoints": int, "eval_every": int, "eval_batches": int, "log_every": int,
+    "no_retrieval": bool, "retrofit": str, "neighbour_dropout": float, "device": str,
+    "tensorboard": bool, "minutes": float,
+}  # fmt: skip
+_OPTIONAL_FIELDS = {"max_steps", "max_tokens", "seq_len", "num_neighbours", "retrofit", "minutes"}
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
@@ -237,6 +300,12 @@ def model_config(cfg: TrainConfig, facts: dict[str, Any]) -> Any:
     mcfg = RetroConfig.preset(cfg.preset, **overrides)
     if cfg.retrofit:
         base = RetroConfig.from_dict(read_json(finished_model(Path(cfg.retrofit)) / "config.json"))
+        if base.cca_layers:
+            raise ConfigError(
+                f"--retrofit {cfg.retrofit} is a RETRO model with retrieval already (CCA in "
+                f"layers {list(base.cca_layers)}); give a baseline trained with --no-retrieval, "
+                "or a Hugging Face model folder"
+            )
         if not mcfg.cca_layers:
             raise ConfigError("TrainConfig.model: retrofit needs cca_layers (the preset has none)")
         # the retrieval side (what RETRO-fitting adds) comes from this config; the decoder,
@@ -265,29 +334,185 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), foreach=True)
 
 
-def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+@dataclass
+class RunFolder:
+    """What a run folder holds: a run's own files (`retrolm.runs.RUN_ARTIFACTS`) and others."""
+
+    artifacts: list[str]  # what a run wrote (its lock file and stale temporary files aside)
+    foreign: list[str]  # what a run never writes: the user's files, kept by --overwrite
+    checkpoints: bool  # at least one checkpoint folder (intact or not)
+    finished: bool  # the final model is there
+
+    @property
+    def state(self) -> str:
+        """One of: new (no run), started (stopped before its first checkpoint: nothing done),
+        unfinished (checkpoints, no final model), finished."""
+        if self.finished:
+            return "finished"
+        if self.checkpoints:
+            return "unfinished"
+        return "started" if self.artifacts else "new"
+
+    def foreign_listing(self, most: int = 5) -> str:
+        names = self.foreign[:most] + (["..."] if len(self.foreign) > most else [])
+        return ", ".join(names)
+
+
+def inspect_run_folder(out: Path) -> RunFolder:
+    """Sort the entries of the run folder `out` (which may not exist) into a run's and others."""
+    artifacts, foreign = [], []
+    if out.is_dir():
+        for p in sorted(out.iterdir()):
+            if is_lock_file(p) or is_run_temp(p):
+                continue
+            (artifacts if is_run_artifact(p) else foreign).append(p.name)
+    return RunFolder(
+        artifacts=artifacts,
+        foreign=foreign,
+        checkpoints=has_checkpoints(out),
+        finished=(out / MODEL_DIR / "config.json").is_file(),
+    )
+
+
+def check_run_flags(out: Path, resume: bool, overwrite: bool) -> None:
+    """Raises:
+    InputError: `out` is a file. ConfigError: both `resume` and `overwrite`."""
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder; choose another --out")
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite starts it over: give one of them"
+        )
+
+
+def prepare_run_folder(out: Path, resume: bool, overwrite: bool) -> RunFolder:
     """Refuse a folder holding another run unless resume or overwrite says what to do.
 
+    A run stopped before its first checkpoint (killed while it wrote its first files, say) has
+    done nothing: the same command starts it again, and `resume` starts it from step 0.
+
     Raises:
-        InputError: `out` holds files and neither flag was given, or `--overwrite` would delete
-            a folder that is not a run.
+        InputError: `out` is a file; it holds a run and neither flag was given; it holds files
+            but no run (nothing is ever written among a user's files, or deleted).
+        ConfigError: both `resume` and `overwrite`.
     """
-    if not out.exists() or all(is_lock_file(p) for p in out.iterdir()):
-        return
-    is_run = (out / CONFIG_FILE).is_file()
-    if resume and is_run:
-        return
-    if overwrite and is_run:
-        return
-    if overwrite or resume:
-        raise InputError(
-            f"{out} is not empty and holds no retrolm run ({CONFIG_FILE} missing); choose "
-            "another --out; retrolm deletes only folders it created"
-        )
+    check_run_flags(out, resume, overwrite)
+    folder = inspect_run_folder(out)
+    state = folder.state
+    if state == "new":
+        if folder.foreign:
+            raise InputError(
+                f"{out} is not empty ({folder.foreign_listing()}) and holds no retrolm run "
+                f"({CONFIG_FILE} missing); choose a new or empty --out: retrolm neither writes a "
+                "run among other files nor deletes them"
+            )
+        return folder
+    if resume or overwrite:
+        if folder.foreign and (overwrite or state == "started"):
+            log.warning(
+                "%s also holds files a run does not write (%s); they are kept",
+                out,
+                folder.foreign_listing(),
+            )
+        return folder
+    if state == "started":
+        if folder.foreign:
+            raise InputError(
+                f"{out} holds a run stopped before its first checkpoint, beside files a run does "
+                f"not write ({folder.foreign_listing()}); pass --overwrite to start the run over "
+                "(those files are kept), or choose another --out"
+            )
+        log.info("%s holds a run stopped before its first checkpoint; starting it again", out)
+        return folder
+    held = "a finished run" if state == "finished" else "an unfinished run"
     raise InputError(
-        f"{out} already holds a run; pass --resume to continue it, --overwrite to start over, "
-        "or choose another --out"
+        f"{out} already holds a run ({held}); pass --resume to continue it, --overwrite to start "
+        "over (only the run's own files are deleted), or choose another --out"
     )
+
+
+def stored_config(out: Path, warn: bool = True) -> dict[str, Any] | None:
+    """The settings stored in the run folder `out`, or None where there are none to go by.
+
+    A damaged `train_config.json` in a run with no checkpoint belongs to a run that did
+    nothing (a kill while it was written): it counts as absent (with a warning, if `warn`).
+
+    Raises:
+        CorruptArtifactError: it is damaged, and the run has checkpoints to resume.
+    """
+    path = out / CONFIG_FILE
+    if not path.is_file():
+        return None
+    try:
+        return read_run_json(
+            path,
+            "the run's settings are lost: restore the file, or start over with --overwrite "
+            "(which deletes the run's checkpoints)",
+        )
+    except CorruptArtifactError as e:
+        if has_checkpoints(out) or (out / MODEL_DIR / "config.json").is_file():
+            raise
+        if warn:
+            log.warning("%s; the run did nothing yet: it starts anew", str(e).split(";")[0])
+        return None
+
+
+def stored_run_meta(out: Path) -> dict[str, Any] | None:
+    """The run.json of a run being resumed, or None where it has none (or a damaged one: it is
+    written anew from the database given, with a warning)."""
+    if not (out / RUN_FILE).is_file():
+        return None
+    try:
+        return read_run_meta(out)
+    except CorruptArtifactError as e:
+        log.warning(
+            "%s; it is written anew from the database given (which is not checked against "
+            "the one the run started with)",
+            str(e).split(";")[0],
+        )
+        return None
+
+
+def check_enough_samples(data: RetroSamples, batch_size: int, facts: dict[str, Any]) -> None:
+    """Refuse a train split that holds fewer samples than one batch.
+
+    Raises:
+        InputError: naming the split's size and what to change.
+    """
+    if len(data) >= batch_size:
+        return
+    where = facts.get("path") or "the database"
+    m, chunks = data.source.chunk_size, len(data.chunk_ids)
+    smaller = "" if data.seq_len == m else f" or --seq-len (to {m}, or another multiple of {m})"
+    raise InputError(
+        f"the train split of {where} holds {chunks} chunks of {m} tokens: {len(data)} samples "
+        f"of {data.seq_len} tokens, fewer than one batch of {batch_size}; add documents to the "
+        f"database (`retrolm db add`), or lower --batch-size{smaller}"
+    )
+
+
+def check_retrofit_reference(ref: str | None) -> None:
+    """Refuse a `retrofit` that is neither a finished retrolm baseline run nor a Hugging Face
+    model folder, naming what it is.
+
+    Raises:
+        InputError: missing, a file, or a folder of neither kind.
+    """
+    from retrolm.hf import is_hf_model_folder
+
+    if ref is None or is_hf_model_folder(ref):
+        return
+    path = Path(ref)
+    hint = (
+        "give a finished baseline run (trained with --no-retrieval) or a Hugging Face model "
+        "folder (config.json with a model_type), or a .gguf file"
+    )
+    if not path.exists():
+        raise InputError(f"--retrofit {ref} does not exist; {hint}")
+    if not path.is_dir():
+        raise InputError(f"--retrofit {ref} is a file, not a model; {hint}")
+    if not (path / RUN_FILE).is_file() and not (path / CONFIG_FILE).is_file():
+        raise InputError(f"--retrofit {ref} is neither a retrolm run nor a model folder; {hint}")
 
 
 @dataclass
@@ -342,11 +567,12 @@ def setup(
     config = resolve_retrofit_base(config)
     prepare_run_folder(out, resume, overwrite)
     check_writable(out, "run folder")
-    stored = read_json(out / CONFIG_FILE) if (out / CONFIG_FILE).is_file() else None
-    if resume and stored is not None:
+    stored = stored_config(out) if resume else None
+    if stored is not None:
         stored_cfg = TrainConfig.from_dict(stored)
         if config is not None and config.to_dict() != stored_cfg.to_dict():
-            diff = [k for k, v in config.to_dict().items() if stored[k] != v]
+            old = stored_cfg.to_dict()
+            diff = [k for k, v in config.to_dict().items() if old[k] != v]
             raise MismatchError(
                 f"{out} was started with other settings ({', '.join(diff)} differ); resume "
                 "without changing them, or use --overwrite"
@@ -359,10 +585,11 @@ def setup(
     facts = database_facts(source)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_ = init_distributed(device)
-    if resume and (out / RUN_FILE).is_file():
-        run_db = read_json(out / RUN_FILE)["database"]
-        check_database(run_db, source, str(out))
-        check_same_database(run_db, source, str(out))
+    old_meta = stored_run_meta(out) if resume else None
+    if old_meta is not None:
+        check_database(old_meta["database"], source, str(out))
+        check_same_database(old_meta["database"], source, str(out))
+    check_retrofit_reference(cfg.retrofit)
     if is_hf_model_folder(cfg.retrofit):
         check_database_tokens(cfg.retrofit, source)
     elif cfg.retrofit:
@@ -380,16 +607,29 @@ def setup(
     check_model_database(mcfg, facts, k)
     train_data = RetroSamples(source, "train", seq_len, k)
     valid_data = RetroSamples(source, "valid", seq_len, k)
+    check_enough_samples(train_data, cfg.batch_size, facts)
     if len(valid_data) == 0:
+        if cfg.eval_every:
+            log.warning(
+                "the valid split of %s holds %d chunks, no sample of %d tokens: no validation "
+                "loss is recorded; build the database with a larger --valid-fraction, or lower "
+                "--seq-len",
+                facts.get("path") or "the database",
+                len(valid_data.chunk_ids),
+                seq_len,
+            )
         valid_data = None
-    sampler = ResumableSampler(
-        len(train_data),
-        cfg.batch_size,
-        seed=cfg.seed,
-        rank=dist_.rank,
-        world_size=dist_.world_size,
-        grad_accum=cfg.grad_accum,
-    )
+    try:
+        sampler = ResumableSampler(
+            len(train_data),
+            cfg.batch_size,
+            seed=cfg.seed,
+            rank=dist_.rank,
+            world_size=dist_.world_size,
+            grad_accum=cfg.grad_accum,
+        )
+    except ValueError as e:  # a batch that does not split over the processes
+        raise ConfigError(f"TrainConfig.{e}") from e
     model = create_model(cfg, mcfg)
     ckpt = latest_checkpoint(out / "checkpoints") if resume else None
     if ckpt is not None:
@@ -416,13 +656,14 @@ def setup(
         restore(trainer, ckpt)
     elif resume:
         log.info("no checkpoint in %s yet; starting the run from step 0", out)
-    decided = read_json(out / RUN_FILE).get("decided_steps") if resume and ckpt else None
+    decided = old_meta.get("decided_steps") if old_meta is not None and ckpt else None
     if decided is not None:  # a --minutes run resumed: the steps its first session decided
         trainer.total_steps, trainer.decided = int(decided), True
     dist_.barrier()  # every rank has checked everything before rank 0 changes the folder
     if dist_.is_main:
-        if overwrite and not resume:
-            clear_run_folder(out)  # only now that the new run is known to start
+        # only now that the new run is known to start: a run's files of before go (a
+        # resumed run's stale temporary files only), every other file stays
+        clear_run_folder(out, temporary_only=resume)
         if ckpt is not None:
             discard_after(out / "checkpoints", trainer.step)
         out.mkdir(parents=True, exist_ok=True)
@@ -457,12 +698,14 @@ def setup(
     return trainer
 
 
-def clear_run_folder(out: Path) -> None:
-    """Delete the run in `out` (for --overwrite), keeping the folder and its lock file."""
+def clear_run_folder(out: Path, temporary_only: bool = False) -> None:
+    """Delete the run in `out` (for --overwrite): only what a run writes
+    (`retrolm.runs.RUN_ARTIFACTS` and their temporary files; with `temporary_only`, those
+    temporary files alone); the folder, its lock file and every other file stay."""
     if not out.is_dir():
         return
     for p in out.iterdir():
-        if is_lock_file(p):
+        if not (is_run_temp(p) if temporary_only else is_run_artifact(p)):
             continue
         shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
 
@@ -845,12 +1088,16 @@ def train(
     """
     out = Path(out)
     config = resolve_retrofit_base(config)
+    check_run_flags(out, resume, overwrite)
     if resume and (out / MODEL_DIR / "config.json").is_file():
-        stored = read_json(out / CONFIG_FILE)
+        stored = stored_config(out)
         if config is None or config.to_dict() == stored:
             log.info("%s is already finished; nothing to resume", out)
             return out
-    fresh = not out.exists() or all(is_lock_file(p) for p in out.iterdir())
+    folder = inspect_run_folder(out)
+    if folder.state == "new" and folder.foreign:  # refused before a lock file is put among them
+        prepare_run_folder(out, resume, overwrite)
+    fresh = folder.state == "new"
     with folder_lock(out, "run folder"):
         trainer = None
         try:
@@ -859,10 +1106,12 @@ def train(
             )
             return main(trainer)
         except Exception:
-            # A run that failed before its first checkpoint leaves no folder that would refuse
-            # the corrected command (Ctrl-C is not an Exception: --resume continues from it).
-            started_over = fresh or (overwrite and trainer is not None)
-            if started_over and int(os.environ.get("RANK", "0")) == 0 and not has_checkpoints(out):
+            # A run that failed before its first checkpoint leaves no run's files that would
+            # refuse the corrected command (Ctrl-C is not an Exception: what it leaves is
+            # started again, or resumed). A setup that failed changed nothing in a folder that
+            # held a run.
+            started = fresh or trainer is not None
+            if started and int(os.environ.get("RANK", "0")) == 0 and not has_checkpoints(out):
                 clear_run_folder(out)
             raise
 
@@ -878,5 +1127,6 @@ def resolve_retrofit_base(config: TrainConfig | None) -> TrainConfig | None:
 
 
 def has_checkpoints(out: Path) -> bool:
+    """At least one checkpoint folder (a save killed midway leaves only a temporary one)."""
     folder = out / "checkpoints"
-    return folder.is_dir() and any(p.is_dir() for p in folder.glob("step-*"))
+    return folder.is_dir() and any(p.is_dir() and step_of(p) is not None for p in folder.iterdir())

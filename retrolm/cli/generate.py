@@ -19,7 +19,12 @@ def register(subparsers: Any) -> None:
         "are listed (document, distance, snippet).",
     )
     p.add_argument("run", type=Path, help="training run folder")
-    p.add_argument("prompt", help="text to continue")
+    p.add_argument("prompt", nargs="?", help="text to continue (or give --prompt-file)")
+    p.add_argument(
+        "--prompt-file",
+        type=Path,
+        help="read the prompt from this UTF-8 text file ('-': standard input)",
+    )
     p.add_argument("--db", type=Path, required=True, help="database folder")
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -30,6 +35,24 @@ def register(subparsers: Any) -> None:
     p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
     p.add_argument("--json", action="store_true", help="print text and attribution as JSON")
     p.set_defaults(handler=run, interrupt_hint="nothing was written; rerun the command")
+    _late_prompt(p)
+
+
+def _late_prompt(p: argparse.ArgumentParser) -> None:
+    """Let the optional PROMPT come after the options (`generate RUN --db DB PROMPT`).
+
+    argparse gives an optional positional nothing when an option follows the one before it,
+    and leaves the later text unrecognised; that text is the prompt.
+    """
+    parse = p.parse_known_args
+
+    def parse_known_args(args: Any = None, namespace: Any = None) -> Any:
+        namespace, extras = parse(args, namespace)
+        if namespace.prompt is None and extras and not extras[0].startswith("-"):
+            namespace.prompt = extras.pop(0)
+        return namespace, extras
+
+    p.parse_known_args = parse_known_args  # type: ignore[method-assign]
 
 
 def _write(text: str) -> None:
@@ -40,6 +63,7 @@ def _write(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from retrolm.generate import generate_text
 
+    args.prompt = _prompt(args)
     _check_args(args)
     stream = not args.json
     if stream:
@@ -65,18 +89,54 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_args(args: argparse.Namespace) -> None:
-    """Refuse bad sampling settings as a user's error, before the model is loaded."""
+def _prompt(args: argparse.Namespace) -> str:
+    """The prompt: the argument, or the text of --prompt-file.
+
+    Raises:
+        InputError: neither or both given; a file that is missing, unreadable or not UTF-8 text.
+    """
     from retrolm.errors import InputError
 
-    if args.neighbours is not None and args.neighbours < 1:
+    if (args.prompt is None) == (args.prompt_file is None):
+        raise InputError("give the prompt either as an argument or with --prompt-file, one of them")
+    if args.prompt_file is None:
+        return args.prompt
+    path = args.prompt_file
+    if str(path) == "-":
+        data, where = sys.stdin.buffer.read(), "standard input"
+    else:
+        if path.is_dir():
+            raise InputError(f"--prompt-file {path} is a folder; give a text file")
+        if not path.is_file():
+            raise InputError(f"--prompt-file {path} does not exist; give a text file")
+        data, where = path.read_bytes(), f"--prompt-file {path}"
+    if b"\x00" in data:
+        raise InputError(f"{where} is binary (it holds NUL bytes); give a UTF-8 text file")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
         raise InputError(
-            f"--neighbours must be at least 1, got {args.neighbours} (leave it out for the "
-            "model's training k; a model trained with --no-retrieval generates without any)"
-        )
-    if not args.temperature >= 0:
-        raise InputError(f"--temperature must be >= 0 (0 is greedy), got {args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise InputError(f"--top-k must be a positive integer, got {args.top_k}")
-    if args.top_p is not None and not 0 < args.top_p <= 1:
-        raise InputError(f"--top-p must lie in (0, 1], got {args.top_p}")
+            f"{where} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); give "
+            "a UTF-8 text file"
+        ) from e
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse a bad prompt, sampling setting or device as a user's error, before the model is
+    loaded and anything is printed."""
+    from retrolm.errors import InputError
+    from retrolm.generate import check_prompt_text, check_settings
+    from retrolm.runs import resolve_device
+
+    if not args.prompt:
+        raise InputError("the prompt is empty; give some text to continue")
+    check_prompt_text(args.prompt)
+    check_settings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        num_neighbours=args.neighbours,
+    )
+    resolve_device(args.device)

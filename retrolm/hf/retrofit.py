@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from retrolm.errors import ConfigError, InputError, MismatchError
+from retrolm.errors import ConfigError, CorruptArtifactError, InputError, MismatchError
 from retrolm.hf.base import check_family, read_hf_config, weights_sha256
 from retrolm.hf.config import RETRIEVAL_SETTINGS, RetrofitConfig, default_cca_layers
 from retrolm.hf.model import RetroFitted, is_retrofit_folder
@@ -63,6 +63,7 @@ def retrofit_config(path: str | os.PathLike[str], **settings: Any) -> RetrofitCo
             f"max_seq_len {settings['max_seq_len']} is longer than the base model's "
             f"{longest} positions; use at most {longest // m * m}"
         )
+    check_weights_readable(path)
     return RetrofitConfig(
         base_path=str(Path(path).resolve()),
         base_sha256=weights_sha256(path),
@@ -87,9 +88,25 @@ def retrofit_hf(path: str | os.PathLike[str], **settings: Any) -> RetroFitted:
 
 
 def _base_shape(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The base's shape from its config.json.
+
+    Raises:
+        InputError: an unsupported family; CorruptArtifactError: a config.json transformers
+            cannot read.
+    """
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    raw = read_hf_config(path)
+    if raw is not None:  # an unsupported family is named before transformers reads it
+        check_family(raw.get("model_type"), path)
+    try:
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    except Exception as e:  # transformers raises value, type, key and validation errors alike
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CorruptArtifactError(
+            f"cannot read the Hugging Face config {Path(path) / 'config.json'} ({first}); give "
+            "a folder written by save_pretrained"
+        ) from e
     check_family(config.model_type, path)
     longest = getattr(config, "max_position_embeddings", None) or config.n_positions
     return {
@@ -100,6 +117,26 @@ def _base_shape(path: str | os.PathLike[str]) -> dict[str, Any]:
         "dec_heads": int(config.num_attention_heads),
         "longest": int(longest),
     }
+
+
+def check_weights_readable(path: str | os.PathLike[str]) -> None:
+    """Open the header of every *.safetensors file of the base (reading no weights).
+
+    Raises:
+        CorruptArtifactError: a file that is truncated or not safetensors.
+    """
+    from safetensors import safe_open
+
+    for file in sorted(Path(path).glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # safetensors raises its own SafetensorError, OSError
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CorruptArtifactError(
+                f"cannot read the weights {file} ({first}); the file may be truncated: copy or "
+                "save the model again"
+            ) from e
 
 
 def _default_pad(config: dict[str, Any], vocab_size: int) -> int:
