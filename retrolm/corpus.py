@@ -6,8 +6,13 @@ The numbering depends only on the inputs, so a resumed job can start at any even
 see exactly the stream it would have seen (`iter_corpus(..., start_event=n)`).
 
 Document names are the input path as given, joined with the file's path inside a folder
-(`corpus/a/b.txt`), or `FILE:LINE` / `FILE:ROW` for JSONL and Parquet records. A document's id
-is a hash of its name, and so is its train/valid split.
+(`corpus/a/b.txt`), or `FILE:LINE` / `FILE:ROW` for JSONL and Parquet records; bytes of a file
+name that are not UTF-8 are written `\\xNN` (the file is read all the same). A document's id is a
+hash of its name, and so is its train/valid split.
+
+Only regular files are read: inside a folder a FIFO, device, socket or broken symbolic link is
+left out with a warning, and hidden files and folders (a name starting with ".") are left out;
+a FIFO, device or socket named as a corpus path is refused (`InputError`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,33 +111,110 @@ def decode_text(data: bytes) -> tuple[str | None, str | None]:
     return text, None
 
 
+def display_name(path: str) -> str:
+    """`path` as a valid UTF-8 string: a file name that is not UTF-8 (its undecodable bytes held
+    as surrogates by the operating system's decoding) gets those bytes written as `\\xNN`."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return os.fsencode(path).decode("utf-8", "backslashreplace")
+    return path
+
+
+def special_kind(path: str | os.PathLike[str]) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (after
+    following symbolic links): a FIFO, a device or a socket, whose reading would block or never
+    end; None otherwise."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    kinds = (
+        (stat.S_ISFIFO, "a FIFO (named pipe)"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+    )
+    kind = next((text for test, text in kinds if test(mode)), "a special file")
+    return f"{kind}, not a regular file"
+
+
+def file_kind_problem(path: str | os.PathLike[str]) -> str | None:
+    """Why `path` cannot be read as a corpus file or folder, or None for a regular file or a
+    folder: a special file (`special_kind`), or a dangling or looping symbolic link."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.strerror or str(e)
+    return special_kind(path)
+
+
+def _hidden(relative: Path) -> bool:
+    return any(part.startswith(".") for part in relative.parts)
+
+
 def list_inputs(
-    paths: Iterable[str | os.PathLike[str]], glob: str = "**/*"
+    paths: Iterable[str | os.PathLike[str]], glob: str = "**/*", *, warn: bool = True
 ) -> list[tuple[str, Path]]:
     """Expand corpus paths into (name, file path) pairs, in a stable order.
 
-    A folder contributes its files matching `glob` (sorted by relative path); a file contributes
-    itself; a path that does not exist is kept so that reading it reports it as unreadable.
-    The same file given twice is listed once.
+    A folder contributes its regular files matching `glob` (sorted by relative path), except
+    hidden ones (a name starting with "." anywhere below the folder); a file contributes itself;
+    a path that does not exist is kept so that reading it reports it as unreadable. The same
+    file given twice is listed once. Names are valid UTF-8 (`display_name`).
+
+    Inside a folder, an entry that is not a regular file or folder (a FIFO, a device, a socket,
+    a dangling or looping symbolic link) is left out, with a warning when `warn`.
+
+    Raises:
+        InputError: a path given that is a FIFO, device or socket (reading it would block or
+            never end); a `glob` pattern that cannot be used.
     """
     out: list[tuple[str, Path]] = []
     seen: set[str] = set()
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(
-                (p for p in path.glob(glob) if p.is_file() and not p.name.startswith(".")),
-                key=lambda p: p.relative_to(path).as_posix(),
-            )
-            entries = [(p.as_posix(), p) for p in files]
+            entries = []
+            for p in _glob(path, glob):
+                relative = p.relative_to(path)
+                if _hidden(relative):
+                    continue
+                problem = file_kind_problem(p)
+                if problem is None and p.is_dir():
+                    continue
+                if problem is not None:
+                    if warn:
+                        log.warning("skipping %s: %s", display_name(p.as_posix()), problem)
+                    continue
+                entries.append((relative.as_posix(), p))
+            entries.sort(key=lambda e: e[0])
+            entries = [(display_name(p.as_posix()), p) for _, p in entries]
         else:
-            entries = [(path.as_posix(), path)]
+            if (problem := special_kind(path)) is not None:
+                raise InputError(
+                    f"the corpus path {display_name(path.as_posix())} is {problem}; give "
+                    "folders or regular files"
+                )
+            entries = [(display_name(path.as_posix()), path)]
         for name, p in entries:
             key = os.path.realpath(p)
             if key not in seen:
                 seen.add(key)
                 out.append((name, p))
     return out
+
+
+def _glob(folder: Path, pattern: str) -> list[Path]:
+    try:
+        return list(folder.glob(pattern))
+    except (ValueError, NotImplementedError) as e:
+        raise InputError(
+            f"--glob {pattern!r} cannot be used ({e}); give a pattern relative to the corpus "
+            "folder, e.g. '**/*.txt'"
+        ) from None
 
 
 def _file_kind(path: Path) -> str:
@@ -143,9 +226,21 @@ def _file_kind(path: Path) -> str:
     return "text"
 
 
+def _open_regular(path: Path):  # noqa: ANN202
+    """`path` opened for binary reading, refused unless it is a regular file (checked on the
+    opened file, and opened without blocking, so that a FIFO put in its place never hangs)."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    f = os.fdopen(fd, "rb")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        f.close()
+        raise OSError(f"{file_kind_problem(path) or 'not a regular file'}")
+    return f
+
+
 def _text_file(name: str, path: Path) -> Document | Skipped:
     try:
-        data = path.read_bytes()
+        with _open_regular(path) as f:
+            data = f.read()
     except OSError as e:
         return Skipped(name, "unreadable", e.strerror or str(e))
     text, reason = decode_text(data)
@@ -167,7 +262,7 @@ def _record_text(name: str, record: object, text_field: str) -> Document | Skipp
 
 def _jsonl_file(name: str, path: Path, text_field: str) -> Iterator[Document | Skipped]:
     try:
-        f = open(path, "rb")  # noqa: SIM115 (closed below; errors must become Skipped)
+        f = _open_regular(path)
     except OSError as e:
         yield Skipped(name, "unreadable", e.strerror or str(e))
         return
@@ -190,6 +285,10 @@ def _jsonl_file(name: str, path: Path, text_field: str) -> Iterator[Document | S
 def _parquet_file(name: str, path: Path, text_field: str) -> Iterator[Document | Skipped]:
     import pyarrow.parquet as pq
 
+    problem = file_kind_problem(path)
+    if problem is not None:
+        yield Skipped(name, "unreadable", problem)
+        return
     try:
         pfile = pq.ParquetFile(path)
     except (OSError, ValueError) as e:  # pyarrow raises ArrowInvalid (a ValueError) on non-Parquet
@@ -237,7 +336,7 @@ def iter_corpus(
         InputError: with `strict`, for the first input that would be skipped.
     """
     event = 0
-    for name, path in list_inputs(paths, glob):
+    for name, path in list_inputs(paths, glob, warn=warn):
         kind = _file_kind(path)
         if kind == "text":
             if event >= start_event:

@@ -9,9 +9,12 @@ is scored exactly once, with at least `window - stride` tokens of context. Chunk
 gets the stored neighbours of that database chunk (train chunks, never of its own document).
 
 bpb = total negative log-likelihood in bits / UTF-8 bytes of the scored tokens. The leakage
-figure of a chunk C is r(C) = longest common run of tokens between C and any of its 10 nearest
-train chunks (each with its continuation) / chunk size; the filtered bpb for alpha counts only
-the chunks with r(C) <= alpha.
+figure of a chunk C is r(C) = longest common run of tokens between C and any of its 10 stored
+nearest neighbours (each with its continuation) / chunk size; the filtered bpb for alpha counts
+only the chunks with r(C) <= alpha. The neighbours are searched over everything the index holds,
+the train and the retrieval-only chunks alike, so a near-copy of a held-out document among the
+retrieval-only inputs gives its chunks a high r(C) (an exact copy is not indexed at all: the
+build skips it as a duplicate).
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ class EvalConfig:
     num_neighbours: int | None = None  # k at evaluation; default the model's training k
     max_tokens: int | None = None  # evaluate only the first chunks of the split (None: all)
     batch_size: int = 4  # windows per forward pass
-    leakage_neighbours: int = 10  # nearest train chunks compared for r(C)
+    leakage_neighbours: int = 10  # nearest indexed chunks (train, retrieval-only) for r(C)
     alphas: tuple[float, ...] = ALPHAS  # leakage thresholds of the filtered figures
     bf16: bool = False  # bfloat16 autocast
     device: str = "auto"  # "auto", "cpu", "cuda"
@@ -693,7 +696,8 @@ def check_baseline(run: Any, model: nn.Module, baseline: Any, base_model: nn.Mod
 
 
 def leakage_ratio(chunks: np.ndarray, neighbours: np.ndarray, m: int, pad_id: int) -> np.ndarray:
-    """r(C) of each chunk: longest common token run with its neighbours / chunk size."""
+    """r(C) of each chunk: longest common token run with its neighbours (whatever their split:
+    train or retrieval-only) / chunk size."""
     out = np.zeros(len(chunks))
     for s in range(0, len(chunks), 512):  # bounded memory: (512, K, m, r) booleans
         out[s : s + 512] = longest_common_run(chunks[s : s + 512], neighbours[s : s + 512], pad_id)

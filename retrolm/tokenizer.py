@@ -21,8 +21,9 @@ import hashlib
 import json
 import logging
 import os
+import re
 import unicodedata
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -243,8 +244,8 @@ class Tokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise InputError(_missing_message(path))
-        try:
-            hf = HFTokenizer.from_file(str(file))
+        try:  # read here, not by path: the library takes only UTF-8 paths
+            hf = HFTokenizer.from_str(file.read_text(encoding="utf-8"))
         except Exception as e:  # tokenizers raises a bare Exception on a bad file
             raise InputError(f"cannot read the tokenizer {file}: {e}") from e
         retrolm_kind = hf.token_to_id(PAD) == 0 and hf.token_to_id(EOS) == 1
@@ -336,6 +337,58 @@ def byte_counts(text: str, ends: Sequence[int]) -> np.ndarray:
     return np.diff(position[furthest], prepend=0)
 
 
+def split_for_tokenizer(text: str, max_chars: int) -> list[str]:
+    """`text` in pieces of at most about `max_chars`, cut where the byte-level pre-tokenizer
+    splits anyway: before a space between two non-space characters (a token never spans
+    such a cut, so the pieces' ids, joined, are the whole text's). Where no such place lies in
+    the last half of a piece, the piece is cut at `max_chars` (the ids near that cut may then
+    differ from those of the whole text; the result is still deterministic).
+
+    A SentencePiece-style tokenizer ("▁" for a space, "▁" put before every text) encodes
+    the pieces after the first without their leading space (`Tokenizer.piece_drops_space`), so
+    that the "▁" it adds is the one the whole text has there; see `retrolm.database.chunks.encode_documents`."""
+    if len(text) <= max_chars:
+        return [text]
+    pieces, start = [], 0
+    while len(text) - start > max_chars:
+        end = start + max_chars
+        cut = text.rfind(" ", start + max_chars // 2, end)
+        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
+            cut = text.rfind(" ", start + max_chars // 2, cut)
+        if cut <= start:
+            cut = end
+        pieces.append(text[start:cut])
+        start = cut
+    pieces.append(text[start:])
+    return pieces
+
+
+# Training reads each text in pieces of at most this many characters, cut where the
+# pre-tokenizer splits anyway (`split_for_tokenizer`): the same words, so the same merges, as the
+# whole text, in memory bounded by the piece (a one-line 30 MB document is not one sequence).
+TRAIN_PIECE_CHARS = 1 << 20
+# Runs of non-space characters longer than this are fed to training in pieces of this length:
+# the BPE trainer's time grows with the square of a word's length (hours for a 5 MB word).
+MAX_TRAIN_WORD = 256
+
+
+def training_pieces(text: str) -> Iterator[str]:
+    """`text` as the trainer reads it: pieces of at most `TRAIN_PIECE_CHARS` characters cut at
+    pre-tokenizer splits, with every run of more than `MAX_TRAIN_WORD` non-space characters cut
+    into runs of `MAX_TRAIN_WORD` (each its own piece)."""
+    long_run = re.compile(rf"\S{{{MAX_TRAIN_WORD + 1},}}")
+    for piece in split_for_tokenizer(text, TRAIN_PIECE_CHARS):
+        position = 0
+        for match in long_run.finditer(piece):
+            if match.start() > position:
+                yield piece[position : match.start()]
+            for start in range(match.start(), match.end(), MAX_TRAIN_WORD):
+                yield piece[start : min(start + MAX_TRAIN_WORD, match.end())]
+            position = match.end()
+        if position < len(piece):
+            yield piece[position:]
+
+
 def new_bpe() -> HFTokenizer:
     """An untrained byte-level BPE tokenizer that round-trips any text exactly."""
     hf = HFTokenizer(models.BPE())
@@ -350,7 +403,8 @@ def train_tokenizer(
     """Train a byte-level BPE tokenizer with `<pad>` = 0 and `<eos>` = 1.
 
     Args:
-        texts: the training texts (streamed; the train split of a corpus).
+        texts: the training texts (streamed; the train split of a corpus), each read in
+            bounded pieces (`training_pieces`).
         vocab_size: the number of ids, special tokens and the 256 byte tokens included.
 
     Raises:
@@ -367,5 +421,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=show_progress,
     )
-    hf.train_from_iterator(texts, trainer=trainer)
+    hf.train_from_iterator(
+        (piece for text in texts for piece in training_pieces(text)), trainer=trainer
+    )
     return Tokenizer(hf)

@@ -292,3 +292,30 @@ def test_cli_train_config_file_refusal_resume_and_errors(world, tmp_path, capsys
     assert "does not exist" in capsys.readouterr().err
     assert cli_main([*args[:4], str(tmp_path / "y"), "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_leakage_buckets_count_near_copies_among_retrieval_only_chunks(world, tmp_path):
+    """r(C) is measured against the retrieval-only chunks too: near-copies of the held-out
+    documents (one word changed) among them move held-out chunks to high r(C)."""
+    plain = Database.open(world["db"])
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    held_out = [d for d in plain.documents if d.split == "valid"]
+    for i, doc in enumerate(held_out):
+        words = Path(doc.name).read_text(encoding="utf-8").split(" ")
+        words[-1] = "changed\n"
+        (extra / f"near{i:02d}.txt").write_text(" ".join(words), encoding="utf-8")
+    leaky = build_database(
+        [world["root"] / "corpus"],
+        tmp_path / "db",
+        plain.config,
+        retrieval_only=[extra],
+        show_progress=False,
+    )
+    config = EvalConfig(window=64, stride=32)
+    before = evaluate_run(world["retro"], world["db"], config=config, show_progress=False)
+    after = evaluate_run(world["retro"], leaky, config=config, show_progress=False)
+    assert after.chunks == before.chunks  # the same held-out chunks
+    low = {r["alpha"]: r["chunks"] for r in before.filtered}
+    low_after = {r["alpha"]: r["chunks"] for r in after.filtered}
+    assert low_after[0.5] < 0.5 * low[0.5]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from dataclasses import fields
 from typing import Any
 
@@ -148,7 +149,7 @@ def _build(args: argparse.Namespace) -> int:
     from retrolm.database.distributed import launch_local
 
     if args.workers is not None and args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
+        raise InputError(f"--workers must be at least 1, got {args.workers}")
     if args.workers and args.workers > 1 and "WORLD_SIZE" not in os.environ:
         return launch_local(args.workers, ["-m", "retrolm", *_build_argv(args)])
     return _ranked(_build_database)(args)
@@ -277,12 +278,20 @@ def _search(args: argparse.Namespace) -> int:
 
     if not args.text.strip():
         raise InputError("the search text is empty; give the text to search for")
+    try:
+        args.text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(
+            "the search text is not valid UTF-8 (check the terminal's encoding); give UTF-8 text"
+        ) from None
     if args.k < 1:
         raise InputError(f"-k must be at least 1, got {args.k}")
     hits = Database.open(args.db).search([args.text], args.k)[0]
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2, ensure_ascii=False))
         return 0
+    if not hits:
+        print("no chunk matches the text (it shares no term with the database)", file=sys.stderr)
     for rank, hit in enumerate(hits, start=1):
         print(f"{rank}. chunk {hit.chunk_id}  {hit.document_name}  distance {hit.distance:.4f}")
         print("   " + hit.text.replace("\n", "\n   "))

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from retrolm.corpus import display_name, special_kind
 from retrolm.database import distributed
 from retrolm.database.chunks import run_chunks, run_tokenizer
 from retrolm.database.config import DatabaseConfig
@@ -68,6 +69,14 @@ def _resolve_tokenizer(config: DatabaseConfig) -> DatabaseConfig:
     return dataclasses.replace(config, tokenizer=resolve_reference(config.tokenizer))
 
 
+# build-time limits of settings whose memory grows with them (a block holds block_rows x
+# chunk_size tokens and block_rows x neighbours ids; the tokenizer trainer allocates by the
+# vocabulary); far above any useful value
+MAX_CHUNK_SIZE = 4096
+MAX_NEIGHBOURS = 1024
+MAX_VOCAB_SIZE = 1 << 20  # the BPE trainer aborts the process near 10**9
+
+
 def validate_build_settings(
     config: DatabaseConfig, corpus_paths: Paths, out: str | os.PathLike[str]
 ) -> None:
@@ -77,8 +86,12 @@ def validate_build_settings(
     Raises:
         InputError, ConfigError, WriteError: naming the setting and what to do.
     """
-    _check_corpus_paths(_inputs(corpus_paths))
+    inputs = _inputs(corpus_paths)
+    _check_corpus_paths(inputs)
+    _check_out_path(out, inputs)
     check_writable(out, "database folder --out")
+    _check_limits(config)
+    _check_glob(config.glob)
     if config.tokenizer:
         Tokenizer.load(config.tokenizer)
     if config.valid_list:
@@ -95,8 +108,64 @@ def _check_corpus_paths(inputs: list[str]) -> None:
     missing = [p for p in inputs if not os.path.lexists(p)]
     if missing:
         raise InputError(
-            f"the corpus path {', '.join(missing)}: no such file or folder; check the spelling"
+            f"the corpus path {', '.join(display_name(p) for p in missing)}: no such file or "
+            "folder; check the spelling"
         )
+    for p in inputs:
+        kind = special_kind(p)
+        if kind is not None:
+            raise InputError(
+                f"the corpus path {display_name(p)} is {kind}; give folders or regular files"
+            )
+
+
+def _check_out_path(out: str | os.PathLike[str], inputs: list[str]) -> None:
+    """The database folder has a UTF-8 name (the tokenizer and index libraries take text paths)
+    and lies outside every corpus folder, where its own files would be read as documents."""
+    text = os.fspath(out)
+    if display_name(text) != text:
+        raise InputError(
+            f"the database path {display_name(text)} is not valid UTF-8; choose a UTF-8 name"
+        )
+    if not text.strip():
+        raise InputError("the database path is empty; name the database folder")
+    target = Path(os.path.realpath(out))
+    for p in inputs:
+        if not os.path.isdir(p):
+            continue
+        folder = Path(os.path.realpath(p))
+        if target == folder or folder in target.parents:
+            relative = target.relative_to(folder)
+            if relative.parts and any(part.startswith(".") for part in relative.parts):
+                continue  # a hidden folder is not read as part of the corpus
+            raise InputError(
+                f"the database folder {text} lies inside the corpus folder {display_name(p)}, "
+                "whose files are read as documents; choose a folder outside the corpus (or a "
+                "hidden one, e.g. corpus/.db)"
+            )
+
+
+def _check_limits(config: DatabaseConfig) -> None:
+    limits = [
+        ("chunk_size", "--chunk-size", MAX_CHUNK_SIZE),
+        ("neighbours", "--neighbours", MAX_NEIGHBOURS),
+    ]
+    if not config.tokenizer:  # a tokenizer trained here
+        limits.append(("vocab_size", "--vocab-size", MAX_VOCAB_SIZE))
+    for name, flag, limit in limits:
+        value = getattr(config, name)
+        if value > limit:
+            raise ConfigError(f"{flag} must be at most {limit}, got {value}")
+
+
+def _check_glob(pattern: str) -> None:
+    """`pattern` is one that `Path.glob` accepts (relative, not empty)."""
+    import tempfile
+
+    from retrolm.corpus import list_inputs
+
+    with tempfile.TemporaryDirectory() as empty:
+        list_inputs([empty], pattern)
 
 
 def _check_embedder_spec(config: DatabaseConfig) -> None:
@@ -221,6 +290,8 @@ def _clean(folder: Path) -> None:
 
 
 def _inputs(corpus_paths: Paths) -> list[str]:
+    if any(not os.fspath(p).strip() for p in corpus_paths):
+        raise InputError("a corpus path is empty; name folders or files")
     inputs = [Path(p).as_posix() for p in corpus_paths]
     if not inputs:
         raise InputError("no corpus given: name at least one folder or file")
@@ -1198,6 +1269,9 @@ def build_database(
     validate_build_settings(config, corpus_paths, out)
     dist = dist or distributed.current()
     extra = _inputs(retrieval_only) if retrieval_only else None
+    if extra:
+        _check_corpus_paths(extra)
+        _check_out_path(out, extra)
     with distributed.build_lock(Path(out), dist):
         folder = _chunk_stage(corpus_paths, out, config, show_progress, dist)
         dist.on_main(lambda: _retrieval_only_chunks(folder, config, extra, show_progress))
@@ -1236,6 +1310,56 @@ def _retrieval_only_chunks(
     run_chunks(folder, manifest, config, _tokenizer(folder, manifest), show_progress)
 
 
+def _check_already_added(
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    source: dict[str, Any],
+    retrieval_only: bool,
+) -> None:
+    """A rerun of a finished `db add`: the same inputs, every document they yield already in the
+    database (same text), in the same role: nothing to do (logged).
+
+    Raises:
+        InputError: some of their documents are not in the database (changed or new since:
+            a document cannot be replaced), or they were added in the other role.
+    """
+    from retrolm.database.chunks import documents_not_in
+
+    inputs = source["inputs"]
+    where = ", ".join(display_name(p) for p in inputs)
+    missing = documents_not_in(folder, manifest, config, _tokenizer(folder, manifest), inputs)
+    if missing:
+        raise InputError(
+            f"{where} was already added to the database {folder}, and {len(missing)} of its "
+            f"documents {'is' if len(missing) == 1 else 'are'} not in it (changed or new since, "
+            f"e.g. {missing[0]}); a document cannot be replaced: add new files under another "
+            "path, or build a new database"
+        )
+    role = "retrieval-only" if source.get("retrieval_only") else "train/valid"
+    if bool(source.get("retrieval_only")) != retrieval_only:
+        raise InputError(
+            f"{where} is already in the database {folder} as {role} documents; nothing was "
+            "added (a document is in one role only)"
+        )
+    log.info("%s is already in the database %s (the same documents); nothing to add", where, folder)
+
+
+def _undo_last_source(
+    folder: Path, manifest: dict[str, Any]
+) -> tuple[dict[str, int], dict[str, int]]:
+    """Drop the last source (it wrote no chunk block) and mark the database finished again, as
+    it was before that source was appended. Returns the skipped counts with and without it."""
+    source = manifest["sources"].pop()
+    skipped = (source.get("end_cursor") or {}).get("skipped", {})
+    before = manifest["sources"][-1]["end_cursor"]["skipped"]
+    manifest["counts"]["skipped"] = dict(before)
+    for stage in manifest["stages"]:
+        manifest["stages"][stage] = True
+    save_manifest(folder, manifest)
+    return skipped, before
+
+
 def _append_source(
     folder: Path, manifest: dict[str, Any], inputs: list[str], *, retrieval_only: bool
 ) -> None:
@@ -1267,18 +1391,23 @@ def add_documents(
     With `retrieval_only`, the new documents get the split "retrieval": indexed and retrieved,
     never trained on or evaluated.
 
+    Rerunning an add that finished (the same inputs, their documents unchanged) does nothing.
+
     Raises:
-        InputError: the database is unfinished, or this corpus was already added.
+        InputError: the database is unfinished; this corpus was already added and has changed
+            since, or was added in the other role; it yields no new document.
     """
     folder, manifest, config = _reopen(db_path, overrides)
     inputs = _inputs(corpus_paths)
-    _check_corpus_paths(inputs)
     last = manifest["sources"][-1]
     resuming = (
         last["inputs"] == inputs
         and len(manifest["sources"]) > 1
         and not all(manifest["stages"].values())
     )
+    if not (resuming and last["done"]):  # an add whose documents are all chunked needs no input
+        _check_corpus_paths(inputs)
+        _check_out_path(folder, inputs)
     if not resuming:
         unfinished = [s for s, done in manifest["stages"].items() if not done]
         if unfinished:
@@ -1286,22 +1415,28 @@ def add_documents(
                 f"the database {folder} is unfinished ({', '.join(unfinished)}); finish it by "
                 "rerunning the command that was interrupted before adding documents"
             )
-        if any(s["inputs"] == inputs for s in manifest["sources"]):
-            raise InputError(f"{inputs} is already in the database {folder}; nothing to add")
+        added = [s for s in manifest["sources"] if s["inputs"] == inputs]
+        if added:
+            _check_already_added(folder, manifest, config, added[-1], retrieval_only)
+            return folder
         _append_source(folder, manifest, inputs, retrieval_only=retrieval_only)
     documents_before = manifest["sources"][-1]["first_documents"] = manifest["sources"][-1].get(
         "first_documents", manifest["counts"]["documents"]
     )
     tokenizer = _tokenizer(folder, manifest)
-    run_chunks(folder, manifest, config, tokenizer, show_progress, skip_duplicates=True)
+    try:
+        run_chunks(folder, manifest, config, tokenizer, show_progress)
+    except InputError:
+        # a bad input (with --strict, or one that changed since it was checked) before any
+        # block of this source: the database goes back to the finished one it was
+        group = len(manifest["sources"]) - 1
+        if all(s["done"] for s in manifest["sources"][:-1]) and not any(
+            b["group"] == group for b in manifest["chunks"]["blocks"]
+        ):
+            _undo_last_source(folder, manifest)
+        raise
     if manifest["counts"]["documents"] == documents_before:  # nothing to add: undo the source
-        skipped = manifest["sources"].pop()["end_cursor"]["skipped"]
-        manifest["counts"]["skipped"] = skipped_before = manifest["sources"][-1]["end_cursor"][
-            "skipped"
-        ]
-        for stage in manifest["stages"]:
-            manifest["stages"][stage] = True
-        save_manifest(folder, manifest)
+        skipped, skipped_before = _undo_last_source(folder, manifest)
         new = {
             r: n - skipped_before.get(r, 0)
             for r, n in skipped.items()

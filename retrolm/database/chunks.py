@@ -18,8 +18,11 @@ offsets (`retrolm.tokenizer.byte_counts`); a document's counts, eos included, ad
 `byte_length`. The manifest's `tokenizer.byte_lengths` says "stored" then, "table" otherwise
 (retrolm's byte-level tokenizer: bytes per token id, `evaluate.token_byte_lengths`).
 
-`retrolm db add` skips a document whose chunk tokens equal those of a document already in the
-database (the same text under another name), and counts it as skipped, reason `duplicate`.
+A document of a source after the first (the retrieval-only inputs of `retrolm db build`, and the
+documents of `retrolm db add`) whose chunk tokens equal those of a document already in the
+database, or of an earlier document of its source (the same text under another name), is skipped
+with a warning and counted as skipped, reason `duplicate`: a copy of a held-out document would
+otherwise be retrieved by that document's own chunks, leaking the evaluation text.
 """
 
 from __future__ import annotations
@@ -41,7 +44,14 @@ from retrolm.database.store import stores_byte_lengths
 from retrolm.errors import InputError
 from retrolm.io import allocate, atomic_open, save_npy, sha256_file
 from retrolm.log import progress
-from retrolm.tokenizer import CONFIG_FILES, TOKENIZER_FILE, Tokenizer, byte_counts, train_tokenizer
+from retrolm.tokenizer import (
+    CONFIG_FILES,
+    TOKENIZER_FILE,
+    Tokenizer,
+    byte_counts,
+    split_for_tokenizer,
+    train_tokenizer,
+)
 
 log = logging.getLogger(__name__)
 
@@ -336,19 +346,23 @@ def run_chunks(
     tokenizer: Tokenizer,
     show_progress: bool = True,
     *,
-    skip_duplicates: bool = False,
+    skip_duplicates: bool = True,
 ) -> None:
     """Tokenize and chunk every source not yet done, resuming at the last finished block.
 
-    With `skip_duplicates` (db add), a document of an added source whose chunks equal those of
-    a document already written is skipped and counted (reason `duplicate`).
+    With `skip_duplicates` (always, but in tests of databases built without the rule), a
+    document of a source after the first whose chunks equal those of a document already written
+    is skipped with a warning and counted (reason `duplicate`), whichever command resumes the
+    source.
     """
     verify_chunk_blocks(folder, manifest)
     names = valid_names(config)
-    known = document_digests(folder, manifest) if skip_duplicates else None
+    known: dict[str, str] | None = None
     for group, source in enumerate(manifest["sources"]):
         if source["done"]:
             continue
+        if skip_duplicates and group and known is None:  # read once, only when needed
+            known = document_digests(folder, manifest)
         cursor = _start_cursor(manifest, group)
         writer = _BlockWriter(folder, manifest, config, cursor, group)
         end_event = _chunk_source(
@@ -359,6 +373,16 @@ def run_chunks(
         source["done"] = True
         source["end_cursor"] = writer.cursor.to_dict()
         save_manifest(folder, manifest)
+        if group:
+            before = manifest["sources"][group - 1]["end_cursor"]["skipped"].get("duplicate", 0)
+            duplicates = writer.cursor.skipped.get("duplicate", 0) - before
+            if duplicates:
+                log.warning(
+                    "%d document(s) of %s skipped: each has the text of a document already in "
+                    "the database (counted as skipped, 'duplicate')",
+                    duplicates,
+                    " ".join(source["inputs"]),
+                )
     if not (manifest["stages"]["chunks"] and _tables_ok(folder, manifest)):
         _finish_chunks(folder, manifest, config)
 
@@ -378,11 +402,12 @@ def _chunk_source(
     tokenizer: Tokenizer,
     names: frozenset[str] | None,
     show_progress: bool,
-    known: set[str] | None = None,
+    known: dict[str, str] | None = None,
 ) -> int:
     """Stream one source through the writer. Returns the global event after its last one.
 
-    `known`: digests of the documents already written; a document among them is skipped.
+    `known`: the documents already written, by `rows_digest` (their names as values); a
+    document among them is skipped with a warning.
     """
     base = source["first_event"]
     cursor = writer.cursor
@@ -421,8 +446,13 @@ def _chunk_source(
                 digest = rows_digest(rows)
                 if digest in known and not resuming:
                     cursor.skipped["duplicate"] = cursor.skipped.get("duplicate", 0) + 1
+                    log.warning(
+                        "skipping %s: duplicate (the same text as %s, already in the database)",
+                        item.name,
+                        known[digest],
+                    )
                     continue
-                known.add(digest)
+                known.setdefault(digest, item.name)
             record = None
             if not resuming:
                 record = _record(item, cursor, len(rows), split)
@@ -439,8 +469,9 @@ def rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int32).tobytes()).hexdigest()
 
 
-def document_digests(folder: Path, manifest: dict[str, Any]) -> set[str]:
-    """`rows_digest` of every document whose chunks are all in the written blocks."""
+def document_digests(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
+    """`rows_digest` -> name of every document whose chunks are all in the written blocks (the
+    first such document's name where several have the same chunks)."""
     blocks = manifest["chunks"]["blocks"]
     ends = np.asarray([b["start"] + b["rows"] for b in blocks], dtype=np.int64)
     arrays: dict[int, np.ndarray] = {}
@@ -457,41 +488,40 @@ def document_digests(folder: Path, manifest: dict[str, Any]) -> set[str]:
             position += take
         return np.concatenate(parts)
 
-    digests = set()
+    digests: dict[str, str] = {}
     written = int(ends[-1]) if len(ends) else 0
     for block in blocks:
         with open(folder / block["docs_file"], encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
                 if record["first_chunk"] + record["num_chunks"] <= written:
-                    digests.add(rows_digest(rows(record["first_chunk"], record["num_chunks"])))
+                    digest = rows_digest(rows(record["first_chunk"], record["num_chunks"]))
+                    digests.setdefault(digest, record["name"])
     return digests
 
 
-def split_for_tokenizer(text: str, max_chars: int) -> list[str]:
-    """`text` in pieces of at most about `max_chars`, cut where the byte-level pre-tokenizer
-    splits anyway: before a space between two non-space characters (a token never spans
-    such a cut, so the pieces' ids, joined, are the whole text's). Where no such place lies in
-    the last half of a piece, the piece is cut at `max_chars` (the ids near that cut may then
-    differ from those of the whole text; the result is still deterministic).
-
-    A SentencePiece-style tokenizer ("▁" for a space, "▁" put before every text) encodes
-    the pieces after the first without their leading space (`Tokenizer.piece_drops_space`), so
-    that the "▁" it adds is the one the whole text has there; see `encode_documents`."""
-    if len(text) <= max_chars:
-        return [text]
-    pieces, start = [], 0
-    while len(text) - start > max_chars:
-        end = start + max_chars
-        cut = text.rfind(" ", start + max_chars // 2, end)
-        while cut > start and (text[cut - 1].isspace() or text[cut + 1 : cut + 2].isspace()):
-            cut = text.rfind(" ", start + max_chars // 2, cut)
-        if cut <= start:
-            cut = end
-        pieces.append(text[start:cut])
-        start = cut
-    pieces.append(text[start:])
-    return pieces
+def documents_not_in(
+    folder: Path,
+    manifest: dict[str, Any],
+    config: DatabaseConfig,
+    tokenizer: Tokenizer,
+    inputs: list[str],
+) -> list[str]:
+    """Names of the documents `inputs` yield whose chunks are those of no document of the
+    database (new or changed since they were added)."""
+    known = document_digests(folder, manifest)
+    stream = iter_corpus(inputs, warn=False, **corpus_options(config))
+    missing = []
+    for batch in _batches(stream, config.tokenize_batch_bytes):
+        documents = [item for _, item in batch if isinstance(item, Document)]
+        encoded = encode_documents(
+            tokenizer, [d.text for d in documents], config.tokenize_batch_bytes
+        )
+        for document, ids in zip(documents, encoded):
+            rows = chunk_document(ids, tokenizer.eos_id, tokenizer.pad_id, config.chunk_size)
+            if rows_digest(rows) not in known:
+                missing.append(document.name)
+    return missing
 
 
 def encode_documents(

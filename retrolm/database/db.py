@@ -316,8 +316,11 @@ class Database:
         return out[0] if single else out
 
     def search(self, texts: str | list[str], k: int = 5) -> list[list[SearchHit]]:
-        """The k nearest chunks of each text, with their document names, distances and text."""
+        """The k nearest chunks of each text, with their document names, distances and text
+        (at most as many as the index holds, whatever `k`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if k >= 1:
+            k = min(k, max(1, int(self.manifest["index"]["ntotal"])))
         ids, dists = self._search_texts(texts, k)
         return [
             [

@@ -360,11 +360,27 @@ def _position_limit(config: Any) -> int:
     return limit
 
 
+@contextlib.contextmanager
+def _no_loading_bars() -> Any:
+    """Without transformers' per-file "Loading weights" bars (loading a local model takes a
+    moment, and the bars would show even under --no-progress and -q)."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _load_sentence_transformer(folder: Path, dev: torch.device) -> tuple[torch.nn.Module, Any, int]:
     from sentence_transformers import SentenceTransformer  # slow import: only when needed
 
     try:
-        st = SentenceTransformer(str(folder), device=str(dev), local_files_only=True)
+        with _no_loading_bars():
+            st = SentenceTransformer(str(folder), device=str(dev), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load the sentence-transformers model in {folder}: {e}") from None
     first = st[0]
@@ -381,8 +397,9 @@ def _load_bert_mean(folder: Path, dev: torch.device) -> tuple[torch.nn.Module, A
     from transformers import AutoModel, AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-        encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
+        with _no_loading_bars():
+            tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+            encoder = AutoModel.from_pretrained(str(folder), local_files_only=True)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"cannot load the Hugging Face model in {folder}: {e}") from None
     encoder.to(dev).eval()
