@@ -7,6 +7,8 @@ tokens for each m-token chunk, random ids; speed does not depend on them):
 2. retrofit: a training step of the base frozen plus retrolm's encoder, CCA and copy head
    (`loss` + backward + AdamW), for each `--cca` placement and base dtype.
 3. full: a plain language-model training step of every base weight (float32, AdamW).
+4. score: evaluation of RETRO[ON] and of the base (no gradient), each in its own pass and both
+   from one pass below the first CCA layer (`RetroFitted.base_and_retro`), per placement.
 
 Each figure is the median of `--steps` timed steps after one warm-up step. Run it alone
 (`OMP_NUM_THREADS` = the cores), nothing else on the machine.
@@ -103,6 +105,18 @@ def main() -> None:
 
             sec = timed(step, args.steps)
             rows.append((f"retrofit {dtype} cca={list(model.cfg.cca_layers)}", B * n / sec))
+            model.eval()
+
+            def apart(model=model, x=x, nb=nb) -> None:
+                model.lm_head(model.hidden_states(x)), model(x, nb)
+
+            def together(model=model, x=x, nb=nb) -> None:
+                model.base_and_retro(x, nb)
+
+            with torch.inference_mode():
+                for name, fn in (("apart", apart), ("one lower pass", together)):
+                    sec = timed(fn, args.steps)
+                    rows.append((f"score base + RETRO[ON] {dtype}, {name}", B * n / sec))
             del model, opt
     if not args.no_full:
         base = load_base(folder, "float32").train().requires_grad_(True)
