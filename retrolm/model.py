@@ -1745,17 +1745,29 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """Next token ids (B,) from logits (B, V): argmax if temperature is 0, else sampled."""
-    if temperature == 0:
+    """Next token ids (B,) from logits (B, V): argmax if temperature is 0, else sampled.
+
+    Any temperature >= 0 and top_p in (0, 1] give a valid draw: a temperature below 1e-5 is
+    greedy (the distribution is the argmax's up to float rounding), the logits are shifted so
+    that the best is 0 before the division (nothing overflows to inf), top-p always keeps the
+    most likely token, NaN logits are never drawn (+inf ones are the likeliest), and a row
+    without any finite or +inf logit is drawn uniformly."""
+    if temperature < 1e-5:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature  # (B, V)
+    logits = logits.float()
+    big = torch.finfo(logits.dtype).max
+    logits = logits.nan_to_num(nan=float("-inf"), posinf=big, neginf=float("-inf"))
+    top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
+    logits = torch.where(top > float("-inf"), logits - top, torch.zeros_like(logits))
+    logits = logits / temperature  # (B, V), at most 0
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
         cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p  # keeps the first
+        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
+        drop_sorted[:, 0] = False  # the most likely token stays, however small top_p is
         drop = drop_sorted.scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     probs = logits.softmax(dim=-1)

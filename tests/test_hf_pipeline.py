@@ -192,7 +192,7 @@ def test_serve_completes_on_a_retrofitted_run(world):
 
     app = create_app(world["run"], world["db"], ServeSettings(reload_interval=0))
     prompt = "alpha beta gamma delta epsilon zeta eta theta"
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://localhost") as client:
         r = client.post(
             "/v1/completions", json={"prompt": prompt, "max_tokens": 30, "temperature": 0}
         )

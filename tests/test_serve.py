@@ -149,7 +149,8 @@ def wait_until(condition, seconds: float = 20.0, what: str = "condition") -> Non
 
 
 def test_health_models_and_page(server, world):
-    h = httpx.get(f"{server.url}/health").json()  # no key needed
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}  # no key: status only
+    h = httpx.get(f"{server.url}/health", headers=AUTH).json()
     assert h["status"] == "ok" and h["retrieval"] is True
     db = Database.open(world["db"])
     assert h["database"]["documents"] == len(db.documents)
@@ -255,7 +256,7 @@ def test_a_baseline_run_is_served_without_retrieval(world):
         d = complete(s.url, prompt=PROMPT, max_tokens=20, temperature=0).json()
         alone = generate_text(world["base"], world["db"], PROMPT, max_new_tokens=20)
         assert d["choices"][0]["text"] == alone.text and d["retrieved"] == []
-        assert httpx.get(f"{s.url}/health").json()["retrieval"] is False
+        assert httpx.get(f"{s.url}/health", headers=AUTH).json()["retrieval"] is False
 
 
 def test_stop_strings_and_seeded_sampling(server):
@@ -446,7 +447,7 @@ def test_db_add_is_served_within_seconds_without_failing_a_request_in_flight(wor
     for i in range(4):  # some land in the valid split, which is not searched
         (new / f"extra{i}.txt").write_text(f"{marker} {i} " * 6, encoding="utf-8")
     with serve(world, db=db, reload_interval=0.2) as s:
-        before = httpx.get(f"{s.url}/health").json()["database"]
+        before = httpx.get(f"{s.url}/health", headers=AUTH).json()["database"]
         results: dict = {}
 
         def in_flight():
@@ -471,7 +472,7 @@ def test_db_add_is_served_within_seconds_without_failing_a_request_in_flight(wor
             return any(h["document"] in added for h in r.json()["data"])
 
         wait_until(found, seconds=20, what="the added documents served")
-        after = httpx.get(f"{s.url}/health").json()["database"]
+        after = httpx.get(f"{s.url}/health", headers=AUTH).json()["database"]
         assert after["version"] > before["version"]
         assert after["documents"] == before["documents"] + 4
         thread.join(timeout=60)

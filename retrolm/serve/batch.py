@@ -139,11 +139,13 @@ class BatchDecoder:
             seq.slot = None
             seq.cache = None
 
-    def step(self) -> list[tuple[Sequence, int]]:
-        """One token for every running sequence: [(sequence, new token)], finished ones removed."""
+    def step(self, only: list[Sequence] | None = None) -> list[tuple[Sequence, int]]:
+        """One token for every running sequence (or for those of `only`): [(sequence, new
+        token)], finished ones removed. A step that raises appends no token; a sequence whose
+        row it may have half-written decodes on after `start = -1` (its window encoded again)."""
         for s in [s for s in self.running if s.finished]:
             self.remove(s)
-        seqs = list(self.running)
+        seqs = [s for s in self.running if only is None or s in only]
         if not seqs:
             return []
         self._retrieve(seqs)

@@ -4,8 +4,10 @@ Requests come from the event loop (`Engine.submit`), wait in a bounded queue unt
 `BatchDecoder` is free, and get their results back as events on their own asyncio queue
 (`Completion.events`): text pieces, retrieved chunks as they complete, then "done" (or
 "error"). A cancelled request (client gone, timeout) is dropped at the next step and its row
-freed. `LiveDatabase` reopens the database when its manifest changes; each request keeps the
-snapshot it started with.
+freed. Whatever fails inside the worker fails only the requests it concerns (with an "error"
+event): a step that raises is retried one sequence at a time, and the worker goes on serving.
+`LiveDatabase` reopens the database when its manifest changes; each request keeps the snapshot
+it started with.
 """
 
 from __future__ import annotations
@@ -41,6 +43,9 @@ class QueueFull(Exception):
 # the live database
 
 
+MISSING = (-1, -1)  # the manifest signature of a folder without manifest.json
+
+
 class LiveDatabase:
     """The current `Database` of a folder, reopened when its manifest.json changes.
 
@@ -64,6 +69,8 @@ class LiveDatabase:
         self.version = 1
         self.lock = threading.Lock()  # searches of every snapshot (shared embedder / index)
         self._signature = self._stat()
+        self.refused: str | None = None  # why the manifest on disk is not served (None: it is)
+        self._refused_signature: tuple[int, int] | None = None  # logged once per signature
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._prepare(opened)
@@ -81,7 +88,8 @@ class LiveDatabase:
             _ = db.embedder
 
     def start(self) -> None:
-        if self.interval > 0 and self._thread is None:
+        if self.interval > 0 and (self._thread is None or not self._thread.is_alive()):
+            self._stop.clear()
             self._thread = threading.Thread(
                 target=self._watch, name="retrolm-db-watch", daemon=True
             )
@@ -95,14 +103,31 @@ class LiveDatabase:
     def _watch(self) -> None:
         while not self._stop.wait(self.interval):
             signature = self._stat()
-            if signature is None or signature == self._signature:
+            if signature is None:
+                gone = "has no manifest.json (deleted?); the version loaded is served meanwhile"
+                self._refuse(MISSING, logging.WARNING, gone)
                 continue
-            self.reload(signature)
+            if signature == self._signature:
+                self.refused, self._refused_signature = None, None  # the served one is back
+                continue
+            try:
+                self.reload(signature)
+            except Exception:  # the watcher outlives anything one reload does
+                log.exception("reloading database %s failed", self.path)
+
+    def _refuse(self, signature: tuple[int, int] | None, level: int, message: str) -> None:
+        """Log why the manifest is not served: once per manifest signature, then at debug."""
+        if signature is not None and signature == self._refused_signature:
+            level = logging.DEBUG
+        self._refused_signature = signature
+        self.refused = message
+        log.log(level, "database %s %s", self.path, message)
 
     def reload(self, signature: tuple[int, int] | None = None) -> bool:
         """Open the database again and swap it in; False (old one kept) if it is unfinished."""
         from retrolm.database import Database
 
+        signature = signature or self._stat()
         old = self.current
         try:
             db = Database.open(self.path)
@@ -113,14 +138,17 @@ class LiveDatabase:
                     db.set_embedder(old.embedder)
             self._prepare(db)
         except InputError as exc:  # unfinished (a `db add` under way): keep the old snapshot
-            log.info("database %s changed but cannot be opened yet (%s); retrying", self.path, exc)
+            msg = f"changed but cannot be opened yet ({exc}); retrying"
+            self._refuse(signature, logging.INFO, msg)
             return False
         except Exception as exc:  # mid-write, or no longer the model's tokenizer / chunk size
-            log.warning("database %s changed but is not served (%s); retrying", self.path, exc)
+            msg = f"changed but is not served ({exc}); the previous version is served meanwhile"
+            self._refuse(signature, logging.WARNING, msg)
             return False
         self.current = db
         self.version += 1
-        self._signature = signature or self._stat()
+        self._signature = signature
+        self.refused, self._refused_signature = None, None
         log.info(
             "database %s reloaded: %d documents, %d chunks (version %d)",
             self.path,
@@ -185,10 +213,14 @@ def _held_back(text: str, stops: list[str]) -> int:
     """Characters at the end of `text` that could begin a stop string (not sent yet)."""
     hold = 0
     for stop in stops:
-        for n in range(min(len(stop) - 1, len(text)), hold, -1):
-            if text.endswith(stop[:n]):
-                hold = n
+        # the first place in the last len(stop) - 1 characters where the rest of `text` begins
+        # `stop` gives the longest such ending
+        i = text.find(stop[0], max(0, len(text) - len(stop) + 1))
+        while i >= 0 and len(text) - i > hold:
+            if stop.startswith(text[i:]):
+                hold = len(text) - i
                 break
+            i = text.find(stop[0], i + 1)
     return hold
 
 
@@ -219,15 +251,19 @@ class Engine:
         self._pending: deque[Completion] = deque()
         self._cond = threading.Condition()
         self._stop = False
+        self._abort: str | None = None  # set: every request, running or to come, ends with it
         self._thread: threading.Thread | None = None
         self._retrievers: dict[int, DatabaseRetriever] = {}
         self.completed = 0
         self.failed = 0
+        self.cancelled = 0
 
     # ---- called from the event loop
 
     def start(self) -> None:
-        if self._thread is None:
+        """Start the worker (again, after `stop`)."""
+        if self._thread is None or not self._thread.is_alive():
+            self._stop, self._abort = False, None
             self._thread = threading.Thread(target=self._run, name="retrolm-model", daemon=True)
             self._thread.start()
 
@@ -238,10 +274,21 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=timeout)
 
+    def abort(self, message: str) -> None:
+        """End every request, running or waiting (and any submitted later), with an error."""
+        with self._cond:
+            self._abort = message
+            self._cond.notify_all()
+
+    @property
+    def alive(self) -> bool:
+        """Whether the worker thread runs (False before `start` and after `stop`)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def submit(self, completion: Completion) -> None:
         """Queue a request; raises QueueFull when --max-queue requests are waiting already."""
         with self._cond:
-            if self._stop:
+            if self._stop or self._abort is not None:
                 raise QueueFull("the server is shutting down")
             if len(self._pending) >= self.max_queue:  # requests given up on leave first
                 self._pending = deque(c for c in self._pending if not c.cancelled)
@@ -281,53 +328,100 @@ class Engine:
         with self._cond:
             while not self._stop and not self._pending and not self.decoder.running:
                 self._cond.wait(0.5)
-            m = self.decoder.cfg.chunk_size
             while self._pending and self.decoder.has_room:
                 c = self._pending.popleft()
                 if c.cancelled:
+                    self.cancelled += 1
                     continue
-                generator = None
-                if c.temperature > 0:
-                    seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(6), "big")
-                    generator = torch.Generator(device=self.decoder.device).manual_seed(seed)
-                # a prompt longer than the window: decoded from the window it leaves, as
-                # `RETRO.generate` does (the dropped whole chunks are never read again)
-                c.skipped = window_start(len(c.prompt_ids), self.decoder.cfg.max_seq_len, m)
-                c.sequence = Sequence(
-                    c.prompt_ids[c.skipped :],
-                    c.max_tokens,
-                    retrieve=self._retriever(c.db),
-                    temperature=c.temperature,
-                    top_k=c.top_k,
-                    top_p=c.top_p if c.top_p is not None and c.top_p < 1 else None,
-                    generator=generator,
-                    tag=c,
-                )
-                self.decoder.add(c.sequence)
+                if self._abort is not None:
+                    self._fail(c, self._abort, "shutdown")
+                    continue
+                try:
+                    self._start(c)
+                except Exception as exc:  # this request only: it cannot start
+                    log.exception("a request could not start")
+                    self._fail(c, f"the request could not start: {exc}")
+
+    def _start(self, c: Completion) -> None:
+        m = self.decoder.cfg.chunk_size
+        generator = None
+        if c.temperature > 0:
+            seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(6), "big")
+            generator = torch.Generator(device=self.decoder.device).manual_seed(seed)
+        # a prompt longer than the window: decoded from the window it leaves, as
+        # `RETRO.generate` does (the dropped whole chunks are never read again)
+        c.skipped = window_start(len(c.prompt_ids), self.decoder.cfg.max_seq_len, m)
+        sequence = Sequence(
+            c.prompt_ids[c.skipped :],
+            c.max_tokens,
+            retrieve=self._retriever(c.db),
+            temperature=c.temperature,
+            top_k=c.top_k,
+            top_p=c.top_p if c.top_p is not None and c.top_p < 1 else None,
+            generator=generator,
+            tag=c,
+        )
+        self.decoder.add(sequence)
+        c.sequence = sequence
 
     def _run(self) -> None:
         torch.set_grad_enabled(False)
         while True:
-            self._admit()
-            if self._stop:
-                break
-            for seq in [s for s in self.decoder.running if s.tag.cancelled]:
-                self.decoder.remove(seq)
-            if not self.decoder.running:
-                continue
             try:
-                results = self.decoder.step()
-            except Exception as exc:  # a bug or a broken database: fail these, keep serving
-                log.exception("decoding step failed")
+                self._admit()
+                if self._stop:
+                    break
+                self._turn()
+            except Exception:  # a bug in the loop itself: end what runs, keep serving
+                log.exception("the decoding loop failed")
                 for seq in list(self.decoder.running):
-                    self._finish(seq, error=f"generation failed: {exc}")
-                continue
-            for seq, token in results:
-                self._on_token(seq, token)
+                    self._finish(seq, error="generation failed (see the server log)")
+        shut = "the server shut down before this request finished"
         for seq in list(self.decoder.running):
-            self._finish(seq, error="the server shut down before this request finished")
-        for c in self._pending:
-            c.emit({"type": "error", "message": "the server shut down", "error_type": "shutdown"})
+            self._finish(seq, error=shut, error_type="shutdown")
+        while self._pending:
+            self._fail(self._pending.popleft(), "the server shut down", "shutdown")
+
+    def _turn(self) -> None:
+        """Drop the cancelled sequences, then one step of the others and their tokens."""
+        if self._abort is not None:
+            for seq in list(self.decoder.running):
+                self._finish(seq, error=self._abort, error_type="shutdown")
+        for seq in [s for s in self.decoder.running if s.tag.cancelled]:
+            self.decoder.remove(seq)
+            self.cancelled += 1
+        if not self.decoder.running:
+            return
+        for seq, token in self._step():
+            try:
+                self._on_token(seq, token)
+            except Exception as exc:  # this request only (decoding its text, attribution)
+                log.exception("a request failed after a step")
+                self._finish(seq, error=f"generation failed: {exc}")
+
+    def _step(self) -> list[tuple[Sequence, int]]:
+        """`decoder.step()`; when it raises, each sequence is stepped alone (its window encoded
+        again, since the failed step may have half-written its row) and only those that
+        still fail are ended with an error."""
+        try:
+            return self.decoder.step()
+        except Exception as exc:
+            running = list(self.decoder.running)
+            log.exception("a decoding step of %d sequences failed", len(running))
+            if len(running) == 1:
+                self._finish(running[0], error=f"generation failed: {exc}")
+                return []
+        results: list[tuple[Sequence, int]] = []
+        for seq in running:
+            if seq not in self.decoder.running:
+                continue
+            seq.start = -1
+            try:
+                results += self.decoder.step(only=[seq])
+            except Exception as exc:
+                log.exception("a decoding step of one sequence failed")
+                self._finish(seq, error=f"generation failed: {exc}")
+        return results
 
     def _send_chunks(self, c: Completion, seq: Sequence) -> None:
         m = self.decoder.cfg.chunk_size
@@ -346,6 +440,7 @@ class Engine:
         self._send_chunks(c, seq)
         if c.cancelled:
             self.decoder.remove(seq)
+            self.cancelled += 1
             return
         eos = token == self.eos_id
         if not eos:
@@ -369,12 +464,18 @@ class Engine:
             c.emit({"type": "text", "text": text[len(c.text) :]})
             c.text = text
 
-    def _finish(self, seq: Sequence, reason: str = "", error: str = "") -> None:
+    def _fail(self, c: Completion, message: str, error_type: str = "server_error") -> None:
+        """End a request that holds no row with an error event."""
+        self.failed += 1
+        c.emit({"type": "error", "message": message, "error_type": error_type})
+
+    def _finish(
+        self, seq: Sequence, reason: str = "", error: str = "", error_type: str = "server_error"
+    ) -> None:
         c: Completion = seq.tag
         self.decoder.remove(seq)
         if error:
-            self.failed += 1
-            c.emit({"type": "error", "message": error, "error_type": "server_error"})
+            self._fail(c, error, error_type)
             return
         self.completed += 1
         c.emit(
