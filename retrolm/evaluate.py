@@ -659,7 +659,7 @@ def evaluate_run(
 
 def _took(name: str, start: float) -> float:
     """Log and return the seconds since `start` that scoring `name` took."""
-    seconds = round(time.perf_counter() - start, 2)
+    seconds = round(time.perf_counter() - start, 4)  # tiny models score in milliseconds
     log.info("%s scored in %.1f s", EvalReport.HEADS[name], seconds)
     return seconds
 
