@@ -565,6 +565,21 @@ def test_a_short_write_outside_the_atomic_writers_is_one_line(world, tmp_path, c
     assert code == 2 and "disk is full" in line and str(run) in line and "free in" in line
 
 
+def test_eval_out_on_a_full_disk_is_one_line_naming_the_file(world, tmp_path, capsys):
+    with small_disk(tmp_path / "small", "64k") as disk:
+        filler = disk / "filler"
+        # take every block the tmpfs has
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(b"\0" * 4096)
+        report = disk / "report.json"
+        code, _, err = cli(capsys, "eval", world["retro"], "--db", world["db"], "--out", report,
+                           "--no-progress")  # fmt: skip
+        line = one_error_line(err)
+        assert code == 2 and "disk is full" in line and str(report) in line
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # nothing half-written
+
+
 @pytest.mark.slow
 def test_no_disk_size_kills_a_build_or_a_training_run(world, tmp_path):
     """On a disk of any size, `db build` and `train` end in success or in one line about the
