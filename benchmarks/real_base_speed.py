@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import time
 
@@ -38,18 +37,8 @@ def timed(fn, steps: int) -> float:
     return statistics.median(times)
 
 
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> None:
+    from retrolm.database.embed import cpu_model
     from retrolm.hf import retrofit_hf
     from retrolm.hf.base import load_base
     from retrolm.hf.resolve import resolve_base
@@ -69,7 +58,7 @@ def main() -> None:
     B, n, k, m = args.batch_size, args.seq_len, args.neighbours, 64
     g = torch.Generator().manual_seed(0)
     print(
-        f"# {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
+        f"# {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__}, threads "
         f"{torch.get_num_threads()}, capability {torch.backends.cpu.get_cpu_capability()}, "
         f"load {os.getloadavg()[0]:.2f}; base {args.base}, batch {B} x {n} tokens, k={k}"
     )

@@ -489,7 +489,7 @@ def test_the_dtype_choice_is_timed_once_per_machine(tmp_path, monkeypatch):
     choose_dtype(embedder, texts, 8, cache=cache)  # another batch size: timed again
     assert timed
     timed.clear()
-    monkeypatch.setattr(embed_module, "_cpu_model", lambda: "another processor")
+    monkeypatch.setattr(embed_module, "cpu_model", lambda: "another processor")
     choose_dtype(embedder, texts, 16, cache=cache)  # another machine: timed again
     assert timed
     timed.clear()

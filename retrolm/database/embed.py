@@ -180,7 +180,8 @@ BF16_MIN_DIM = 128
 DTYPE_CACHE_FILE = "embed-dtype.json"  # in `io.cache_root()`: choices by machine and encoder
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The processor's model name (`/proc/cpuinfo`), else what `platform` knows."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
@@ -197,7 +198,7 @@ def machine_key(embedder: Embedder, batch_size: int) -> str:
     """What a float32/bfloat16 timing depends on: the processor, torch, the encoder, the batch."""
     return " | ".join(
         (
-            _cpu_model(),
+            cpu_model(),
             f"capability {torch.backends.cpu.get_cpu_capability()}",
             f"{os.cpu_count()} cores",
             f"torch {torch.__version__}",
