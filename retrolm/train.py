@@ -112,7 +112,10 @@ class TrainConfig:
     tensorboard: bool = False  # also write TensorBoard events (if tensorboard is installed)
     # wall-time budget of the training steps: after the first CALIBRATION_STEPS steps, the
     # run's steps are decided from their measured time (max_steps / max_tokens stay the upper
-    # bound) and recorded in run.json as `decided_steps`, so that a resumed run trains as many
+    # bound), and decided once more from the steps after that decision (at RECHECK_STEPS or
+    # at the decided end, whichever comes first), so that a load that slowed only the first
+    # steps does not cut the run short; each decision is recorded in run.json as
+    # `decided_steps`, and a resumed run trains the recorded steps without deciding again
     minutes: float | None = None
 
     def __post_init__(self) -> None:
@@ -960,6 +963,8 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
     tokens_per_step = cfg.batch_size * trainer.train_data.seq_len
     t_start, steps_done = time.perf_counter(), 0
     t_calibrate = t_start  # the end of the first step of this session (timing starts there)
+    upper = trainer.total_steps  # before a --minutes decision: the configured bound
+    t_decided: float | None = None  # when this session decided (None: it did not, or rechecked)
     trainer.model.train()
     while trainer.step < trainer.total_steps:
         t0 = time.perf_counter()
@@ -967,11 +972,18 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
         loss = train_step(trainer)
         dt = time.perf_counter() - t0
         steps_done += 1
+        now = time.perf_counter()
         if steps_done == 1:
-            t_calibrate = time.perf_counter()
+            t_calibrate = now
         elif cfg.minutes and not trainer.decided and steps_done == CALIBRATION_STEPS:
-            decide_steps(trainer, t_start, (time.perf_counter() - t_calibrate) / (steps_done - 1))
-            bar.total = trainer.total_steps
+            decide_steps(trainer, t_start, (now - t_calibrate) / (steps_done - 1), upper)
+            bar.total, t_decided = trainer.total_steps, now
+        elif t_decided is not None and (
+            steps_done == RECHECK_STEPS or trainer.step == trainer.total_steps
+        ):
+            since = (now - t_decided) / (steps_done - CALIBRATION_STEPS)
+            decide_steps(trainer, t_start, since, upper)
+            bar.total, t_decided = trainer.total_steps, None
         tok_s = tokens_per_step * steps_done / (time.perf_counter() - t_start)
         record: dict[str, Any] = {
             "step": trainer.step,
@@ -998,16 +1010,17 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
 
 
 CALIBRATION_STEPS = 8  # steps timed (after the first) before a --minutes run decides its steps
+RECHECK_STEPS = 32  # a --minutes run decides again from the steps after its first decision
 TIME_RESERVE = 0.03  # of a --minutes budget kept for validation, checkpoints and the final save
 
 
-def decide_steps(trainer: Trainer, t_start: float, step_seconds: float) -> None:
-    """Fix a `minutes` run's total steps from the measured seconds per step, on every rank
-    alike, and record them in run.json (a resumed run reads them back)."""
+def decide_steps(trainer: Trainer, t_start: float, step_seconds: float, upper: int) -> None:
+    """Fix a `minutes` run's total steps (at most `upper`) from the measured seconds per step,
+    on every rank alike, and record them in run.json (a resumed run reads them back)."""
     cfg = trainer.cfg
     assert cfg.minutes is not None
     left = cfg.minutes * 60.0 * (1 - TIME_RESERVE) - (time.perf_counter() - t_start)
-    steps = min(trainer.total_steps, trainer.step + max(0, int(left / step_seconds)))
+    steps = min(upper, trainer.step + max(0, int(left / max(step_seconds, 1e-9))))
     if trainer.dist.enabled:
         shared = torch.tensor([steps], dtype=torch.int64, device=trainer.device)
         dist.broadcast(shared, src=0)

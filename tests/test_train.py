@@ -311,6 +311,32 @@ def test_sigkill_during_training_and_saving_then_resume_gives_the_same_losses(tm
     assert got == ref, [(i, a, b) for i, (a, b) in enumerate(zip(got, ref)) if a != b]
 
 
+def test_a_minutes_budget_decides_again_when_only_the_first_steps_were_slow(tmp_path, monkeypatch):
+    """A load that slows the first steps (another job starting) must not cut the run short:
+    the steps after the first decision decide again."""
+    import retrolm.train as train_module
+
+    real_step = train_module.train_step
+    calls = {"n": 0}
+
+    def step(trainer):  # the first 8 steps 0.2 s each, then fast
+        calls["n"] += 1
+        time.sleep(0.2 if calls["n"] <= 8 else 0.01)
+        return real_step(trainer)
+
+    monkeypatch.setattr(train_module, "train_step", step)
+    cfg = tiny_config(max_steps=400, minutes=0.05, checkpoint_every=1000)
+    start = time.perf_counter()
+    train(cfg, make_source(), tmp_path / "run", show_progress=False)
+    took = time.perf_counter() - start
+    steps = [r["step"] for r in read_metrics(tmp_path / "run")]
+    decided = read_json(tmp_path / "run" / "run.json")["decided_steps"]
+    # the first decision (0.2 s a step, 1.6 s of 3 spent) allows about 14 steps; the second,
+    # from the fast steps, many more, still within the budget
+    assert steps[-1] == decided > 20
+    assert took < 3.0 * 1.5
+
+
 def test_a_minutes_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_path, monkeypatch):
     import retrolm.train as train_module
 
