@@ -121,14 +121,9 @@ def display_name(path: str) -> str:
     return path
 
 
-def special_kind(path: str | os.PathLike[str]) -> str | None:
-    """What `path` is when it exists but is neither a regular file nor a folder (after
-    following symbolic links): a FIFO, a device or a socket, whose reading would block or never
-    end; None otherwise."""
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return None
+def _special(mode: int) -> str | None:
+    """Why a file of this `st_mode` cannot be read (a FIFO, device or socket), or None for a
+    regular file or a folder."""
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
     kinds = (
@@ -141,14 +136,27 @@ def special_kind(path: str | os.PathLike[str]) -> str | None:
     return f"{kind}, not a regular file"
 
 
+def _stat(path: str | os.PathLike[str]) -> tuple[int | None, str | None]:
+    """(`st_mode` after following symbolic links, or None; why it cannot be read, or None)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return None, e.strerror or str(e)
+    return mode, _special(mode)
+
+
+def special_kind(path: str | os.PathLike[str]) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder (after
+    following symbolic links): a FIFO, a device or a socket, whose reading would block or never
+    end; None otherwise."""
+    mode, problem = _stat(path)
+    return None if mode is None else problem
+
+
 def file_kind_problem(path: str | os.PathLike[str]) -> str | None:
     """Why `path` cannot be read as a corpus file or folder, or None for a regular file or a
     folder: a special file (`special_kind`), or a dangling or looping symbolic link."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.strerror or str(e)
-    return special_kind(path)
+    return _stat(path)[1]
 
 
 def _hidden(relative: Path) -> bool:
@@ -182,8 +190,8 @@ def list_inputs(
                 relative = p.relative_to(path)
                 if _hidden(relative):
                     continue
-                problem = file_kind_problem(p)
-                if problem is None and p.is_dir():
+                mode, problem = _stat(p)  # one stat per entry
+                if problem is None and mode is not None and stat.S_ISDIR(mode):
                     continue
                 if problem is not None:
                     if warn:
