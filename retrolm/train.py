@@ -15,12 +15,14 @@ the result matches a single process with the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
 import os
 import shutil
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -179,10 +181,9 @@ class TrainConfig:
 
     def _check_types(self) -> None:
         """Refuse a value of the wrong kind (a config file's string for a number, say)."""
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind = _FIELD_KINDS.get(f.name)
-            if kind is None or (value is None and f.name in _OPTIONAL_FIELDS):
+        for name, (kind, optional) in _field_kinds(type(self)).items():
+            value = getattr(self, name)
+            if value is None and optional:
                 continue
             if kind is int:
                 ok = isinstance(value, int) and not isinstance(value, bool)
@@ -198,7 +199,7 @@ class TrainConfig:
             else:
                 ok, what = isinstance(value, str), "a string"
             if not ok:
-                raise ConfigError(f"TrainConfig.{f.name} must be {what}, got {value!r}")
+                raise ConfigError(f"TrainConfig.{name} must be {what}, got {value!r}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -218,16 +219,17 @@ class TrainConfig:
         return math.ceil(self.max_tokens / (self.batch_size * seq_len))
 
 
-_FIELD_KINDS: dict[str, type] = {
-    "preset": str, "model": dict, "max_steps": int, "max_tokens": int, "seq_len": int,
-    "batch_size": int, "grad_accum": int, "num_neighbours": int, "lr": float,
-    "min_lr_ratio": float, "warmup_steps": int, "weight_decay": float, "beta1": float,
-    "beta2": float, "grad_clip": float, "bf16": bool, "seed": int, "checkpoint_every": int,
-    "keep_checkpoints": int, "eval_every": int, "eval_batches": int, "log_every": int,
-    "no_retrieval": bool, "retrofit": str, "neighbour_dropout": float, "device": str,
-    "tensorboard": bool, "minutes": float,
-}  # fmt: skip
-_OPTIONAL_FIELDS = {"max_steps", "max_tokens", "seq_len", "num_neighbours", "retrofit", "minutes"}
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
+    """field -> (its kind: int, float, bool, str or dict; whether None is allowed), read from
+    the dataclass's annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        kind = next(a for a in args if a is not type(None)) if optional else hint
+        kinds[name] = (typing.get_origin(kind) or kind, optional)
+    return kinds
 
 
 def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
