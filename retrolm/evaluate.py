@@ -6,7 +6,8 @@ The documents of a split are laid end to end as the database stores them (each e
 (both multiples of the chunk size, so chunk u of a window is a database chunk): the first window
 scores all its tokens, each later one only its last `stride`, so every token but the very first
 is scored exactly once, with at least `window - stride` tokens of context. Chunk u of a window
-gets the stored neighbours of that database chunk (train chunks, never of its own document).
+gets the stored neighbours of that database chunk (train and retrieval-only chunks, never of
+its own document).
 
 bpb = total negative log-likelihood in bits / UTF-8 bytes of the scored tokens. The leakage
 figure of a chunk C is r(C) = longest common run of tokens between C and any of its 10 stored

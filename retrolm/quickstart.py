@@ -930,7 +930,7 @@ def report_markdown(
             f"a BM25 index over {index['ntotal']} chunks"
             if index["metric"] == "bm25"
             else f"all-MiniLM-L6-v2 embeddings, faiss index `{index['factory']}` "
-            f"({index['metric']}) over {index['ntotal']} train chunks"
+            f"({index['metric']}) over {index['ntotal']} train and retrieval-only chunks"
         )
         + "; 10 neighbours stored per chunk (never from the chunk's own document).",
         "",
@@ -978,8 +978,8 @@ def report_markdown(
         "",
         "## Leakage-filtered (paper, section 2.6)",
         "",
-        "r(C) is the longest run of tokens a held-out chunk shares with its 10 nearest training "
-        "chunks, over the chunk size. Rows keep the chunks with r(C) <= alpha; small alpha means "
+        "r(C) is the longest run of tokens a held-out chunk shares with its 10 nearest database "
+        "chunks (train and retrieval-only), over the chunk size. Rows keep the chunks with r(C) <= alpha; small alpha means "
         "little overlap, so gains there come from generalisation, not copying.",
         "",
         "| alpha | chunks | RETRO[ON] | baseline |"

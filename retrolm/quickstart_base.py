@@ -483,7 +483,7 @@ def report_markdown(
         f"Best use of the database here: {best}." if best else "",
         "",
         "By leakage (r(C): the share of a held-out chunk's tokens found in a run shared with its "
-        "nearest training chunks):",
+        "nearest database chunks, train and retrieval-only):",
         "",
         "| r(C) <= | chunks | base | RETRO[ON] | RALM | kNN-LM |",
         "|---|---|---|---|---|---|",
