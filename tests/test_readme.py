@@ -1,4 +1,5 @@
-"""The README's commands are the ones the code accepts, and CI installs as the README says."""
+"""The README's and docs/' commands are the ones the code accepts, and CI installs as the README
+says."""
 
 from __future__ import annotations
 
@@ -12,17 +13,18 @@ from retrolm.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
-def code_blocks(lang: str) -> list[str]:
-    return re.findall(rf"```{lang}\n(.*?)```", README, flags=re.DOTALL)
+def code_blocks(lang: str, text: str = README) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", text, flags=re.DOTALL)
 
 
-def readme_commands() -> list[list[str]]:
-    """Every `retrolm ...` command of the README's bash blocks, as argv after `retrolm`."""
+def readme_commands(text: str = README) -> list[list[str]]:
+    """Every `retrolm ...` command of a document's bash blocks, as argv after `retrolm`."""
     commands = []
-    for block in code_blocks("bash"):
-        for line in block.splitlines():
+    for block in code_blocks("bash", text):
+        for line in block.replace("\\\n", " ").splitlines():  # continuation lines joined
             words = shlex.split(line.replace("$STDLIB", "/stdlib"))
             if words[:1] == ["retrolm"]:
                 commands.append(words[1:])
@@ -50,6 +52,25 @@ def test_readme_shows_the_main_commands():
 def test_readme_command_parses(argv):
     args = build_parser().parse_args(argv)
     assert args.handler is not None, f"`retrolm {' '.join(argv)}` selects no command"
+
+
+DOC_COMMANDS = [
+    (page.name, argv) for page in DOCS for argv in readme_commands(page.read_text(encoding="utf-8"))
+]
+
+
+def test_the_docs_pages_exist_and_show_commands():
+    names = {page.name for page in DOCS}
+    assert {"architecture.md", "results.md", "database.md", "training.md"} <= names
+    assert len(DOC_COMMANDS) >= 20
+
+
+@pytest.mark.parametrize(
+    "page,argv", DOC_COMMANDS, ids=lambda a: a if isinstance(a, str) else " ".join(a)[:50]
+)
+def test_docs_command_parses(page, argv):
+    args = build_parser().parse_args(argv)
+    assert args.handler is not None, f"{page}: `retrolm {' '.join(argv)}` selects no command"
 
 
 def test_ci_installs_as_the_readme_says():
@@ -158,3 +179,24 @@ def test_quickstart_end_to_end_and_rerun_reuses_everything(tmp_path):
     assert "reusing the plan" in again.stderr and "already finished" in again.stderr
     assert json.loads((out / "report.json").read_text())["retro_bpb"] == report["retro_bpb"]
     assert time.perf_counter() - start < report["wall_seconds"]
+
+
+@pytest.mark.parametrize("page", [ROOT / "README.md", ROOT / "CHANGELOG.md", *DOCS], ids=str)
+def test_relative_links_point_at_files_and_headings(page):
+    """Every relative link of the README and docs/ names a file that exists, and a #fragment
+    names one of its headings (GitHub's anchors: lower case, punctuation dropped, - for spaces)."""
+
+    def anchors(path: Path) -> set[str]:
+        text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+        heads = re.findall(r"^#+ (.*)$", text, flags=re.MULTILINE)
+        return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.DOTALL)
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):  # http(s), mailto
+            continue
+        file, _, fragment = target.partition("#")
+        path = (page.parent / file).resolve() if file else page
+        assert path.exists(), f"{page.name}: link to {target}: no such file"
+        if fragment and path.suffix == ".md":
+            assert fragment in anchors(path), f"{page.name}: link to {target}: no such heading"
