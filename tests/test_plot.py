@@ -64,3 +64,35 @@ def test_noisy_train_loss_is_drawn_raw_and_smoothed(tmp_path):
     assert "r train (mean of 5)" in svg  # default window: 1/40 of the run
     raw = plot_runs([run], tmp_path / "raw.svg", labels=["r"], smooth=1).read_text()
     assert "mean of" not in raw
+
+
+def _fake_run(folder, steps, tokens_per_step, retrofit=None):
+    folder.mkdir()
+    with open(folder / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            f.write(
+                json.dumps({"step": step, "tokens": tokens_per_step * step, "loss": 3.0}) + "\n"
+            )
+        f.write(json.dumps({"step": steps, "tokens": tokens_per_step * steps, "valid_loss": 2.5}))
+    config = {"max_steps": steps} | ({"retrofit": str(retrofit)} if retrofit else {})
+    (folder / "train_config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_a_retrofit_is_drawn_after_the_run_it_continues(tmp_path):
+    from retrolm.plot import run_starts
+    from retrolm.runs import read_metrics
+
+    base = _fake_run(tmp_path / "base", 10, 64)
+    fit = _fake_run(tmp_path / "fit", 4, 64, retrofit=base)
+    again = _fake_run(tmp_path / "again", 2, 64, retrofit=fit / "model")  # a model folder
+    alone = _fake_run(tmp_path / "alone", 3, 64, retrofit=tmp_path / "elsewhere")
+    runs = [fit, base, again, alone]
+    records = [read_metrics(r) for r in runs]
+    assert run_starts(runs, records, "tokens") == [640, 0, 640 + 256, 0]
+    assert run_starts(runs, records, "step") == [10, 0, 14, 0]
+    assert run_starts([fit], records[:1], "tokens") == [0]  # its baseline is not drawn
+    (fit / "train_config.json").write_text("[1, 2")  # damaged: drawn from 0, no error
+    assert run_starts([fit, base], records[:2], "tokens") == [0, 0]
+    svg = plot_runs([base, fit], tmp_path / "loss.svg", labels=["b", "f"], smooth=1)
+    assert svg.stat().st_size > 0
