@@ -11,7 +11,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from retrolm.errors import InputError
+from retrolm.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +63,9 @@ def register(subparsers: Any) -> None:
     )
     p.add_argument(
         "--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens of a request"
+    )
+    p.add_argument(
+        "--max-n", type=int, default=d.max_n, help="largest n (samples per prompt) of a request"
     )
     p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
     p.add_argument("--max-search-k", type=int, default=d.max_search_k)
@@ -151,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     from retrolm.serve.app import GracefulServer, create_app
     from retrolm.serve.settings import ServeSettings
 
-    _positive(args, "max_batch", "max_queue", "max_prompt_tokens", "max_tokens",
+    _positive(args, "max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "max_n",
               "max_body_bytes", "max_search_k", "request_timeout", "neighbours")  # fmt: skip
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be from 1 to 65535, got {args.port}")
@@ -172,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
         api_key=api_key,
         max_prompt_tokens=args.max_prompt_tokens,
         max_tokens=args.max_tokens,
+        max_n=args.max_n,
         max_body_bytes=args.max_body_bytes,
         max_search_k=args.max_search_k,
         max_batch=args.max_batch,
@@ -185,9 +189,17 @@ def run(args: argparse.Namespace) -> int:
     )
     if not args.db.exists():
         raise InputError(f"database {args.db} does not exist; build one with `retrolm db build`")
-    app = create_app(args.run, args.db, settings)
+    # the model and database load once the server is up (/health: 503 "loading" meanwhile)
+    app = create_app(args.run, args.db, settings, background=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning")
     server = GracefulServer(app, config, args.shutdown_timeout)
+    failed: list[BaseException] = []
+
+    def load_failed(exc: BaseException) -> None:
+        failed.append(exc)
+        server.should_exit = True
+
+    app.state.on_load_error = load_failed
     # uvicorn re-raises the signal it caught once it has shut down; with these no-op handlers
     # in place that re-raise returns, so SIGTERM / Ctrl-C end with exit status 0.
     previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -206,6 +218,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if failed:  # the model or the database could not be loaded: the server stopped
+        if isinstance(failed[0], UserError):
+            raise failed[0]
+        raise InputError(f"could not load the model and database: {failed[0]}") from failed[0]
     if not server.started:
         raise InputError(f"could not serve on {args.host}:{args.port} (is the port in use?)")
     print("retrolm serve: stopped", flush=True)

@@ -1,9 +1,11 @@
-"""The HTTP API: an OpenAI-compatible `/v1/completions` with retrieval attribution, `/v1/search`,
-`/v1/models`, `/health` and a web page at `/`.
+"""The HTTP API: an OpenAI-compatible `/v1/completions` with retrieval attribution (prompts as
+text or token ids, `n`, `logprobs`, `echo` scoring), `/v1/search`, `/v1/tokenize`,
+`/v1/detokenize`, `/v1/models`, `/health`, Prometheus `/metrics` and a web page at `/`.
 
 `create_app(run, db, settings)` loads the model and opens the database (errors surface before
-the server binds), and returns a FastAPI app whose lifespan starts the model worker
-(`Engine`) and the database watcher (`LiveDatabase`). Every error answer has the body
+the server binds; with `background=True` they load in a thread once the app runs, and
+`/health` says "loading" meanwhile), and returns a FastAPI app whose lifespan starts the model
+worker (`Engine`) and the database watcher (`LiveDatabase`). Every error answer has the body
 `{"error": {"message": ..., "type": ...}}` (plus `param` and `code` where they apply).
 
 Requests whose Host header is not one of `settings.allowed_hosts` (loopback names by default)
@@ -20,6 +22,7 @@ import dataclasses
 import json
 import logging
 import secrets
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -31,7 +34,7 @@ from typing import Any
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -45,8 +48,10 @@ from pydantic import (
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from retrolm.errors import InputError
+from retrolm.errors import InputError, UserError
 from retrolm.serve.engine import Completion, Engine, LiveDatabase, QueueFull
+from retrolm.serve.metrics import CONTENT_TYPE, RequestCounter, ServeMetrics
+from retrolm.serve.scoring import MAX_LOGPROBS
 from retrolm.serve.settings import ServeSettings
 
 log = logging.getLogger(__name__)
@@ -59,25 +64,56 @@ SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # a 64-bit signed integer, which torch
 MAX_STOP_CHARS = 1000  # each stop string is searched for at every token
 
 
+PROMPT_KINDS = "a string, a list of strings, a list of token ids or a list of token-id lists"
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _check_text(s: str, what: str = "a prompt") -> None:
+    if not s:
+        raise ValueError(f"{what} is an empty string; give some text")
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{what} holds a lone surrogate (an unpaired \\ud800-\\udfff escape), which is not "
+            "text; send valid UTF-8"
+        ) from None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: StrictBool = False
+
+    @field_validator("include_usage", mode="before")
+    @classmethod
+    def _null_is_default(cls, v: Any) -> Any:
+        return False if v is None else v
+
+
 class CompletionRequest(BaseModel):
-    """The OpenAI completions request. Fields retrolm does not implement (`n`, `best_of`,
-    `logprobs`, `echo`, `suffix`, penalties, `logit_bias`) are accepted at their defaults
-    only (`unsupported`); other unknown fields are ignored. A null field takes its default."""
+    """The OpenAI completions request. Fields retrolm does not implement (`suffix`, penalties,
+    `logit_bias`) are accepted at their defaults only (`unsupported`); other unknown fields are
+    ignored. A null field takes its default."""
 
     model_config = ConfigDict(extra="ignore")
 
     model: StrictStr | None = None
-    prompt: StrictStr = Field(min_length=1)
-    max_tokens: StrictInt = Field(16, ge=1)
+    prompt: Any = Field(...)  # PROMPT_KINDS, checked by `_prompt`
+    max_tokens: StrictInt = Field(16, ge=0)
     temperature: StrictFloat = Field(1.0, ge=0, le=2, allow_inf_nan=False)
     top_p: StrictFloat = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     top_k: StrictInt | None = Field(None, ge=1)
     seed: StrictInt | None = None
     stop: StrictStr | list[StrictStr] | None = None
     stream: StrictBool = False
-    n: StrictInt = 1
-    best_of: StrictInt | None = None
-    logprobs: StrictInt | None = None
+    stream_options: StreamOptions | None = None
+    n: StrictInt = Field(1, ge=1)
+    best_of: StrictInt | None = Field(None, ge=1)
+    logprobs: StrictInt | None = Field(None, ge=0)
     echo: StrictBool = False
     suffix: StrictStr | None = None
     presence_penalty: StrictFloat = Field(0.0, allow_inf_nan=False)
@@ -95,11 +131,26 @@ class CompletionRequest(BaseModel):
     @field_validator("prompt", mode="before")
     @classmethod
     def _prompt(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            raise ValueError(
-                "one string per request; lists of prompts or of token ids are not supported "
-                "by this server"
-            )
+        if isinstance(v, str):
+            _check_text(v)
+            return v
+        if not isinstance(v, list) or not v:
+            raise ValueError(f"give {PROMPT_KINDS}" + (" (got an empty list)" if v == [] else ""))
+        if all(isinstance(x, str) for x in v):
+            for x in v:
+                _check_text(x, "a prompt of the list")
+        elif all(isinstance(x, list) for x in v):
+            if not all(x and all(_is_id(i) for i in x) for x in v):
+                raise ValueError("each token-id list is a non-empty list of integers")
+        elif not all(_is_id(x) for x in v):
+            raise ValueError(f"give {PROMPT_KINDS}, not a mix of them")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: int | None) -> int | None:
+        if v is not None and v > MAX_LOGPROBS:
+            raise ValueError(f"at most {MAX_LOGPROBS} (the OpenAI completions limit)")
         return v
 
     @field_validator("seed", mode="before")
@@ -127,27 +178,19 @@ class CompletionRequest(BaseModel):
                 ) from None
         return stops
 
+    def prompts(self) -> list[str | list[int]]:
+        """Each prompt: a string, or a list of token ids."""
+        v = self.prompt
+        if isinstance(v, str) or _is_id(v[0]):
+            return [v]
+        return list(v)
+
     def unsupported(self) -> tuple[str, str] | None:
         """(field, message) for the first field set to a value this server does not implement."""
-        if self.n != 1:
-            return "n", (
-                f"n = {self.n} is not supported by this server (one completion per request); "
-                "leave n out and send several requests (with different seeds)"
-            )
-        if self.best_of is not None and self.best_of != 1:
-            return (
-                "best_of",
-                f"best_of = {self.best_of} is not supported by this server; leave it out",
-            )
-        if self.logprobs is not None:
-            return "logprobs", (
-                f"logprobs = {self.logprobs} is not supported by this server (it returns no "
-                "log probabilities); leave it out or send null"
-            )
-        if self.echo:
-            return "echo", (
-                "echo = true is not supported by this server; leave it out and put the prompt "
-                "before the text yourself"
+        if self.best_of is not None and self.best_of != self.n:
+            return "best_of", (
+                f"best_of = {self.best_of} is not supported by this server unless it equals n "
+                f"({self.n}): every sample is returned; leave it out"
             )
         if self.suffix:
             return "suffix", "suffix is not supported by this server (no insertion); leave it out"
@@ -160,6 +203,29 @@ class CompletionRequest(BaseModel):
         if self.logit_bias:
             return "logit_bias", "logit_bias is not supported by this server; leave it out"
         return None
+
+
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` (`add_special_tokens` and other fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    prompt: StrictStr
+
+    @field_validator("prompt")
+    @classmethod
+    def _utf8(cls, v: str) -> str:
+        if v:
+            _check_text(v, "the prompt")
+        return v
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: StrictStr | None = None
+    tokens: list[StrictInt]
 
 
 class SearchRequest(BaseModel):
@@ -225,7 +291,8 @@ def _validation_message(exc: RequestValidationError, request: Request) -> tuple[
     if e.get("loc") == ("body",):
         return 'the body must be a JSON object, e.g. {"prompt": "..."}', None
     loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-    if loc and loc[0] in CompletionRequest.model_fields | SearchRequest.model_fields:
+    fields = CompletionRequest.model_fields | SearchRequest.model_fields
+    if loc and loc[0] in fields | DetokenizeRequest.model_fields:
         loc = loc[:1]  # not the member of a union that the value failed
     param = ".".join(loc) or None
     msg = e.get("msg", "invalid value").removeprefix("Value error, ")
@@ -331,14 +398,27 @@ def _chunk_json(chunk: Any) -> dict[str, Any]:
     return dataclasses.asdict(chunk)
 
 
-def create_app(
+@dataclasses.dataclass
+class Loaded:
+    """What `create_app` loads: the model's worker and the live database."""
+
+    engine: Engine
+    live: LiveDatabase
+    cfg: Any
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+
+def load_served(
     run: str | Path,
     db: str | Path,
-    settings: ServeSettings | None = None,
-    *,
+    settings: ServeSettings,
     model: Any = None,
-) -> FastAPI:
-    """The FastAPI app serving the run's model with retrieval from `db`.
+    metrics: ServeMetrics | None = None,
+) -> Loaded:
+    """Load the run's model (unless given), open the database and build the engine.
 
     Raises:
         InputError, MismatchError, CorruptArtifactError: a bad run, database or device.
@@ -351,7 +431,6 @@ def create_app(
         resolve_device,
     )
 
-    settings = settings or ServeSettings()
     if model is None:
         model, meta = load_run_model(run)
     else:
@@ -375,6 +454,7 @@ def create_app(
             max_queue=settings.max_queue,
             neighbours=settings.neighbours,
             device=device,
+            metrics=metrics,
         )
     except (MemoryError, RuntimeError) as exc:
         if not isinstance(exc, MemoryError) and "alloc" not in str(exc).lower():
@@ -385,23 +465,91 @@ def create_app(
             f"neighbours per chunk on {device} ({str(exc).splitlines()[0][:160]}); lower "
             "--max-batch (or --neighbours)"
         ) from None
+    return Loaded(engine, live, cfg)
+
+
+def create_app(
+    run: str | Path,
+    db: str | Path,
+    settings: ServeSettings | None = None,
+    *,
+    model: Any = None,
+    background: bool = False,
+) -> FastAPI:
+    """The FastAPI app serving the run's model with retrieval from `db`.
+
+    Loads the model and the database now (errors raise here), or with `background` in a thread
+    that the app's lifespan starts: `/health` answers 503 `{"status": "loading"}` until they
+    are loaded, and the other routes 503 too; a failed load is logged, `/health` says "error",
+    and `app.state.on_load_error(exc)` is called if set (the CLI stops the server with it).
+
+    Raises:
+        InputError, MismatchError, CorruptArtifactError: a bad run, database or device.
+    """
+    from retrolm.runs import read_run_meta
+
+    settings = settings or ServeSettings()
+    if background:  # what is quick to check is checked now: a missing run, a missing database
+        read_run_meta(run)
+        if not Path(db).is_dir():
+            raise InputError(f"database {db} does not exist; build one with `retrolm db build`")
+    metrics = ServeMetrics()
     max_prompt = settings.max_prompt_tokens  # longer prompts are read as the window holds them
     name = settings.model_name or Path(run).resolve().name
     created = int(time.time())
-    state = {"shutting_down": False}
+    state: dict[str, Any] = {"shutting_down": False, "loaded": None, "error": None, "up": False}
+    guard = threading.Lock()  # the loader thread and the lifespan start / stop the engine
+
+    def install(loaded: Loaded) -> None:
+        metrics.watch(loaded.engine, loaded.live)
+        app.state.engine, app.state.database = loaded.engine, loaded.live
+        state["loaded"] = loaded
+
+    def start(loaded: Loaded) -> None:
+        loaded.engine.start()
+        loaded.live.start()
+        log.info("serving %s (max batch %d) with database %s", name, settings.max_batch, db)
+
+    def load_in_background() -> None:
+        try:
+            loaded = load_served(run, db, settings, model, metrics)
+        except Exception as exc:
+            state["error"] = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            if isinstance(exc, UserError):  # a bad run, database or setting: its message says
+                log.error("could not load the model and database: %s", state["error"])
+            else:
+                log.exception("could not load the model and database")
+            failed = getattr(app.state, "on_load_error", None)
+            if failed is not None:
+                failed(exc)
+            return
+        with guard:
+            install(loaded)
+            if state["up"]:
+                start(loaded)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state["shutting_down"] = False
-        engine.start()
-        live.start()
-        log.info("serving %s (max batch %d) with database %s", name, settings.max_batch, db)
+        with guard:
+            state["up"] = True
+            if state["loaded"] is not None:
+                start(state["loaded"])
+            elif state["error"] is None and not state.get("loading"):
+                state["loading"] = True
+                threading.Thread(
+                    target=load_in_background, name="retrolm-load", daemon=True
+                ).start()
         try:
             yield
         finally:
             state["shutting_down"] = True
-            live.stop()
-            await run_in_threadpool(engine.stop)
+            with guard:
+                state["up"] = False
+                loaded = state["loaded"]
+            if loaded is not None:
+                loaded.live.stop()
+                await run_in_threadpool(loaded.engine.stop)
 
     def drain(timeout: float) -> None:
         """From the event loop, at shutdown: refuse new completions, and end those still
@@ -411,7 +559,9 @@ def create_app(
             f"the server shut down before this request finished (it was given "
             f"{timeout:g} s, --shutdown-timeout); retry it"
         )
-        asyncio.get_running_loop().call_later(timeout, engine.abort, message)
+        loaded = state["loaded"]
+        if loaded is not None:
+            asyncio.get_running_loop().call_later(timeout, loaded.engine.abort, message)
 
     app = FastAPI(
         title="retrolm",
@@ -421,11 +571,20 @@ def create_app(
         redoc_url=None,
         openapi_url=None,
     )
-    app.state.engine, app.state.database, app.state.settings = engine, live, settings
-    app.state.drain = drain
+    app.state.settings, app.state.metrics, app.state.drain = settings, metrics, drain
+    if not background:
+        install(load_served(run, db, settings, model, metrics))
     install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(HostCheck, settings=settings)  # outermost: before anything else
+    app.add_middleware(HostCheck, settings=settings)  # before anything else but the count
+    routes: set[str] = set()
+
+    def route_paths() -> set[str]:
+        if not routes:
+            routes.update(getattr(r, "path", "") for r in app.routes)
+        return routes
+
+    app.add_middleware(RequestCounter, metrics=metrics, routes=route_paths)
 
     def has_key(request: Request) -> bool:
         if settings.api_key is None:
@@ -443,6 +602,22 @@ def create_app(
                 headers={"WWW-Authenticate": "Bearer"},
             )
 
+    def ready() -> Loaded:
+        """The loaded model and database; 503 while they load (or if they could not be)."""
+        loaded = state["loaded"]
+        if loaded is not None:
+            return loaded
+        if state["error"] is not None:
+            raise ApiError(
+                503,
+                f"the model and database could not be loaded ({state['error']}); see the "
+                "server log",
+                code="load_failed",
+            )
+        raise HTTPException(
+            503, "the model and database are loading; retry shortly", headers={"Retry-After": "1"}
+        )
+
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def page() -> HTMLResponse:
         html = resources.files("retrolm.serve").joinpath("static/index.html").read_text("utf-8")
@@ -452,8 +627,20 @@ def create_app(
     async def openapi() -> dict[str, Any]:
         return app.openapi()
 
+    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(authorize)])
+    async def prometheus() -> Response:
+        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
+
     @app.get("/health", response_model=None)
     async def health(request: Request) -> Any:
+        loaded = state["loaded"]
+        if loaded is None:
+            status = "error" if state["error"] is not None else "loading"
+            body = {"status": status}
+            if status == "error" and has_key(request):
+                body["error"] = state["error"]
+            return JSONResponse(body, status_code=503)
+        engine, live = loaded.engine, loaded.live
         status = "shutting_down" if state["shutting_down"] else "ok"
         if not state["shutting_down"] and not engine.alive:
             status = "error"  # the decoding worker is gone: nothing would be answered
@@ -463,7 +650,7 @@ def create_app(
         body = {
             "status": status,
             "model": name,
-            "retrieval": cfg.retrieval,
+            "retrieval": loaded.cfg.retrieval,
             "database": {
                 "path": str(live.path),
                 "version": live.version,
@@ -482,6 +669,7 @@ def create_app(
 
     @app.get("/v1/models", dependencies=[Depends(authorize)])
     async def models() -> dict[str, Any]:
+        cfg = ready().cfg
         return {
             "object": "list",
             "data": [
@@ -491,15 +679,22 @@ def create_app(
                     "created": created,
                     "owned_by": "retrolm",
                     "max_seq_len": cfg.max_seq_len,
+                    "max_model_len": cfg.max_seq_len,
                     "chunk_size": cfg.chunk_size,
                     "retrieval": cfg.retrieval,
-                    "limits": {"max_prompt_tokens": max_prompt, "max_tokens": settings.max_tokens},
+                    "limits": {
+                        "max_prompt_tokens": max_prompt,
+                        "max_tokens": settings.max_tokens,
+                        "max_n": settings.max_n,
+                        "max_logprobs": MAX_LOGPROBS,
+                    },
                 }
             ],
         }
 
     @app.post("/v1/search", dependencies=[Depends(authorize)])
     async def search(body: SearchRequest) -> dict[str, Any]:
+        live = ready().live
         if body.k > settings.max_search_k:
             raise ApiError(400, f"k: at most {settings.max_search_k} (--max-search-k)", param="k")
         current = live.current
@@ -515,18 +710,83 @@ def create_app(
                 {
                     "chunk_id": h.chunk_id,
                     "document": h.document_name,
-                    "distance": h.distance,
+                    "score": h.score,
                     "text": h.text,
                 }
                 for h in hits
             ],  # fmt: skip
+            "metric": current.metric,  # l2: lower scores are nearer; ip and bm25: higher
             "database_version": live.version,
         }
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        if state["shutting_down"]:
-            raise HTTPException(503, "the server is shutting down; retry on another one")
+    def check_ids(ids: list[int], param: str) -> None:
+        vocab = ready().tokenizer.vocab_size
+        bad = next((i for i in ids if not 0 <= i < vocab), None)
+        if bad is not None:
+            raise ApiError(
+                400,
+                f"{param}: token id {bad} is not in the vocabulary (0 to {vocab - 1})",
+                param=param,
+            )
+
+    @app.post("/v1/tokenize", dependencies=[Depends(authorize)])
+    @app.post("/tokenize", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        loaded = ready()
+        ids = loaded.tokenizer.encode(body.prompt) if body.prompt else []
+        return {"tokens": ids, "count": len(ids), "max_model_len": loaded.cfg.max_seq_len}
+
+    @app.post("/v1/detokenize", dependencies=[Depends(authorize)])
+    @app.post("/detokenize", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
+        check_ids(body.tokens, "tokens")
+        return {"prompt": ready().tokenizer.decode(body.tokens)}
+
+    @app.get("/tokenizer_info", dependencies=[Depends(authorize)], include_in_schema=False)
+    async def tokenizer_info() -> dict[str, Any]:
+        """What lm-evaluation-harness's remote tokenizer reads (`tokenizer_backend=remote`)."""
+        loaded = ready()
+        tok = loaded.tokenizer
+
+        def text(i: int | None) -> str | None:
+            return None if i is None else tok.hf.id_to_token(i)
+
+        return {
+            "eos_token": text(tok.eos_id),
+            "eos_token_id": tok.eos_id,
+            "bos_token": text(tok.bos_id),
+            "bos_token_id": tok.bos_id,
+            "pad_token": text(tok.pad_id),
+            "pad_token_id": tok.pad_id,
+            "vocab_size": tok.vocab_size,
+            "model_max_length": loaded.cfg.max_seq_len,
+        }
+
+    def prompt_ids(body: CompletionRequest, loaded: Loaded) -> list[tuple[list[int], str]]:
+        """(token ids, text) of each prompt of the request; 400 for one that cannot be served."""
+        out = []
+        for p in body.prompts():
+            if isinstance(p, str):
+                ids, text = loaded.tokenizer.encode(p), p
+            else:
+                check_ids(p, "prompt")
+                ids, text = list(p), loaded.tokenizer.decode(p)
+            if not ids:
+                raise ApiError(
+                    400, "prompt: it encodes to no tokens; give some text", param="prompt"
+                )
+            if len(ids) > max_prompt:
+                raise ApiError(
+                    400,
+                    f"prompt: {len(ids)} tokens, more than the {max_prompt} this server accepts "
+                    "(--max-prompt-tokens); shorten it",
+                    param="prompt",
+                )
+            out.append((ids, text))
+        return out
+
+    def check_completion(body: CompletionRequest) -> None:
+        """400 (or 404) for what the fields allow but this server does not serve."""
         if body.model is not None and body.model != name:
             raise ApiError(
                 404,
@@ -544,43 +804,76 @@ def create_app(
                 f"max_tokens: at most {settings.max_tokens} on this server (--max-tokens)",
                 param="max_tokens",
             )
-        ids = live.current.tokenizer.encode(body.prompt)
-        if not ids:
-            raise ApiError(400, "prompt: it encodes to no tokens; give some text", param="prompt")
-        if len(ids) > max_prompt:
+        if body.max_tokens == 0 and not body.echo:
             raise ApiError(
                 400,
-                f"prompt: {len(ids)} tokens, more than the {max_prompt} this server accepts "
-                "(--max-prompt-tokens); shorten it",
+                "max_tokens: 0 only scores the prompt, with echo: true; give 1 or more",
+                param="max_tokens",
+            )
+        if body.n > settings.max_n:
+            raise ApiError(400, f"n: at most {settings.max_n} on this server (--max-n)", param="n")
+        if body.stream_options is not None and not body.stream:
+            raise ApiError(400, "stream_options: only with stream: true", param="stream_options")
+
+    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        if state["shutting_down"]:
+            raise HTTPException(503, "the server is shutting down; retry on another one")
+        loaded = ready()
+        engine = loaded.engine
+        check_completion(body)
+        prompts = prompt_ids(body, loaded)
+        if len(prompts) * body.n > settings.max_queue:
+            raise ApiError(
+                400,
+                f"prompt: {len(prompts)} prompts x n = {len(prompts) * body.n} completions, more "
+                f"than this server queues (--max-queue {settings.max_queue}); send fewer",
                 param="prompt",
             )
         loop = asyncio.get_running_loop()
-        c = Completion(
-            prompt_ids=ids,
-            max_tokens=body.max_tokens,
-            temperature=body.temperature,
-            top_k=body.top_k,
-            top_p=body.top_p,
-            seed=body.seed,
-            stop=body.stop or [],  # type: ignore[arg-type]
-            loop=loop,
-            events=asyncio.Queue(),
-        )
+        events: asyncio.Queue = asyncio.Queue()
+        cs = [
+            Completion(
+                prompt_ids=ids,
+                max_tokens=body.max_tokens,
+                temperature=body.temperature,
+                top_k=body.top_k,
+                top_p=body.top_p,
+                seed=_nth_seed(body.seed, i),
+                stop=body.stop or [],  # type: ignore[arg-type]
+                loop=loop,
+                events=events,
+                logprobs=body.logprobs,
+                echo=body.echo,
+                index=p * body.n + i,
+            )
+            for p, (ids, _) in enumerate(prompts)
+            for i in range(body.n)
+        ]
         deadline = loop.time() + settings.request_timeout
         try:
-            engine.submit(c)
+            engine.submit(*cs)
         except QueueFull as exc:
             status = 503 if state["shutting_down"] or "shutting down" in str(exc) else 429
             raise HTTPException(status, str(exc), headers={"Retry-After": "1"}) from exc
+        metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
         rid = f"cmpl-{uuid.uuid4().hex[:24]}"
         base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name}
+        choices = [
+            Choice(c.index, prompts[c.index // body.n][1] if body.echo else "", body.logprobs)
+            for c in cs
+        ]
+
+        def cancel_all() -> None:
+            for c in cs:
+                c.cancel()  # no-op once done; frees the rows if the client went away
 
         async def next_event() -> dict[str, Any]:
             remaining = deadline - loop.time()
             try:
-                return await asyncio.wait_for(c.events.get(), timeout=max(remaining, 0.001))
+                return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.001))
             except asyncio.TimeoutError:
-                c.cancel()
+                cancel_all()
                 return {
                     "type": "error",
                     "message": f"the request took longer than {settings.request_timeout:g} s "
@@ -589,72 +882,59 @@ def create_app(
                 }
 
         if not body.stream:
-            watcher = asyncio.create_task(_watch_disconnect(request, c))
+            watcher = asyncio.create_task(_watch_disconnect(request, cs, events))
             try:
-                pieces: list[str] = []
-                retrieved: list[dict[str, Any]] = []
-                while True:
+                while not all(ch.done for ch in choices):
                     ev = await next_event()
-                    if ev["type"] == "text":
-                        pieces.append(ev["text"])
-                    elif ev["type"] == "chunk":
-                        retrieved.append(_chunk_json(ev["chunk"]))
-                    elif ev["type"] == "error":
+                    if ev["type"] == "error":
                         status = _ERROR_STATUS.get(ev["error_type"], 500)
                         return error_response(status, ev["message"], ev["error_type"])
-                    else:
-                        break
+                    choices[ev["index"]].take(ev)
             finally:
                 watcher.cancel()
-                c.cancel()  # no-op once done; frees the row if the client went away
+                cancel_all()
             return {
                 **base,
-                "choices": [
-                    {
-                        "text": "".join(pieces),
-                        "index": 0,
-                        "logprobs": None,
-                        "finish_reason": ev["finish_reason"],
-                    }
-                ],  # fmt: skip
-                "usage": {
-                    "prompt_tokens": ev["prompt_tokens"],
-                    "completion_tokens": ev["completion_tokens"],
-                    "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"],
-                },
-                "retrieved": retrieved,
+                "choices": [ch.json() for ch in choices],
+                "usage": _usage(prompts, choices),
+                "retrieved": choices[0].retrieved,  # the first choice's (each has its own)
             }
+
+        include_usage = body.stream_options is not None and body.stream_options.include_usage
+        extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
         def sse(obj: Any) -> str:
             return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
-        def choice(text: str, finish: str | None) -> dict[str, Any]:
-            return {"text": text, "index": 0, "logprobs": None, "finish_reason": finish}
+        def chunk(ch: dict[str, Any], **more: Any) -> str:
+            return sse({**base, "choices": [ch], **extra, **more})
 
         async def stream() -> AsyncIterator[str]:
             try:
-                while True:
+                if body.echo and body.logprobs is None:  # the prompts first, as they are
+                    for ch in choices:
+                        yield chunk(ch.piece(ch.echo, []))
+                while not all(ch.done for ch in choices):
                     ev = await next_event()
-                    if ev["type"] == "text":
-                        yield sse({**base, "choices": [choice(ev["text"], None)]})
-                    elif ev["type"] == "chunk":
-                        chunk = _chunk_json(ev["chunk"])
-                        yield sse({**base, "choices": [choice("", None)], "retrieved": [chunk]})
-                    elif ev["type"] == "error":
+                    if ev["type"] == "error":
                         yield sse({"error": {"message": ev["message"], "type": ev["error_type"]}})
                         break
+                    ch = choices[ev["index"]]
+                    piece = ch.take(ev)
+                    if ev["type"] == "chunk":
+                        yield chunk(ch.piece("", []), retrieved=[ch.retrieved[-1]])
+                    elif piece is not None:
+                        yield chunk(piece)
                     elif ev["type"] == "done":
-                        usage = {
-                            "prompt_tokens": ev["prompt_tokens"],
-                            "completion_tokens": ev["completion_tokens"],
-                            "total_tokens": ev["prompt_tokens"] + ev["completion_tokens"],
-                        }
-                        final = choice("", ev["finish_reason"])
-                        yield sse({**base, "choices": [final], "usage": usage})
-                        break
+                        last = all(c.done for c in choices)
+                        usage = {"usage": _usage(prompts, choices)} if last else {}
+                        final = ch.piece("", [], ev["finish_reason"])
+                        yield chunk(final, **({} if include_usage else usage))
+                        if last and include_usage:
+                            yield sse({**base, "choices": [], "usage": usage["usage"]})
                 yield sse("[DONE]")
             finally:
-                c.cancel()  # the client went away (or we are done): free the row
+                cancel_all()  # the client went away (or we are done): free the rows
 
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
         return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
@@ -662,11 +942,87 @@ def create_app(
     return app
 
 
+def _nth_seed(seed: int | None, i: int) -> int | None:
+    """The seed of sample i of a request (seed, seed + 1, ... within the int64 range)."""
+    if seed is None or i == 0:
+        return seed
+    return (seed + i - SEED_MIN) % 2**64 + SEED_MIN
+
+
+def _usage(prompts: list[tuple[list[int], str]], choices: list[Choice]) -> dict[str, int]:
+    """OpenAI's usage: each prompt counted once, the tokens of every choice."""
+    prompt = sum(len(ids) for ids, _ in prompts)
+    completion = sum(ch.completion_tokens for ch in choices)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+class Choice:
+    """One choice of a completion as its events arrive: text, log-probabilities, sources."""
+
+    def __init__(self, index: int, echo: str, logprobs: int | None) -> None:
+        self.index, self.echo, self.logprobs = index, echo, logprobs
+        self.pieces: list[str] = [echo]
+        self.tokens: list[dict[str, Any]] = []
+        self.retrieved: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+        self.done = False
+
+    def take(self, ev: dict[str, Any]) -> dict[str, Any] | None:
+        """Record an event; the stream's choice object for the text it adds (None: none)."""
+        if ev["type"] == "chunk":
+            self.retrieved.append(_chunk_json(ev["chunk"]))
+        elif ev["type"] == "done":
+            self.finish_reason, self.done = ev["finish_reason"], True
+            self.completion_tokens = ev["completion_tokens"]
+        elif ev["type"] == "prompt_logprobs":  # the prompt's: echoed at offset 0
+            tokens = ev["tokens"]
+            self.tokens += tokens
+            return self.piece(self.echo, tokens)
+        elif ev["type"] == "text":
+            start = len(self.echo)  # generated offsets are from the completion's start
+            tokens = [{**t, "offset": t["offset"] + start} for t in ev.get("tokens", [])]
+            self.tokens += tokens
+            self.pieces.append(ev["text"])
+            return self.piece(ev["text"], tokens)
+        return None
+
+    def piece(
+        self, text: str, tokens: list[dict[str, Any]], finish: str | None = None
+    ) -> dict[str, Any]:
+        lp = None if self.logprobs is None else _logprobs_json(tokens)
+        return {"text": text, "index": self.index, "logprobs": lp, "finish_reason": finish}
+
+    def json(self) -> dict[str, Any]:
+        lp = None if self.logprobs is None else _logprobs_json(self.tokens)
+        return {
+            "text": "".join(self.pieces),
+            "index": self.index,
+            "logprobs": lp,
+            "finish_reason": self.finish_reason,
+            "retrieved": self.retrieved,
+        }
+
+
+def _logprobs_json(tokens: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """OpenAI's (and vLLM's) completions `logprobs` object."""
+    return {
+        "tokens": [t["token"] for t in tokens],
+        "token_logprobs": [t["logprob"] for t in tokens],
+        "top_logprobs": [t["top"] for t in tokens],
+        "text_offset": [t["offset"] for t in tokens],
+    }
+
+
 _ERROR_STATUS = {"timeout": 504, "shutdown": 503, "server_error": 500, "cancelled": 499}
 
 
-async def _watch_disconnect(request: Request, c: Completion) -> None:
-    """Cancel `c` when the client of a non-streamed completion goes away (its body has been
+async def _watch_disconnect(request: Request, cs: list[Completion], events: asyncio.Queue) -> None:
+    """Cancel `cs` when the client of a non-streamed completion goes away (its body has been
     read: the next ASGI message is the disconnect), and wake its handler."""
     while True:
         try:
@@ -674,14 +1030,10 @@ async def _watch_disconnect(request: Request, c: Completion) -> None:
         except Exception:  # the server's receive failed: nothing more to learn from it
             return
         if message["type"] == "http.disconnect":
-            c.cancel()
-            if c.events is not None:
-                gone = {
-                    "type": "error",
-                    "message": "the client went away",
-                    "error_type": "cancelled",
-                }
-                c.events.put_nowait(gone)
+            for c in cs:
+                c.cancel()
+            gone = {"type": "error", "message": "the client went away", "error_type": "cancelled"}
+            events.put_nowait({**gone, "index": 0})
             return
 
 

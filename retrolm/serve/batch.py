@@ -34,6 +34,7 @@ import torch
 from torch import Tensor
 
 from retrolm.model import RETRO, sample_next, window_start
+from retrolm.serve.scoring import pick_logprobs
 
 # retrieve(chunks (C, m) int64 numpy) -> neighbour tokens (C, k, r) int64 (numpy or tensor),
 # or (tokens, [info per chunk]): each info is kept in `Sequence.retrieved` (e.g. for attribution)
@@ -52,6 +53,7 @@ class Sequence:
     top_p: float | None = None
     generator: torch.Generator | None = None
     tag: Any = None  # the caller's handle (e.g. the server's request)
+    logprobs: int | None = None  # keep each token's log-probability and this many top ids
     # state kept by the decoder
     prompt_len: int = 0
     slot: int | None = None
@@ -59,6 +61,9 @@ class Sequence:
     neighbours: list[Tensor] = field(default_factory=list)  # (k, r) per chunk, retrieved once
     retrieved: list[Any] = field(default_factory=list)  # the retriever's info per chunk, if any
     cache: Any = None  # its own generation cache, for a model decoded one sequence at a time
+    # with `logprobs`: (log-probability, [(id, log-probability)] of the top ids) per new token,
+    # under the model's distribution (no temperature, top-k or top-p)
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.prompt_len = len(self.tokens)
@@ -229,6 +234,10 @@ class BatchDecoder:
                 picked[i] = int(token[0])
         for i, s in enumerate(seqs):
             s.tokens.append(picked[i])
+            if s.logprobs is not None:
+                target = torch.tensor([picked[i]], device=logits[i].device)
+                scored = pick_logprobs(logits[i][None], target, s.logprobs)
+                s.token_logprobs.append((scored.logprobs[0], scored.top[0]))
         return [(s, picked[i]) for i, s in enumerate(seqs)]
 
     @torch.inference_mode()

@@ -1,10 +1,12 @@
 """The model worker: one thread owns the model and runs every decoding step for all requests.
 
 Requests come from the event loop (`Engine.submit`), wait in a bounded queue until a row of the
-`BatchDecoder` is free, and get their results back as events on their own asyncio queue
-(`Completion.events`): text pieces, retrieved chunks as they complete, then "done" (or
-"error"). A cancelled request (client gone, timeout) is dropped at the next step and its row
-freed. Whatever fails inside the worker fails only the requests it concerns (with an "error"
+`BatchDecoder` is free, and get their results back as events on an asyncio queue
+(`Completion.events`, shared by the choices of one HTTP request): with `echo` and `logprobs`
+the prompt's log-probabilities first (`retrolm.serve.scoring`), text pieces (with their tokens'
+log-probabilities when asked), retrieved chunks as they complete, then "done" (or "error");
+each event names its choice (`index`). A cancelled request (client gone, timeout) is dropped at
+the next step and its row freed. Whatever fails inside the worker fails only the requests it concerns (with an "error"
 event): a step that raises is retried one sequence at a time, and the worker goes on serving.
 `LiveDatabase` reopens the database when its manifest changes; each request keeps the snapshot
 it started with.
@@ -30,7 +32,15 @@ import torch
 from retrolm.errors import InputError
 from retrolm.generate import RetrievedChunk, _attribute
 from retrolm.model import window_start
+from retrolm.runs import neighbours_read
 from retrolm.serve.batch import BatchDecoder, Sequence
+from retrolm.serve.scoring import (
+    TokenLogprobs,
+    neighbours_of,
+    prompt_logprobs,
+    token_pieces,
+    top_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -160,15 +170,25 @@ class LiveDatabase:
 
 
 class DatabaseRetriever:
-    """`BatchRetrieve` over one database snapshot: neighbour tokens plus (ids, distances)."""
+    """`BatchRetrieve` over one database snapshot: neighbour tokens plus (ids, distances).
+    `observe(seconds)`, if given, is told how long each call took."""
 
-    def __init__(self, db: Any, k: int, lock: threading.Lock) -> None:
-        self.db, self.k, self.lock = db, k, lock
+    def __init__(
+        self,
+        db: Any,
+        k: int,
+        lock: threading.Lock,
+        observe: Callable[[float], None] | None = None,
+    ) -> None:
+        self.db, self.k, self.lock, self.observe = db, k, lock, observe
 
     def __call__(self, chunks: np.ndarray) -> tuple[np.ndarray, list[tuple[Any, Any]]]:
+        start = time.perf_counter()
         with self.lock:
             ids, dists = self.db.search_chunks(chunks, self.k)
         tokens = np.asarray(self.db.neighbour_tokens(ids), dtype=np.int64)
+        if self.observe is not None:
+            self.observe(time.perf_counter() - start)
         return tokens, list(zip(ids, dists))
 
 
@@ -190,6 +210,9 @@ class Completion:
     loop: asyncio.AbstractEventLoop | None = None
     events: asyncio.Queue | None = None
     cancelled: bool = False
+    logprobs: int | None = None  # top ids per token to give with each token's log-probability
+    echo: bool = False  # score the prompt too (its log-probabilities, with `logprobs`)
+    index: int = 0  # the choice it answers (events carry it)
     # set by the engine
     db: Any = None
     sequence: Sequence | None = None
@@ -198,6 +221,10 @@ class Completion:
     chunks_sent: int = 0
     skipped: int = 0  # the oldest prompt tokens a prompt longer than the window drops, unread
     started: float = field(default_factory=time.monotonic)
+    last_token: float | None = None  # when the last token came (for inter-token latency)
+    lengths: list[int] = field(default_factory=list)  # len(decoded text) after each token
+    lp_sent: int = 0  # tokens whose log-probabilities were sent
+    full: str = ""  # the text of every token so far (an incomplete character included)
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -205,6 +232,7 @@ class Completion:
     def emit(self, event: dict[str, Any]) -> None:
         if self.loop is None or self.events is None:
             return
+        event = {**event, "index": self.index}
         with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
             self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
@@ -240,10 +268,12 @@ class Engine:
         max_queue: int = 64,
         neighbours: int | None = None,
         device: torch.device | str = "cpu",
+        metrics: Any = None,
     ) -> None:
         self.model = model
+        self.metrics = metrics  # `ServeMetrics` (or None): told of tokens and retrievals
         self.database = database
-        self.k = neighbours or model.cfg.num_neighbours
+        self.k = neighbours_read(neighbours, model.cfg)
         self.decoder = BatchDecoder(model, max_batch, self.k, device)
         self.max_batch, self.max_queue = max_batch, max_queue
         self.tokenizer = database.current.tokenizer
@@ -285,20 +315,23 @@ class Engine:
         """Whether the worker thread runs (False before `start` and after `stop`)."""
         return self._thread is not None and self._thread.is_alive()
 
-    def submit(self, completion: Completion) -> None:
-        """Queue a request; raises QueueFull when --max-queue requests are waiting already."""
+    def submit(self, *completions: Completion) -> None:
+        """Queue requests (all or none); raises QueueFull when --max-queue requests would be
+        waiting."""
         with self._cond:
             if self._stop or self._abort is not None:
                 raise QueueFull("the server is shutting down")
-            if len(self._pending) >= self.max_queue:  # requests given up on leave first
+            room = self.max_queue - len(completions)
+            if len(self._pending) > room:  # requests given up on leave first
                 self._pending = deque(c for c in self._pending if not c.cancelled)
-            if len(self._pending) >= self.max_queue:
+            if len(self._pending) > room:
                 raise QueueFull(
                     f"{len(self._pending)} requests are waiting already (--max-queue "
                     f"{self.max_queue}); retry later"
                 )
-            completion.db = self.database.current  # the snapshot it keeps to the end
-            self._pending.append(completion)
+            for completion in completions:
+                completion.db = self.database.current  # the snapshot it keeps to the end
+                self._pending.append(completion)
             self._cond.notify_all()
 
     @property
@@ -317,7 +350,10 @@ class Engine:
         key = id(db)
         found = self._retrievers.get(key)
         if found is None or found.db is not db:
-            found = self._retrievers[key] = DatabaseRetriever(db, self.k, self.database.lock)
+            observe = None if self.metrics is None else self.metrics.retrieval
+            found = self._retrievers[key] = DatabaseRetriever(
+                db, self.k, self.database.lock, observe
+            )
             live = {id(c.db) for c in self._pending} | {id(self.database.current)}
             live |= {id(s.tag.db) for s in self.decoder.running}
             for stale in [k for k in self._retrievers if k not in live]:  # old snapshots
@@ -348,19 +384,41 @@ class Engine:
         if c.temperature > 0:
             seed = c.seed if c.seed is not None else int.from_bytes(os.urandom(6), "big")
             generator = torch.Generator(device=self.decoder.device).manual_seed(seed)
+        retrieve = self._retriever(c.db)
+        neighbours, infos = None, []
+        if c.echo and c.logprobs is not None:  # the prompt's own log-probabilities first
+            neighbours, infos = neighbours_of(c.prompt_ids, m, retrieve)
+            scored = prompt_logprobs(
+                self.model, c.prompt_ids, neighbours, top=c.logprobs, device=self.decoder.device
+            )
+            c.emit({"type": "prompt_logprobs", "tokens": self._prompt_json(c, scored)})
+        if c.max_tokens == 0:  # scoring only: the sources of the chunks a prompt token read
+            read = (len(c.prompt_ids) - 1) // m if neighbours is not None else 0
+            for u in range(read):
+                nb_ids, dists = infos[u]
+                chunk = np.asarray(c.prompt_ids[u * m : (u + 1) * m])
+                entry = _attribute(c.db, u, m, len(c.prompt_ids), chunk, nb_ids, dists)
+                c.emit({"type": "chunk", "chunk": entry})
+            self._done(c, "length", 0)
+            return
         # a prompt longer than the window: decoded from the window it leaves, as
         # `RETRO.generate` does (the dropped whole chunks are never read again)
         c.skipped = window_start(len(c.prompt_ids), self.decoder.cfg.max_seq_len, m)
         sequence = Sequence(
             c.prompt_ids[c.skipped :],
             c.max_tokens,
-            retrieve=self._retriever(c.db),
+            retrieve=retrieve,
             temperature=c.temperature,
             top_k=c.top_k,
             top_p=c.top_p if c.top_p is not None and c.top_p < 1 else None,
             generator=generator,
             tag=c,
+            logprobs=c.logprobs,
         )
+        if neighbours is not None:  # retrieved for the scoring already: not searched again
+            kept = neighbours[c.skipped // m :]
+            sequence.neighbours = [torch.as_tensor(nb).to(self.decoder.device) for nb in kept]
+            sequence.retrieved = infos[c.skipped // m :]
         self.decoder.add(sequence)
         c.sequence = sequence
 
@@ -437,6 +495,7 @@ class Engine:
 
     def _on_token(self, seq: Sequence, token: int) -> None:
         c: Completion = seq.tag
+        self._timed(c)
         self._send_chunks(c, seq)
         if c.cancelled:
             self.decoder.remove(seq)
@@ -447,22 +506,75 @@ class Engine:
             c.generated.append(token)
         final = seq.finished or eos  # no token follows: flush what was held back
         text = self.tokenizer.decode_after(c.prompt_ids, c.generated)
+        c.full = text
+        c.lengths.append(len(text))
         if not final:
             text = text.rstrip("\ufffd")  # an incomplete UTF-8 character: wait for the rest
         hits = [i for i in (text.find(s) for s in c.stop) if i >= 0]
         if hits:
-            self._emit_text(c, text[: min(hits)])
+            self._emit_text(c, seq, text[: min(hits)], final=True, cut=True)
             self._finish(seq, reason="stop")
             return
-        self._emit_text(c, text if final else text[: len(text) - _held_back(text, c.stop)])
         if final:
+            self._emit_text(c, seq, text, final=True)
             self._finish(seq, reason="stop" if eos else "length")
+        else:
+            self._emit_text(c, seq, text[: len(text) - _held_back(text, c.stop)])
+
+    def _timed(self, c: Completion) -> None:
+        """Tell the metrics the time to this token (from arrival, or from the last token)."""
+        now = time.monotonic()
+        if self.metrics is not None:
+            if c.last_token is None:
+                self.metrics.first_token(now - c.started)
+            else:
+                self.metrics.next_token(now - c.last_token)
+        c.last_token = now
+
+    def _emit_text(
+        self, c: Completion, seq: Sequence, text: str, final: bool = False, cut: bool = False
+    ) -> None:
+        """Send the text past what was sent and, with `logprobs`, the tokens that begin in it (at
+        the end every token left, but those past a stop string's `cut`)."""
+        grew = len(text) > len(c.text) and text.startswith(c.text)
+        tokens: list[dict[str, Any]] = []
+        if seq.logprobs is not None:
+            end = c.lp_sent
+            if final and not cut:
+                end = len(seq.token_logprobs)
+            else:
+                while end < len(seq.token_logprobs) and self._start_of(c, end) < len(text):
+                    end += 1
+            tokens = [self._token_json(c, seq, i) for i in range(c.lp_sent, end)]
+            c.lp_sent = end
+        if grew or tokens:
+            piece = text[len(c.text) :] if grew else ""
+            c.emit({"type": "text", "text": piece, "tokens": tokens})
+            if grew:
+                c.text = text
+
+    def _prompt_json(self, c: Completion, scored: TokenLogprobs) -> list[dict[str, Any]]:
+        """The prompt's tokens as `_token_json` gives generated ones (offsets from its start)."""
+        out, offset = [], 0
+        pieces = token_pieces(self.tokenizer, c.prompt_ids)
+        for piece, chosen, top in zip(pieces, scored.logprobs, scored.top):
+            top_ = top_json(self.tokenizer, piece, chosen, top)
+            out.append({"token": piece, "logprob": chosen, "top": top_, "offset": offset})
+            offset += len(piece)
+        return out
 
     @staticmethod
-    def _emit_text(c: Completion, text: str) -> None:
-        if len(text) > len(c.text) and text.startswith(c.text):
-            c.emit({"type": "text", "text": text[len(c.text) :]})
-            c.text = text
+    def _start_of(c: Completion, i: int) -> int:
+        """Where generated token i's text begins in the completion's text."""
+        return c.lengths[i - 1] if i > 0 else 0
+
+    def _token_json(self, c: Completion, seq: Sequence, i: int) -> dict[str, Any]:
+        """Generated token i: its text, log-probability, top ids (by their text) and offset."""
+        chosen, top = seq.token_logprobs[i]
+        start = self._start_of(c, i)
+        token = c.full[start : c.lengths[i]] if i < len(c.lengths) else ""
+        top_ = top_json(self.tokenizer, token, chosen, top)
+        return {"token": token, "logprob": chosen, "top": top_, "offset": start}
 
     def _fail(self, c: Completion, message: str, error_type: str = "server_error") -> None:
         """End a request that holds no row with an error event."""
@@ -477,12 +589,17 @@ class Engine:
         if error:
             self._fail(c, error, error_type)
             return
+        self._done(c, reason, seq.generated)
+
+    def _done(self, c: Completion, reason: str, generated: int) -> None:
         self.completed += 1
+        if self.metrics is not None:
+            self.metrics.generated(generated)
         c.emit(
             {
                 "type": "done",
                 "finish_reason": reason,
                 "prompt_tokens": len(c.prompt_ids),
-                "completion_tokens": seq.generated,
+                "completion_tokens": generated,
             }
         )

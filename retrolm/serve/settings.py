@@ -38,6 +38,7 @@ class ServeSettings:
     # tokens a prompt may have; one longer than the model's window loses its oldest whole chunks
     max_prompt_tokens: int = 8192
     max_tokens: int = 1024  # the largest `max_tokens` a request may ask for
+    max_n: int = 8  # the largest `n` (samples per prompt) a request may ask for
     max_body_bytes: int = 65536
     max_search_k: int = 50
     max_batch: int = 16  # requests decoded together (rows of the batch)
@@ -58,8 +59,8 @@ class ServeSettings:
             problem = api_key_problem(self.api_key)
             if problem:
                 raise ConfigError(f"api_key {problem}")
-        for name in ("max_prompt_tokens", "max_tokens", "max_body_bytes", "max_search_k",
-                     "max_batch", "max_queue", "neighbours"):  # fmt: skip
+        for name in ("max_prompt_tokens", "max_tokens", "max_n", "max_body_bytes",
+                     "max_search_k", "max_batch", "max_queue", "neighbours"):  # fmt: skip
             value = getattr(self, name)
             if name == "neighbours" and value is None:
                 continue
