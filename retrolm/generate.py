@@ -27,6 +27,7 @@ from retrolm.model import window_start
 from retrolm.runs import (
     check_database,
     load_run_model,
+    neighbours_read,
     open_database,
     read_run_meta,
     resolve_device,
@@ -86,7 +87,7 @@ def check_settings(
 class RetrievedNeighbour:
     chunk_id: int  # database chunk id
     document: str  # name of the document it comes from
-    distance: float  # as the index reports it (lower is nearer for l2, higher for ip / BM25)
+    score: float  # as the index ranks: l2 a squared distance, ip / BM25 a similarity
     text: str  # the chunk's text
 
 
@@ -124,7 +125,7 @@ class GenerationResult:
             )
             for n in c.neighbours:
                 lines.append(
-                    f"    [{n.distance:9.4f}] {n.document} #{n.chunk_id}: {_snip(n.text, snippet)}"
+                    f"    [{n.score:9.4f}] {n.document} #{n.chunk_id}: {_snip(n.text, snippet)}"
                 )
         return "\n".join(lines) if lines else "(no chunk completed: nothing was retrieved)"
 
@@ -209,7 +210,7 @@ def generate_text(
     first_chunk = window_start(len(ids), cfg.max_seq_len, source.chunk_size) // source.chunk_size
     dev = resolve_device(device)
     model.to(dev).eval()
-    k = num_neighbours or cfg.num_neighbours
+    k = neighbours_read(num_neighbours, cfg)
     m = source.chunk_size
     attribution: list[RetrievedChunk] = []
     retrieval_time = [0.0]

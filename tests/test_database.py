@@ -375,7 +375,7 @@ def test_cli_info_search_and_help(setup, capsys):
     assert "documents  30" in capsys.readouterr().out
     assert cli_main(["db", "search", str(folder), "alpha beta gamma", "-k", "2", "--json"]) == 0
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == 2 and {"chunk_id", "document_name", "distance", "text"} <= set(hits[0])
+    assert len(hits) == 2 and {"chunk_id", "document_name", "score", "text"} <= set(hits[0])
     assert cli_main(["db", "search", str(folder), "  "]) == 2
     assert cli_main(["db"]) == 2
     assert cli_main(["db", "info", str(folder.parent / "nowhere")]) == 2

@@ -586,3 +586,50 @@ def test_training_on_one_long_line_keeps_memory_bounded(tmp_path):
     )
     assert done.returncode == 0, done.stderr
     assert int(done.stdout.split()[-1]) < 450, done.stdout  # MB added by training
+
+
+def test_search_scores_are_named_with_their_direction(setup, tmp_path, capsys):
+    """BM25 and inner-product scores are similarities (higher is nearer), l2 a distance: the
+    hits come nearest first under each, and the text output says which way is nearer."""
+    from retrolm.database.db import nearer
+
+    root, bert, corpus, folder, config = setup
+    bm25 = build_database(
+        [corpus],
+        tmp_path / "db",
+        dataclasses.replace(config, retriever="bm25"),
+        show_progress=False,
+    )
+    assert nearer("bm25") == "higher" and nearer("ip") == "higher" and nearer("l2") == "lower"
+    for path in (folder, bm25):
+        db = Database.open(path)
+        scores = [h.score for h in db.search("alpha beta gamma", k=5)[0]]
+        assert len(scores) == 5
+        ordered = sorted(scores, reverse=nearer(db.metric) == "higher")
+        assert scores == ordered and scores[0] != scores[-1], (db.metric, scores)
+        assert cli_main(["db", "search", str(path), "alpha beta gamma", "-k", "2"]) == 0
+        out = capsys.readouterr().out
+        assert (
+            f"({db.metric} scores: {nearer(db.metric)} is nearer)" in out and "distance" not in out
+        )
+    assert Database.open(bm25).metric == "bm25"
+
+
+def test_a_build_says_what_it_loads(setup, tmp_path, caplog):
+    """Loading an encoder can take minutes on a slow machine: the build says so first."""
+    root, bert, corpus, folder, config = setup
+    with caplog.at_level(logging.INFO, logger="retrolm"):
+        build_database([corpus], tmp_path / "db", config, show_progress=False)
+    messages = [r.getMessage() for r in caplog.records]
+    loading = next(i for i, m in enumerate(messages) if m.startswith("loading the embedder"))
+    assert str(bert) in messages[loading]
+    assert any("database ready" in m for m in messages[loading:])
+
+
+def test_db_add_under_torchrun_is_refused(setup, monkeypatch, capsys):
+    root, bert, corpus, folder, config = setup
+    before = (folder / "manifest.json").read_bytes()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code = cli_main(["db", "add", str(folder), str(corpus), "--no-progress"])
+    assert "db add runs as one process" in one_line_error(capsys, code)
+    assert (folder / "manifest.json").read_bytes() == before

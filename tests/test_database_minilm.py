@@ -40,7 +40,7 @@ def test_default_embedder_database_on_stdlib_files(tmp_path):
     # a train chunk's own text finds that chunk first, with cosine similarity ~1
     chunk = int(db.split_chunk_ids("train")[len(db.split_chunk_ids("train")) // 2])
     hit = db.search(db.chunk_text(chunk), k=1)[0][0]
-    assert hit.chunk_id == chunk and hit.distance == pytest.approx(1.0, abs=1e-2)
+    assert hit.chunk_id == chunk and hit.score == pytest.approx(1.0, abs=1e-2)
     for doc in db.documents[:20]:
         tokens = db.chunk_tokens(np.arange(doc.first_chunk, doc.first_chunk + doc.num_chunks))
         assert db.tokenizer.decode(tokens.reshape(-1)) == Path(doc.name).read_text(encoding="utf-8")

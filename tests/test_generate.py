@@ -39,7 +39,7 @@ def test_attribution_matches_db_search_for_the_same_chunk(world):
         assert [n.document for n in chunk.neighbours] == [h.document_name for h in hits]
         assert [n.text for n in chunk.neighbours] == [h.text for h in hits]
         np.testing.assert_allclose(
-            [n.distance for n in chunk.neighbours], [h.distance for h in hits], rtol=1e-5
+            [n.score for n in chunk.neighbours], [h.score for h in hits], rtol=1e-5
         )
     text = result.attribution_text()
     assert result.attribution[0].neighbours[0].document in text

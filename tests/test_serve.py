@@ -126,12 +126,12 @@ def assert_same_sources(got: list, expected: list) -> None:
 
     def strip(chunks):
         return [
-            {**c, "neighbours": [{**n, "distance": None} for n in c["neighbours"]]} for c in chunks
+            {**c, "neighbours": [{**n, "score": None} for n in c["neighbours"]]} for c in chunks
         ]
 
     assert strip(got) == strip(expected)
-    distances = [[n["distance"] for n in c["neighbours"]] for c in got]
-    expected_d = [[n["distance"] for n in c["neighbours"]] for c in expected]
+    distances = [[n["score"] for n in c["neighbours"]] for c in got]
+    expected_d = [[n["score"] for n in c["neighbours"]] for c in expected]
     for a, b in zip(distances, expected_d, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
@@ -192,7 +192,7 @@ def test_completion_equals_generate_and_attributes_every_chunk(server, world):
         assert [n["document"] for n in chunk["neighbours"]] == [h.document_name for h in hits]
         assert [n["text"] for n in chunk["neighbours"]] == [h.text for h in hits]
         np.testing.assert_allclose(
-            [n["distance"] for n in chunk["neighbours"]], [h.distance for h in hits], rtol=1e-5
+            [n["score"] for n in chunk["neighbours"]], [h.score for h in hits], rtol=1e-5
         )
 
 

@@ -57,7 +57,7 @@ def test_the_page_streams_text_and_links_sources(world, tmp_path):  # noqa: F811
             first = sources[0]
             assert first.find_elements(By.CSS_SELECTOR, ".neighbour .doc")
             assert "doc" in first.find_element(By.CSS_SELECTOR, ".neighbour .doc").text
-            assert "distance" in first.text
+            assert "score" in first.text
             refs = driver.find_elements(By.CSS_SELECTOR, "#output a.ref")
             assert [r.get_attribute("href").split("#")[1] for r in refs] == [
                 s.get_attribute("id") for s in sources

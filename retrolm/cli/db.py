@@ -128,13 +128,13 @@ def _ranked(work):  # noqa: ANN001, ANN202
 
     def run(args: argparse.Namespace) -> int:
         from retrolm.database import distributed
-        from retrolm.errors import RetrolmError
+        from retrolm.errors import UserError
 
         config_device = getattr(args, "device", None) or DEFAULTS.device
         with distributed.session(config_device) as dist:
             try:
                 result = work(args, dist)
-            except RetrolmError as e:
+            except UserError as e:
                 if dist.is_main:
                     raise
                 return e.exit_code  # the main rank prints the message once
@@ -210,6 +210,10 @@ def _add(args: argparse.Namespace) -> int:
         raise InputError(
             "db add: name the documents to add (CORPUS... or --retrieval-only EXTRA...)"
         )
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(
+            "db add runs as one process; run it without torchrun (or with --nproc-per-node 1)"
+        )
     for paths, retrieval_only in ((args.corpus, False), (args.retrieval_only, True)):
         if paths:
             folder = add_documents(
@@ -274,6 +278,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     from retrolm.database import Database
+    from retrolm.database.db import nearer
     from retrolm.errors import InputError
 
     if not args.text.strip():
@@ -286,14 +291,17 @@ def _search(args: argparse.Namespace) -> int:
         ) from None
     if args.k < 1:
         raise InputError(f"-k must be at least 1, got {args.k}")
-    hits = Database.open(args.db).search([args.text], args.k)[0]
+    db = Database.open(args.db)
+    hits = db.search([args.text], args.k)[0]
     if args.json:
         print(json.dumps([h.__dict__ for h in hits], indent=2, ensure_ascii=False))
         return 0
     if not hits:
         print("no chunk matches the text (it shares no term with the database)", file=sys.stderr)
+    else:
+        print(f"({db.metric} scores: {nearer(db.metric)} is nearer)")
     for rank, hit in enumerate(hits, start=1):
-        print(f"{rank}. chunk {hit.chunk_id}  {hit.document_name}  distance {hit.distance:.4f}")
+        print(f"{rank}. chunk {hit.chunk_id}  {hit.document_name}  score {hit.score:.4f}")
         print("   " + hit.text.replace("\n", "\n   "))
     return 0
 
@@ -362,7 +370,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         _common(p)
         p.set_defaults(handler=_stage(name))
 
-    p = sub.add_parser("add", help="append documents to a finished database without a rebuild")
+    p = sub.add_parser(
+        "add",
+        help="append documents to a finished database without a rebuild",
+        description="Append documents to a finished database without a rebuild: chunk, embed "
+        "and index them, and find the new chunks' neighbours. It runs as one process (under "
+        "torchrun it refuses: the added documents are few next to a build's).",
+    )
     p.add_argument("db", metavar="DB")
     p.add_argument(
         "corpus", nargs="*", metavar="CORPUS", help="documents to add (split by name hash)"

@@ -16,7 +16,7 @@ def register(subparsers: Any) -> None:
         description="Continue PROMPT with the run's model. Each time a chunk (of the prompt or "
         "of generated text) completes, its text is searched in the database and the neighbours "
         "feed the next chunk. The text streams as it is produced; then the retrieved chunks "
-        "are listed (document, distance, snippet).",
+        "are listed (document, score, snippet).",
     )
     p.add_argument("run", type=Path, help="training run folder")
     p.add_argument("prompt", nargs="?", help="text to continue (or give --prompt-file)")

