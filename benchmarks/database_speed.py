@@ -2,9 +2,9 @@
 
 Each stage runs as its own `retrolm db ...` process, so its wall time and peak RSS (from
 `os.wait4`) are its own. Then `retrolm db build` runs on two corpus sizes to show that its peak
-RSS does not grow with the corpus (the stages stream fixed-size blocks). If the retrieval
-engineer's `benchmarks/embedding_speed.py` is present, its embedding-vs-FLOP-bound and
-vs-BERT-base figures are appended.
+RSS does not grow with the corpus (the stages stream fixed-size blocks). If
+`benchmarks/embedding_speed.py` is present, its embedding-vs-FLOP-bound and vs-BERT-base
+figures are appended.
 
     python benchmarks/database_speed.py --out /tmp/database_speed.md  # ~10 minutes, 2 cores
     python benchmarks/database_speed.py --files 20 --small 30 --repeats 1 2   # quicker
@@ -158,7 +158,7 @@ def rss_table(
 
 def embedding_figures(chunks: int, baseline_chunks: int) -> list[str]:
     """Embedding chunks/s against the FLOP bound and against RETRO-pytorch's BERT-base, measured
-    by the retrieval engineer's `benchmarks/embedding_speed.py` (`run()`), if it is there."""
+    by `benchmarks/embedding_speed.py` (`run()`), if it is there."""
     path = ROOT / "benchmarks" / "embedding_speed.py"
     if not path.is_file():
         return ["(benchmarks/embedding_speed.py not present: no FLOP-bound / BERT-base comparison)"]

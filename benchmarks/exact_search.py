@@ -1,7 +1,7 @@
 """The exact search of the search-params stage (the ground truth its tuning is scored against),
 side by side: retrolm's `exact_search_blocks` (torch matrix products for 2k candidates a block,
-their distances then computed directly) against a faiss flat index per block (what it did
-before), on the same queries and blocks, in one process.
+their distances then computed directly) against a faiss flat index per block, on the same
+queries and blocks, in one process.
 
     python benchmarks/exact_search.py [--chunks 2000000] [--queries 1000] [--threads 2] [--json]
 
@@ -30,7 +30,7 @@ from retrolm.database import index as ix  # noqa: E402
 
 
 def faiss_flat_blocks(queries, blocks, k):
-    """The former `exact_search_blocks`: a faiss flat index per block, results merged."""
+    """Exact search with a faiss flat index per block, results merged (the other way)."""
     best_d = np.full((len(queries), k), -np.inf, dtype=np.float32)
     best_i = np.full((len(queries), k), -1, dtype=np.int64)
     for vectors, ids in blocks:

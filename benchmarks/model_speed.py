@@ -3,9 +3,9 @@
 Measures, in one run and with the two implementations interleaved so that machine noise hits
 both alike:
 1. training tokens/s (forward + backward + AdamW step), fp32 and with bf16 autocast, on the
-   issue-2 configuration: decoder 384 x 6 (CCA at 3, 6), encoder 256 x 2, sequence 512,
+   `small` preset's configuration: decoder 384 x 6 (CCA at 3, 6), encoder 256 x 2, sequence 512,
    chunk 64, k = 2 neighbours of r = 128 tokens, batch 4, vocabulary 28996; plus achieved
-   GFLOP/s (model FLOPs from `RETRO.flops_per_token`, the same count for both sides) against
+   GFLOP/s (model FLOPs from `RetroConfig.flops_per_token`, the same count for both sides) against
    a measured matmul peak of this machine;
 2. generation tokens/s: 512 new tokens after a 64-token prompt, batch 1 (--gen-batch), greedy,
    retrieval at every chunk (a `retrieve` that returns random tokens, so only the models are
@@ -284,7 +284,7 @@ def main() -> None:
     print(f"machine: {machine()}")
     peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     print(f"matmul peak (2048^3): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s")
-    flops = RETRO(retrolm_config(SEQ)).flops_per_token(SEQ, K)  # fwd + bwd
+    flops = retrolm_config(SEQ).flops_per_token(SEQ, K)  # fwd + bwd
     rows = []
     if not args.skip_train:
         for precision in ("fp32", "bf16"):

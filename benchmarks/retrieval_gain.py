@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from retrolm.errors import RetrolmError
+from retrolm.errors import UserError
 
 log = logging.getLogger("retrieval_gain")
 
@@ -126,7 +126,7 @@ def with_overrides(cfg: Any, settings: list[str]) -> Any:
     for item in settings:
         key, sep, raw = item.partition("=")
         if not sep or not key:
-            raise RetrolmError(f"--set {item!r}: expected FIELD=VALUE (e.g. lr=1e-3)")
+            raise UserError(f"--set {item!r}: expected FIELD=VALUE (e.g. lr=1e-3)")
         try:
             value = json.loads(raw)
         except json.JSONDecodeError:
@@ -137,7 +137,7 @@ def with_overrides(cfg: Any, settings: list[str]) -> Any:
             train_kw[key] = value
     fields = {f.name for f in dataclasses.fields(cfg)}
     if unknown := sorted(set(train_kw) - fields):
-        raise RetrolmError(f"--set: unknown TrainConfig field(s) {unknown}")
+        raise UserError(f"--set: unknown TrainConfig field(s) {unknown}")
     if model_kw:
         train_kw["model"] = {**(cfg.model or {}), **model_kw}
     return dataclasses.replace(cfg, **train_kw)
@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
                     result = run_variant(name, args.out, plan, args, embedder)
                 path.write_text(json.dumps(result, indent=1))
             results[path.stem] = json.loads(path.read_text())
-    except RetrolmError as e:
+    except UserError as e:
         print(f"retrieval_gain.py: {e}", file=sys.stderr)
         return 2
     print_table(results)

@@ -42,7 +42,7 @@ import torch
 from retrolm.config import RetroConfig, preset_fields
 from retrolm.data import ArrayChunkSource, ChunkSource, RetroSamples
 from retrolm.database import Database
-from retrolm.errors import RetrolmError
+from retrolm.errors import UserError
 from retrolm.model import RETRO
 from retrolm.train import TrainConfig, train
 
@@ -186,7 +186,7 @@ def main() -> None:
         raise SystemExit("error: --steps and --samples must be at least 1")
     try:
         db = Database.open(args.db)
-    except RetrolmError as e:
+    except UserError as e:
         raise SystemExit(f"error: {e}") from None
     if db.chunk_size != QUICKSTART.chunk_size:
         raise SystemExit(f"error: {args.db} has chunk size {db.chunk_size}; this needs 64")

@@ -82,7 +82,7 @@ def model_only(db: Path, args: argparse.Namespace, run: Path) -> dict[str, float
         times.append(time.perf_counter() - t0)
     step_s = statistics.mean(times[args.warmup :])
     tokens = args.batch_size * model.cfg.max_seq_len
-    flops = model.flops_per_token(model.cfg.max_seq_len, k) * tokens / step_s
+    flops = model.cfg.flops_per_token(model.cfg.max_seq_len, k) * tokens / step_s
     return {"step_s": step_s, "tokens_per_s": tokens / step_s, "gflops": flops / 1e9}
 
 

@@ -16,7 +16,7 @@ _EXPORTS = {
     "RetroConfig": "retrolm.config",
     "RETRO": "retrolm.model",
     "Database": "retrolm.database",
-    "RetrolmError": "retrolm.errors",
+    "UserError": "retrolm.errors",
     "retrofit_hf": "retrolm.hf",
     "RetroFitted": "retrolm.hf",
 }
@@ -26,7 +26,7 @@ __all__ = [
     "Database",
     "RetroConfig",
     "RetroFitted",
-    "RetrolmError",
+    "UserError",
     "__version__",
     "retrofit_hf",
 ]
@@ -34,7 +34,7 @@ __all__ = [
 if TYPE_CHECKING:  # pragma: no cover
     from retrolm.config import RetroConfig
     from retrolm.database import Database
-    from retrolm.errors import RetrolmError
+    from retrolm.errors import UserError
     from retrolm.hf import RetroFitted, retrofit_hf
     from retrolm.model import RETRO
 

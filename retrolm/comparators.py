@@ -28,12 +28,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from retrolm.errors import InputError
+from retrolm.errors import ConfigError, InputError
 from retrolm.log import progress
 
 log = logging.getLogger(__name__)
 
-COMPARATORS = ("ralm", "knnlm")
+# the comparators, as `--compare` names them -> their names in tables and reports
+COMPARATORS = {"ralm": "In-Context RALM", "knnlm": "kNN-LM"}
 
 
 def check_comparators(names: tuple[str, ...] | list[str]) -> tuple[str, ...]:
@@ -140,14 +141,44 @@ class KnnLMConfig:
     exact_below: int = 200_000  # exact (flat) search for datastores up to this size, else IVF
     # IVF layout: cells_per_sqrt x sqrt(N) cells, trained on train_per_cell keys per cell,
     # nprobe cells visited per query. Cells of sqrt(N) keys keep the k-means (per_cell x N x
-    # cells_per_sqrt^2 distances) cheap: the earlier 4 sqrt(N) cells with 64 keys each cost 16x
-    # as much to train (about 18 TFLOP at 2.7M keys, counted, not timed) and 4x as much to
-    # fill, for the same share of the datastore visited per query.
+    # cells_per_sqrt^2 distances) cheap: 4 sqrt(N) cells with 64 keys each would cost 16x as
+    # much to train (about 18 TFLOP at 2.7M keys, counted, not timed) and 4x as much to fill,
+    # for the same share of the datastore visited per query.
     cells_per_sqrt: float = 1.0
     train_per_cell: int = 40  # faiss asks for at least 39
     nprobe: int = 8  # IVF cells visited per query: 8 / sqrt(N) of the datastore
     kmeans_iterations: int = 20
     seed: int = 0  # tuning documents and IVF training sample
+
+    def __post_init__(self) -> None:
+        self.lambdas = tuple(float(x) for x in self.lambdas)
+        self.temperatures = tuple(float(x) for x in self.temperatures)
+        rules = {
+            "k": self.k >= 1,
+            "lambdas": bool(self.lambdas) and all(0.0 <= x <= 1.0 for x in self.lambdas),
+            "temperatures": bool(self.temperatures) and all(x > 0 for x in self.temperatures),
+            "tune_fraction": 0.0 <= self.tune_fraction < 1.0,
+            "tune_tokens": self.tune_tokens >= 1,
+            "max_datastore": self.max_datastore >= 1,
+            "exact_below": self.exact_below >= 0,
+            "cells_per_sqrt": self.cells_per_sqrt > 0,
+            "train_per_cell": self.train_per_cell >= 39,  # faiss's least
+            "nprobe": self.nprobe >= 1,
+            "kmeans_iterations": self.kmeans_iterations >= 1,
+        }
+        what = {
+            "lambdas": "a non-empty list of weights in [0, 1]",
+            "temperatures": "a non-empty list of positive numbers",
+            "tune_fraction": "in [0, 1)",
+            "train_per_cell": ">= 39",
+            "exact_below": ">= 0",
+            "cells_per_sqrt": "> 0",
+        }
+        for name, ok in rules.items():
+            if not ok:
+                raise ConfigError(
+                    f"KnnLMConfig.{name} must be {what.get(name, '>= 1')}, got {getattr(self, name)!r}"
+                )
 
 
 @dataclass

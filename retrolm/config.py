@@ -7,10 +7,13 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from retrolm.errors import ConfigError
+
+# m, the paper's chunk size: the default of the model, the database and the quickstarts
+CHUNK_SIZE = 64
 
 # name -> field overrides; anything not named keeps the dataclass default
 _PRESETS: dict[str, dict[str, Any]] = {
@@ -28,7 +31,7 @@ _PRESETS: dict[str, dict[str, Any]] = {
         enc_heads=3,
         max_seq_len=128,
     ),
-    # a model a CPU laptop trains in hours (the benchmark configuration of issue 2)
+    # a model a CPU laptop trains in hours (benchmarks/model_speed.py's configuration)
     "small": dict(
         vocab_size=28996,
         dec_dim=384,
@@ -42,16 +45,17 @@ _PRESETS: dict[str, dict[str, Any]] = {
     ),
     # `retrolm quickstart`'s model: narrow, so that a laptop's budget buys many steps.
     # cca_match=4 (a retrolm extension, below) lets CCA read its neighbours within the budget:
-    # with the paper's CCA this model gained nothing from its real neighbours after 1,500 steps,
-    # and 0.002 nats from perfect ones after 300 (benchmarks/RESULTS.md, the two sections on
-    # issue 5). copy_head (a retrolm extension) lets it copy a neighbour token by id: RETRO-
-    # fitted for 150 steps it gained 16.4% bpb on the standard library and 5.5% on perl-doc,
-    # against 0.6% and 0.2% without it (issue 10). benchmarks/retrieval_gain.py and
-    # retrieval_learning.py train it too. Its vocab comes from the database (the quickstart
+    # with the paper's CCA this model gains nothing from its real neighbours after 1,500 steps,
+    # and 0.002 nats from perfect ones after 300 (docs/results.md, the sections on learning to
+    # read neighbours and on CCA's match bonus). copy_head (a retrolm extension) lets it copy a
+    # neighbour token by id: RETRO-fitted for 150 steps it gains 16.4% bpb on the standard
+    # library and 5.5% on perl-doc, against 0.6% and 0.2% without it (docs/results.md, the
+    # section on the copy head). benchmarks/retrieval_gain.py and retrieval_learning.py train
+    # it too. Its vocab comes from the database (the quickstart
     # builds one of 8192 tokens).
     "quickstart": dict(
-        chunk_size=64,
-        neighbour_len=128,
+        chunk_size=CHUNK_SIZE,
+        neighbour_len=2 * CHUNK_SIZE,
         num_neighbours=2,
         dec_dim=128,
         dec_depth=4,
@@ -101,9 +105,11 @@ class RetroConfig:
     """
 
     vocab_size: int = 28996  # number of token ids, pad_id included
-    chunk_size: int = 64  # m: tokens per chunk; retrieval happens once per chunk
+    chunk_size: int = CHUNK_SIZE  # m: tokens per chunk; retrieval happens once per chunk
     num_neighbours: int = 2  # k used in training; k at run time may differ
-    neighbour_len: int = 128  # r: tokens per neighbour (the chunk and its continuation, 2m)
+    neighbour_len: int = (
+        2 * CHUNK_SIZE
+    )  # r: tokens per neighbour (the chunk and its continuation, 2m)
     dec_dim: int = 768  # decoder width d
     dec_depth: int = 12  # number of decoder blocks
     dec_heads: int = 12  # decoder attention heads (dec_dim // dec_heads must be even)
@@ -129,7 +135,6 @@ class RetroConfig:
     # CopyHead). Needs cca_match >= 1; RETRO[OFF] is the plain LM. Like cca_match, unused
     # without cca_layers (a baseline made from a preset keeps the field, and has no copy head).
     copy_head: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # free-form notes, kept in config.json
 
     def __post_init__(self) -> None:
         self.cca_layers = tuple(int(x) for x in self.cca_layers)
@@ -211,6 +216,28 @@ class RetroConfig:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"RetroConfig.{name} must be > 0, got {getattr(self, name)}")
 
+    def flops_per_token(self, seq_len: int, k: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per decoder token at sequence length `seq_len` with k neighbours.
+
+        Counts every linear layer (2 FLOPs per multiply-add), the attention score and value
+        products at full (not causally halved) length, the encoder (k*r/m encoder tokens per
+        decoder token) and CCA; `training=True` multiplies the forward count by 3 (backward
+        twice the forward). Norms, softmax and other elementwise work are not counted.
+        """
+        cfg = self
+        k = cfg.num_neighbours if k is None else k
+        d, e, m, r, ff = cfg.dec_dim, cfg.enc_dim, cfg.chunk_size, cfg.neighbour_len, cfg.ff_mult
+        macs = cfg.dec_depth * (4 * d * d + 2 * ff * d * d + 2 * seq_len * d) + d * cfg.vocab_size
+        if cfg.retrieval and k > 0:
+            n_cca = len(cfg.cca_layers)
+            enc_tokens = k * r / m  # encoder tokens per decoder token
+            per_enc_token = d * e + cfg.enc_depth * (
+                4 * e * e + 2 * r * e + 2 * e * e + 2 * m * e + 2 * ff * e * e
+            )
+            macs += enc_tokens * per_enc_token + cfg.enc_depth * 2 * d * e  # + chunk keys/values
+            macs += n_cca * (2 * d * d + 2 * k * r * d + enc_tokens * 2 * e * d)
+        return 2.0 * macs * (3 if training else 1)
+
     @property
     def retrieval(self) -> bool:
         """True when the model has an encoder and chunked cross-attention."""
@@ -243,6 +270,8 @@ class RetroConfig:
             ValueError: a key that is not a RetroConfig field, or an invalid value.
         """
         names = {f.name for f in dataclasses.fields(cls)}
+        # `extra` (free-form notes that configs of retrolm 0.1.0 carry) has no meaning: dropped
+        d = {k: v for k, v in d.items() if k != "extra"}
         unknown = set(d) - names
         if unknown:
             raise ConfigError(

@@ -14,9 +14,6 @@ class UserError(Exception):
     exit_code = 2
 
 
-RetrolmError = UserError  # the former name of the base class
-
-
 class InputError(UserError):
     """Bad input data or arguments: an unreadable corpus, an empty prompt, a wrong path."""
 

@@ -34,11 +34,23 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from retrolm.comparators import KnnLMConfig, check_comparators, knnlm_bits, ralm_bits
+from retrolm.comparators import (
+    COMPARATORS,
+    KnnLMConfig,
+    check_comparators,
+    knnlm_bits,
+    ralm_bits,
+)
 from retrolm.data import ChunkSource
 from retrolm.errors import ConfigError, InputError
 from retrolm.log import progress
-from retrolm.runs import check_database, load_run_model, open_database, resolve_device
+from retrolm.runs import (
+    check_database,
+    load_run_model,
+    neighbours_read,
+    open_database,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +114,13 @@ class EvalReport:
         "retro_on": "retro_bpb",
         "retro_off": "retro_off_bpb",
         "baseline": "baseline_bpb",
-        "ralm": "ralm_bpb",
-        "knnlm": "knnlm_bpb",
+        **{name: f"{name}_bpb" for name in COMPARATORS},
     }
     HEADS = {
         "retro_on": "RETRO[ON]",
         "retro_off": "RETRO[OFF]",
         "baseline": "baseline",
-        "ralm": "RALM",
-        "knnlm": "kNN-LM",
+        **COMPARATORS,
     }
 
     def to_dict(self) -> dict[str, Any]:
@@ -145,6 +155,7 @@ class EvalReport:
         """A plain table for the terminal."""
         cols = [k for k in self.NAMES if k in self.bpb]
         head = self.HEADS
+        width = {c: max(12, len(head[c]) + 2) for c in cols}
         lines = [
             f"{self.run}: {self.documents} documents, {self.chunks} chunks, {self.tokens} tokens,"
             f" {self.bytes} bytes (window {self.window}, stride {self.stride}, k {self.k})",
@@ -154,20 +165,22 @@ class EvalReport:
                 if self.runs
                 else []
             ),
-            f"{'':>16}" + "".join(f"{head[c]:>12}" for c in cols),
-            f"{'bits per byte':>16}" + "".join(f"{self.bpb[c]:>12.4f}" for c in cols),
+            f"{'':>16}" + "".join(f"{head[c]:>{width[c]}}" for c in cols),
+            f"{'bits per byte':>16}" + "".join(_fmt(self.bpb[c], width[c]) for c in cols),
         ]
         if self.filtered:
             lines += ["", "leakage-filtered (chunks with r(C) <= alpha):"]
-            lines.append(f"{'alpha':>8}{'chunks':>8}" + "".join(f"{head[c]:>12}" for c in cols))
+            lines.append(
+                f"{'alpha':>8}{'chunks':>8}" + "".join(f"{head[c]:>{width[c]}}" for c in cols)
+            )
             for f in self.filtered:
-                vals = "".join(_fmt(f.get(c)) for c in cols)
+                vals = "".join(_fmt(f.get(c), width[c]) for c in cols)
                 lines.append(f"{f['alpha']:>8}{f['chunks']:>8}" + vals)
         return "\n".join(lines)
 
 
-def _fmt(x: float | None) -> str:
-    return f"{'-':>12}" if x is None or not math.isfinite(x) else f"{x:>12.4f}"
+def _fmt(x: float | None, width: int = 12) -> str:
+    return f"{'-':>{width}}" if x is None or not math.isfinite(x) else f"{x:>{width}.4f}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,7 +271,7 @@ def _window_inputs(
         yield batch, x, y, nb
 
 
-Step = Callable[[Tensor, Tensor | None], dict[str, tuple[Tensor, Tensor | None]]]
+Step = Callable[[Tensor, Tensor | None], dict[str, tuple[Tensor | None, Tensor | None]]]
 
 
 @torch.no_grad()
@@ -271,15 +284,17 @@ def _score_windows(
     window: int,
     stride: int,
     pad_id: int,
-    batch_size: int,
-    device: torch.device | str,
-    bf16: bool,
-    desc: str,
-    show_progress: bool,
+    batch_size: int = 4,
+    device: torch.device | str = "cpu",
+    bf16: bool = False,
+    desc: str = "eval",
+    show_progress: bool = False,
 ) -> dict[str, tuple[np.ndarray, np.ndarray | None]]:
     """Bits (and hidden states, where `step` gives them) of every token of a stream for each
-    output `step(inputs (B, n), neighbours) -> {name: (logits (B, n, V), hidden (B, n, d) |
-    None)}` gives: {name: ((T,) bits, NaN where not scored; (T, d) float32 states | None)}."""
+    output `step(inputs (B, n), neighbours) -> {name: (logits (B, n, V) | None, hidden (B, n, d)
+    | None)}` gives: {name: ((T,) bits, NaN where not scored; (T, d) float32 states | None)}.
+    An output without logits scores 0 bits at every scored position (its states are the point).
+    """
     out: dict[str, tuple[np.ndarray, np.ndarray | None]] = {}
     windows = _window_inputs(
         tokens, neighbours, chunk_size, window, stride, batch_size, device, desc, show_progress
@@ -289,8 +304,11 @@ def _score_windows(
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
             outputs = step(x, nb)
         for name, (logits, h) in outputs.items():
-            logp = torch.log_softmax(logits.float(), dim=-1)
-            nll = -logp.gather(-1, y[..., None])[..., 0] / math.log(2)  # (B, n) bits
+            if logits is None:  # hidden states only: 0 bits where scored
+                nll = torch.zeros(y.shape, dtype=torch.float64, device=y.device)
+            else:
+                logp = torch.log_softmax(logits.float(), dim=-1)
+                nll = -logp.gather(-1, y[..., None])[..., 0] / math.log(2)  # (B, n) bits
             nll = nll.masked_fill(y == pad_id, float("nan")).double().cpu().numpy()
             if name not in out:
                 states = None if h is None else np.zeros((len(tokens), h.shape[-1]), np.float32)
@@ -382,45 +400,31 @@ def score_base_and_retro(
     return on_bits, base_bits, states
 
 
-@torch.no_grad()
 def hidden_stream(
     model: nn.Module,
     tokens: np.ndarray,
     *,
-    chunk_size: int,
-    window: int,
-    stride: int,
-    pad_id: int,
-    batch_size: int = 4,
-    device: torch.device | str = "cpu",
-    bf16: bool = False,
     desc: str = "hidden",
-    show_progress: bool = False,
+    **kwargs: Any,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The final hidden states `score_stream(..., hidden=True)` returns, and which positions it
     scores, without the vocabulary projection (a kNN-LM datastore needs keys, not bits; the
-    projection and its softmax cost more than the decoder at this model size).
+    projection and its softmax cost more than the decoder at this model size). Takes
+    `score_stream`'s window settings.
 
     Returns:
         (scored (T,) bool: the positions `score_stream` gives bits, (T, d) float32 states).
     """
-    scored = np.zeros(len(tokens), dtype=bool)
-    states: np.ndarray | None = None
     model.eval()
-    windows = _window_inputs(
-        tokens, None, chunk_size, window, stride, batch_size, device, desc, show_progress
+
+    def step(x: Tensor, nb: Tensor | None) -> dict[str, tuple[Tensor | None, Tensor | None]]:
+        return {"": (None, model.hidden_states(x))}
+
+    out = _score_windows(step, tokens, None, desc=desc, **kwargs)
+    zeros, states = out.get("", (np.full(len(tokens), np.nan), None))
+    return ~np.isnan(zeros), states if states is not None else np.zeros(
+        (len(tokens), 0), np.float32
     )
-    for batch, x, y, _ in windows:
-        n = x.shape[1]
-        with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bf16):
-            h = model.hidden_states(x)  # (B, n, d)
-        if states is None:
-            states = np.zeros((len(tokens), h.shape[-1]), dtype=np.float32)
-        keep = (y != pad_id).cpu().numpy()
-        for row, (s, _, first) in enumerate(batch):
-            scored[s + 1 + first : s + 1 + n] = keep[row, first:]
-            states[s + 1 + first : s + 1 + n] = h[row, first:].float().cpu().numpy()
-    return scored, states if states is not None else np.zeros((len(tokens), 0), np.float32)
 
 
 def longest_common_run(chunks: np.ndarray, neighbours: np.ndarray, pad_id: int) -> np.ndarray:
@@ -512,7 +516,6 @@ def evaluate_run(
         InputError: missing run, empty split; MismatchError: database with another tokenizer or
             chunk size than the run.
     """
-    from retrolm.hf import hf_baseline, is_hf_model_folder
     from retrolm.hf.resolve import resolve_reference
 
     cfg = config or EvalConfig()
@@ -521,6 +524,103 @@ def evaluate_run(
     model, meta = load_run_model(run)
     source = open_database(db)
     check_database(meta["database"], source, str(run))
+    models = _models_to_score(run, model, baseline, source)
+    if compare and "baseline" not in models:
+        raise InputError(
+            f"--compare {' '.join(compare)} scores a no-retrieval model reading the database: "
+            "give it with --baseline BASE_RUN"
+        )
+    mcfg = model.cfg
+    m = source.chunk_size
+    window = cfg.window or int(meta.get("seq_len") or mcfg.max_seq_len)  # as trained
+    settings = dict(
+        chunk_size=m,
+        window=window,
+        pad_id=mcfg.pad_id,
+        batch_size=cfg.batch_size,
+        device=resolve_device(cfg.device),
+        bf16=cfg.bf16,
+        show_progress=show_progress,
+    )  # what every scorer takes; the sliding windows also take a stride
+    stride = cfg.stride or max(m, (window // 2) // m * m)
+    k = neighbours_read(cfg.num_neighbours, mcfg)
+    held = HeldOut.read(source, cfg, max(k, cfg.leakage_neighbours))
+    bits, seconds, hidden = _score_models(models, held, k, "knnlm" in compare, settings, stride)
+    comparators: dict[str, Any] = {}
+    if "ralm" in compare:
+        start = time.perf_counter()
+        bits["ralm"] = ralm_bits(models["baseline"], held.stream, held.nbr_tokens[:, 0], **settings)
+        comparators["ralm"] = {"retrieved": "nearest neighbour + continuation of chunk c-1"}
+        seconds["ralm"] = _took("ralm", start)
+    if "knnlm" in compare:
+        start = time.perf_counter()
+        result = _knnlm(models["baseline"], source, held, bits["baseline"], hidden, knnlm,
+                        dict(settings, stride=stride))  # fmt: skip
+        bits["knnlm"], comparators["knnlm"] = result.bits, result.info
+        seconds["knnlm"] = _took("knnlm", start)
+    scored = ~np.isnan(next(iter(bits.values())))
+    every = np.ones(len(held.chunk_ids), dtype=bool)
+    names = {name: str(baseline if name == "baseline" and baseline else run) for name in models}
+    report = EvalReport(
+        run=str(run),
+        database=str(getattr(source, "path", "")) or None,
+        config=cfg.to_dict(),
+        tokens=int(scored.sum()),
+        bytes=int(held.nbytes[scored].sum()),
+        chunks=len(held.chunk_ids),
+        documents=len(np.unique(np.asarray(source.chunk_doc)[held.chunk_ids])),
+        window=window,
+        stride=stride,
+        k=k,
+        bpb={name: held.bpb(b, every) for name, b in bits.items()},
+        comparators=comparators,
+        runs=names,
+        seconds=seconds,
+    )
+    leakage = held.nbr_tokens[:, : cfg.leakage_neighbours]
+    r = leakage_ratio(held.chunk_tokens, leakage, m, mcfg.pad_id)
+    for alpha in cfg.alphas:
+        mask = r <= alpha + 1e-9
+        row: dict[str, Any] = {"alpha": alpha, "chunks": int(mask.sum())}
+        row.update({name: held.bpb(b, mask) for name, b in bits.items()})
+        report.filtered.append(row)
+    return report
+
+
+@dataclass
+class HeldOut:
+    """The evaluated tokens: a split's chunks as one stream, their bytes and stored neighbours."""
+
+    chunk_ids: np.ndarray  # (C,) database chunk ids, in order
+    chunk_tokens: np.ndarray  # (C, m)
+    stream: np.ndarray  # (C * m,) the chunks' tokens, concatenated
+    nbytes: np.ndarray  # (C * m,) UTF-8 bytes of each token (token 0: 0, context only)
+    nbr_tokens: np.ndarray  # (C, k, 2m) the stored neighbours, nearest first
+
+    @classmethod
+    def read(cls, source: ChunkSource, cfg: EvalConfig, k: int) -> HeldOut:
+        chunk_ids = split_stream(source, cfg.split, cfg.max_tokens)
+        chunk_tokens = np.asarray(source.chunk_tokens(chunk_ids), dtype=np.int64)
+        stream = chunk_tokens.reshape(-1)
+        nbytes = byte_lengths_of(source, stream, chunk_ids)
+        nbytes[0] = 0  # token 0 is context only
+        _, nbr_tokens = stream_neighbours(source, chunk_ids, k)
+        return cls(chunk_ids, chunk_tokens, stream, nbytes, nbr_tokens)
+
+    def bpb(self, bits: np.ndarray, chunks: np.ndarray) -> float:
+        """Bits per byte of `bits` over the tokens of the chunks selected by `chunks` (C,)."""
+        m = self.chunk_tokens.shape[1]
+        return bucket_bpb(bits, self.nbytes, np.arange(len(self.stream)) // m, chunks)
+
+
+def _models_to_score(
+    run: str | Path, model: nn.Module, baseline: Path | None, source: ChunkSource
+) -> dict[str, nn.Module]:
+    """{"retro_on" / "retro_off" / "baseline": model}: the run's retrieval model is RETRO[ON]
+    and RETRO[OFF]; a no-retrieval model, or `baseline` (a run or the untouched Hugging Face
+    base of a RETRO-fitted run), the baseline."""
+    from retrolm.hf import hf_baseline, is_hf_model_folder
+
     models: dict[str, nn.Module] = {}
     if model.cfg.cca_layers:
         models["retro_on"] = models["retro_off"] = model
@@ -534,128 +634,76 @@ def evaluate_run(
         check_baseline(run, model, baseline, base_model)
         check_database(base_meta["database"], source, str(baseline))
         models["baseline"] = base_model
-    runs = {name: str(baseline if name == "baseline" and baseline else run) for name in models}
-    mcfg = model.cfg
-    m = source.chunk_size
-    window = cfg.window or int(meta.get("seq_len") or mcfg.max_seq_len)  # as trained
-    stride = cfg.stride or max(m, (window // 2) // m * m)
-    k = cfg.num_neighbours or mcfg.num_neighbours
-    device = resolve_device(cfg.device)
+    return models
 
-    chunk_ids = split_stream(source, cfg.split, cfg.max_tokens)
-    chunk_tokens = np.asarray(source.chunk_tokens(chunk_ids), dtype=np.int64)  # (C, m)
-    stream = chunk_tokens.reshape(-1)
-    chunk_of = np.arange(len(stream)) // m
-    nbytes = byte_lengths_of(source, stream, chunk_ids)
-    nbytes[0] = 0  # token 0 is context only
-    nbr_ids, nbr_tokens = stream_neighbours(source, chunk_ids, max(k, cfg.leakage_neighbours))
 
-    if compare and "baseline" not in models:
-        raise InputError(
-            f"--compare {' '.join(compare)} scores a no-retrieval model reading the database: "
-            "give it with --baseline BASE_RUN"
-        )
+def _score_models(
+    models: dict[str, nn.Module],
+    held: HeldOut,
+    k: int,
+    with_hidden: bool,
+    settings: dict[str, Any],
+    stride: int,
+) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray | None]:
+    """(bits of each model, seconds of each, the baseline's hidden states if `with_hidden`).
 
-    window_settings = dict(
-        chunk_size=m,
-        window=window,
-        stride=stride,
-        pad_id=mcfg.pad_id,
-        batch_size=cfg.batch_size,
-        device=device,
-        bf16=cfg.bf16,
-        show_progress=show_progress,
-    )
-
-    def score(mdl: nn.Module, tokens: np.ndarray, nbrs: np.ndarray | None, **kw: Any) -> Any:
-        return score_stream(mdl, tokens, nbrs, **window_settings, **kw)
-
+    RETRO[OFF] of a RETRO-fitted base is that base: scored once. RETRO[ON] of a RETRO-fitted
+    base and the base share the layers below the first CCA layer: scored in one pass."""
+    windows = dict(settings, stride=stride)
     bits: dict[str, np.ndarray] = {}
     seconds: dict[str, float] = {}
     hidden = None
     reuse_off = "retro_off" in models and same_base(models["retro_off"], models.get("baseline"))
-    # RETRO[ON] of a RETRO-fitted base and that base share the layers below the first CCA layer
-    together = reuse_off and "baseline" in models and hasattr(model, "base_and_retro")
+    together = reuse_off and "baseline" in models and hasattr(models["retro_on"], "base_and_retro")
     for name, mdl in models.items():
         if name == "retro_off" and reuse_off or name == "baseline" and together:
-            continue  # RETRO[OFF] of a RETRO-fitted base is that base: scored once
+            continue
         start = time.perf_counter()
-        mdl.to(device)
-        use = nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
+        mdl.to(windows["device"])
+        use = held.nbr_tokens[:, :k] if name == "retro_on" else None  # (C, k, r): the k nearest
         if name == "retro_on" and together:
             bits[name], bits["baseline"], hidden = score_base_and_retro(
-                mdl, stream, use, hidden="knnlm" in compare, **window_settings
+                mdl, held.stream, use, hidden=with_hidden, **windows
             )
             seconds["baseline"] = 0.0  # counted in retro_on's seconds
-        elif name == "baseline" and "knnlm" in compare:
-            bits[name], hidden = score(mdl, stream, None, desc=name, hidden=True)
+        elif name == "baseline" and with_hidden:
+            bits[name], hidden = score_stream(
+                mdl, held.stream, None, desc=name, hidden=True, **windows
+            )
         else:
-            bits[name] = score(mdl, stream, use, desc=name)
+            bits[name] = score_stream(mdl, held.stream, use, desc=name, **windows)
         seconds[name] = _took(name, start)
     if reuse_off:
         bits["retro_off"], seconds["retro_off"] = bits["baseline"], 0.0
-    comparators: dict[str, Any] = {}
-    if "ralm" in compare:
-        start = time.perf_counter()
-        bits["ralm"] = ralm_bits(
-            models["baseline"],
-            stream,
-            nbr_tokens[:, 0],
-            chunk_size=m,
-            window=window,
-            pad_id=mcfg.pad_id,
-            batch_size=cfg.batch_size,
-            device=device,
-            bf16=cfg.bf16,
-            show_progress=show_progress,
-        )
-        comparators["ralm"] = {"retrieved": "nearest neighbour + continuation of chunk c-1"}
-        seconds["ralm"] = _took("ralm", start)
-    if "knnlm" in compare:
-        start = time.perf_counter()
-        train_ids = np.asarray(source.split_chunk_ids("train"), dtype=np.int64)
-        train_stream = np.asarray(source.chunk_tokens(train_ids), dtype=np.int64).reshape(-1)
-        train_docs = np.repeat(np.asarray(source.chunk_doc)[train_ids], m)
-        result = knnlm_bits(
-            train_stream,
-            train_docs,
-            bits["baseline"],
-            hidden,
-            stream,
-            score=lambda tokens: score(models["baseline"], tokens, None, desc="knnlm", hidden=True),
-            keys=lambda tokens: hidden_stream(
-                models["baseline"], tokens, desc="knnlm datastore", **window_settings
-            ),
-            cfg=knnlm,
-        )
-        bits["knnlm"] = result.bits
-        comparators["knnlm"] = result.info
-        seconds["knnlm"] = _took("knnlm", start)
-    scored = ~np.isnan(next(iter(bits.values())))
-    every = np.ones(len(chunk_ids), dtype=bool)
-    report = EvalReport(
-        run=str(run),
-        database=str(getattr(source, "path", "")) or None,
-        config=cfg.to_dict(),
-        tokens=int(scored.sum()),
-        bytes=int(nbytes[scored].sum()),
-        chunks=len(chunk_ids),
-        documents=len(np.unique(np.asarray(source.chunk_doc)[chunk_ids])),
-        window=window,
-        stride=stride,
-        k=k,
-        bpb={name: bucket_bpb(b, nbytes, chunk_of, every) for name, b in bits.items()},
-        comparators=comparators,
-        runs=runs,
-        seconds=seconds,
+    return bits, seconds, hidden
+
+
+def _knnlm(
+    baseline: nn.Module,
+    source: ChunkSource,
+    held: HeldOut,
+    base_bits: np.ndarray,
+    hidden: np.ndarray | None,
+    cfg: KnnLMConfig | None,
+    windows: dict[str, Any],
+) -> Any:
+    """kNN-LM over the baseline's hidden states of the database's train split."""
+    m = held.chunk_tokens.shape[1]
+    train_ids = np.asarray(source.split_chunk_ids("train"), dtype=np.int64)
+    train_stream = np.asarray(source.chunk_tokens(train_ids), dtype=np.int64).reshape(-1)
+    train_docs = np.repeat(np.asarray(source.chunk_doc)[train_ids], m)
+    return knnlm_bits(
+        train_stream,
+        train_docs,
+        base_bits,
+        hidden,
+        held.stream,
+        score=lambda tokens: score_stream(
+            baseline, tokens, None, desc="knnlm", hidden=True, **windows
+        ),
+        keys=lambda tokens: hidden_stream(baseline, tokens, desc="knnlm datastore", **windows),
+        cfg=cfg,
     )
-    r = leakage_ratio(chunk_tokens, nbr_tokens[:, : cfg.leakage_neighbours], m, mcfg.pad_id)
-    for alpha in cfg.alphas:
-        mask = r <= alpha + 1e-9
-        row: dict[str, Any] = {"alpha": alpha, "chunks": int(mask.sum())}
-        row.update({name: bucket_bpb(b, nbytes, chunk_of, mask) for name, b in bits.items()})
-        report.filtered.append(row)
-    return report
 
 
 def _took(name: str, start: float) -> float:

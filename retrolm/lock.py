@@ -135,8 +135,8 @@ def locked(argument: str, what: str = "database") -> Callable[[F], F]:
     return decorate
 
 
-# the lock, and the distributed build's own lock file of earlier versions (a folder they left
-# is still recognised as holding nothing but locks)
+# names that count as lock files: `LOCK_FILE`, and `.build.lock`, which distributed database
+# builds of older retrolm versions leave in a folder (such a folder holds nothing but locks)
 LOCK_FILES = (LOCK_FILE, ".build.lock")
 
 

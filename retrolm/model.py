@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from retrolm import weights
 from retrolm.config import RetroConfig
+from retrolm.inputs import check_ids, check_neighbours, check_tokens
 
 Retrieve = Callable[[Tensor], Tensor]
 
@@ -461,7 +462,7 @@ class ChunkedCrossAttention(nn.Module):
     position i for neighbour token j: a neighbour token that follows a copy of the query's last
     tokens is attended from the first step, so CCA can learn to copy it (its value carries the
     token) without first discovering the matching itself, which takes the paper's CCA ~1,000
-    steps at small scale (benchmarks/RESULTS.md).
+    steps at small scale (docs/results.md, the section on learning to read neighbours).
 
     `attend` is the one CCA computation; `read` (RETRO's decoder) and `forward` (keys and
     values given) are its two entry points.
@@ -630,7 +631,8 @@ class CopyHead(ChunkedCrossAttention):
 
     The LM's softmax cannot copy a token it does not already predict (it maps a copied
     token's encoding through a d-dimensional bottleneck to 8k logits); the pointer puts
-    probability on the token id itself, as kNN-LM does (benchmarks/RESULTS.md, issue 10).
+    probability on the token id itself, as kNN-LM does (docs/results.md, the section on the
+    copy head).
     """
 
     SENTINEL_MARGIN = 3.0  # initial sentinel score over log(k*r): p(copy) ~ 0.05 with no match
@@ -972,79 +974,6 @@ class RETRO(nn.Module):
             total -= self.tok_emb.weight.numel() + self.lm_head.weight.numel()
         return total
 
-    def flops_per_token(self, seq_len: int, k: int | None = None, training: bool = True) -> float:
-        """Matmul FLOPs per decoder token at sequence length `seq_len` with k neighbours.
-
-        Counts every linear layer (2 FLOPs per multiply-add), the attention score and value
-        products at full (not causally halved) length, the encoder (k*r/m encoder tokens per
-        decoder token) and CCA; `training=True` multiplies the forward count by 3 (backward
-        twice the forward). Norms, softmax and other elementwise work are not counted.
-        """
-        cfg = self.cfg
-        k = cfg.num_neighbours if k is None else k
-        d, e, m, r, ff = cfg.dec_dim, cfg.enc_dim, cfg.chunk_size, cfg.neighbour_len, cfg.ff_mult
-        macs = cfg.dec_depth * (4 * d * d + 2 * ff * d * d + 2 * seq_len * d) + d * cfg.vocab_size
-        if cfg.retrieval and k > 0:
-            n_cca = len(cfg.cca_layers)
-            enc_tokens = k * r / m  # encoder tokens per decoder token
-            per_enc_token = d * e + cfg.enc_depth * (
-                4 * e * e + 2 * r * e + 2 * e * e + 2 * m * e + 2 * ff * e * e
-            )
-            macs += enc_tokens * per_enc_token + cfg.enc_depth * 2 * d * e  # + chunk keys/values
-            macs += n_cca * (2 * d * d + 2 * k * r * d + enc_tokens * 2 * e * d)
-        return 2.0 * macs * (3 if training else 1)
-
-    # ---- input checks
-
-    def _check_tokens(self, tokens: Tensor, name: str = "tokens") -> None:
-        cfg = self.cfg
-        expected = (
-            f"an int64 tensor of shape (batch, n) with 1 <= n <= max_seq_len ({cfg.max_seq_len})"
-        )
-        if not isinstance(tokens, Tensor) or tokens.dim() != 2 or tokens.dtype != torch.long:
-            got = tuple(tokens.shape) if isinstance(tokens, Tensor) else type(tokens).__name__
-            dtype = f" {tokens.dtype}" if isinstance(tokens, Tensor) else ""
-            raise ValueError(f"{name} must be {expected}; got {got}{dtype}")
-        if not 1 <= tokens.shape[1] <= cfg.max_seq_len or tokens.shape[0] < 1:
-            raise ValueError(f"{name} must be {expected}; got shape {tuple(tokens.shape)}")
-        self._check_ids(tokens, name)
-
-    def _check_ids(self, tokens: Tensor, name: str) -> None:
-        lo, hi = int(tokens.min()), int(tokens.max())
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(
-                f"{name} has token ids in [{lo}, {hi}], outside 0..vocab_size-1 "
-                f"({self.cfg.vocab_size - 1}); was it made with another tokenizer?"
-            )
-
-    def _check_neighbours(self, neighbours: Tensor, batch: int, n: int) -> None:
-        m = self.cfg.chunk_size
-        chunks = f"{n // m}" if n % m == 0 else f"{n // m} or {-(-n // m)}"
-        expected = f"an int64 tensor of shape (batch={batch}, chunks={chunks}, k, r)"
-        if not self.cfg.retrieval:
-            raise ValueError(
-                "neighbours given to a model without retrieval (cca_layers is empty); "
-                "pass neighbours=None"
-            )
-        ok = (
-            isinstance(neighbours, Tensor)
-            and neighbours.dtype == torch.long
-            and neighbours.dim() == 4
-            and neighbours.shape[0] == batch
-            and neighbours.shape[1] in (n // m, -(-n // m))
-            and neighbours.shape[2] >= 1
-            and neighbours.shape[3] >= 1
-        )
-        if not ok:
-            got = (
-                f"shape {tuple(neighbours.shape)} {neighbours.dtype}"
-                if isinstance(neighbours, Tensor)
-                else type(neighbours).__name__
-            )
-            raise ValueError(f"neighbours must be {expected}; got {got}")
-        if neighbours.numel():
-            self._check_ids(neighbours, "neighbours")
-
     # ---- forward: every entry point builds a Span (and a Reading) and runs `_decode`
 
     def _self_attn_mask(
@@ -1197,10 +1126,10 @@ class RETRO(nn.Module):
         self, tokens: Tensor, neighbours: Tensor | None
     ) -> tuple[Tensor, Span, Reading | None]:
         """The checked decoder pass of `forward`: (output (B, n, d), its Span, its Reading)."""
-        self._check_tokens(tokens)
+        check_tokens(self.cfg, tokens)
         B, n = tokens.shape
         if neighbours is not None:
-            self._check_neighbours(neighbours, B, n)
+            check_neighbours(self.cfg, neighbours, B, n)
         L = n // self.cfg.chunk_size  # chunks whose neighbours some position reads
         span = self._span(tokens, 0, n)
         reading = None if neighbours is None else self._reading(neighbours[:, :L], slice(0, L))
@@ -1461,7 +1390,7 @@ class RETRO(nn.Module):
             )
         if not shape:
             shape.extend(neighbours.shape[1:])
-        self._check_ids(neighbours, "retrieved neighbours")
+        check_ids(self.cfg, neighbours, "retrieved neighbours")
         return neighbours.to(chunk.device)
 
     @torch.inference_mode()
@@ -1512,35 +1441,49 @@ class RETRO(nn.Module):
 
     # ---- save / load (the file format and its checks: retrolm.weights)
 
-    _check_keys = staticmethod(weights.check_keys)  # kept for code that called it here
-
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        """Write `config.json` and `model.safetensors` into `folder` (`retrolm.weights`)."""
-        return weights.save_model(self, folder)
+        """Write `config.json` and `model.safetensors` into `folder`, each atomically."""
+        return weights.write_model_folder(folder, self.cfg.to_dict(), self.state_dict())
 
     @classmethod
     def load(
         cls, folder: str | os.PathLike[str], map_location: str | torch.device = "cpu"
     ) -> RETRO:
-        """Load a model written by `save` (`retrolm.weights.load_model`: every weight, no other).
+        """Load a model written by `save`: every weight must be present, and no other.
 
         Raises:
             InputError: a file is missing.
             CorruptArtifactError: unreadable files, missing, extra or misshapen weights.
         """
-        return weights.load_model(folder, map_location, model_class=cls)
+        folder = Path(folder)
+        cfg, state = weights.read_model_folder(folder)
+        model = cls(cfg)
+        where = folder / weights.WEIGHTS_FILE
+        weights.check_keys(model.state_dict(), state, where, "this config")
+        model.load_state_dict(state, strict=True)
+        return model.to(map_location)
 
     @classmethod
     def from_baseline(cls, baseline_folder: str | os.PathLike[str], cfg: RetroConfig) -> RETRO:
         """RETRO-fitting: `cfg`'s model with the decoder weights of a saved baseline.
 
-        See `retrolm.weights.load_from_baseline`.
+        The baseline's decoder must match `cfg` exactly (every decoder weight, same shapes);
+        the encoder, the CCA layers and the copy head are freshly initialised.
 
         Raises:
             MismatchError: the baseline's decoder settings differ from `cfg`.
             CorruptArtifactError: missing or extra decoder weights.
         """
-        return weights.load_from_baseline(baseline_folder, cfg, model_class=cls)
+        folder = Path(baseline_folder)
+        base_cfg, state = weights.read_model_folder(folder)
+        weights.check_decoder(base_cfg, cfg, folder)
+        model = cls(cfg)
+        decoder = {k: v for k, v in model.state_dict().items() if not cls._is_retrieval_name(k)}
+        where = folder / weights.WEIGHTS_FILE
+        weights.check_keys(decoder, state, where, "a decoder of this config")
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and all(cls._is_retrieval_name(k) for k in missing)
+        return model
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -1658,7 +1601,7 @@ def windowed_generate(
     on_token: Callable[[Tensor], None] | None,
 ) -> Tensor:
     """The decoding loop of `RETRO.generate` (see there), for any model with `cfg`,
-    `_check_tokens`, `_retrieve`, `_new_cache(out, size, retrieval)` and
+    `_retrieve`, `_new_cache(out, size, retrieval)` and
     `_forward_cached(tokens, cache, neighbours) -> last logits`: RETRO's own cache, or a
     RETRO-fitted Hugging Face model's (`retrolm.hf`). Retrieval at every completed chunk, a
     window of at most max_seq_len tokens that drops its oldest whole chunk when full.
@@ -1669,13 +1612,13 @@ def windowed_generate(
         # and every later window start is the same chunk boundary shifted by `skip`
         skip = window_start(prompt.shape[1], cfg.max_seq_len, cfg.chunk_size)
         if prompt.dtype == torch.long:
-            model._check_ids(prompt, "prompt")
+            check_ids(cfg, prompt, "prompt")
         kept = windowed_generate(
             model, prompt[:, skip:], max_new_tokens, retrieve, temperature, top_k, top_p,
             generator, on_token,
         )  # fmt: skip
         return torch.cat([prompt[:, :skip], kept], dim=1)
-    model._check_tokens(prompt, "prompt")
+    check_tokens(model.cfg, prompt, "prompt")
     B, P = prompt.shape
     if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")

@@ -1,7 +1,7 @@
 """`retrolm quickstart`: the whole pipeline on a built-in corpus, sized to a time budget.
 
-Builds a database (tokenizer, chunks, embeddings with the default embedder, index,
-neighbours), trains a small RETRO and a same-size baseline on the same token budget,
+Builds a database (tokenizer, chunks, a BM25 index or MiniLM embeddings and a faiss index,
+neighbours), trains a small baseline and RETRO-fits it (its decoder frozen) into RETRO,
 evaluates both on held-out documents (RETRO[ON], RETRO[OFF], baseline, leakage-filtered
 buckets), generates a continuation of a held-out file with its retrieved chunks, and writes
 `report.md`, `report.json` and `loss.png`.
@@ -29,21 +29,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from retrolm.comparators import COMPARATORS
+from retrolm.config import CHUNK_SIZE
 from retrolm.errors import ConfigError, InputError, MismatchError
 from retrolm.io import atomic_open, read_json, write_json
 
 log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
-PLAN_VERSION = 6  # 2: folders by redundancy, cca_match; 3: BM25 + retrieval-only, comparators;
-# 4: the copy head, steps timed with the fused loss; 5: k=8 at evaluation, retrofit 1/4 of the
-# baseline's steps, the kNN-LM datastore's build and search in the evaluation estimate;
-# 6: training steps timed on seq_len + 1 tokens, the median of STEP_SAMPLES
+# the version of how `make_plan` sizes a quickstart; `load_or_make_plan` refuses a stored
+# plan.json of another version (MismatchError), so a resumed quickstart never mixes two plans
+PLAN_VERSION = 6
 # the report's sample: greedy decoding of a model this small repeats one line over and over
 SAMPLE_TEMPERATURE, SAMPLE_TOP_K = 0.7, 40
 BYTES_PER_TOKEN = 3.6  # of Python source under an 8k byte-level BPE, padding included (measured)
 PASSES = 1.5  # at most this many passes over the training subset
-# Measured choices (benchmarks/retrieval_gain.py, benchmarks/RESULTS.md, issue 10):
+# Measured choices (benchmarks/retrieval_gain.py; docs/results.md, the sections on which
+# retrieval pays and on the quickstart's planner):
 TRAIN_SHARE = 0.6  # of the budget for training both runs, with BM25 (the rest: database,
 # evaluation with the comparators, generation, report, and a margin)
 RETRIEVAL_ONLY_MAX_BYTES = 64 * 2**20  # the corpus beyond the subset, indexed for retrieval
@@ -55,15 +57,13 @@ STEP_SAMPLES = 3  # timed training steps per measurement (one step's time varies
 MARGIN = 0.1  # of the budget for generation, the report, model saves and start-up
 # the evaluation, in forward passes of batch x seq_len tokens (measured: `measure_forward`):
 KEYS_COST = 0.4  # a kNN-LM datastore batch (hidden states only) against a baseline forward
-COMPARE = ("ralm", "knnlm")  # scored beside RETRO in the report
-# "retrofit": RETRO is the trained baseline, frozen, with encoder + CCA trained RETROFIT_RATIO
-# of its steps (RETRO[OFF] equals the baseline by construction); "scratch": trained like it
-RETRO_TRAINING = "retrofit"
+# RETRO is the trained baseline, frozen, with encoder + CCA trained RETROFIT_RATIO of its
+# steps (RETRO[OFF] equals the baseline by construction)
 # a retrofit's gain is made in its first steps: on an 800-step baseline, 150 and 400 retrofit
-# steps gave -9.8% and -10.2% (stdlib, copy head); the rest goes to the baseline's steps
+# steps give -9.8% and -10.2% (stdlib, copy head); the rest goes to the baseline's steps
 RETROFIT_RATIO = 0.25
 # neighbours read at evaluation (training reads `num_neighbours`=2): the copy head copies from
-# every one it reads; a k=2-trained retrofit gave -6.2%, -7.1%, -7.9%, -8.1% at k=2, 4, 8, 10
+# every one it reads; a k=2-trained retrofit gives -6.2%, -7.1%, -7.9%, -8.1% at k=2, 4, 8, 10
 EVAL_K = 8
 
 
@@ -88,6 +88,11 @@ class QuickstartConfig:
             raise ConfigError(f"minutes must lie between 3 and 1440, got {self.minutes}")
         if self.retriever not in ("bm25", "dense"):
             raise ConfigError(f"retriever must be bm25 or dense, got {self.retriever!r}")
+        if self.base is not None and self.retriever != "bm25":
+            raise ConfigError(
+                f"--retriever {self.retriever}: a quickstart with --base retrieves with BM25 over "
+                "the base's own tokens; leave --retriever out"
+            )
         self.corpus = [str(p) for p in self.corpus]
 
 
@@ -107,7 +112,7 @@ class QuickstartPlan:
     train: dict[str, Any]  # TrainConfig fields shared by both runs
     eval: dict[str, Any]  # EvalConfig fields
     compare: list[str]  # comparators scored beside RETRO (evaluate_run's `compare`)
-    retrofit_steps: int  # > 0: RETRO is the trained baseline RETRO-fitted for this many steps
+    retrofit_steps: int  # RETRO is the trained baseline RETRO-fitted for this many steps
     max_new_tokens: int
     measured: dict[str, float]  # the calibration figures the sizes were derived from
     estimate_seconds: dict[str, float]  # expected wall time per stage
@@ -181,9 +186,9 @@ def select_files(files: list[Path], byte_budget: int, seed: int) -> list[Path]:
     Folders are taken whole, most redundant first (`folder_redundancy`, ties broken by a seeded
     hash of the path), until the budget is reached (the last one partly). A held-out file then
     has relatives in the database, as in a real corpus with near-duplicates, which is where
-    retrieval helps; a thin sample of everything leaves little to retrieve (benchmarks/
-    RESULTS.md: 10% of held-out tokens copyable from the stored neighbours, against 66% in this
-    order).
+    retrieval helps; a thin sample of everything leaves little to retrieve (10% of held-out
+    tokens copyable from the stored neighbours, against 66% in this order: docs/results.md,
+    the section on a redundant corpus).
     """
 
     root = Path(os.path.commonpath(files)) if files else Path()
@@ -239,7 +244,7 @@ def sample_chunks(files: list[Path]) -> list[str]:
     """Chunk-sized texts from up to 64 of `files`, spread over the list: what the plan times
     the retriever on."""
     sample_text = "".join(_read_text(p)[:65536] for p in files[:: max(1, len(files) // 64)][:64])
-    chunk_chars = int(64 * BYTES_PER_TOKEN)
+    chunk_chars = int(CHUNK_SIZE * BYTES_PER_TOKEN)
     texts = [sample_text[i : i + chunk_chars] for i in range(0, len(sample_text), chunk_chars)]
     return [t for t in texts if t.strip()] or ["def f(x):\n    return x\n" * 8]
 
@@ -286,8 +291,8 @@ def measure_train_step(
         for _, p in model.retrieval_parameters():
             p.requires_grad_(True)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    # a training sample is seq_len inputs and their seq_len targets: seq_len + 1 tokens (one
-    # token fewer leaves the last chunk incomplete, which made a RETRO step ~25% cheaper)
+    # a training sample is seq_len inputs and their seq_len targets: seq_len + 1 tokens (with one
+    # token fewer the last chunk is incomplete, and a RETRO step times ~25% cheaper than training's)
     tokens = torch.randint(1, model_cfg.vocab_size, (batch, seq_len + 1), generator=g)
     chunks = seq_len // model_cfg.chunk_size
     shape = (batch, chunks, k, model_cfg.neighbour_len)
@@ -410,14 +415,12 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     t_fp32 = measure_train_step(retro_cfg, batch, seq_len, k, bf16=False)
     t_bf16 = measure_train_step(retro_cfg, batch, seq_len, k, bf16=True)
     bf16 = t_bf16 < 0.8 * t_fp32  # only where the CPU (or GPU) has fast bfloat16 matmuls
-    t_retro = min(t_fp32, t_bf16) if bf16 else t_fp32
     t_base = measure_train_step(base_cfg, batch, seq_len, k, bf16=bf16)
     step_tokens = batch * seq_len
-    retrofit = RETRO_TRAINING == "retrofit"
-    if retrofit:  # RETRO-fitted onto the trained baseline, RETROFIT_RATIO of its steps
-        t_retro = RETROFIT_RATIO * measure_train_step(
-            retro_cfg, batch, seq_len, k, bf16=bf16, retrofit=True
-        )
+    # RETRO is RETRO-fitted onto the trained baseline, for RETROFIT_RATIO of its steps
+    t_retro = RETROFIT_RATIO * measure_train_step(
+        retro_cfg, batch, seq_len, k, bf16=bf16, retrofit=True
+    )
 
     # the evaluation runs in float32 (plan.eval has no bf16), whatever training runs in
     f_retro = measure_forward(retro_cfg, batch, seq_len, EVAL_K, bf16=False)
@@ -429,12 +432,20 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         tokens = corpus / BYTES_PER_TOKEN
         held_out = min(131072.0, 0.05 * tokens) if held_out is None else held_out
         return estimate_evaluation(
-            tokens, held_out, f_retro, f_base, batch, seq_len, 64, retro_cfg.dec_dim, faiss_rates
+            tokens,
+            held_out,
+            f_retro,
+            f_base,
+            batch,
+            seq_len,
+            CHUNK_SIZE,
+            retro_cfg.dec_dim,
+            faiss_rates,
         )
 
     if embed_rate is not None:
         # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
-        corpus_bytes = int(0.25 * budget * embed_rate * 64 * BYTES_PER_TOKEN)
+        corpus_bytes = int(0.25 * budget * embed_rate * CHUNK_SIZE * BYTES_PER_TOKEN)
         train_share = 0.45
     else:
         # BM25 costs seconds: training takes at most TRAIN_SHARE, and gives the evaluation
@@ -456,24 +467,24 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     valid = choose_valid(chosen, fraction=0.05, seed=cfg.seed)
     valid_bytes = sum(p.stat().st_size for p in valid)
     # every held-out file, up to ~130k tokens (about 1 min for the three models on 2 cores):
-    # the first 32k tokens alone were a few files of one or two folders
+    # the first 32k tokens alone would be a few files of one or two folders
     eval_tokens = max(4096, min(131072, int(valid_bytes / BYTES_PER_TOKEN)))
     extra: list[Path] = []
     if bm25_cost is not None:
         # the neighbour stage: (train + held-out chunks) x indexed chunks, within DB_SHARE
-        query_chunks = chosen_bytes / (64 * BYTES_PER_TOKEN)
+        query_chunks = chosen_bytes / (CHUNK_SIZE * BYTES_PER_TOKEN)
         pair_seconds = BM25_OVERHEAD * bm25_cost
         indexed_max = DB_SHARE * budget / (pair_seconds * max(query_chunks, 1.0))
-        extra_bytes = int(max(0.0, indexed_max - query_chunks) * 64 * BYTES_PER_TOKEN)
+        extra_bytes = int(max(0.0, indexed_max - query_chunks) * CHUNK_SIZE * BYTES_PER_TOKEN)
         extra = retrieval_only_files(files, chosen, min(extra_bytes, RETRIEVAL_ONLY_MAX_BYTES))
-    retrofit_steps = max(10, int(RETROFIT_RATIO * steps)) if retrofit else 0
+    retrofit_steps = max(10, int(RETROFIT_RATIO * steps))
     estimate = dict(
         train_retro=round(steps * t_retro, 1),
         train_baseline=round(steps * t_base, 1),
         evaluate=round(evaluation(chosen_bytes, eval_tokens), 1),
     )
     if embed_rate is not None:
-        estimate["embed"] = round(chosen_bytes / (64 * BYTES_PER_TOKEN) / embed_rate, 1)
+        estimate["embed"] = round(chosen_bytes / (CHUNK_SIZE * BYTES_PER_TOKEN) / embed_rate, 1)
     return QuickstartPlan(
         version=PLAN_VERSION,
         settings=_plan_settings(cfg),
@@ -482,7 +493,9 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         corpus_bytes=chosen_bytes,
         retrieval_only=[str(p) for p in extra],
         retrieval_only_bytes=sum(p.stat().st_size for p in extra),
-        database=dict(vocab_size=vocab, chunk_size=64, seed=cfg.seed, retriever=cfg.retriever),
+        database=dict(
+            vocab_size=vocab, chunk_size=CHUNK_SIZE, seed=cfg.seed, retriever=cfg.retriever
+        ),
         model=model,
         train=dict(
             max_steps=steps,
@@ -499,7 +512,7 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         ),
         eval=dict(max_tokens=eval_tokens, batch_size=8, num_neighbours=EVAL_K),
         retrofit_steps=retrofit_steps,
-        compare=list(COMPARE),
+        compare=list(COMPARATORS),
         max_new_tokens=128,
         measured=dict(
             embed_chunks_per_s=None if embed_rate is None else round(embed_rate, 2),
@@ -680,9 +693,10 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from retrolm.train import TrainConfig, train
 
     if cfg.base is not None:
-        from retrolm.quickstart_base import quickstart_base
-
-        return quickstart_base(cfg)
+        raise ValueError(
+            "quickstart() trains a small model from scratch; a pretrained base runs through "
+            "retrolm.quickstart_base.quickstart_base(cfg)"
+        )
     clock = Clock(cfg.minutes * 60.0)
     check_quickstart_inputs(cfg)  # a bad --corpus or --out fails now, not minutes later
     out = Path(cfg.out)
@@ -726,7 +740,7 @@ def quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     runs = {"baseline": out / "baseline", "retro": out / "retro"}  # a retrofit needs the baseline
     for name, run in runs.items():
         tcfg = TrainConfig(model=dict(plan.model), no_retrieval=name == "baseline", **plan.train)
-        if name == "retro" and plan.retrofit_steps:
+        if name == "retro":
             tcfg = retrofit_config(tcfg, runs["baseline"], plan.retrofit_steps)
         clock.run(
             f"train {name}",
@@ -862,9 +876,6 @@ def fence_language(name: str) -> str:
     return FENCE_LANGUAGES.get(Path(name.split(":")[0]).suffix.lower(), "")
 
 
-COMPARATOR_NAMES = {"ralm": "In-Context RALM", "knnlm": "kNN-LM"}
-
-
 def comparator_rows(result: dict[str, Any], fmt: Callable[[float | None], str]) -> list[str]:
     """The comparators' rows of the bits-per-byte table."""
     rows = []
@@ -885,7 +896,7 @@ def comparator_rows(result: dict[str, Any], fmt: Callable[[float | None], str]) 
 def comparator_verdict(result: dict[str, Any]) -> list[str]:
     """One sentence on which use of the database wins, and by how much."""
     entries = {"RETRO[ON]": result.get("retro_bpb")}
-    entries.update({COMPARATOR_NAMES[c]: result.get(f"{c}_bpb") for c in COMPARATOR_NAMES})
+    entries.update({COMPARATORS[c]: result.get(f"{c}_bpb") for c in COMPARATORS})
     entries = {k: v for k, v in entries.items() if v is not None and math.isfinite(v)}
     if len(entries) < 2:
         return []
@@ -902,6 +913,7 @@ def report_markdown(
     plan: QuickstartPlan, result: dict[str, Any], report: Any, sample: Any, source: str
 ) -> str:
     """The human-readable report: what was done, the figures, the sample and its sources."""
+    from retrolm.database.db import nearer
 
     def fmt(x: float | None) -> str:
         return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
@@ -909,7 +921,7 @@ def report_markdown(
     r, off, base = result["retro_bpb"], result["retro_off_bpb"], result["baseline_bpb"]
     fence = fence_language(source)
     index = result["database_index"]
-    nearer = "higher" if index["metric"] == "ip" else "lower"
+    what = "distance" if index["metric"] == "l2" else "score"
     gain = (1 - r / base) * 100 if r and base else float("nan")
     lines = [
         "# retrolm quickstart report",
@@ -952,10 +964,6 @@ def report_markdown(
             f"{plan.train['batch_size']} sequences ({result['train_tokens']:,} tokens); RETRO is "
             f"that baseline RETRO-fitted (its decoder frozen, only the encoder and CCA trained) "
             f"for {plan.retrofit_steps} more steps of the same data, so RETRO[OFF] is the baseline"
-            if plan.retrofit_steps
-            else f". Both trained {plan.train['max_steps']} steps of "
-            f"{plan.train['batch_size']} sequences ({result['train_tokens']:,} tokens), same seed "
-            "and data order"
         )
         + f"{', bfloat16 autocast' if plan.train.get('bf16') else ''}.",
         "",
@@ -983,7 +991,7 @@ def report_markdown(
         "little overlap, so gains there come from generalisation, not copying.",
         "",
         "| alpha | chunks | RETRO[ON] | baseline |"
-        + "".join(f" {COMPARATOR_NAMES[c]} |" for c in plan.compare),
+        + "".join(f" {COMPARATORS[c]} |" for c in plan.compare),
         "|---|---|---|---|" + "---|" * len(plan.compare),
     ]
     for alpha, f in result["filtered"].items():
@@ -1012,8 +1020,8 @@ def report_markdown(
         sample.text.rstrip("\n"),
         "```",
         "",
-        f"Retrieved for each completed chunk (faiss distance, metric {index['metric']}: "
-        f"{nearer} is nearer):",
+        f"Retrieved for each completed chunk ({index['metric']} {what}: "
+        f"{nearer(index['metric'])} is nearer):",
         "",
         "```",
         sample.attribution_text(snippet=100),

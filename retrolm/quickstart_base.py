@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from retrolm.comparators import COMPARATORS
+from retrolm.config import CHUNK_SIZE
 from retrolm.errors import MismatchError
 from retrolm.io import atomic_open, read_json, write_json
 from retrolm.quickstart import (
@@ -44,7 +46,6 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 PLAN_KIND = "base"  # plan.json of a real-base quickstart (the tiny-model one has none)
-CHUNK = 64  # the paper's chunk size
 TRAIN_K = 2  # neighbours read in training
 EVAL_K = 4  # neighbours read at evaluation (the copy head copies from every one it reads)
 TRAIN_SEQ = 512  # tokens per training sequence
@@ -56,13 +57,13 @@ MAX_DOC_TOKENS = 2_400  # a held-out document longer than this is not chosen (on
 EVAL_SHARE = 0.3  # at most this share of the budget for evaluation (fewer scored tokens)
 # evaluation in base-forward token equivalents per scored token: the base 3.5 and RETRO[ON]
 # 7.9 (windows overlap by half, short documents pad), RALM 1.6 windows per chunk; kNN-LM
-# costs 2 per datastore key and tuning token. Measured on SmolLM2-135M
-# (benchmarks/RESULTS.md) with the base and RETRO[ON] in separate passes: an upper bound, since
-# they share the pass below the first CCA layer (`evaluate.score_base_and_retro`).
-EVAL_COST = 3.5 + 7.9 + 1.6 * EVAL_WINDOW / CHUNK
-# the retrieval parts, sized for a CPU: measured on SmolLM2-135M (benchmarks/RESULTS.md),
-# enc_dim 384 x 1 layer with CCA after layers depth-4 and depth trains 2.6x as many tokens/s as the
-# defaults (enc_dim 896 x 2, six CCA layers from the middle)
+# costs 2 per datastore key and tuning token. Measured on SmolLM2-135M (docs/results.md, the
+# section on a real base's speed) with the base and RETRO[ON] in separate passes: an upper
+# bound, since they share the pass below the first CCA layer (`evaluate.score_base_and_retro`).
+EVAL_COST = 3.5 + 7.9 + 1.6 * EVAL_WINDOW / CHUNK_SIZE
+# the retrieval parts, sized for a CPU: enc_dim 384 x 1 layer with CCA after layers depth-4 and
+# depth trains 2.6x as many tokens/s as the defaults (enc_dim 896 x 2, six CCA layers from the
+# middle), measured on SmolLM2-135M (docs/results.md, the section on a real base's speed)
 RETROFIT_MODEL = {"enc_dim": 384, "enc_heads": 6, "enc_depth": 1, "cca_match": 4, "copy_head": True}
 LR = 1e-3
 DB_BYTES_PER_MINUTE = 400_000  # corpus bytes the database takes per budget minute (BM25)
@@ -110,7 +111,7 @@ def measure_step(folder: Path, dtype: str, cca_layers: tuple[int, ...]) -> float
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
     x = torch.randint(3, V, (BATCH, TRAIN_SEQ), generator=g)
-    nb = torch.randint(3, V, (BATCH, TRAIN_SEQ // CHUNK, TRAIN_K, 2 * CHUNK), generator=g)
+    nb = torch.randint(3, V, (BATCH, TRAIN_SEQ // CHUNK_SIZE, TRAIN_K, 2 * CHUNK_SIZE), generator=g)
     opt = torch.optim.AdamW([p for _, p in model.retrieval_parameters()], lr=LR)
     times = []
     for _ in range(3):
@@ -164,7 +165,7 @@ def choose_held_out(
     def key(p: Path) -> str:
         return hashlib.sha256(f"held-out:{seed}:{p.relative_to(root)}".encode()).hexdigest()
 
-    low, high = 4 * CHUNK * per_token, MAX_DOC_TOKENS * per_token
+    low, high = 4 * CHUNK_SIZE * per_token, MAX_DOC_TOKENS * per_token
     candidates = sorted((p for p in files if low <= p.stat().st_size <= high), key=key)
     chosen, total = [], 0.0
     for p in candidates:
@@ -323,7 +324,7 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
             f.write("".join(f"{name}\n" for name in plan["held_out"]))
     db_cfg = DatabaseConfig(
         tokenizer=base,
-        chunk_size=CHUNK,
+        chunk_size=CHUNK_SIZE,
         retriever="bm25",
         seed=cfg.seed,
         valid_list=str(valid_list),
@@ -382,7 +383,7 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
             db,
             config=eval_cfg,
             baseline=base,
-            compare=("ralm", "knnlm"),
+            compare=tuple(COMPARATORS),
             knnlm=KnnLMConfig(max_datastore=plan["datastore"], seed=cfg.seed),
             show_progress=cfg.show_progress,
         ),
@@ -466,7 +467,7 @@ def report_markdown(
         f"({result['train_tokens']:,} tokens), k={TRAIN_K} neighbours.",
         "",
         f"Database: {result['database_documents']} documents, {result['database_chunks']:,} "
-        f"chunks of {CHUNK} tokens in the base's own tokens, BM25, of which "
+        f"chunks of {CHUNK_SIZE} tokens in the base's own tokens, BM25, of which "
         f"{result['retrieval_only_chunks']:,} chunks retrieval-only (never trained on or "
         "evaluated).",
         "",

@@ -138,6 +138,12 @@ def check_same_database(run_db: dict[str, Any], db: ChunkSource, where: str) -> 
         )
 
 
+def neighbours_read(requested: int | None, mcfg: Any) -> int:
+    """k, the neighbours a model reads per chunk when it is used (eval, generate, serve): the
+    number asked for (`--neighbours`), or the k it was trained with."""
+    return requested or mcfg.num_neighbours
+
+
 def check_model_database(mcfg: Any, facts: dict[str, Any], k: int) -> None:
     """Refuse a model that cannot read this database, before any file is written.
 

@@ -1,9 +1,10 @@
-"""Model weights on disk: a folder of `config.json` and `model.safetensors`.
+"""Model weights on disk: a folder of `config.json` and a safetensors weights file.
 
-The model class owns `save` / `load` / `from_baseline` (each a one-line call into this module);
-the file format, its checks and their error messages live here, beside `retrolm.checkpoint`,
-so that the model file holds no I/O. The weights file also carries the config (in its
-metadata), so a folder whose two files come from different saves is refused.
+The file format, its checks and their error messages: writing and reading a folder, refusing
+weights that are not exactly a model's, and refusing a baseline with another decoder. This
+module knows no model class; `RETRO.save` / `load` / `from_baseline` and `RetroFitted.save` /
+`load` call it. The weights file also carries the config (in its metadata), so a folder whose
+two files come from different saves is refused.
 """
 
 from __future__ import annotations
@@ -11,17 +12,13 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
 from torch import Tensor
 
 from retrolm.config import RetroConfig
 from retrolm.errors import CorruptArtifactError, InputError, MismatchError
 from retrolm.io import atomic_path, write_json
-
-if TYPE_CHECKING:
-    from retrolm.model import RETRO
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -32,23 +29,31 @@ _DECODER_FIELDS = ("vocab_size", "dec_dim", "dec_depth", "dec_heads", "ff_mult",
                    "use_deepnet", "norm_eps", "rotary_base")  # fmt: skip
 
 
-def save_model(model: RETRO, folder: str | os.PathLike[str]) -> Path:
-    """Write `config.json` and `model.safetensors` of `model` into `folder` (each atomically).
+def write_model_folder(
+    folder: str | os.PathLike[str],
+    config: dict[str, Any],
+    tensors: dict[str, Tensor],
+    *,
+    weights_file: str = WEIGHTS_FILE,
+    meta_key: str = _META_KEY,
+) -> Path:
+    """Write `config.json` and the weights file into `folder` (each atomically).
 
     Args:
-        model: a RETRO (anything with `cfg.to_dict()` and `state_dict()`).
-        folder: created if missing.
+        config: the model's config as a dict (also stored in the weights file's metadata).
+        tensors: name -> tensor, copied to the CPU.
+        weights_file, meta_key: another model kind's file names (`retrolm.hf`'s RETRO-fitted
+            folders write `retrofit.safetensors`).
     Returns:
-        the folder.
+        the folder (created if missing).
     """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = model.cfg.to_dict()
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(folder / WEIGHTS_FILE) as tmp:
-        save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(config, sort_keys=True)})
+    cpu = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(folder / weights_file) as tmp:
+        save_file(cpu, str(tmp), metadata={meta_key: json.dumps(config, sort_keys=True)})
     write_json(folder / CONFIG_FILE, config)
     return folder
 
@@ -134,47 +139,12 @@ def check_keys(
         )
 
 
-def load_model(
-    folder: str | os.PathLike[str],
-    map_location: str | torch.device = "cpu",
-    model_class: type[RETRO] | None = None,
-) -> RETRO:
-    """Load a model written by `save_model`. Every weight must be present, and no other.
-
-    Args:
-        model_class: the class to build (RETRO by default; `RETRO.load` passes its own class).
-    Raises:
-        InputError: a file is missing.
-        CorruptArtifactError: unreadable files, missing, extra or misshapen weights.
-    """
-    if model_class is None:
-        from retrolm.model import RETRO as model_class
-    folder = Path(folder)
-    cfg, state = read_model_folder(folder)
-    model = model_class(cfg)
-    check_keys(model.state_dict(), state, folder / WEIGHTS_FILE, "this config")
-    model.load_state_dict(state, strict=True)
-    return model.to(map_location)
-
-
-def load_from_baseline(
-    baseline_folder: str | os.PathLike[str],
-    cfg: RetroConfig,
-    model_class: type[RETRO] | None = None,
-) -> RETRO:
-    """RETRO-fitting: a model with `cfg` whose decoder weights come from a saved baseline.
-
-    The baseline's decoder must match `cfg` exactly (every decoder weight, same shapes);
-    the encoder and CCA layers are freshly initialised.
+def check_decoder(base_cfg: RetroConfig, cfg: RetroConfig, folder: Path) -> None:
+    """Refuse a baseline (in `folder`) whose decoder settings differ from `cfg`'s.
 
     Raises:
-        MismatchError: the baseline's decoder settings differ from `cfg`.
-        CorruptArtifactError: missing or extra decoder weights.
+        MismatchError: naming each differing setting.
     """
-    if model_class is None:
-        from retrolm.model import RETRO as model_class
-    folder = Path(baseline_folder)
-    base_cfg, state = read_model_folder(folder)
     diff = [f"{k}: {getattr(base_cfg, k)} vs {getattr(cfg, k)}" for k in _DECODER_FIELDS
             if getattr(base_cfg, k) != getattr(cfg, k)]  # fmt: skip
     if diff:
@@ -182,10 +152,3 @@ def load_from_baseline(
             f"the baseline in {folder} has another decoder than the requested config "
             f"({'; '.join(diff)}); use the baseline's decoder settings"
         )
-    model = model_class(cfg)
-    is_retrieval = model_class._is_retrieval_name
-    decoder = {k: v for k, v in model.state_dict().items() if not is_retrieval(k)}
-    check_keys(decoder, state, folder / WEIGHTS_FILE, "a decoder of this config")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    assert not unexpected and all(is_retrieval(k) for k in missing)
-    return model

@@ -206,3 +206,16 @@ def test_ivf_datastore_visiting_every_cell_is_the_exact_search():
     assert np.mean([len(set(a) & set(b)) / 8 for a, b in zip(i_few, i_flat)]) > 0.5
     cost = datastore_flops(5000, 200, 16, KnnLMConfig(exact_below=0, nprobe=8))
     assert cost["search"] < datastore_flops(5000, 200, 16, KnnLMConfig())["search"] / 4
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("k", 0), ("lambdas", ()), ("lambdas", (0.5, 1.5)), ("temperatures", (0.0,)),
+     ("tune_fraction", 1.0), ("train_per_cell", 10), ("nprobe", 0), ("max_datastore", 0)],
+)  # fmt: skip
+def test_knnlm_config_names_a_bad_field(field, value):
+    from retrolm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"KnnLMConfig.{field} must be"):
+        KnnLMConfig(**{field: value})
+    assert KnnLMConfig(tune_fraction=0.0, lambdas=[0, 1]).lambdas == (0.0, 1.0)

@@ -35,7 +35,7 @@ from retrolm.database.embed import (
     measure_dtypes,
 )
 from retrolm.database.ondisk import choose_layout, is_ondisk, merge_blocks_ondisk
-from retrolm.errors import RetrolmError
+from retrolm.errors import UserError
 from tests.test_database import arrays, make_corpus, tiny_config
 from tests.test_database_resume import environment, read_manifest
 
@@ -179,9 +179,7 @@ def test_a_lock_held_by_another_process_is_refused_by_build_lock(tmp_path):
     try:
         assert holder.stdout.readline().strip() == "held"
         with (
-            pytest.raises(
-                RetrolmError, match=f"in use by another retrolm process .pid {holder.pid}"
-            ),
+            pytest.raises(UserError, match=f"in use by another retrolm process .pid {holder.pid}"),
             build_lock(folder, Dist()),
         ):
             pass
@@ -367,7 +365,7 @@ def test_auto_index_goes_on_disk_only_when_no_index_fits_memory():
     assert choose_layout(1_000_000, 384, 8 << 30) == ("IVF4096,SQ8", False)
     factory, ondisk = choose_layout(10_000_000, 384, 64 << 20)  # < 8-byte codes, > centroids
     assert ondisk and factory == "OPQ32_128,IVF32768,PQ32"
-    with pytest.raises(RetrolmError, match="index-memory"):
+    with pytest.raises(UserError, match="index-memory"):
         choose_layout(10_000_000, 384, 1 << 10)
 
 

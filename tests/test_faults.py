@@ -1,4 +1,4 @@
-"""Faults and hostile input (issue 14): every case ends in a one-line error with exit code 2
+"""Faults and hostile input: every case ends in a one-line error with exit code 2
 (a user's problem) or 1 with a traceback (a bug), and nothing the user had is lost.
 
 Every CLI case checks the exit code, that stderr holds no traceback unless it is a bug, and the

@@ -285,9 +285,9 @@ def test_flops_per_token_matches_counted_matmuls() -> None:
         + k * r / m * cfg.enc_depth * (r * e + m * e)
         + len(cfg.cca_layers) * k * r * d
     )
-    predicted = model.flops_per_token(n, k, training=False)
+    predicted = model.cfg.flops_per_token(n, k, training=False)
     assert counted + attention == pytest.approx(predicted, rel=0.02)
-    assert model.flops_per_token(n, k) == pytest.approx(3 * predicted)
+    assert model.cfg.flops_per_token(n, k) == pytest.approx(3 * predicted)
 
 
 def test_baseline_config_builds_a_plain_decoder() -> None:

@@ -190,6 +190,27 @@ def test_save_load_round_trip_gives_identical_logits(tmp_path) -> None:
         assert torch.equal(loaded(tokens, neighbours), model(tokens, neighbours))
 
 
+def test_a_model_saved_with_the_notes_field_still_opens(tmp_path):
+    """Configs of retrolm 0.1.0 carry `extra: {}` (free-form notes) in config.json and in the
+    weights file's metadata: such a folder loads, with the same weights."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    cfg = CONFIGS["deepnet"]
+    model = RETRO(cfg)
+    model.save(tmp_path / "m")
+    old = cfg.to_dict() | {"extra": {}}
+    (tmp_path / "m" / "config.json").write_text(json.dumps(old))
+    path = tmp_path / "m" / "model.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = {k: json.dumps(old, sort_keys=True) for k in f.metadata()}
+    save_file(load_file(str(path)), str(path), metadata=metadata)
+    loaded = RETRO.load(tmp_path / "m")
+    assert loaded.cfg == cfg
+    for name, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], value), name
+
+
 def _rewrite_weights(folder, change) -> None:
     path = folder / "model.safetensors"
     from safetensors import safe_open

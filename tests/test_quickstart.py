@@ -84,6 +84,19 @@ def test_choose_valid_holds_out_some_but_not_all(corpus):
 def test_config_validation_names_the_field():
     with pytest.raises(ValueError, match="minutes"):
         QuickstartConfig(minutes=0.5)
+    with pytest.raises(ValueError, match="--retriever dense: a quickstart with --base"):
+        QuickstartConfig(base="smollm2", retriever="dense")  # never silently BM25 instead
+    assert QuickstartConfig(base="smollm2").retriever == "bm25"
+
+
+def test_cli_refuses_dense_retrieval_with_a_base(tmp_path, capsys):
+    from retrolm.cli import main
+
+    argv = ["quickstart", "--base", "smollm2", "--retriever", "dense", "--out", str(tmp_path / "q")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--retriever dense" in err
+    assert not (tmp_path / "q").exists()
 
 
 def test_a_stored_plan_is_reused_and_other_settings_are_refused(tmp_path):

@@ -55,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from retrolm.quickstart import QuickstartConfig, quickstart
+    from retrolm.quickstart_base import quickstart_base
 
     cfg = QuickstartConfig(
         corpus=args.corpus,
@@ -65,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.no_progress,
         base=args.base,
     )
-    result = quickstart(cfg)
+    result = quickstart_base(cfg) if cfg.base is not None else quickstart(cfg)
     keys = ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb", "wall_seconds")
     summary = {k: result.get(k) for k in keys}
     print(json.dumps(summary, indent=2))

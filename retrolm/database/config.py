@@ -6,6 +6,7 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
+from retrolm.config import CHUNK_SIZE
 from retrolm.errors import ConfigError
 
 # Settings that change the content of a database: a rerun or `db add` with a different value is
@@ -49,7 +50,7 @@ class DatabaseConfig:
     """How a retrieval database is built. The single source of truth for `retrolm db`."""
 
     # tokens per chunk (m in the paper); neighbours are m-token chunks plus their continuation
-    chunk_size: int = 64
+    chunk_size: int = CHUNK_SIZE
     # vocabulary of the byte-level BPE tokenizer trained on the train split
     vocab_size: int = 16384
     # a tokenizer.json file or HF tokenizer folder to use instead of training one

@@ -79,7 +79,7 @@ class Dist:
         if self.is_main:
             try:
                 result = fn()
-            except errors.RetrolmError as e:
+            except errors.UserError as e:
                 error = e
         box = [None if error is None else (type(error).__name__, str(error))]
         td.broadcast_object_list(box, src=0)
@@ -88,8 +88,8 @@ class Dist:
         if box[0] is not None:
             name, message = box[0]
             kind = getattr(errors, name, None)
-            if not (isinstance(kind, type) and issubclass(kind, errors.RetrolmError)):
-                kind = errors.RetrolmError
+            if not (isinstance(kind, type) and issubclass(kind, errors.UserError)):
+                kind = errors.UserError
             raise kind(message)
         return result
 
@@ -192,7 +192,7 @@ def launch_local(workers: int, argv: list[str]) -> int:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         code = failure.exitcode if failure.exitcode and failure.exitcode > 0 else 1
-        if code != errors.RetrolmError.exit_code:  # a user error was already reported
+        if code != errors.UserError.exit_code:  # a user error was already reported
             print(
                 f"error: rank {rank} of {workers} failed (exit code {failure.exitcode}) and the "
                 "launch was stopped; rerun the same command to resume from the finished blocks",

@@ -69,7 +69,8 @@ def ivf_prefix(num_vectors: int) -> str:
     """The coarse part of an auto-chosen IVF factory: `IVF{nlist}`, a flat quantizer at every
     size. Its cells are found by exact matrix products (`CellFinder`): at 16384 cells that
     cost 78 us a vector on 2 cores here, where an HNSW quantizer needed efSearch 128 (491 us)
-    to find the nearest cell of 99% of the benchmark's vectors (`benchmarks/RESULTS.md`)."""
+    to find the nearest cell of 99% of the benchmark's vectors (docs/results.md, the section on
+    the database at scale)."""
     return f"IVF{ivf_nlist(num_vectors)}"
 
 
@@ -120,8 +121,9 @@ def choose_factory(num_vectors: int, dim: int, memory_budget_bytes: int) -> str:
 def training_sample_size(factory: str, num_vectors: int, most: int = MAX_TRAIN_SAMPLE) -> int:
     """How many vectors to train `factory` on: `POINTS_PER_CENTROID` a cell (and a codebook
     centroid), at most `most` (`--index-train-size`) and `num_vectors`; 0 when it needs no
-    training. The default `most`, 4M, gives 65536 cells 64 points each; 2M gave them 32, and
-    such cells split ~9% of the benchmark's true neighbours at 16M chunks (RESULTS)."""
+    training. The default `most`, 4M, gives 65536 cells 64 points each; 2M would give them 32,
+    and such cells split ~9% of the benchmark's true neighbours at 16M chunks (docs/results.md,
+    the section on the database at scale)."""
     need = 0
     if m := re.search(r"IVF(\d+)", factory):
         need = max(need, POINTS_PER_CENTROID * int(m.group(1)))
@@ -168,7 +170,7 @@ KMEANS_SLICE = 1 << 14  # sample rows summed in float64 at once (one 24 MB buffe
 # The codes (SQ ranges, PQ codebooks: 256 centroids each) train on at most this many of the
 # sample's vectors: faiss computes the residuals of every training vector, a second copy of a
 # sample that reaches 3 GB at 2M x 384 floats. faiss's PQ k-means uses at most 256 x 256 points
-# anyway; at 256k rows the subset and its residuals were 768 MB of the 4M benchmark's peak.
+# anyway; at 256k rows the subset and its residuals would be 768 MB of the 4M benchmark's peak.
 CODES_TRAIN_SAMPLE = 1 << 16
 QUANTIZER_EF_SEARCH = 64  # HNSW quantizer: the least efSearch a search gives it
 # An HNSW quantizer's efSearch for assigning vectors to cells (encode, add, k-means is exact):
@@ -212,8 +214,8 @@ def _nearest(x: Any, centroids: Any, half_norms: Any, n: int) -> tuple[Any, Any]
     rows = max(1, min(len(x), KMEANS_SCORES_BYTES // (4 * centroids.shape[0])))
     top_scores = torch.empty((len(x), n), dtype=torch.float32, device=centroids.device)
     top_ids = torch.empty((len(x), n), dtype=torch.int64, device=centroids.device)
-    # one buffer for every slice: a fresh product per slice held two slices at once (the next
-    # computed before the last was freed), 512 MB of the 1M benchmark's 1.1 GB training peak
+    # one buffer for every slice: a fresh product per slice holds two slices at once (the next
+    # computed before the last is freed), 512 MB of the 1M benchmark's 1.1 GB training peak
     buffer = torch.empty((rows, centroids.shape[0]), dtype=torch.float32, device=centroids.device)
     # a float16 sample's slices as float32, into one buffer too (fresh ones fragment the heap)
     as_float = (
@@ -530,6 +532,7 @@ def build_index(
                 "vectors: use fewer cells or a smaller database index (--index Flat)"
             )
         _configure_training(index, seed)
+        logger.info("training the faiss index %s on %d vectors", factory, len(sample))
         try:
             if _trains_own_centroids(index):
                 _train_ivf(index, sample, seed, device, checkpoint)
@@ -940,10 +943,11 @@ def exact_search_blocks(
     """Brute-force k nearest neighbours of `queries` over a stream of (vectors, ids) blocks.
 
     Memory stays at one block plus the running (n, k) results, whatever the database size: the
-    ground truth for `tune_search_params` on a database that does not fit in memory. Torch's
-    float32 matrix products (`_nearest`, as the k-means) rank each block (faiss's flat search
-    was most of a large build's search-params stage); for l2 the distances of 2k candidates
-    are then computed directly. Rows at equal distance keep block order.
+    ground truth for `choose_search_params` on a database that does not fit in memory. Torch's
+    float32 matrix products (`_nearest`, as the k-means) rank each block (a faiss flat search
+    per block is most of a large build's search-params stage: benchmarks/exact_search.py);
+    for l2 the distances of 2k candidates are then computed directly. Rows at equal distance
+    keep block order.
 
     Returns:
         distances (n, k) float32 and ids (n, k) int64, like `search`.
@@ -984,44 +988,6 @@ def recall_at_k(found_ids: np.ndarray, true_ids: np.ndarray) -> float:
         hits += len(true_set.intersection(int(f) for f in found))
         total += len(true_set)
     return hits / total if total else 1.0
-
-
-def tune_search_params(
-    index: faiss.Index,
-    queries: np.ndarray,
-    true_ids: np.ndarray,
-    *,
-    target_recall: float = 0.95,
-) -> tuple[dict[str, int], float]:
-    """The cheapest nprobe / efSearch whose recall@k against `true_ids` reaches `target_recall`.
-
-    Tries powers of two (nprobe from 1 to the number of cells, efSearch from 16 to 4096) and
-    leaves the index set to the returned parameters. `true_ids` (n, k) come from an exact search
-    (`exact_search_blocks`) over the same vectors.
-
-    Returns:
-        (params, recall reached); the largest setting tried when the target is never reached.
-    """
-    k = true_ids.shape[1]
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None:
-        name, values = "nprobe", [2**i for i in range(int(math.log2(ivf.nlist)) + 1)]
-        if values[-1] != ivf.nlist:
-            values.append(ivf.nlist)
-    elif _find_hnsw(index) is not None:
-        name, values = (
-            "efSearch",
-            [max(16, k) * 2**i for i in range(9) if max(16, k) * 2**i <= 4096],
-        )
-    else:
-        return {}, recall_at_k(search(index, queries, k)[1], true_ids)
-    recall = 0.0
-    for value in values:
-        apply_search_params(index, {name: value})
-        recall = recall_at_k(search(index, queries, k)[1], true_ids)
-        if recall >= target_recall:
-            break
-    return {name: value}, recall
 
 
 # Databases larger than this tune their search parameters on a sample (smaller ones keep the
@@ -1131,18 +1097,6 @@ def choose_search_params(
         ),
     )
     return params, recall
-
-
-def _find_hnsw(index: Any) -> Any:
-    """The IndexHNSW inside `index` (through IDMap / pre-transform wrappers), or None."""
-    inner = faiss.downcast_index(index)
-    while True:
-        if isinstance(inner, faiss.IndexHNSW):
-            return inner
-        sub = getattr(inner, "index", None)
-        if sub is None:
-            return None
-        inner = faiss.downcast_index(sub)
 
 
 def save_index(index: faiss.Index, path: str | os.PathLike[str]) -> None:

@@ -26,7 +26,6 @@ layer's hidden states (B, T, d) and returns them plus the CCA residual, nothing 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,10 +37,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from retrolm import weights
 from retrolm.errors import InputError, MismatchError
 from retrolm.hf.base import check_base_hash, decoder_layers, load_base
 from retrolm.hf.config import RetrofitConfig
-from retrolm.io import atomic_path, write_json
+from retrolm.inputs import check_neighbours, check_tokens
 from retrolm.model import (
     RETRO,
     ChunkedCrossAttention,
@@ -102,9 +102,6 @@ class RetroFitted(nn.Module):
     """
 
     # input checks shared with RETRO: they read only self.cfg (vocab_size, max_seq_len, ...)
-    _check_tokens = RETRO._check_tokens
-    _check_ids = RETRO._check_ids
-    _check_neighbours = RETRO._check_neighbours
     _retrieve = RETRO._retrieve
     _match_ids = RETRO._match_ids  # pad_id as -2 (decoder), -1 (neighbours), for cca_match
 
@@ -331,9 +328,9 @@ class RetroFitted(nn.Module):
 
     def _hidden(self, tokens: Tensor, neighbours: Tensor | None) -> tuple[Tensor, _Pass]:
         """The checked full pass: (final hidden states (B, n, d), the pass's state)."""
-        self._check_tokens(tokens)
+        check_tokens(self.cfg, tokens)
         if neighbours is not None:
-            self._check_neighbours(neighbours, *tokens.shape)
+            check_neighbours(self.cfg, neighbours, *tokens.shape)
         state = _Pass(tokens=tokens, start=0, neighbours=neighbours)
         return self._run_base(state, use_cache=False).last_hidden_state, state
 
@@ -393,7 +390,7 @@ class RetroFitted(nn.Module):
         layers = list(decoder_layers(self.base))[: self.first_cca]
         if not self.cfg.retrieval or not layers:
             return self.hidden_states(tokens), self(tokens, neighbours)
-        self._check_neighbours(neighbours, *tokens.shape)
+        check_neighbours(self.cfg, neighbours, *tokens.shape)
         shared: list[Any] = []
         capture = layers[-1].register_forward_hook(lambda module, args, out: shared.append(out))
         try:
@@ -505,16 +502,10 @@ class RetroFitted(nn.Module):
 
         The base is not copied: the config names its folder and the hash of its weights.
         """
-        from safetensors.torch import save_file
-
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        config = self.cfg.to_dict()
-        tensors = {k: v.detach().cpu().contiguous() for k, v in self.retrieval_parameters()}
-        with atomic_path(folder / WEIGHTS_FILE) as tmp:
-            save_file(tensors, str(tmp), metadata={_META_KEY: json.dumps(config, sort_keys=True)})
-        write_json(folder / CONFIG_FILE, config)
-        return folder
+        tensors = dict(self.retrieval_parameters())
+        return weights.write_model_folder(
+            folder, self.cfg.to_dict(), tensors, weights_file=WEIGHTS_FILE, meta_key=_META_KEY
+        )
 
     @classmethod
     def from_config(cls, cfg: RetrofitConfig) -> RetroFitted:
@@ -551,7 +542,7 @@ class RetroFitted(nn.Module):
         check_base_hash(base_path, cfg.base_sha256)
         model = cls(load_base(base_path, cfg.dtype), cfg)
         expected = dict(model.retrieval_parameters())
-        RETRO._check_keys(expected, state, folder / WEIGHTS_FILE, "this retrofit config")
+        weights.check_keys(expected, state, folder / WEIGHTS_FILE, "this retrofit config")
         with torch.no_grad():
             for name, p in expected.items():
                 p.copy_(state[name])
@@ -564,9 +555,7 @@ def is_retrofit_folder(folder: str | os.PathLike[str]) -> bool:
 
 
 def _read_folder(folder: Path) -> tuple[RetrofitConfig, dict[str, Tensor]]:
-    from retrolm.weights import read_model_folder
-
-    return read_model_folder(
+    return weights.read_model_folder(
         folder,
         config_class=RetrofitConfig,
         weights_file=WEIGHTS_FILE,
@@ -576,8 +565,8 @@ def _read_folder(folder: Path) -> tuple[RetrofitConfig, dict[str, Tensor]]:
 
 
 def _cache_argument(backbone: nn.Module) -> str:
-    """The keyword the base's decoder takes its KV cache by (`cache`, formerly
-    `past_key_values`)."""
+    """The keyword the base's decoder takes its KV cache by: `cache` where the installed
+    transformers names it so, else `past_key_values`."""
     params = inspect.signature(backbone.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
