@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
-from fastapi import Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import (
@@ -468,259 +468,99 @@ def load_served(
     return Loaded(engine, live, cfg)
 
 
-def create_app(
-    run: str | Path,
-    db: str | Path,
-    settings: ServeSettings | None = None,
-    *,
-    model: Any = None,
-    background: bool = False,
-) -> FastAPI:
-    """The FastAPI app serving the run's model with retrieval from `db`.
+class Served:
+    """What an app serves from (`app.state.served`): its settings and metrics, and the model and
+    database once loaded (by `create_app`, or by `load_in_background` once the app runs)."""
 
-    Loads the model and the database now (errors raise here), or with `background` in a thread
-    that the app's lifespan starts: `/health` answers 503 `{"status": "loading"}` until they
-    are loaded, and the other routes 503 too; a failed load is logged, `/health` says "error",
-    and `app.state.on_load_error(exc)` is called if set (the CLI stops the server with it).
+    def __init__(
+        self,
+        app: FastAPI,
+        run: str | Path,
+        db: str | Path,
+        settings: ServeSettings,
+        model: Any,
+        metrics: ServeMetrics,
+    ) -> None:
+        self.app, self.run, self.db, self.model = app, run, db, model
+        self.settings, self.metrics = settings, metrics
+        self.name = settings.model_name or Path(run).resolve().name
+        self.created = int(time.time())
+        self.max_prompt = settings.max_prompt_tokens  # longer prompts: read as the window holds
+        self.shutting_down = False
+        self.loaded: Loaded | None = None
+        self.error: str | None = None  # why loading failed
+        self.up = False  # between the lifespan's start and its end
+        self.loading = False
+        self.guard = threading.Lock()  # the loader thread and the lifespan start / stop the engine
 
-    Raises:
-        InputError, MismatchError, CorruptArtifactError: a bad run, database or device.
-    """
-    from retrolm.runs import read_run_meta
+    def install(self, loaded: Loaded) -> None:
+        self.metrics.watch(loaded.engine, loaded.live)
+        self.app.state.engine, self.app.state.database = loaded.engine, loaded.live
+        self.loaded = loaded
 
-    settings = settings or ServeSettings()
-    if background:  # what is quick to check is checked now: a missing run, a missing database
-        read_run_meta(run)
-        if not Path(db).is_dir():
-            raise InputError(f"database {db} does not exist; build one with `retrolm db build`")
-    metrics = ServeMetrics()
-    max_prompt = settings.max_prompt_tokens  # longer prompts are read as the window holds them
-    name = settings.model_name or Path(run).resolve().name
-    created = int(time.time())
-    state: dict[str, Any] = {"shutting_down": False, "loaded": None, "error": None, "up": False}
-    guard = threading.Lock()  # the loader thread and the lifespan start / stop the engine
-
-    def install(loaded: Loaded) -> None:
-        metrics.watch(loaded.engine, loaded.live)
-        app.state.engine, app.state.database = loaded.engine, loaded.live
-        state["loaded"] = loaded
-
-    def start(loaded: Loaded) -> None:
+    def start(self, loaded: Loaded) -> None:
         loaded.engine.start()
         loaded.live.start()
-        log.info("serving %s (max batch %d) with database %s", name, settings.max_batch, db)
+        log.info(
+            "serving %s (max batch %d) with database %s",
+            self.name,
+            self.settings.max_batch,
+            self.db,
+        )
 
-    def load_in_background() -> None:
+    def load_in_background(self) -> None:
         try:
-            loaded = load_served(run, db, settings, model, metrics)
+            loaded = load_served(self.run, self.db, self.settings, self.model, self.metrics)
         except Exception as exc:
-            state["error"] = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
+            self.error = str(exc).splitlines()[0][:300] if str(exc) else type(exc).__name__
             if isinstance(exc, UserError):  # a bad run, database or setting: its message says
-                log.error("could not load the model and database: %s", state["error"])
+                log.error("could not load the model and database: %s", self.error)
             else:
                 log.exception("could not load the model and database")
-            failed = getattr(app.state, "on_load_error", None)
+            failed = getattr(self.app.state, "on_load_error", None)
             if failed is not None:
                 failed(exc)
             return
-        with guard:
-            install(loaded)
-            if state["up"]:
-                start(loaded)
+        with self.guard:
+            self.install(loaded)
+            if self.up:
+                self.start(loaded)
 
-    @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state["shutting_down"] = False
-        with guard:
-            state["up"] = True
-            if state["loaded"] is not None:
-                start(state["loaded"])
-            elif state["error"] is None and not state.get("loading"):
-                state["loading"] = True
-                threading.Thread(
-                    target=load_in_background, name="retrolm-load", daemon=True
-                ).start()
-        try:
-            yield
-        finally:
-            state["shutting_down"] = True
-            with guard:
-                state["up"] = False
-                loaded = state["loaded"]
-            if loaded is not None:
-                loaded.live.stop()
-                await run_in_threadpool(loaded.engine.stop)
-
-    def drain(timeout: float) -> None:
+    def drain(self, timeout: float) -> None:
         """From the event loop, at shutdown: refuse new completions, and end those still
         running after `timeout` seconds with an error event."""
-        state["shutting_down"] = True
+        self.shutting_down = True
         message = (
             f"the server shut down before this request finished (it was given "
             f"{timeout:g} s, --shutdown-timeout); retry it"
         )
-        loaded = state["loaded"]
-        if loaded is not None:
-            asyncio.get_running_loop().call_later(timeout, loaded.engine.abort, message)
+        if self.loaded is not None:
+            asyncio.get_running_loop().call_later(timeout, self.loaded.engine.abort, message)
 
-    app = FastAPI(
-        title="retrolm",
-        version="1",
-        lifespan=lifespan,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
-    )
-    app.state.settings, app.state.metrics, app.state.drain = settings, metrics, drain
-    if not background:
-        install(load_served(run, db, settings, model, metrics))
-    install_error_handlers(app)
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
-    app.add_middleware(HostCheck, settings=settings)  # before anything else but the count
-    routes: set[str] = set()
-
-    def route_paths() -> set[str]:
-        if not routes:
-            routes.update(getattr(r, "path", "") for r in app.routes)
-        return routes
-
-    app.add_middleware(RequestCounter, metrics=metrics, routes=route_paths)
-
-    def has_key(request: Request) -> bool:
-        if settings.api_key is None:
+    def has_key(self, request: Request) -> bool:
+        if self.settings.api_key is None:
             return True
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         return scheme.lower() == "bearer" and secrets.compare_digest(
-            token.strip().encode(), settings.api_key.encode()
+            token.strip().encode(), self.settings.api_key.encode()
         )
 
-    async def authorize(request: Request) -> None:
-        if not has_key(request):
-            raise HTTPException(
-                401,
-                "missing or wrong API key: send the header `Authorization: Bearer KEY`",
-                headers={"WWW-Authenticate": "Bearer"},
-            )
-
-    def ready() -> Loaded:
+    def ready(self) -> Loaded:
         """The loaded model and database; 503 while they load (or if they could not be)."""
-        loaded = state["loaded"]
-        if loaded is not None:
-            return loaded
-        if state["error"] is not None:
+        if self.loaded is not None:
+            return self.loaded
+        if self.error is not None:
             raise ApiError(
                 503,
-                f"the model and database could not be loaded ({state['error']}); see the "
-                "server log",
+                f"the model and database could not be loaded ({self.error}); see the server log",
                 code="load_failed",
             )
         raise HTTPException(
             503, "the model and database are loading; retry shortly", headers={"Retry-After": "1"}
         )
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def page() -> HTMLResponse:
-        html = resources.files("retrolm.serve").joinpath("static/index.html").read_text("utf-8")
-        return HTMLResponse(html, headers={"X-Content-Type-Options": "nosniff"})
-
-    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
-    async def openapi() -> dict[str, Any]:
-        return app.openapi()
-
-    @app.get("/metrics", include_in_schema=False, dependencies=[Depends(authorize)])
-    async def prometheus() -> Response:
-        return Response(metrics.exposition(), media_type=CONTENT_TYPE)
-
-    @app.get("/health", response_model=None)
-    async def health(request: Request) -> Any:
-        loaded = state["loaded"]
-        if loaded is None:
-            status = "error" if state["error"] is not None else "loading"
-            body = {"status": status}
-            if status == "error" and has_key(request):
-                body["error"] = state["error"]
-            return JSONResponse(body, status_code=503)
-        engine, live = loaded.engine, loaded.live
-        status = "shutting_down" if state["shutting_down"] else "ok"
-        if not state["shutting_down"] and not engine.alive:
-            status = "error"  # the decoding worker is gone: nothing would be answered
-        if not has_key(request):  # the rest describes the deployment: for key holders only
-            return JSONResponse({"status": status}, status_code=503 if status == "error" else 200)
-        current = live.current
-        body = {
-            "status": status,
-            "model": name,
-            "retrieval": loaded.cfg.retrieval,
-            "database": {
-                "path": str(live.path),
-                "version": live.version,
-                "documents": len(current.documents),
-                "chunks": int(current.num_chunks),
-                "refused": live.refused,
-            },
-            "running": engine.running,
-            "queued": engine.queued,
-            "max_batch": settings.max_batch,
-            "completed": engine.completed,
-            "failed": engine.failed,
-            "cancelled": engine.cancelled,
-        }
-        return JSONResponse(body, status_code=503 if status == "error" else 200)
-
-    @app.get("/v1/models", dependencies=[Depends(authorize)])
-    async def models() -> dict[str, Any]:
-        cfg = ready().cfg
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "retrolm",
-                    "max_seq_len": cfg.max_seq_len,
-                    "max_model_len": cfg.max_seq_len,
-                    "chunk_size": cfg.chunk_size,
-                    "retrieval": cfg.retrieval,
-                    "limits": {
-                        "max_prompt_tokens": max_prompt,
-                        "max_tokens": settings.max_tokens,
-                        "max_n": settings.max_n,
-                        "max_logprobs": MAX_LOGPROBS,
-                    },
-                }
-            ],
-        }
-
-    @app.post("/v1/search", dependencies=[Depends(authorize)])
-    async def search(body: SearchRequest) -> dict[str, Any]:
-        live = ready().live
-        if body.k > settings.max_search_k:
-            raise ApiError(400, f"k: at most {settings.max_search_k} (--max-search-k)", param="k")
-        current = live.current
-
-        def run_search() -> list[Any]:
-            with live.lock:
-                return current.search(body.query, k=body.k)[0]
-
-        hits = await run_in_threadpool(run_search)
-        return {
-            "object": "list",
-            "data": [
-                {
-                    "chunk_id": h.chunk_id,
-                    "document": h.document_name,
-                    "score": h.score,
-                    "text": h.text,
-                }
-                for h in hits
-            ],  # fmt: skip
-            "metric": current.metric,  # l2: lower scores are nearer; ip and bm25: higher
-            "database_version": live.version,
-        }
-
-    def check_ids(ids: list[int], param: str) -> None:
-        vocab = ready().tokenizer.vocab_size
+    def check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.ready().tokenizer.vocab_size
         bad = next((i for i in ids if not 0 <= i < vocab), None)
         if bad is not None:
             raise ApiError(
@@ -729,69 +569,37 @@ def create_app(
                 param=param,
             )
 
-    @app.post("/v1/tokenize", dependencies=[Depends(authorize)])
-    @app.post("/tokenize", dependencies=[Depends(authorize)], include_in_schema=False)
-    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
-        loaded = ready()
-        ids = loaded.tokenizer.encode(body.prompt) if body.prompt else []
-        return {"tokens": ids, "count": len(ids), "max_model_len": loaded.cfg.max_seq_len}
-
-    @app.post("/v1/detokenize", dependencies=[Depends(authorize)])
-    @app.post("/detokenize", dependencies=[Depends(authorize)], include_in_schema=False)
-    async def detokenize(body: DetokenizeRequest) -> dict[str, Any]:
-        check_ids(body.tokens, "tokens")
-        return {"prompt": ready().tokenizer.decode(body.tokens)}
-
-    @app.get("/tokenizer_info", dependencies=[Depends(authorize)], include_in_schema=False)
-    async def tokenizer_info() -> dict[str, Any]:
-        """What lm-evaluation-harness's remote tokenizer reads (`tokenizer_backend=remote`)."""
-        loaded = ready()
-        tok = loaded.tokenizer
-
-        def text(i: int | None) -> str | None:
-            return None if i is None else tok.hf.id_to_token(i)
-
-        return {
-            "eos_token": text(tok.eos_id),
-            "eos_token_id": tok.eos_id,
-            "bos_token": text(tok.bos_id),
-            "bos_token_id": tok.bos_id,
-            "pad_token": text(tok.pad_id),
-            "pad_token_id": tok.pad_id,
-            "vocab_size": tok.vocab_size,
-            "model_max_length": loaded.cfg.max_seq_len,
-        }
-
-    def prompt_ids(body: CompletionRequest, loaded: Loaded) -> list[tuple[list[int], str]]:
+    def prompt_ids(self, body: CompletionRequest, loaded: Loaded) -> list[tuple[list[int], str]]:
         """(token ids, text) of each prompt of the request; 400 for one that cannot be served."""
         out = []
         for p in body.prompts():
             if isinstance(p, str):
                 ids, text = loaded.tokenizer.encode(p), p
             else:
-                check_ids(p, "prompt")
+                self.check_ids(p, "prompt")
                 ids, text = list(p), loaded.tokenizer.decode(p)
             if not ids:
                 raise ApiError(
                     400, "prompt: it encodes to no tokens; give some text", param="prompt"
                 )
-            if len(ids) > max_prompt:
+            if len(ids) > self.max_prompt:
                 raise ApiError(
                     400,
-                    f"prompt: {len(ids)} tokens, more than the {max_prompt} this server accepts "
-                    "(--max-prompt-tokens); shorten it",
+                    f"prompt: {len(ids)} tokens, more than the {self.max_prompt} this server "
+                    "accepts (--max-prompt-tokens); shorten it",
                     param="prompt",
                 )
             out.append((ids, text))
         return out
 
-    def check_completion(body: CompletionRequest) -> None:
+    def check_completion(self, body: CompletionRequest) -> None:
         """400 (or 404) for what the fields allow but this server does not serve."""
-        if body.model is not None and body.model != name:
+        settings = self.settings
+        if body.model is not None and body.model != self.name:
             raise ApiError(
                 404,
-                f"The model `{body.model[:100]}` does not exist; this server serves `{name}` "
-                "(GET /v1/models), or leave model out",
+                f"The model `{body.model[:100]}` does not exist; this server serves "
+                f"`{self.name}` (GET /v1/models), or leave model out",
                 param="model",
                 code="model_not_found",
             )
@@ -815,131 +623,375 @@ def create_app(
         if body.stream_options is not None and not body.stream:
             raise ApiError(400, "stream_options: only with stream: true", param="stream_options")
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        if state["shutting_down"]:
-            raise HTTPException(503, "the server is shutting down; retry on another one")
-        loaded = ready()
-        engine = loaded.engine
-        check_completion(body)
-        prompts = prompt_ids(body, loaded)
-        if len(prompts) * body.n > settings.max_queue:
-            raise ApiError(
-                400,
-                f"prompt: {len(prompts)} prompts x n = {len(prompts) * body.n} completions, more "
-                f"than this server queues (--max-queue {settings.max_queue}); send fewer",
-                param="prompt",
-            )
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        cs = [
-            Completion(
-                prompt_ids=ids,
-                max_tokens=body.max_tokens,
-                temperature=body.temperature,
-                top_k=body.top_k,
-                top_p=body.top_p,
-                seed=_nth_seed(body.seed, i),
-                stop=body.stop or [],  # type: ignore[arg-type]
-                loop=loop,
-                events=events,
-                logprobs=body.logprobs,
-                echo=body.echo,
-                index=p * body.n + i,
-            )
-            for p, (ids, _) in enumerate(prompts)
-            for i in range(body.n)
-        ]
-        deadline = loop.time() + settings.request_timeout
+
+def create_app(
+    run: str | Path,
+    db: str | Path,
+    settings: ServeSettings | None = None,
+    *,
+    model: Any = None,
+    background: bool = False,
+) -> FastAPI:
+    """The FastAPI app serving the run's model with retrieval from `db`: the module's routes
+    (`router`) over a `Served` in `app.state.served`.
+
+    Loads the model and the database now (errors raise here), or with `background` in a thread
+    that the app's lifespan starts: `/health` answers 503 `{"status": "loading"}` until they
+    are loaded, and the other routes 503 too; a failed load is logged, `/health` says "error",
+    and `app.state.on_load_error(exc)` is called if set (the CLI stops the server with it).
+
+    Raises:
+        InputError, MismatchError, CorruptArtifactError: a bad run, database or device.
+    """
+    from retrolm.runs import read_run_meta
+
+    settings = settings or ServeSettings()
+    if background:  # what is quick to check is checked now: a missing run, a missing database
+        read_run_meta(run)
+        if not Path(db).is_dir():
+            raise InputError(f"database {db} does not exist; build one with `retrolm db build`")
+    metrics = ServeMetrics()
+    app = FastAPI(
+        title="retrolm",
+        version="1",
+        lifespan=_lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    served = Served(app, run, db, settings, model, metrics)
+    app.state.served, app.state.settings, app.state.metrics = served, settings, metrics
+    app.state.drain = served.drain
+    if not background:
+        served.install(load_served(run, db, settings, model, metrics))
+    install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(HostCheck, settings=settings)  # before anything else but the count
+    paths = {getattr(r, "path", "") for r in router.routes}  # the label of a counted request
+    app.add_middleware(RequestCounter, metrics=metrics, routes=lambda: paths)
+    app.include_router(router)
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Start the worker and the database watcher (or the loading thread); stop them at the end."""
+    served: Served = app.state.served
+    served.shutting_down = False
+    with served.guard:
+        served.up = True
+        if served.loaded is not None:
+            served.start(served.loaded)
+        elif served.error is None and not served.loading:
+            served.loading = True
+            threading.Thread(
+                target=served.load_in_background, name="retrolm-load", daemon=True
+            ).start()
+    try:
+        yield
+    finally:
+        served.shutting_down = True
+        with served.guard:
+            served.up = False
+            loaded = served.loaded
+        if loaded is not None:
+            loaded.live.stop()
+            await run_in_threadpool(loaded.engine.stop)
+
+
+# ---------------------------------------------------------------------------------------------
+# routes
+
+router = APIRouter()
+
+
+def _served(request: Request) -> Served:
+    return request.app.state.served
+
+
+async def authorize(request: Request) -> None:
+    if not _served(request).has_key(request):
+        raise HTTPException(
+            401,
+            "missing or wrong API key: send the header `Authorization: Bearer KEY`",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+@router.get("/", response_class=HTMLResponse, include_in_schema=False)
+async def page() -> HTMLResponse:
+    html = resources.files("retrolm.serve").joinpath("static/index.html").read_text("utf-8")
+    return HTMLResponse(html, headers={"X-Content-Type-Options": "nosniff"})
+
+
+@router.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authorize)])
+async def openapi(request: Request) -> dict[str, Any]:
+    return request.app.openapi()
+
+
+@router.get("/metrics", include_in_schema=False, dependencies=[Depends(authorize)])
+async def prometheus(request: Request) -> Response:
+    return Response(_served(request).metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+@router.get("/health", response_model=None)
+async def health(request: Request) -> Any:
+    served = _served(request)
+    loaded = served.loaded
+    if loaded is None:
+        status = "error" if served.error is not None else "loading"
+        body: dict[str, Any] = {"status": status}
+        if status == "error" and served.has_key(request):
+            body["error"] = served.error
+        return JSONResponse(body, status_code=503)
+    engine, live = loaded.engine, loaded.live
+    status = "shutting_down" if served.shutting_down else "ok"
+    if not served.shutting_down and not engine.alive:
+        status = "error"  # the decoding worker is gone: nothing would be answered
+    if not served.has_key(request):  # the rest describes the deployment: for key holders only
+        return JSONResponse({"status": status}, status_code=503 if status == "error" else 200)
+    current = live.current
+    body = {
+        "status": status,
+        "model": served.name,
+        "retrieval": loaded.cfg.retrieval,
+        "database": {
+            "path": str(live.path),
+            "version": live.version,
+            "documents": len(current.documents),
+            "chunks": int(current.num_chunks),
+            "refused": live.refused,
+        },
+        "running": engine.running,
+        "queued": engine.queued,
+        "max_batch": served.settings.max_batch,
+        "completed": engine.completed,
+        "failed": engine.failed,
+        "cancelled": engine.cancelled,
+    }
+    return JSONResponse(body, status_code=503 if status == "error" else 200)
+
+
+@router.get("/v1/models", dependencies=[Depends(authorize)])
+async def models(request: Request) -> dict[str, Any]:
+    served = _served(request)
+    cfg, settings = served.ready().cfg, served.settings
+    return {
+        "object": "list",
+        "data": [
+            {
+                "id": served.name,
+                "object": "model",
+                "created": served.created,
+                "owned_by": "retrolm",
+                "max_seq_len": cfg.max_seq_len,
+                "max_model_len": cfg.max_seq_len,
+                "chunk_size": cfg.chunk_size,
+                "retrieval": cfg.retrieval,
+                "limits": {
+                    "max_prompt_tokens": served.max_prompt,
+                    "max_tokens": settings.max_tokens,
+                    "max_n": settings.max_n,
+                    "max_logprobs": MAX_LOGPROBS,
+                },
+            }
+        ],
+    }
+
+
+@router.post("/v1/search", dependencies=[Depends(authorize)])
+async def search(body: SearchRequest, request: Request) -> dict[str, Any]:
+    served = _served(request)
+    live = served.ready().live
+    if body.k > served.settings.max_search_k:
+        raise ApiError(
+            400, f"k: at most {served.settings.max_search_k} (--max-search-k)", param="k"
+        )
+    current = live.current
+
+    def run_search() -> list[Any]:
+        with live.lock:
+            return current.search(body.query, k=body.k)[0]
+
+    hits = await run_in_threadpool(run_search)
+    return {
+        "object": "list",
+        "data": [
+            {"chunk_id": h.chunk_id, "document": h.document_name, "score": h.score, "text": h.text}
+            for h in hits
+        ],
+        "metric": current.metric,  # l2: lower scores are nearer; ip and bm25: higher
+        "database_version": live.version,
+    }
+
+
+@router.post("/v1/tokenize", dependencies=[Depends(authorize)])
+@router.post("/tokenize", dependencies=[Depends(authorize)], include_in_schema=False)
+async def tokenize(body: TokenizeRequest, request: Request) -> dict[str, Any]:
+    loaded = _served(request).ready()
+    ids = loaded.tokenizer.encode(body.prompt) if body.prompt else []
+    return {"tokens": ids, "count": len(ids), "max_model_len": loaded.cfg.max_seq_len}
+
+
+@router.post("/v1/detokenize", dependencies=[Depends(authorize)])
+@router.post("/detokenize", dependencies=[Depends(authorize)], include_in_schema=False)
+async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+    served = _served(request)
+    served.check_ids(body.tokens, "tokens")
+    return {"prompt": served.ready().tokenizer.decode(body.tokens)}
+
+
+@router.get("/tokenizer_info", dependencies=[Depends(authorize)], include_in_schema=False)
+async def tokenizer_info(request: Request) -> dict[str, Any]:
+    """What lm-evaluation-harness's remote tokenizer reads (`tokenizer_backend=remote`)."""
+    loaded = _served(request).ready()
+    tok = loaded.tokenizer
+
+    def text(i: int | None) -> str | None:
+        return None if i is None else tok.hf.id_to_token(i)
+
+    return {
+        "eos_token": text(tok.eos_id),
+        "eos_token_id": tok.eos_id,
+        "bos_token": text(tok.bos_id),
+        "bos_token_id": tok.bos_id,
+        "pad_token": text(tok.pad_id),
+        "pad_token_id": tok.pad_id,
+        "vocab_size": tok.vocab_size,
+        "model_max_length": loaded.cfg.max_seq_len,
+    }
+
+
+@router.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
+async def completions(body: CompletionRequest, request: Request) -> Any:
+    served = _served(request)
+    settings = served.settings
+    if served.shutting_down:
+        raise HTTPException(503, "the server is shutting down; retry on another one")
+    loaded = served.ready()
+    engine = loaded.engine
+    served.check_completion(body)
+    prompts = served.prompt_ids(body, loaded)
+    if len(prompts) * body.n > settings.max_queue:
+        raise ApiError(
+            400,
+            f"prompt: {len(prompts)} prompts x n = {len(prompts) * body.n} completions, more "
+            f"than this server queues (--max-queue {settings.max_queue}); send fewer",
+            param="prompt",
+        )
+    loop = asyncio.get_running_loop()
+    events: asyncio.Queue = asyncio.Queue()
+    cs = [
+        Completion(
+            prompt_ids=ids,
+            max_tokens=body.max_tokens,
+            temperature=body.temperature,
+            top_k=body.top_k,
+            top_p=body.top_p,
+            seed=_nth_seed(body.seed, i),
+            stop=body.stop or [],  # type: ignore[arg-type]
+            loop=loop,
+            events=events,
+            logprobs=body.logprobs,
+            echo=body.echo,
+            index=p * body.n + i,
+        )
+        for p, (ids, _) in enumerate(prompts)
+        for i in range(body.n)
+    ]
+    deadline = loop.time() + settings.request_timeout
+    try:
+        engine.submit(*cs)
+    except QueueFull as exc:
+        status = 503 if served.shutting_down or "shutting down" in str(exc) else 429
+        raise HTTPException(status, str(exc), headers={"Retry-After": "1"}) from exc
+    served.metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    base = {
+        "id": rid,
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": served.name,
+    }
+    choices = [
+        Choice(c.index, prompts[c.index // body.n][1] if body.echo else "", body.logprobs)
+        for c in cs
+    ]
+
+    def cancel_all() -> None:
+        for c in cs:
+            c.cancel()  # no-op once done; frees the rows if the client went away
+
+    async def next_event() -> dict[str, Any]:
+        remaining = deadline - loop.time()
         try:
-            engine.submit(*cs)
-        except QueueFull as exc:
-            status = 503 if state["shutting_down"] or "shutting down" in str(exc) else 429
-            raise HTTPException(status, str(exc), headers={"Retry-After": "1"}) from exc
-        metrics.prompt_tokens.inc(sum(len(ids) for ids, _ in prompts))
-        rid = f"cmpl-{uuid.uuid4().hex[:24]}"
-        base = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": name}
-        choices = [
-            Choice(c.index, prompts[c.index // body.n][1] if body.echo else "", body.logprobs)
-            for c in cs
-        ]
-
-        def cancel_all() -> None:
-            for c in cs:
-                c.cancel()  # no-op once done; frees the rows if the client went away
-
-        async def next_event() -> dict[str, Any]:
-            remaining = deadline - loop.time()
-            try:
-                return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.001))
-            except asyncio.TimeoutError:
-                cancel_all()
-                return {
-                    "type": "error",
-                    "message": f"the request took longer than {settings.request_timeout:g} s "
-                    "(--request-timeout)",
-                    "error_type": "timeout",
-                }
-
-        if not body.stream:
-            watcher = asyncio.create_task(_watch_disconnect(request, cs, events))
-            try:
-                while not all(ch.done for ch in choices):
-                    ev = await next_event()
-                    if ev["type"] == "error":
-                        status = _ERROR_STATUS.get(ev["error_type"], 500)
-                        return error_response(status, ev["message"], ev["error_type"])
-                    choices[ev["index"]].take(ev)
-            finally:
-                watcher.cancel()
-                cancel_all()
+            return await asyncio.wait_for(events.get(), timeout=max(remaining, 0.001))
+        except asyncio.TimeoutError:
+            cancel_all()
             return {
-                **base,
-                "choices": [ch.json() for ch in choices],
-                "usage": _usage(prompts, choices),
-                "retrieved": choices[0].retrieved,  # the first choice's (each has its own)
+                "type": "error",
+                "message": f"the request took longer than {settings.request_timeout:g} s "
+                "(--request-timeout)",
+                "error_type": "timeout",
             }
 
-        include_usage = body.stream_options is not None and body.stream_options.include_usage
-        extra: dict[str, Any] = {"usage": None} if include_usage else {}
+    if not body.stream:
+        watcher = asyncio.create_task(_watch_disconnect(request, cs, events))
+        try:
+            while not all(ch.done for ch in choices):
+                ev = await next_event()
+                if ev["type"] == "error":
+                    status = _ERROR_STATUS.get(ev["error_type"], 500)
+                    return error_response(status, ev["message"], ev["error_type"])
+                choices[ev["index"]].take(ev)
+        finally:
+            watcher.cancel()
+            cancel_all()
+        return {
+            **base,
+            "choices": [ch.json() for ch in choices],
+            "usage": _usage(prompts, choices),
+            "retrieved": choices[0].retrieved,  # the first choice's (each has its own)
+        }
 
-        def sse(obj: Any) -> str:
-            return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
+    include_usage = body.stream_options is not None and body.stream_options.include_usage
+    extra: dict[str, Any] = {"usage": None} if include_usage else {}
 
-        def chunk(ch: dict[str, Any], **more: Any) -> str:
-            return sse({**base, "choices": [ch], **extra, **more})
+    def sse(obj: Any) -> str:
+        return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
-        async def stream() -> AsyncIterator[str]:
-            try:
-                if body.echo and body.logprobs is None:  # the prompts first, as they are
-                    for ch in choices:
-                        yield chunk(ch.piece(ch.echo, []))
-                while not all(ch.done for ch in choices):
-                    ev = await next_event()
-                    if ev["type"] == "error":
-                        yield sse({"error": {"message": ev["message"], "type": ev["error_type"]}})
-                        break
-                    ch = choices[ev["index"]]
-                    piece = ch.take(ev)
-                    if ev["type"] == "chunk":
-                        yield chunk(ch.piece("", []), retrieved=[ch.retrieved[-1]])
-                    elif piece is not None:
-                        yield chunk(piece)
-                    elif ev["type"] == "done":
-                        last = all(c.done for c in choices)
-                        usage = {"usage": _usage(prompts, choices)} if last else {}
-                        final = ch.piece("", [], ev["finish_reason"])
-                        yield chunk(final, **({} if include_usage else usage))
-                        if last and include_usage:
-                            yield sse({**base, "choices": [], "usage": usage["usage"]})
-                yield sse("[DONE]")
-            finally:
-                cancel_all()  # the client went away (or we are done): free the rows
+    def chunk(ch: dict[str, Any], **more: Any) -> str:
+        return sse({**base, "choices": [ch], **extra, **more})
 
-        headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+    async def stream() -> AsyncIterator[str]:
+        try:
+            if body.echo and body.logprobs is None:  # the prompts first, as they are
+                for ch in choices:
+                    yield chunk(ch.piece(ch.echo, []))
+            while not all(ch.done for ch in choices):
+                ev = await next_event()
+                if ev["type"] == "error":
+                    yield sse({"error": {"message": ev["message"], "type": ev["error_type"]}})
+                    break
+                ch = choices[ev["index"]]
+                piece = ch.take(ev)
+                if ev["type"] == "chunk":
+                    yield chunk(ch.piece("", []), retrieved=[ch.retrieved[-1]])
+                elif piece is not None:
+                    yield chunk(piece)
+                elif ev["type"] == "done":
+                    last = all(c.done for c in choices)
+                    usage = {"usage": _usage(prompts, choices)} if last else {}
+                    final = ch.piece("", [], ev["finish_reason"])
+                    yield chunk(final, **({} if include_usage else usage))
+                    if last and include_usage:
+                        yield sse({**base, "choices": [], "usage": usage["usage"]})
+            yield sse("[DONE]")
+        finally:
+            cancel_all()  # the client went away (or we are done): free the rows
 
-    return app
+    headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+    return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
 
 def _nth_seed(seed: int | None, i: int) -> int | None:
