@@ -566,39 +566,19 @@ def setup(
     Raises:
         InputError: bad run folder or database; MismatchError: resume with other settings.
     """
-    from retrolm.hf import check_database_tokens, is_hf_model_folder, load_model_folder
+    from retrolm.hf import load_model_folder
 
     out = Path(out)
     config = resolve_retrofit_base(config)
     prepare_run_folder(out, resume, overwrite)
     check_writable(out, "run folder")
-    stored = stored_config(out) if resume else None
-    if stored is not None:
-        stored_cfg = TrainConfig.from_dict(stored)
-        if config is not None and config.to_dict() != stored_cfg.to_dict():
-            old = stored_cfg.to_dict()
-            diff = [k for k, v in config.to_dict().items() if old[k] != v]
-            raise MismatchError(
-                f"{out} was started with other settings ({', '.join(diff)} differ); resume "
-                "without changing them, or use --overwrite"
-            )
-        config = stored_cfg
-    if config is None:
-        raise InputError(f"{out} holds no run to resume; give a config to start one")
-    cfg = config
+    cfg = _run_config(config, out, resume)
     source = open_database(db)
     facts = database_facts(source)
     device = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     dist_ = init_distributed(device)
     old_meta = stored_run_meta(out) if resume else None
-    if old_meta is not None:
-        check_database(old_meta["database"], source, str(out))
-        check_same_database(old_meta["database"], source, str(out))
-    check_retrofit_reference(cfg.retrofit)
-    if is_hf_model_folder(cfg.retrofit):
-        check_database_tokens(cfg.retrofit, source)
-    elif cfg.retrofit:
-        check_database(read_run_meta(cfg.retrofit)["database"], source, cfg.retrofit)
+    _check_sources(cfg, source, out, old_meta)
 
     torch.manual_seed(cfg.seed)
     mcfg = model_config(cfg, facts)
@@ -610,20 +590,7 @@ def setup(
         )
     k = mcfg.num_neighbours if mcfg.cca_layers else 0
     check_model_database(mcfg, facts, k)
-    train_data = RetroSamples(source, "train", seq_len, k)
-    valid_data = RetroSamples(source, "valid", seq_len, k)
-    check_enough_samples(train_data, cfg.batch_size, facts)
-    if len(valid_data) == 0:
-        if cfg.eval_every:
-            log.warning(
-                "the valid split of %s holds %d chunks, no sample of %d tokens: no validation "
-                "loss is recorded; build the database with a larger --valid-fraction, or lower "
-                "--seq-len",
-                facts.get("path") or "the database",
-                len(valid_data.chunk_ids),
-                seq_len,
-            )
-        valid_data = None
+    train_data, valid_data = _samples(cfg, source, facts, seq_len, k)
     try:
         sampler = ResumableSampler(
             len(train_data),
@@ -641,13 +608,12 @@ def setup(
         model = load_model_folder(ckpt / "model")
         freeze_for_retrofit(model, cfg)
     model.to(device)
-    optimizer = build_optimizer(model, cfg)
     trainer = Trainer(
         cfg=cfg,
         out=out,
         model=model,
         ddp_model=wrap_ddp(model, device, dist_),
-        optimizer=optimizer,
+        optimizer=build_optimizer(model, cfg),
         train_data=train_data,
         valid_data=valid_data,
         sampler=sampler,
@@ -666,29 +632,7 @@ def setup(
         trainer.total_steps, trainer.decided = int(decided), True
     dist_.barrier()  # every rank has checked everything before rank 0 changes the folder
     if dist_.is_main:
-        # only now that the new run is known to start: a run's files of before go (a
-        # resumed run's stale temporary files only), every other file stays
-        clear_run_folder(out, temporary_only=resume)
-        if ckpt is not None:
-            discard_after(out / "checkpoints", trainer.step)
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / CONFIG_FILE, cfg.to_dict())
-        run_meta = {
-            "database": facts,
-            "model_config": mcfg.to_dict(),
-            "seq_len": seq_len,
-            "total_steps": trainer.total_steps,
-            "world_size": dist_.world_size,
-            "retrofit_from": str(Path(cfg.retrofit).resolve()) if cfg.retrofit else None,
-            "retrofit_base_sha256": getattr(mcfg, "base_sha256", None),  # a HF base's weights
-            "retrofit_gguf": getattr(mcfg, "base_gguf", None) or None,  # the file it came from
-            "retrofit_gguf_sha256": getattr(mcfg, "base_gguf_sha256", None) or None,
-        }
-        if decided is not None:
-            run_meta["decided_steps"] = int(decided)
-        write_json(out / RUN_FILE, run_meta)
-        truncate_metrics(out / METRICS_FILE, trainer.step)
-        trainer.writer = open_tensorboard(out) if cfg.tensorboard else None
+        _start_run_folder(trainer, ckpt, resume, facts, mcfg, seq_len, decided)
     dist_.barrier()
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     log.info(
@@ -701,6 +645,104 @@ def setup(
         k,
     )
     return trainer
+
+
+def _run_config(config: TrainConfig | None, out: Path, resume: bool) -> TrainConfig:
+    """The run's settings: `config`, or on `resume` the stored ones (which `config`, if given,
+    must equal).
+
+    Raises:
+        MismatchError: a resume with other settings; InputError: nothing to resume, no config.
+    """
+    stored = stored_config(out) if resume else None
+    if stored is not None:
+        stored_cfg = TrainConfig.from_dict(stored)
+        if config is not None and config.to_dict() != stored_cfg.to_dict():
+            old = stored_cfg.to_dict()
+            diff = [k for k, v in config.to_dict().items() if old[k] != v]
+            raise MismatchError(
+                f"{out} was started with other settings ({', '.join(diff)} differ); resume "
+                "without changing them, or use --overwrite"
+            )
+        config = stored_cfg
+    if config is None:
+        raise InputError(f"{out} holds no run to resume; give a config to start one")
+    return config
+
+
+def _check_sources(
+    cfg: TrainConfig, source: ChunkSource, out: Path, old_meta: dict[str, Any] | None
+) -> None:
+    """Refuse a database other than a resumed run's, and a retrofit base or baseline that does
+    not read this database's tokens."""
+    from retrolm.hf import check_database_tokens, is_hf_model_folder
+
+    if old_meta is not None:
+        check_database(old_meta["database"], source, str(out))
+        check_same_database(old_meta["database"], source, str(out))
+    check_retrofit_reference(cfg.retrofit)
+    if is_hf_model_folder(cfg.retrofit):
+        check_database_tokens(cfg.retrofit, source)
+    elif cfg.retrofit:
+        check_database(read_run_meta(cfg.retrofit)["database"], source, cfg.retrofit)
+
+
+def _samples(
+    cfg: TrainConfig, source: ChunkSource, facts: dict[str, Any], seq_len: int, k: int
+) -> tuple[RetroSamples, RetroSamples | None]:
+    """The train samples (enough for a batch, or InputError) and the valid ones (None, with a
+    warning, when the valid split holds no whole sample)."""
+    train_data = RetroSamples(source, "train", seq_len, k)
+    valid_data = RetroSamples(source, "valid", seq_len, k)
+    check_enough_samples(train_data, cfg.batch_size, facts)
+    if len(valid_data) > 0:
+        return train_data, valid_data
+    if cfg.eval_every:
+        log.warning(
+            "the valid split of %s holds %d chunks, no sample of %d tokens: no validation "
+            "loss is recorded; build the database with a larger --valid-fraction, or lower "
+            "--seq-len",
+            facts.get("path") or "the database",
+            len(valid_data.chunk_ids),
+            seq_len,
+        )
+    return train_data, None
+
+
+def _start_run_folder(
+    trainer: Trainer,
+    ckpt: Path | None,
+    resume: bool,
+    facts: dict[str, Any],
+    mcfg: Any,
+    seq_len: int,
+    decided: int | None,
+) -> None:
+    """On the main rank, once the run is known to start: clear the run's old files (a resumed
+    run's stale temporary files only; every other file stays), drop checkpoints after the one
+    resumed, and write the config, `run.json` and the metrics kept."""
+    cfg, out = trainer.cfg, trainer.out
+    clear_run_folder(out, temporary_only=resume)
+    if ckpt is not None:
+        discard_after(out / "checkpoints", trainer.step)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CONFIG_FILE, cfg.to_dict())
+    run_meta = {
+        "database": facts,
+        "model_config": mcfg.to_dict(),
+        "seq_len": seq_len,
+        "total_steps": trainer.total_steps,
+        "world_size": trainer.dist.world_size,
+        "retrofit_from": str(Path(cfg.retrofit).resolve()) if cfg.retrofit else None,
+        "retrofit_base_sha256": getattr(mcfg, "base_sha256", None),  # a HF base's weights
+        "retrofit_gguf": getattr(mcfg, "base_gguf", None) or None,  # the file it came from
+        "retrofit_gguf_sha256": getattr(mcfg, "base_gguf_sha256", None) or None,
+    }
+    if decided is not None:
+        run_meta["decided_steps"] = int(decided)
+    write_json(out / RUN_FILE, run_meta)
+    truncate_metrics(out / METRICS_FILE, trainer.step)
+    trainer.writer = open_tensorboard(out) if cfg.tensorboard else None
 
 
 def clear_run_folder(out: Path, temporary_only: bool = False) -> None:
