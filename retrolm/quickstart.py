@@ -830,19 +830,22 @@ def held_out_prompt(db: Any, max_lines: int = 12, min_tokens: int = 100) -> tupl
 def report_figures(report: Any, db: Any) -> dict[str, Any]:
     """What every quickstart's report.json holds of its evaluation and database: bits per byte,
     comparators, leakage buckets, the evaluated tokens, seconds, and the database's size."""
+    from retrolm.evaluate import EvalReport
+
     figures = report.to_dict()
-    names = ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb")
     return {
-        **{name: figures.get(name) for name in names},
+        **{name: figures.get(name) for name in EvalReport.NAMES.values()},
         "comparators": figures.get("comparators", {}),
         "filtered": figures.get("filtered", {}),
+        "database_neighbours": int(db.stored_neighbours),  # stored per chunk
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
         "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
         "database_index": {k: db.manifest["index"].get(k) for k in ("factory", "metric", "ntotal")},
         "eval": {
-            k: figures[k]
-            for k in ("tokens", "bytes", "chunks", "documents", "window", "stride", "k")
+            **{k: figures[k] for k in ("tokens", "bytes", "chunks", "documents", "window")},
+            **{k: figures[k] for k in ("stride", "k")},
+            "leakage_neighbours": figures["config"]["leakage_neighbours"],  # r(C) reads these
         },
         "evaluate_seconds": figures.get("seconds", {}),  # per model / comparator
     }
@@ -913,19 +916,35 @@ def report_markdown(
     plan: QuickstartPlan, result: dict[str, Any], report: Any, sample: Any, source: str
 ) -> str:
     """The human-readable report: what was done, the figures, the sample and its sources."""
-    from retrolm.database.db import nearer
-
-    def fmt(x: float | None) -> str:
-        return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
-
-    r, off, base = result["retro_bpb"], result["retro_off_bpb"], result["baseline_bpb"]
-    fence = fence_language(source)
-    index = result["database_index"]
-    what = "distance" if index["metric"] == "l2" else "score"
-    gain = (1 - r / base) * 100 if r and base else float("nan")
     lines = [
         "# retrolm quickstart report",
         "",
+        *_report_setup(plan, result),
+        *_report_figures(plan, result),
+        "## Training curves",
+        "",
+        "![loss](loss.png)",
+        "",
+        *_report_sample(plan, result, sample, source),
+        "## Time",
+        "",
+        "| stage | seconds |",
+        "|---|---|",
+        *[f"| {k} | {v} |" for k, v in result["stage_seconds"].items()],
+        f"| total | {result['wall_seconds']} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None or not math.isfinite(x) else f"{x:.4f}"
+
+
+def _report_setup(plan: QuickstartPlan, result: dict[str, Any]) -> list[str]:
+    """The report's paragraphs on the database and the models."""
+    index = result["database_index"]
+    database = (
         f"Database: {result['database_documents']} documents, {result['database_chunks']} chunks of "
         f"{plan.database['chunk_size']} tokens ({plan.corpus_bytes / 1e6:.1f} MB of text, "
         f"{len(plan.files)} files in {len({Path(f).parent for f in plan.files})} folders; "
@@ -944,8 +963,10 @@ def report_markdown(
             else f"all-MiniLM-L6-v2 embeddings, faiss index `{index['factory']}` "
             f"({index['metric']}) over {index['ntotal']} train and retrieval-only chunks"
         )
-        + "; 10 neighbours stored per chunk (never from the chunk's own document).",
-        "",
+        + f"; {result['database_neighbours']} neighbours stored per chunk (never from the "
+        "chunk's own document)."
+    )
+    models = (
         f"Models: decoder {plan.model['dec_dim']}x{plan.model['dec_depth']}, sequence "
         f"{plan.train['seq_len']}; RETRO adds chunked cross-attention at layers "
         f"{', '.join(map(str, plan.model['cca_layers']))} and a {plan.model['enc_dim']}x"
@@ -959,14 +980,20 @@ def report_markdown(
             if plan.model.get("cca_match")
             else ""
         )
-        + (
-            f". The baseline trained {plan.train['max_steps']} steps of "
-            f"{plan.train['batch_size']} sequences ({result['train_tokens']:,} tokens); RETRO is "
-            f"that baseline RETRO-fitted (its decoder frozen, only the encoder and CCA trained) "
-            f"for {plan.retrofit_steps} more steps of the same data, so RETRO[OFF] is the baseline"
-        )
-        + f"{', bfloat16 autocast' if plan.train.get('bf16') else ''}.",
-        "",
+        + f". The baseline trained {plan.train['max_steps']} steps of "
+        f"{plan.train['batch_size']} sequences ({result['train_tokens']:,} tokens); RETRO is "
+        f"that baseline RETRO-fitted (its decoder frozen, only the encoder and CCA trained) "
+        f"for {plan.retrofit_steps} more steps of the same data, so RETRO[OFF] is the baseline"
+        + f"{', bfloat16 autocast' if plan.train.get('bf16') else ''}."
+    )
+    return [database, "", models, ""]
+
+
+def _report_figures(plan: QuickstartPlan, result: dict[str, Any]) -> list[str]:
+    """The report's bits per byte: the models and comparators, then the leakage buckets."""
+    r, off, base = result["retro_bpb"], result["retro_off_bpb"], result["baseline_bpb"]
+    gain = (1 - r / base) * 100 if r and base else float("nan")
+    lines = [
         "## Held-out bits per byte (lower is better)",
         "",
         f"Evaluated on {result['eval']['documents']} held-out documents, {result['eval']['tokens']:,} "
@@ -975,10 +1002,10 @@ def report_markdown(
         "",
         "| model | bits per byte |",
         "|---|---|",
-        f"| RETRO[ON] (retrieval) | {fmt(r)} |",
-        f"| RETRO[OFF] (same model, no retrieval) | {fmt(off)} |",
-        f"| baseline (no retrieval, same size and data) | {fmt(base)} |",
-        *comparator_rows(result, fmt),
+        f"| RETRO[ON] (retrieval) | {_fmt(r)} |",
+        f"| RETRO[OFF] (same model, no retrieval) | {_fmt(off)} |",
+        f"| baseline (no retrieval, same size and data) | {_fmt(base)} |",
+        *comparator_rows(result, _fmt),
         "",
         f"RETRO[ON] vs baseline: {-gain:+.1f}% bits per byte "
         f"({'lower: better' if gain > 0 else 'not lower: no better'} with retrieval).",
@@ -986,9 +1013,10 @@ def report_markdown(
         "",
         "## Leakage-filtered (paper, section 2.6)",
         "",
-        "r(C) is the longest run of tokens a held-out chunk shares with its 10 nearest database "
-        "chunks (train and retrieval-only), over the chunk size. Rows keep the chunks with r(C) <= alpha; small alpha means "
-        "little overlap, so gains there come from generalisation, not copying.",
+        "r(C) is the longest run of tokens a held-out chunk shares with its "
+        f"{result['eval']['leakage_neighbours']} nearest database chunks (train and "
+        "retrieval-only), over the chunk size. Rows keep the chunks with r(C) <= alpha; small "
+        "alpha means little overlap, so gains there come from generalisation, not copying.",
         "",
         "| alpha | chunks | RETRO[ON] | baseline |"
         + "".join(f" {COMPARATORS[c]} |" for c in plan.compare),
@@ -996,15 +1024,23 @@ def report_markdown(
     ]
     for alpha, f in result["filtered"].items():
         lines.append(
-            f"| {alpha} | {f['chunks']} | {fmt(f.get('retro_bpb'))} | {fmt(f.get('baseline_bpb'))} |"
-            + "".join(f" {fmt(f.get(c + '_bpb'))} |" for c in plan.compare)
+            f"| {alpha} | {f['chunks']} | {_fmt(f.get('retro_bpb'))} | "
+            f"{_fmt(f.get('baseline_bpb'))} |"
+            + "".join(f" {_fmt(f.get(c + '_bpb'))} |" for c in plan.compare)
         )
-    lines += [
-        "",
-        "## Training curves",
-        "",
-        "![loss](loss.png)",
-        "",
+    return [*lines, ""]
+
+
+def _report_sample(
+    plan: QuickstartPlan, result: dict[str, Any], sample: Any, source: str
+) -> list[str]:
+    """The report's generated continuation of a held-out file, with what it retrieved."""
+    from retrolm.database.db import nearer
+
+    fence = fence_language(source)
+    metric = result["database_index"]["metric"]
+    what = "distance" if metric == "l2" else "score"
+    return [
         f"## A continuation of a held-out file ({source})",
         "",
         "Prompt:",
@@ -1020,18 +1056,10 @@ def report_markdown(
         sample.text.rstrip("\n"),
         "```",
         "",
-        f"Retrieved for each completed chunk ({index['metric']} {what}: "
-        f"{nearer(index['metric'])} is nearer):",
+        f"Retrieved for each completed chunk ({metric} {what}: {nearer(metric)} is nearer):",
         "",
         "```",
         sample.attribution_text(snippet=100),
         "```",
         "",
-        "## Time",
-        "",
-        "| stage | seconds |",
-        "|---|---|",
     ]
-    lines += [f"| {k} | {v} |" for k, v in result["stage_seconds"].items()]
-    lines += [f"| total | {result['wall_seconds']} |", ""]
-    return "\n".join(lines)
