@@ -590,9 +590,9 @@ def compare_embed_dtypes(corpus: list[str], out: Path, as_json: bool) -> None:
         index_stage(folder, show_progress=False)
         neighbours_stage(folder, show_progress=False)
         store = BlockStore(folder, load_manifest(folder))
-        record = store.manifest["neighbours"]["blocks"]
+        written = store.manifest.neighbours.blocks
         ids[dtype] = np.concatenate(
-            [np.load(folder / record[str(b["index"])]["ids_file"]) for b in store.blocks]
+            [np.load(folder / written[b.index].ids_file) for b in store.blocks]
         )
     result = {
         "corpus": corpus,

@@ -71,7 +71,7 @@ def main() -> None:
     )
     print(f"load average: {os.getloadavg()}")
     print(
-        f"database: {db.num_chunks} chunks, index {db.manifest['index'].get('factory', db.manifest['index'].get('kind'))}, embedder {db.manifest['embeddings']['spec']}"
+        f"database: {db.num_chunks} chunks, index {db.manifest.index.factory}, embedder {db.manifest.embeddings.spec}"
     )
     print(
         f"model: preset {args.preset}, {model.num_params() / 1e6:.1f}M parameters, chunk {db.chunk_size}, k {model.cfg.num_neighbours}"

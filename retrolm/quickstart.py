@@ -840,8 +840,10 @@ def report_figures(report: Any, db: Any) -> dict[str, Any]:
         "database_neighbours": int(db.stored_neighbours),  # stored per chunk
         "database_chunks": int(db.num_chunks),
         "database_documents": len(db.documents),
-        "retrieval_only_chunks": int(db.manifest["counts"].get("retrieval_chunks", 0)),
-        "database_index": {k: db.manifest["index"].get(k) for k in ("factory", "metric", "ntotal")},
+        "retrieval_only_chunks": int(db.manifest.counts.retrieval_chunks),
+        "database_index": {
+            k: db.manifest.index.to_json().get(k) for k in ("factory", "metric", "ntotal")
+        },
         "eval": {
             **{k: figures[k] for k in ("tokens", "bytes", "chunks", "documents", "window")},
             **{k: figures[k] for k in ("stride", "k")},

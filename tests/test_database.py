@@ -116,7 +116,7 @@ def db(setup):
 
 def test_documents_and_chunks_give_back_the_exact_texts(setup, db):
     _, _, corpus, _ = setup
-    assert len(db.documents) == 30 and db.manifest["counts"]["skipped"] == {"binary": 1, "empty": 1}
+    assert len(db.documents) == 30 and db.manifest.counts.skipped == {"binary": 1, "empty": 1}
     assert db.num_chunks == sum(d.num_chunks for d in db.documents)
     for doc in db.documents:
         ids = np.arange(doc.first_chunk, doc.first_chunk + doc.num_chunks)
@@ -135,7 +135,7 @@ def test_splits_partition_the_chunks(db):
     assert np.array_equal(np.sort(np.concatenate([train, valid])), np.arange(db.num_chunks))
     valid_docs = {d.index for d in db.documents if d.split == "valid"}
     assert set(db.chunk_doc[valid].tolist()) == valid_docs
-    assert db.manifest["counts"]["train_chunks"] == len(train)
+    assert db.manifest.counts.train_chunks == len(train)
 
 
 def test_neighbours_are_exact_train_chunks_of_other_documents(db):
@@ -148,7 +148,7 @@ def test_neighbours_are_exact_train_chunks_of_other_documents(db):
     assert (db.chunk_doc[ids] != db.chunk_doc[all_ids][:, None]).all()  # never the own document
     # brute force over the stored embeddings, same-document candidates removed
     vectors = np.concatenate(
-        [np.load(db.path / r["file"]) for r in db.manifest["embeddings"]["blocks"].values()]
+        [np.load(db.path / r.file) for r in db.manifest.embeddings.blocks.values()]
     ).astype(np.float32)
     d2 = ((vectors[:, None, :] - vectors[None, train, :]) ** 2).sum(-1)
     d2[db.chunk_doc[all_ids][:, None] == db.chunk_doc[train][None, :]] = np.inf
@@ -269,8 +269,8 @@ def test_add_documents_appends_without_rebuild(setup, tmp_path):
     ids, _ = new.neighbours(added)
     assert (new.chunk_doc[ids] != new.chunk_doc[added][:, None]).all()
     new_train = np.intersect1d(new.split_chunk_ids("train"), added)
-    assert new.manifest["index"]["ntotal"] == old.manifest["index"]["ntotal"] + len(new_train)
-    assert not (copy / old.manifest["index"]["file"]).exists()  # the replaced index is removed
+    assert new.manifest.index.ntotal == old.manifest.index.ntotal + len(new_train)
+    assert not (copy / old.manifest.index.file).exists()  # the replaced index is removed
     before = arrays(copy)
     assert add_documents(copy, [extra], show_progress=False) == copy  # a rerun: nothing to do
     assert arrays(copy) == before
@@ -281,8 +281,7 @@ def test_add_documents_appends_without_rebuild(setup, tmp_path):
         add_documents(copy, [junk], show_progress=False)
     after = Database.open(copy)  # still complete and unchanged
     assert (
-        len(after.documents) == 38
-        and after.manifest["counts"]["skipped"] == new.manifest["counts"]["skipped"]
+        len(after.documents) == 38 and after.manifest.counts.skipped == new.manifest.counts.skipped
     )
 
 
@@ -415,8 +414,8 @@ def test_trained_index_factory_uses_a_seeded_sample(setup, tmp_path):
     root, bert, corpus, _ = setup
     config = tiny_config(bert, index="IVF4,Flat", index_train_size=200)
     db = Database.open(build_database([corpus], tmp_path / "db", config, show_progress=False))
-    assert db.manifest["index"]["factory"] == "IVF4,Flat"
-    assert db.manifest["index"]["search_params"]["nprobe"] == 4  # all cells: exact
+    assert db.manifest.index.factory == "IVF4,Flat"
+    assert db.manifest.index.search_params["nprobe"] == 4  # all cells: exact
     ids, _ = db.neighbours(np.arange(db.num_chunks))
     assert (db.chunk_doc[ids] != db.chunk_doc[np.arange(db.num_chunks)][:, None]).all()
 
@@ -427,11 +426,11 @@ def test_compressed_index_reranks_with_the_stored_embeddings(setup, tmp_path):
     root, bert, corpus, _ = setup
     config = tiny_config(bert, index="IVF4,PQ4x4", index_train_size=200)
     db = Database.open(build_database([corpus], tmp_path / "db", config, show_progress=False))
-    assert db.manifest["index"]["search_params"]["k_factor"] == 4
+    assert db.manifest.index.search_params["k_factor"] == 4
     all_ids = np.arange(db.num_chunks)
     ids, dists = db.neighbours(all_ids)
     vectors = np.concatenate(
-        [np.load(db.path / r["file"]) for r in db.manifest["embeddings"]["blocks"].values()]
+        [np.load(db.path / r.file) for r in db.manifest.embeddings.blocks.values()]
     ).astype(np.float32)
     exact = ((vectors[all_ids][:, None, :] - vectors[ids]) ** 2).sum(-1)
     np.testing.assert_allclose(dists, exact, rtol=1e-4, atol=1e-5)
@@ -528,9 +527,9 @@ def test_retrieval_only_documents_are_indexed_but_never_trained_or_scored(setup,
     assert np.array_equal(
         np.sort(np.concatenate([train, valid, retrieval])), np.arange(db.num_chunks)
     )
-    counts = db.manifest["counts"]
-    assert counts["retrieval_chunks"] == len(retrieval) and counts["valid_chunks"] == len(valid)
-    assert db.manifest["index"]["ntotal"] == len(train) + len(retrieval)
+    counts = db.manifest.counts
+    assert counts.retrieval_chunks == len(retrieval) and counts.valid_chunks == len(valid)
+    assert db.manifest.index.ntotal == len(train) + len(retrieval)
     # never sampled for training, never scored in evaluation
     samples = RetroSamples(db, "train", seq_len=32, num_neighbours=2)
     windows = samples.window_ids(np.arange(len(samples)))
@@ -541,7 +540,7 @@ def test_retrieval_only_documents_are_indexed_but_never_trained_or_scored(setup,
     ids, dists = db.neighbours(queries)
     assert np.isin(ids, retrieval).mean() > 0.3  # the twins are found
     vectors = np.concatenate(
-        [np.load(db.path / r["file"]) for r in db.manifest["embeddings"]["blocks"].values()]
+        [np.load(db.path / r.file) for r in db.manifest.embeddings.blocks.values()]
     ).astype(np.float32)
     indexed = np.concatenate([train, retrieval])
     d2 = ((vectors[queries][:, None, :] - vectors[None, indexed, :]) ** 2).sum(-1)
@@ -569,7 +568,7 @@ def test_cli_add_retrieval_only_and_info(setup, tmp_path, capsys):
     assert len(added) == 6 and {d.split for d in added} == {"retrieval"}
     capsys.readouterr()
     assert cli_main(["db", "info", str(copy)]) == 0
-    n = db.manifest["counts"]["retrieval_chunks"]
+    n = db.manifest.counts.retrieval_chunks
     assert n > 0 and f"{n} retrieval-only" in capsys.readouterr().out
     assert cli_main(["-q", "db", "add", str(copy)]) == 2
     assert "--retrieval-only" in capsys.readouterr().err

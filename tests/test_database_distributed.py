@@ -4,6 +4,7 @@ on-disk inverted lists equal a serial in-memory index; `--embed-dtype auto`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -80,14 +81,10 @@ def assert_same_database(folder: Path, reference: Path) -> None:
             )
         else:  # chunk tokens, chunk -> document map, documents table, neighbour ids and dists
             assert got[name] == want[name], name
-    a = Database.open(folder).manifest["index"]
-    b = Database.open(reference).manifest["index"]
-    assert (a["factory"], a["ntotal"], a["search_params"]) == (
-        b["factory"],
-        b["ntotal"],
-        b["search_params"],
-    )
-    assert (folder / a["file"]).read_bytes() == (reference / b["file"]).read_bytes()
+    a = Database.open(folder).manifest.index
+    b = Database.open(reference).manifest.index
+    assert (a.factory, a.ntotal, a.search_params) == (b.factory, b.ntotal, b.search_params)
+    assert (folder / a.file).read_bytes() == (reference / b.file).read_bytes()
     assert not list(folder.rglob("*.tmp-*")) and not (folder / "records").exists()
     assert not list((folder / "index").glob("codes-*")) and not list(
         (folder / "index").glob("trained-*")
@@ -308,20 +305,21 @@ def test_an_index_replaced_before_its_neighbour_stage_takes_its_kept_cells_along
     """Kept cells belong to the index that encoded them: when a new index replaces it before
     the neighbour stage ended (`db add` after an interrupted build), they are deleted too."""
     from retrolm.database.build import _install_index
+    from retrolm.database.manifest import load_manifest
 
     root, bert, corpus, reference = inputs
     config = tiny_config(bert, block_rows=25, index="IVF64,Flat")
     out = chunk_stage([corpus], tmp_path / "db", config, show_progress=False)
     embed_stage(out, show_progress=False)
     index_stage(out, show_progress=False)
-    manifest = read_manifest(out)
-    kept = manifest["index"]["encoded_cells"]
-    files = [out / e[key] for e in kept.values() for key in ("cells_file", "celldis_file")]
+    manifest = load_manifest(out)
+    kept = manifest.index.encoded_cells
+    files = [out / f for e in kept.values() for f in (e.cells_file, e.celldis_file)]
     assert files and all(f.is_file() for f in files)
-    replacement = {k: v for k, v in manifest["index"].items() if k != "encoded_cells"}
+    replacement = dataclasses.replace(manifest.index, encoded_cells=None)
     _install_index(out, manifest, replacement)
     assert not any(f.exists() for f in files)
-    assert (out / replacement["file"]).is_file()  # the index file itself is still in use
+    assert (out / replacement.file).is_file()  # the index file itself is still in use
 
 
 def test_index_training_borrows_the_threads_of_the_waiting_local_ranks(
@@ -415,8 +413,8 @@ def test_a_database_with_ondisk_lists_equals_one_in_memory(inputs, tmp_path, mon
         folder = build_database([corpus], tmp_path / "db", config, show_progress=False)
     finally:
         torch.set_num_threads(before)
-    record = Database.open(folder).manifest["index"]
-    assert record["ondisk"] and (folder / record["ivfdata_file"]).is_file()
+    record = Database.open(folder).manifest.index
+    assert record.ondisk and (folder / record.ivfdata_file).is_file()
     for name, data in arrays(reference).items():
         if name.startswith("neighbours/"):
             assert arrays(folder)[name] == data, name
@@ -436,7 +434,7 @@ def test_auto_embed_dtype_is_measured_once_and_recorded(inputs, tmp_path):
     folder = build_database(
         [corpus], tmp_path / "db", tiny_config(bert, block_rows=25), show_progress=False
     )
-    choice = Database.open(folder).manifest["embeddings"]["dtype_choice"]
+    choice = Database.open(folder).manifest.embeddings.dtype_choice
     assert choice["dtype"] == "float32" and choice["float32_s"] is None  # narrow: not timed
     # a recorded choice is what a resumed build uses, whatever a new measurement would say
     config = tiny_config(bert, block_rows=25)

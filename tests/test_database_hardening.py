@@ -135,7 +135,7 @@ def test_retrieval_only_copies_of_documents_are_not_indexed_and_are_counted(
     built = Database.open(out)
     retrieval = [d for d in built.documents if d.split == "retrieval"]
     assert [Path(d.name).name for d in retrieval] == ["new1.txt"]
-    assert built.manifest["counts"]["skipped"]["duplicate"] == duplicates
+    assert built.manifest.counts.skipped["duplicate"] == duplicates
     assert f"{duplicates} document(s) of {extra.as_posix()} skipped" in caplog.text
     assert f"skipping {extra.as_posix()}/copy00.txt: duplicate" in caplog.text
     # no held-out chunk retrieves its own text any more
@@ -189,7 +189,7 @@ def test_r_of_c_counts_a_near_copy_among_the_retrieval_only_chunks(setup, tmp_pa
         [corpus], tmp_path / "db", config, retrieval_only=[extra], show_progress=False
     )
     built = Database.open(out)
-    assert built.manifest["counts"]["skipped"].get("duplicate", 0) == 0  # not exact copies
+    assert built.manifest.counts.skipped.get("duplicate", 0) == 0  # not exact copies
     valid = built.split_chunk_ids("valid")
     m = built.chunk_size
 
@@ -236,8 +236,8 @@ def test_a_build_killed_in_the_retrieval_only_chunks_resumes_to_the_same_databas
             build_database([corpus], resumed, config, retrieval_only=[extra], show_progress=False)
     build_database([corpus], resumed, config, retrieval_only=[extra], show_progress=False)
     assert arrays(resumed) == arrays(straight)
-    counts = Database.open(resumed).manifest["counts"]
-    assert counts == Database.open(straight).manifest["counts"]
+    counts = Database.open(resumed).manifest.counts
+    assert counts == Database.open(straight).manifest.counts
     assert counts["skipped"]["duplicate"] == 1 + len(valid_files(Database.open(folder)))
 
 
@@ -259,8 +259,8 @@ def test_two_ranks_skip_the_same_retrieval_only_copies(setup, tmp_path):
         )  # fmt: skip
         assert done.returncode == 0, done.stderr
     a, b = Database.open(one), Database.open(two)
-    assert a.manifest["counts"]["skipped"]["duplicate"] == len(held_out)
-    assert a.manifest["counts"] == b.manifest["counts"]
+    assert a.manifest.counts.skipped["duplicate"] == len(held_out)
+    assert a.manifest.counts == b.manifest.counts
     assert (one / "documents.jsonl").read_bytes() == (two / "documents.jsonl").read_bytes()
 
 
@@ -502,7 +502,7 @@ def test_search_with_a_huge_k_or_undecodable_text(setup, capsys):
         cli_main(["db", "search", str(folder), "alpha beta", "-k", "1000000000000", "--json"]) == 0
     )
     hits = json.loads(capsys.readouterr().out)
-    assert len(hits) == db.manifest["index"]["ntotal"]
+    assert len(hits) == db.manifest.index.ntotal
     code = cli_main(["db", "search", str(folder), os.fsdecode(b"alpha \xff beta")])
     assert "not valid UTF-8" in one_line_error(capsys, code)
 

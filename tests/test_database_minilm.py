@@ -28,10 +28,8 @@ def test_default_embedder_database_on_stdlib_files(tmp_path):
     config = DatabaseConfig(vocab_size=2048, block_rows=1024, valid_fraction=0.1)
     folder = build_database([corpus], tmp_path / "db", config, show_progress=False)
     db = Database.open(folder, verify=True)
-    assert (
-        db.manifest["embeddings"]["spec"] == "default" and db.manifest["embeddings"]["dim"] == 384
-    )
-    assert db.manifest["index"]["metric"] == "ip"  # normalized sentence embeddings
+    assert db.manifest.embeddings.spec == "default" and db.manifest.embeddings.dim == 384
+    assert db.manifest.index.metric == "ip"  # normalized sentence embeddings
     all_ids = np.arange(db.num_chunks)
     ids, sims = db.neighbours(all_ids)
     assert (ids >= 0).all() and np.isin(ids, db.split_chunk_ids("train")).all()

@@ -109,3 +109,17 @@ def test_no_import_cycle_in_the_package():
     graph = import_graph(module_files())
     assert "retrolm.model" in graph and "retrolm.weights" in graph["retrolm.model"]
     assert cycles(graph) == []
+
+
+def test_the_manifest_is_read_through_its_class_only():
+    """The database manifest is a typed `Manifest` owned by `database/manifest.py`: no other
+    module indexes it as a dict."""
+    owner = PACKAGE / "database" / "manifest.py"
+    found = [
+        f"{path.relative_to(PACKAGE.parent)}:{n}"
+        for path in PACKAGE.rglob("*.py")
+        if path != owner
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+        if 'manifest["' in line or "manifest['" in line
+    ]
+    assert found == []

@@ -279,9 +279,9 @@ def _corpus_texts(corpus: Path) -> dict[str, str]:
 def test_db_build_with_a_hf_tokenizer_folder(built, folders, style, capsys):
     db = Database.open(built[style], verify=True)
     tok = Tokenizer.load(folders[style])
-    recorded = db.manifest["tokenizer"]
-    assert recorded["kind"] == "foreign" and recorded["byte_lengths"] == "stored"
-    assert (recorded["pad_id"], recorded["eos_id"], recorded["bos_id"]) == (
+    recorded = db.manifest.tokenizer
+    assert recorded.kind == "foreign" and recorded.byte_lengths == "stored"
+    assert (recorded.pad_id, recorded.eos_id, recorded.bos_id) == (
         tok.pad_id, tok.eos_id, tok.bos_id)  # fmt: skip
     assert db.tokenizer.sha256 == tok.sha256 and db.pad_id == tok.pad_id
     texts = _corpus_texts(built["corpus"])
@@ -290,7 +290,7 @@ def test_db_build_with_a_hf_tokenizer_folder(built, folders, style, capsys):
         "decoder.py", "hard.txt"]  # fmt: skip
     reference = AutoTokenizer.from_pretrained(str(folders[style]), local_files_only=True)
     corpus_bytes = sum(len(t.encode("utf-8")) for t in texts.values())
-    assert db.manifest["counts"]["bytes"] == corpus_bytes
+    assert db.manifest.counts.bytes == corpus_bytes
     total = 0
     for doc in db.documents:
         text = texts[Path(doc.name).name]
@@ -387,7 +387,7 @@ def test_a_corrupt_byte_count_block_is_rebuilt_and_db_add_counts_bytes_too(folde
     (extra / "new.txt").write_text(" A new document: ünï 日本 🙂 and\r\nmore.", encoding="utf-8")
     add_documents(folder, [extra], show_progress=False)
     db = Database.open(folder, verify=True)
-    assert len(_bytes_blocks(folder)) == len(db.manifest["chunks"]["blocks"])
+    assert len(_bytes_blocks(folder)) == len(db.manifest.chunks.blocks)
     _check_counts(db)
 
 

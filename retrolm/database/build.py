@@ -25,12 +25,22 @@ from retrolm.database.config import DatabaseConfig
 from retrolm.database.distributed import Dist, node_threads
 from retrolm.database.manifest import (
     CONFIG_FILE,
+    STAGES,
+    BlockFile,
+    ChunkBlock,
+    CodesBlock,
+    IndexPlan,
+    IndexRecord,
+    KeptCells,
+    Manifest,
+    ManifestFormatError,
+    NeighbourBlock,
+    Source,
+    block_from_json,
     block_ok,
     check_settings,
-    fingerprint,
     load_manifest,
     manifest_path,
-    new_manifest,
     save_manifest,
     write_config,
 )
@@ -51,7 +61,6 @@ from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
 log = logging.getLogger(__name__)
 
 SUBFOLDERS = ("chunks", "embeddings", "index", "neighbours")
-DOWNSTREAM = ("embeddings", "index", "neighbours")
 
 Paths = Sequence[str | os.PathLike[str]]
 
@@ -236,12 +245,9 @@ SETTING_STAGE = {
     "seed": "index",
     "neighbours": "neighbours",
 }
-STAGE_ORDER = ("tokenizer", "chunks", "embeddings", "index", "neighbours")
 
 
-def accept_corrected_settings(
-    folder: Path, manifest: dict[str, Any], config: DatabaseConfig
-) -> None:
+def accept_corrected_settings(folder: Path, manifest: Manifest, config: DatabaseConfig) -> None:
     """Let a rerun of an unfinished build correct a setting whose stage has not finished.
 
     A build that failed on a setting (an index that does not fit the data, an embedder that does
@@ -249,33 +255,20 @@ def accept_corrected_settings(
     settings, the manifest's fingerprint and `config.json` are updated and the stages from the
     earliest affected one on are reset. Anything else is left to `check_settings` to refuse.
     """
-    stored, wanted = manifest["settings"], config.content_settings()
+    stored, wanted = manifest.settings, config.content_settings()
     differing = [k for k in wanted if stored.get(k) != wanted[k]]
-    if not differing or len(manifest["sources"]) != 1:
+    if not differing or len(manifest.sources) != 1:
         return
-    first = min(STAGE_ORDER.index(SETTING_STAGE.get(k, "tokenizer")) for k in differing)
-    if any(manifest["stages"][stage] for stage in STAGE_ORDER[first:]):
+    first = min(STAGES.index(SETTING_STAGE.get(k, "tokenizer")) for k in differing)
+    if any(manifest.is_done(stage) for stage in STAGES[first:]):
         return  # a finished stage depends on it: check_settings refuses
     log.warning(
         "the unfinished build in %s changes %s; redoing the stages from %s on",
         folder,
         ", ".join(f"{k} ({stored.get(k)!r} -> {wanted[k]!r})" for k in differing),
-        STAGE_ORDER[first],
+        STAGES[first],
     )
-    if first <= STAGE_ORDER.index("chunks"):
-        manifest["chunks"]["blocks"] = []
-        for source in manifest["sources"]:
-            source["done"] = False
-            source.pop("end_cursor", None)
-    if first == 0:
-        manifest["tokenizer"] = None
-    if first <= STAGE_ORDER.index("embeddings"):
-        manifest["embeddings"] = {"spec": None, "dim": None, "metric": None, "blocks": {}}
-    if first <= STAGE_ORDER.index("index"):
-        manifest["index"] = None
-    manifest["neighbours"] = {"k": config.neighbours, "blocks": {}}
-    manifest["settings"] = wanted
-    manifest["fingerprint"] = fingerprint(wanted)
+    manifest.reset_from(STAGES[first], config)
     write_config(folder, config)
     save_manifest(folder, manifest)
 
@@ -300,7 +293,7 @@ def _inputs(corpus_paths: Paths) -> list[str]:
 
 def _start(
     corpus_paths: Paths, out: str | os.PathLike[str], config: DatabaseConfig
-) -> tuple[Path, dict[str, Any]]:
+) -> tuple[Path, Manifest]:
     """Create the database folder, or reopen an unfinished one built with the same settings."""
     folder = Path(out)
     inputs = _inputs(corpus_paths)
@@ -308,9 +301,9 @@ def _start(
         manifest = load_manifest(folder)
         accept_corrected_settings(folder, manifest, config)
         check_settings(manifest, config, folder)
-        if manifest["sources"][0]["inputs"] != inputs:
+        if manifest.sources[0].inputs != inputs:
             raise MismatchError(
-                f"the database {folder} was built from {manifest['sources'][0]['inputs']}, not "
+                f"the database {folder} was built from {manifest.sources[0].inputs}, not "
                 f"{inputs}; rerun with the same corpus to resume, use `retrolm db add` to add "
                 "documents, or choose another --out"
             )
@@ -323,8 +316,7 @@ def _start(
                 f"{folder} exists and is not a retrolm database; choose an empty or new --out folder"
             )
         folder.mkdir(parents=True, exist_ok=True)
-        manifest = new_manifest(config)
-        manifest["sources"].append({"inputs": inputs, "first_event": 0, "done": False})
+        manifest = Manifest.new(config, inputs)
         write_config(folder, config)
         save_manifest(folder, manifest)
     _clean(folder)
@@ -333,7 +325,7 @@ def _start(
 
 def _reopen(
     db_path: str | os.PathLike[str], overrides: dict[str, Any] | None = None
-) -> tuple[Path, dict[str, Any], DatabaseConfig]:
+) -> tuple[Path, Manifest, DatabaseConfig]:
     """An existing database, its manifest, and its config with speed-only settings overridden."""
     folder = Path(db_path)
     manifest = load_manifest(folder)
@@ -344,14 +336,14 @@ def _reopen(
     return folder, manifest, config
 
 
-def _require(manifest: dict[str, Any], stage: str, folder: Path) -> None:
-    if not manifest["stages"][stage]:
+def _require(manifest: Manifest, stage: str, folder: Path) -> None:
+    if not manifest.is_done(stage):
         raise InputError(
             f"the database {folder} has no finished {stage} stage; run `retrolm db build` (or `retrolm db {stage.rstrip('s')}`) first"
         )
 
 
-def _tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
+def _tokenizer(folder: Path, manifest: Manifest) -> Tokenizer:
     _require(manifest, "tokenizer", folder)
     return Tokenizer.load(folder / TOKENIZER_FILE)
 
@@ -359,50 +351,59 @@ def _tokenizer(folder: Path, manifest: dict[str, Any]) -> Tokenizer:
 # ----------------------------------------------------------------------------- ranks
 
 
-def _sync(folder: Path, manifest: dict[str, Any], dist: Dist) -> None:
+def _sync(folder: Path, manifest: Manifest, dist: Dist) -> None:
     """Wait for every rank; the others then reread the manifest the main rank wrote."""
     if dist.world == 1:
         return
     dist.barrier()
     if not dist.is_main:
-        fresh = load_manifest(folder)
-        manifest.clear()
-        manifest.update(fresh)
+        manifest.refresh(folder)
 
 
-def _save(folder: Path, manifest: dict[str, Any], dist: Dist) -> None:
+def _save(folder: Path, manifest: Manifest, dist: Dist) -> None:
     if dist.is_main:
         save_manifest(folder, manifest)
 
 
 def _finish_block(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     stage: str,
-    blocks: dict[str, Any],
-    index: int,
-    entry: dict[str, Any],
+    block_id: int,
+    block: BlockFile | CodesBlock | NeighbourBlock,
     dist: Dist,
+    embedder: dict[str, Any] | None = None,
 ) -> None:
-    """Record a finished block: in the manifest at once (one rank), else in a record file."""
+    """Record a finished block: in the manifest at once (one rank), else in a record file for
+    the main rank to merge (with the embedder that wrote it, for an embedding block)."""
     if dist.world == 1:
-        blocks[str(index)] = entry
+        manifest.finish_block(stage, block_id, block)
         save_manifest(folder, manifest)
     else:
-        distributed.write_record(folder, stage, index, entry)
+        entry = block.to_json()
+        if embedder is not None:
+            entry["embedder"] = embedder
+        distributed.write_record(folder, stage, block_id, entry)
 
 
-def _merge_records(
-    folder: Path, manifest: dict[str, Any], stage: str, blocks: dict[str, Any]
-) -> dict[int, dict[str, Any]]:
-    """Fold the block records ranks left for `stage` into `blocks` (main rank)."""
+def _merge_records(folder: Path, manifest: Manifest, stage: str) -> list[dict[str, Any]]:
+    """Fold the block records ranks left for `stage` into the manifest (main rank). Returns the
+    embedders the records name (embedding blocks), in block order."""
     records = distributed.read_records(folder, stage)
-    for index, entry in records.items():
-        blocks[str(index)] = entry
+    embedders = []
+    for block_id, entry in records.items():
+        embedder = entry.pop("embedder", None) if isinstance(entry, dict) else None
+        try:
+            block = block_from_json(stage, entry)
+        except ManifestFormatError:
+            continue  # not a block record: the block is simply done again
+        if embedder:
+            embedders.append(embedder)
+        manifest.finish_block(stage, block_id, block)
     if records:
         save_manifest(folder, manifest)
         distributed.clear_records(folder, stage)
-    return records
+    return embedders
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -410,7 +411,7 @@ def _merge_records(
 
 def _run_embeddings(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     embedder: Any,
     show_progress: bool,
@@ -418,24 +419,21 @@ def _run_embeddings(
 ) -> None:
     dist = dist or Dist()
     if config.retriever == "bm25":
-        manifest["stages"]["embeddings"] = True  # BM25 needs no embeddings
+        manifest.finish_stage("embeddings")  # BM25 needs no embeddings
         _save(folder, manifest, dist)
         _sync(folder, manifest, dist)
         return
     tokenizer = _tokenizer(folder, manifest)
-    record = manifest["embeddings"]
     if dist.is_main:
         _merge_embedding_records(folder, manifest)
     _sync(folder, manifest, dist)
-    record = manifest["embeddings"]
-    blocks = manifest["chunks"]["blocks"]
-    todo = [
-        b for b in blocks if not _embedding_ok(folder, record["blocks"].get(str(b["index"])), b)
-    ]
+    blocks = manifest.chunks.blocks
+    done = manifest.embeddings.blocks
+    todo = [b for b in blocks if not _embedding_ok(folder, done.get(b.index), b)]
     if todo and embedder is None and config.embed_dtype == "auto":
         dist.on_main(lambda: _choose_embed_dtype(folder, manifest, config, tokenizer, todo[0]))
         _sync(folder, manifest, dist)
-        record = manifest["embeddings"]
+    embeddings = manifest.embeddings
     mine = dist.mine(todo)
     if mine:
         if embedder is None:
@@ -444,93 +442,83 @@ def _run_embeddings(
             embedder = load_embedder(
                 config.embedder,
                 device=dist.device(config.device),
-                dtype=_compute_dtype(config, manifest),
+                dtype=embeddings.compute_dtype(config.embed_dtype),
             )
-        if record["spec"] not in (None, embedder.spec):
+        if embeddings.spec not in (None, embedder.spec):
             raise MismatchError(
-                f"the database {folder} was embedded with {record['spec']!r}, not {embedder.spec!r}; "
+                f"the database {folder} was embedded with {embeddings.spec!r}, not {embedder.spec!r}; "
                 "use the same --embedder or build a new database"
             )
+        learned = {"spec": embedder.spec, "dim": int(embedder.dim), "metric": embedder.metric}
         if dist.world == 1:
-            record.update(spec=embedder.spec, dim=int(embedder.dim), metric=embedder.metric)
+            embeddings.set_embedder(**learned)
         (folder / "embeddings").mkdir(exist_ok=True)
         bar = progress(
             desc="embedding",
-            total=sum(b["rows"] for b in mine),
+            total=sum(b.rows for b in mine),
             unit="chunk",
             show=show_progress and dist.is_main,
         )
         for block in mine:
-            tokens = np.load(folder / block["file"], mmap_mode="r")
+            tokens = np.load(folder / block.file, mmap_mode="r")
             vectors = embedder.embed(
                 tokenizer.decode_batch(tokens), batch_size=config.embed_batch_size
             )
-            file = f"embeddings/emb-{block['index']:06d}.npy"
+            file = f"embeddings/emb-{block.index:06d}.npy"
             sha = save_npy(folder / file, np.asarray(vectors).astype(config.dtype))
-            entry = {"file": file, "sha256": sha, "rows": block["rows"]}
-            if dist.world > 1:  # the main rank learns the embedder from the records
-                entry["embedder"] = {
-                    "spec": embedder.spec,
-                    "dim": int(embedder.dim),
-                    "metric": embedder.metric,
-                }
+            done_block = BlockFile(file=file, sha256=sha, rows=block.rows)
+            # with ranks, the main rank learns the embedder from the records
             _finish_block(
-                folder, manifest, "embeddings", record["blocks"], block["index"], entry, dist
+                folder,
+                manifest,
+                "embeddings",
+                block.index,
+                done_block,
+                dist,
+                embedder=learned if dist.world > 1 else None,
             )
-            bar.update(block["rows"])
+            bar.update(block.rows)
         bar.close()
     dist.barrier()
     if dist.is_main:
         _merge_embedding_records(folder, manifest)
-        missing = [
-            b["index"]
-            for b in blocks
-            if not _embedding_ok(folder, manifest["embeddings"]["blocks"].get(str(b["index"])), b)
-        ]
+        done = manifest.embeddings.blocks
+        missing = [b.index for b in blocks if not _embedding_ok(folder, done.get(b.index), b)]
         if missing:  # pragma: no cover - a rank finished without writing its blocks
             raise CorruptArtifactError(
                 f"embedding blocks {missing[:5]} were not written; rerun the same command"
             )
-        manifest["stages"]["embeddings"] = True
+        manifest.finish_stage("embeddings")
         save_manifest(folder, manifest)
     _sync(folder, manifest, dist)
 
 
-def _merge_embedding_records(folder: Path, manifest: dict[str, Any]) -> None:
-    record = manifest["embeddings"]
-    merged = _merge_records(folder, manifest, "embeddings", record["blocks"])
-    for entry in merged.values():
-        learned = entry.pop("embedder", None)
-        if learned and record["spec"] is None:
-            record.update(learned)
-    if merged:
+def _merge_embedding_records(folder: Path, manifest: Manifest) -> None:
+    """Fold the ranks' embedding blocks in; the embedder is the one their records name."""
+    learned = _merge_records(folder, manifest, "embeddings")
+    if learned and manifest.embeddings.spec is None:
+        manifest.embeddings.set_embedder(
+            learned[0]["spec"], learned[0]["dim"], learned[0]["metric"]
+        )
         save_manifest(folder, manifest)
-
-
-def _compute_dtype(config: DatabaseConfig, manifest: dict[str, Any]) -> str:
-    """The embedder's compute dtype: the setting, or for `auto` the recorded measurement."""
-    if config.embed_dtype != "auto":
-        return config.embed_dtype
-    choice = manifest["embeddings"].get("dtype_choice")
-    return choice["dtype"] if choice else "float32"
 
 
 def _choose_embed_dtype(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     tokenizer: Tokenizer,
-    block: dict[str, Any],
+    block: ChunkBlock,
 ) -> None:
     """For `--embed-dtype auto`: time float32 against bfloat16 on a few batches of the first
     block to embed, once per database, and record the faster one in the manifest (every block,
     and every rank, then uses it; a resumed build reuses the record)."""
-    if manifest["embeddings"].get("dtype_choice"):
+    if manifest.embeddings.dtype_choice:
         return
     from retrolm.database.embed import choose_dtype, load_embedder
 
     embedder = load_embedder(config.embedder, device=config.device, dtype="float32")
-    tokens = np.load(folder / block["file"], mmap_mode="r")
+    tokens = np.load(folder / block.file, mmap_mode="r")
     choice = choose_dtype(embedder, tokenizer.decode_batch(tokens), config.embed_batch_size)
     log.info(
         "embedding dtype %s (float32 %s s, bfloat16 %s s on %d chunks)",
@@ -539,15 +527,15 @@ def _choose_embed_dtype(
         choice["bfloat16_s"],
         choice["chunks"],
     )
-    manifest["embeddings"]["dtype_choice"] = choice
+    manifest.embeddings.dtype_choice = choice
     save_manifest(folder, manifest)
 
 
-def _embedding_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, Any]) -> bool:
+def _embedding_ok(folder: Path, embedded: BlockFile | None, block: ChunkBlock) -> bool:
     return (
-        record is not None
-        and record["rows"] == block["rows"]
-        and block_ok(folder, record["file"], record["sha256"])
+        embedded is not None
+        and embedded.rows == block.rows
+        and block_ok(folder, embedded.file, embedded.sha256)
     )
 
 
@@ -556,7 +544,7 @@ def _embedding_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, 
 
 def _run_index(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     show_progress: bool,
     dist: Dist | None = None,
@@ -564,10 +552,10 @@ def _run_index(
     dist = dist or Dist()
     _require(manifest, "embeddings", folder)
     store = BlockStore(folder, manifest)
-    blocks = manifest["chunks"]["blocks"]
-    current = manifest.get("index")
-    if current and current["blocks"] == len(blocks) and _index_file_ok(folder, current):
-        manifest["stages"]["index"] = True
+    blocks = manifest.chunks.blocks
+    current = manifest.index
+    if current and current.blocks == len(blocks) and _index_file_ok(folder, current):
+        manifest.finish_stage("index")
         _save(folder, manifest, dist)
         _sync(folder, manifest, dist)
         return
@@ -575,7 +563,7 @@ def _run_index(
         raise InputError(
             f"the database {folder} has no train chunks to index; lower --valid-fraction"
         )
-    generation = current["generation"] + 1 if current else 0
+    generation = current.generation + 1 if current else 0
     if config.retriever == "bm25":
         dist.on_main(
             lambda: _install_index(
@@ -587,41 +575,36 @@ def _run_index(
     _sync(folder, manifest, dist)
 
 
-def _install_index(folder: Path, manifest: dict[str, Any], record: dict[str, Any]) -> None:
-    """Make `record` the database's index, then delete the index it replaces."""
-    old = manifest.get("index")
-    manifest["index"] = record
-    manifest["stages"]["index"] = True
-    manifest.pop("index_build", None)
+def _install_index(folder: Path, manifest: Manifest, index: IndexRecord) -> None:
+    """Make `index` the database's index, then delete the index it replaces."""
+    old = manifest.install_index(index)
     save_manifest(folder, manifest)
     if old:  # only now is the old index no longer referenced
-        _delete_kept_cells(folder, old.get("encoded_cells"))  # of a neighbour stage not ended
-        for key in ("file", "ivfdata_file"):
-            if old.get(key) and old[key] != record.get(key):
-                path = folder / old[key]
+        _delete_kept_cells(folder, old.encoded_cells)  # of a neighbour stage not ended
+        for old_file, new_file in ((old.file, index.file), (old.ivfdata_file, index.ivfdata_file)):
+            if old_file and old_file != new_file:
+                path = folder / old_file
                 if path.is_dir():
                     shutil.rmtree(path, ignore_errors=True)
                 else:
                     path.unlink(missing_ok=True)
 
 
-def _index_file_ok(folder: Path, record: dict[str, Any]) -> bool:
-    path = folder / record["file"]
-    if record["kind"] == "bm25":
+def _index_file_ok(folder: Path, index: IndexRecord) -> bool:
+    path = folder / index.file
+    if index.kind == "bm25":
         return path.is_dir()
-    if record.get("ondisk") and not block_ok(
-        folder, record["ivfdata_file"], record["ivfdata_sha256"]
-    ):
+    if index.ondisk and not block_ok(folder, index.ivfdata_file, index.ivfdata_sha256):
         return False
-    return block_ok(folder, record["file"], record["sha256"])
+    return block_ok(folder, index.file, index.sha256)
 
 
 def _build_faiss(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     store: BlockStore,
-    current: dict[str, Any] | None,
+    current: IndexRecord | None,
     generation: int,
     show_progress: bool,
     dist: Dist | None = None,
@@ -633,63 +616,69 @@ def _build_faiss(
     dist = dist or Dist()
     dist.on_main(lambda: _plan_index(folder, manifest, config, store, current, generation))
     _sync(folder, manifest, dist)
-    plan = manifest["index_build"]
-    codes = plan["codes"]
     if dist.is_main:
-        _merge_records(folder, manifest, "index-codes", codes)
+        _merge_records(folder, manifest, "index-codes")
     _sync(folder, manifest, dist)
-    blocks = manifest["chunks"]["blocks"][plan["first_block"] :]
-    todo = [b for b in blocks if not _codes_ok(folder, codes.get(str(b["index"])), b)]
+    plan = _plan(manifest)
+    codes = plan.codes
+    blocks = manifest.chunks.blocks[plan.first_block :]
+    todo = [b for b in blocks if not _codes_ok(folder, codes.get(b.index), b)]
     mine = dist.mine(todo)
     if mine:
-        trained = faiss_index.load_index(folder / plan["trained_file"], mmap=True)
+        trained = faiss_index.load_index(folder / plan.trained_file, mmap=True)
         bar = progress(
             desc="encoding",
-            total=sum(b["rows"] for b in mine),
+            total=sum(b.rows for b in mine),
             unit="chunk",
             show=show_progress and dist.is_main,
         )
         for block in mine:
             ids = store.indexed_ids_of_block(block)
-            vectors = np.asarray(store.embeddings_of_block(block)[ids - block["start"]])
-            file = f"index/codes-{generation:04d}-{block['index']:06d}.npy"
+            vectors = np.asarray(store.embeddings_of_block(block)[ids - block.start])
+            file = f"index/codes-{generation:04d}-{block.index:06d}.npy"
             encoded, cells = faiss_index.encode_with_cells(
                 trained, vectors, faiss_index.KEPT_CELLS, dist.device(config.device)
             )
             sha = save_npy(folder / file, encoded)
-            entry = {"file": file, "sha256": sha, "rows": int(len(ids))}
+            coded = CodesBlock(file=file, sha256=sha, rows=int(len(ids)))
             if cells is not None:  # kept for the neighbour stage, which searches these vectors
-                for key, array in zip(("celldis", "cells"), cells):
-                    name = f"index/{key}-{generation:04d}-{block['index']:06d}.npy"
-                    entry[f"{key}_file"], entry[f"{key}_sha256"] = (
-                        name,
-                        save_npy(folder / name, array),
-                    )
-            _finish_block(folder, manifest, "index-codes", codes, block["index"], entry, dist)
-            bar.update(block["rows"])
+                celldis, nearest = cells
+                name = f"index/celldis-{generation:04d}-{block.index:06d}.npy"
+                coded.celldis_file, coded.celldis_sha256 = name, save_npy(folder / name, celldis)
+                name = f"index/cells-{generation:04d}-{block.index:06d}.npy"
+                coded.cells_file, coded.cells_sha256 = name, save_npy(folder / name, nearest)
+            _finish_block(folder, manifest, "index-codes", block.index, coded, dist)
+            bar.update(block.rows)
         bar.close()
         del trained
     dist.barrier()
     if dist.is_main:
-        _merge_records(folder, manifest, "index-codes", codes)
+        _merge_records(folder, manifest, "index-codes")
         with node_threads():  # adding and tuning on this rank; the others wait
-            record = _add_codes(folder, manifest, config, store, show_progress)
-        _install_index(folder, manifest, record)
-        for entry in codes.values():
-            (folder / entry["file"]).unlink(missing_ok=True)  # the cells stay (`encoded_cells`)
-        (folder / plan["trained_file"]).unlink(missing_ok=True)
+            index = _add_codes(folder, manifest, config, store, show_progress)
+        _install_index(folder, manifest, index)
+        for coded in plan.codes.values():
+            (folder / coded.file).unlink(missing_ok=True)  # the cells stay (`encoded_cells`)
+        (folder / plan.trained_file).unlink(missing_ok=True)
 
 
-def _codes_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, Any]) -> bool:
-    return record is not None and block_ok(folder, record["file"], record["sha256"])
+def _plan(manifest: Manifest) -> IndexPlan:
+    """The index being built, which `_plan_index` recorded."""
+    if manifest.index_build is None:  # pragma: no cover - _plan_index records it first
+        raise CorruptArtifactError("the manifest has no index being built; rerun the command")
+    return manifest.index_build
+
+
+def _codes_ok(folder: Path, coded: CodesBlock | None, block: ChunkBlock) -> bool:
+    return coded is not None and block_ok(folder, coded.file, coded.sha256)
 
 
 def _plan_index(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     store: BlockStore,
-    current: dict[str, Any] | None,
+    current: IndexRecord | None,
     generation: int,
 ) -> None:
     """Choose and train the index (or reopen the one `db add` extends), write it empty to
@@ -698,25 +687,24 @@ def _plan_index(
     from retrolm.database import index as faiss_index
     from retrolm.database.ondisk import choose_layout
 
-    plan = manifest.get("index_build")
+    plan = manifest.index_build
     if (
         plan
-        and plan["generation"] == generation
-        and block_ok(folder, plan["trained_file"], plan["trained_sha256"])
+        and plan.generation == generation
+        and block_ok(folder, plan.trained_file, plan.trained_sha256)
     ):
         return
-    emb = manifest["embeddings"]
-    dim, metric = emb["dim"], emb["metric"]
+    dim, metric = manifest.embeddings.dim, manifest.embeddings.metric
     num_train = store.indexed_chunks()
     incremental = (
         current is not None
-        and current["blocks"] < len(store.blocks)
-        and not current.get("ondisk")
+        and current.blocks < len(store.blocks)
+        and not current.ondisk
         and _index_file_ok(folder, current)
     )
-    if incremental:  # db add: the filled index takes the new blocks' vectors
-        index = faiss_index.load_index(folder / current["file"])
-        factory, ondisk, first_block = current["factory"], False, current["blocks"]
+    if current is not None and incremental:  # db add: the filled index takes the new vectors
+        index = faiss_index.load_index(folder / current.file)
+        factory, ondisk, first_block = current.factory, False, current.blocks
     else:
         if config.index == "auto":
             factory, ondisk = choose_layout(num_train, dim, config.index_memory)
@@ -748,16 +736,15 @@ def _plan_index(
     trained_file = f"index/trained-{generation:04d}.faiss"
     with write_guard(folder / trained_file):  # faiss reports a full disk as a RuntimeError
         faiss_index.save_index(index, folder / trained_file)
-    manifest["index_build"] = {
-        "generation": generation,
-        "factory": factory,
-        "metric": metric,
-        "ondisk": ondisk,
-        "first_block": first_block,
-        "trained_file": trained_file,
-        "trained_sha256": sha256_file(folder / trained_file),
-        "codes": {},
-    }
+    manifest.index_build = IndexPlan(
+        generation=generation,
+        factory=factory,
+        metric=metric,
+        ondisk=ondisk,
+        first_block=first_block,
+        trained_file=trained_file,
+        trained_sha256=sha256_file(folder / trained_file),
+    )
     save_manifest(folder, manifest)
     (folder / _kmeans_checkpoint(generation)).unlink(missing_ok=True)
 
@@ -784,7 +771,7 @@ def _search_params(
     def blocks() -> Any:
         for block in store.blocks:
             ids = store.indexed_ids_of_block(block)
-            yield np.asarray(store.embeddings_of_block(block)[ids - block["start"]]), ids
+            yield np.asarray(store.embeddings_of_block(block)[ids - block.start]), ids
 
     return faiss_index.choose_search_params(
         index, factory, queries, blocks(), vectors_of=store.embeddings_of_ids
@@ -793,33 +780,34 @@ def _search_params(
 
 def _add_codes(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     store: BlockStore,
     show_progress: bool,
-) -> dict[str, Any]:
+) -> IndexRecord:
     """Add every block's codes, in block order, to the trained index; save it; its record."""
     from retrolm.database import index as faiss_index
     from retrolm.database.ondisk import merge_blocks_ondisk
 
-    plan = manifest["index_build"]
-    generation, factory = plan["generation"], plan["factory"]
-    blocks = manifest["chunks"]["blocks"][plan["first_block"] :]
-    trained_path = folder / plan["trained_file"]
+    plan = _plan(manifest)
+    generation, factory = plan.generation, plan.factory
+    blocks = manifest.chunks.blocks[plan.first_block :]
+    trained_path = folder / plan.trained_file
     index = faiss_index.load_index(trained_path)
     bar = progress(
-        desc="indexing", total=sum(b["rows"] for b in blocks), unit="chunk", show=show_progress
+        desc="indexing", total=sum(b.rows for b in blocks), unit="chunk", show=show_progress
     )
 
     def coded_blocks() -> Any:
         for block in blocks:
-            entry = plan["codes"][str(block["index"])]
-            yield np.load(folder / entry["file"]), store.indexed_ids_of_block(block)
-            bar.update(block["rows"])
+            coded = plan.codes[block.index]
+            yield np.load(folder / coded.file), store.indexed_ids_of_block(block)
+            bar.update(block.rows)
 
     file = f"index/index-{generation:04d}.faiss"
-    record: dict[str, Any] = {}
-    if plan["ondisk"]:
+    ivfdata: str | None = None
+    ivfdata_sha256: str | None = None
+    if plan.ondisk:
         ivfdata = f"index/lists-{generation:04d}.ivfdata"
         merge_blocks_ondisk(
             index,
@@ -830,107 +818,100 @@ def _add_codes(
             load_trained=lambda: faiss_index.load_index(trained_path),
         )
         shutil.rmtree(folder / "index" / f"shards-{generation:04d}", ignore_errors=True)
-        record.update(
-            ondisk=True, ivfdata_file=ivfdata, ivfdata_sha256=sha256_file(folder / ivfdata)
-        )
+        ivfdata_sha256 = sha256_file(folder / ivfdata)
     else:
         counts = _encoded_list_sizes(folder, plan, blocks, index)
         if counts is not None:
             faiss_index.reserve_lists(index, counts)
         for codes, ids in coded_blocks():
             faiss_index.add_encoded(index, codes, ids)
-        record["ondisk"] = False
     bar.close()
     params, recall = _search_params(index, factory, store, config)
-    if recall is not None:
-        record["search_recall_at_10"] = round(recall, 4)
     with write_guard(folder / file):  # faiss reports a full disk as a RuntimeError
         faiss_index.save_index(index, folder / file)
     cells = {  # each block's nearest cells from the encoding, until the neighbour stage ends
-        b: {key: entry[key] for key in CELLS_KEYS}
-        for b, entry in plan["codes"].items()
-        if "cells_file" in entry
+        b: kept for b, kept in ((b, coded.kept_cells()) for b, coded in plan.codes.items()) if kept
     }
-    if cells:
-        record["encoded_cells"] = cells
-    return {
-        "kind": "faiss",
-        "file": file,
-        "sha256": sha256_file(folder / file),
-        "factory": factory,
-        "metric": plan["metric"],
-        "search_params": params,
-        "ntotal": int(index.ntotal),
-        "blocks": len(manifest["chunks"]["blocks"]),
-        "generation": generation,
-        **record,
-    }
-
-
-CELLS_KEYS = ("rows", "cells_file", "cells_sha256", "celldis_file", "celldis_sha256")
+    return IndexRecord(
+        kind="faiss",
+        file=file,
+        sha256=sha256_file(folder / file),
+        factory=factory,
+        metric=plan.metric,
+        search_params=params,
+        ntotal=int(index.ntotal),
+        blocks=len(manifest.chunks.blocks),
+        generation=generation,
+        ondisk=bool(plan.ondisk),
+        ivfdata_file=ivfdata,
+        ivfdata_sha256=ivfdata_sha256,
+        search_recall_at_10=None if recall is None else round(recall, 4),
+        encoded_cells=cells or None,
+    )
 
 
 def _encoded_list_sizes(
-    folder: Path, plan: dict[str, Any], blocks: list[dict[str, Any]], index: Any
+    folder: Path, plan: IndexPlan, blocks: list[ChunkBlock], index: Any
 ) -> np.ndarray | None:
     """How many codes each inverted list will get from `blocks`: their chunks' nearest cells
     as the encoding kept them; None where any block's are missing or not intact."""
     import faiss
 
     ivf = faiss.try_extract_index_ivf(index)
-    entries = [plan["codes"].get(str(block["index"])) for block in blocks]
-    entries = [e for e in entries if e is None or e["rows"]]  # a block with no indexed chunks
+    coded = [plan.codes.get(block.index) for block in blocks]
+    coded = [c for c in coded if c is None or c.rows]  # a block with no indexed chunks
     if ivf is None or not all(
-        entry is not None
-        and "cells_file" in entry
-        and block_ok(folder, entry["cells_file"], entry["cells_sha256"])
-        for entry in entries
+        c is not None
+        and c.cells_file is not None
+        and block_ok(folder, c.cells_file, c.cells_sha256)
+        for c in coded
     ):
         return None
     counts = np.zeros(ivf.nlist, np.int64)
-    for entry in entries:
-        nearest = np.load(folder / entry["cells_file"], mmap_mode="r")[:, 0]
+    for c in coded:
+        assert c is not None and c.cells_file is not None
+        nearest = np.load(folder / c.cells_file, mmap_mode="r")[:, 0]
         counts += np.bincount(nearest, minlength=ivf.nlist)[: ivf.nlist]
     return counts
 
 
 def _encoded_cells(
-    folder: Path, store: BlockStore, block: dict[str, Any], entry: dict[str, Any] | None
+    folder: Path, store: BlockStore, block: ChunkBlock, kept: KeptCells | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     """The nearest cells the encoding found for a block's indexed chunks, spread over the
     block's rows ((rows, c) float32 and int32, -1 where a row was not encoded), or None where
     they were not kept or their files are not intact (the search then finds them itself)."""
-    if entry is None or not all(
-        block_ok(folder, entry[f"{key}_file"], entry[f"{key}_sha256"])
-        for key in ("cells", "celldis")
-    ):
+    if kept is None or not all(block_ok(folder, file, sha) for file, sha in kept.files()):
         return None
-    indexed = store.indexed_ids_of_block(block) - block["start"]
-    cells, dis = np.load(folder / entry["cells_file"]), np.load(folder / entry["celldis_file"])
+    indexed = store.indexed_ids_of_block(block) - block.start
+    cells, dis = np.load(folder / kept.cells_file), np.load(folder / kept.celldis_file)
     if len(cells) != len(indexed) or len(dis) != len(indexed):
         return None
-    all_dis = np.zeros((block["rows"], cells.shape[1]), np.float32)
-    all_cells = np.full((block["rows"], cells.shape[1]), -1, np.int32)
+    all_dis = np.zeros((block.rows, cells.shape[1]), np.float32)
+    all_cells = np.full((block.rows, cells.shape[1]), -1, np.int32)
     all_dis[indexed], all_cells[indexed] = dis, cells
     return all_dis, all_cells
 
 
-def _drop_encoded_cells(folder: Path, manifest: dict[str, Any]) -> None:
+def _drop_encoded_cells(folder: Path, manifest: Manifest) -> None:
     """Delete the kept cells once every block's neighbours are written."""
-    cells = manifest["index"].pop("encoded_cells", None)
+    index = manifest.index
+    if index is None:  # pragma: no cover - the neighbour stage requires the index
+        return
+    cells, index.encoded_cells = index.encoded_cells, None
     save_manifest(folder, manifest)  # unreferenced first, then deleted
     _delete_kept_cells(folder, cells)
 
 
-def _delete_kept_cells(folder: Path, cells: dict[str, Any] | None) -> None:
-    for entry in (cells or {}).values():
-        for key in ("cells_file", "celldis_file"):
-            (folder / entry[key]).unlink(missing_ok=True)
+def _delete_kept_cells(folder: Path, cells: dict[int, KeptCells] | None) -> None:
+    for kept in (cells or {}).values():
+        for file in (kept.cells_file, kept.celldis_file):
+            (folder / file).unlink(missing_ok=True)
 
 
 def _build_bm25(
     folder: Path, store: BlockStore, generation: int, show_progress: bool
-) -> dict[str, Any]:
+) -> IndexRecord:
     from retrolm.database.bm25 import BM25Index
 
     tokenizer = store.tokenizer
@@ -939,23 +920,23 @@ def _build_bm25(
     blocks = store.blocks
     for block in progress(blocks, desc="bm25 texts", unit="block", show=show_progress):
         train = store.indexed_ids_of_block(block)
-        tokens = store.tokens_of_block(block)[train - block["start"]]
+        tokens = store.tokens_of_block(block)[train - block.start]
         texts.extend(tokenizer.decode_batch(tokens))
         ids.append(train)
     all_ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
     index = BM25Index.build(texts, all_ids)
     file = f"index/bm25-{generation:04d}"
     index.save(folder / file)
-    return {
-        "kind": "bm25",
-        "file": file,
-        "factory": "bm25",
-        "metric": "bm25",
-        "search_params": {},
-        "ntotal": len(all_ids),
-        "blocks": len(blocks),
-        "generation": generation,
-    }
+    return IndexRecord(
+        kind="bm25",
+        file=file,
+        factory="bm25",
+        metric="bm25",
+        search_params={},
+        ntotal=len(all_ids),
+        blocks=len(blocks),
+        generation=generation,
+    )
 
 
 # ----------------------------------------------------------------------------- neighbours
@@ -963,66 +944,63 @@ def _build_bm25(
 
 def _run_neighbours(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     show_progress: bool,
     dist: Dist | None = None,
 ) -> None:
     dist = dist or Dist()
     _require(manifest, "index", folder)
-    record = manifest["neighbours"]
     if dist.is_main:
-        _merge_records(folder, manifest, "neighbours", record["blocks"])
+        _merge_records(folder, manifest, "neighbours")
     _sync(folder, manifest, dist)
-    record = manifest["neighbours"]
+    done = manifest.neighbours.blocks
     store = BlockStore(folder, manifest)
     k = config.neighbours
-    todo = [
-        b
-        for b in store.blocks
-        if not _neighbours_ok(folder, record["blocks"].get(str(b["index"])), b)
-    ]
+    todo = [b for b in store.blocks if not _neighbours_ok(folder, done.get(b.index), b)]
     mine = dist.mine(todo)
     if mine:
         # ranks share one memory-mapped copy of the index (and on-disk lists are mapped anyway)
         index = store.load_index(mmap=dist.world > 1, device=dist.device(config.device))
-        metric = manifest["index"]["metric"]
+        record = manifest.index
+        assert record is not None  # _require: the index stage is done
+        metric = record.metric
         (folder / "neighbours").mkdir(exist_ok=True)
         bar = progress(
             desc="neighbours",
-            total=sum(b["rows"] for b in mine),
+            total=sum(b.rows for b in mine),
             unit="chunk",
             show=show_progress and dist.is_main,
         )
-        encoded = manifest["index"].get("encoded_cells") or {}
+        encoded = record.encoded_cells or {}
         for block in mine:
-            cells = _encoded_cells(folder, store, block, encoded.get(str(block["index"])))
+            cells = _encoded_cells(folder, store, block, encoded.get(block.index))
             ids, dists = _block_neighbours(store, block, index, metric, k, cells)
-            i = block["index"]
+            i = block.index
             ids_file, dists_file = f"neighbours/ids-{i:06d}.npy", f"neighbours/dists-{i:06d}.npy"
-            entry = {
-                "ids_file": ids_file,
-                "ids_sha256": save_npy(folder / ids_file, ids.astype(np.int64)),
-                "dists_file": dists_file,
-                "dists_sha256": save_npy(folder / dists_file, dists.astype(np.float32)),
-                "rows": block["rows"],
-            }
-            _finish_block(folder, manifest, "neighbours", record["blocks"], i, entry, dist)
-            bar.update(block["rows"])
+            written = NeighbourBlock(
+                ids_file=ids_file,
+                ids_sha256=save_npy(folder / ids_file, ids.astype(np.int64)),
+                dists_file=dists_file,
+                dists_sha256=save_npy(folder / dists_file, dists.astype(np.float32)),
+                rows=block.rows,
+            )
+            _finish_block(folder, manifest, "neighbours", i, written, dist)
+            bar.update(block.rows)
         bar.close()
     dist.barrier()
     if dist.is_main:
-        _merge_records(folder, manifest, "neighbours", record["blocks"])
-        record["k"] = k
+        _merge_records(folder, manifest, "neighbours")
+        manifest.neighbours.k = k
         _drop_encoded_cells(folder, manifest)  # before the stage is done: none left behind
-        manifest["stages"]["neighbours"] = True
+        manifest.finish_stage("neighbours")
         save_manifest(folder, manifest)
     _sync(folder, manifest, dist)
 
 
 def _block_neighbours(
     store: BlockStore,
-    block: dict[str, Any],
+    block: ChunkBlock,
     index: Any,
     metric: str,
     k: int,
@@ -1040,19 +1018,19 @@ def _block_neighbours(
     )
 
     rows = store.query_rows_of_block(block)
-    ids = np.full((block["rows"], k), -1, dtype=np.int64)
+    ids = np.full((block.rows, k), -1, dtype=np.int64)
     worst = -np.inf if metric in SIMILARITY_METRICS else np.inf
-    dists = np.full((block["rows"], k), worst, dtype=np.float32)
+    dists = np.full((block.rows, k), worst, dtype=np.float32)
     if len(rows) == 0:
         return ids, dists
-    if store.manifest["index"]["kind"] == "bm25":
+    if store.manifest.index is not None and store.manifest.index.kind == "bm25":
         texts = store.tokenizer.decode_batch(store.tokens_of_block(block)[rows])
         search_fn = index.search_fn(texts)
     else:
         vectors = np.asarray(store.embeddings_of_block(block)[rows], dtype=np.float32)
         known = None if cells is None else (cells[0][rows], cells[1][rows])
         search_fn = index_search_fn(index, vectors, known)
-    query_docs = store.chunk_doc[block["start"] + rows]
+    query_docs = store.chunk_doc[block.start + rows]
     found, found_dists = search_excluding_documents(
         search_fn,
         len(rows),
@@ -1066,12 +1044,11 @@ def _block_neighbours(
     return ids, dists
 
 
-def _neighbours_ok(folder: Path, record: dict[str, Any] | None, block: dict[str, Any]) -> bool:
+def _neighbours_ok(folder: Path, written: NeighbourBlock | None, block: ChunkBlock) -> bool:
     return (
-        record is not None
-        and record["rows"] == block["rows"]
-        and block_ok(folder, record["ids_file"], record["ids_sha256"])
-        and block_ok(folder, record["dists_file"], record["dists_sha256"])
+        written is not None
+        and written.rows == block.rows
+        and all(block_ok(folder, file, sha) for file, sha in written.files())
     )
 
 
@@ -1127,7 +1104,7 @@ def _chunk_stage(
             tokenizer = run_tokenizer(folder, manifest, config, show_progress)
             run_chunks(folder, manifest, config, tokenizer, show_progress)
         except InputError:
-            if fresh and not manifest["chunks"]["blocks"]:
+            if fresh and not manifest.chunks.blocks:
                 # Nothing usable was written (e.g. the corpus yielded no documents): leave no
                 # half-made database behind that would refuse a corrected rerun into --out.
                 _discard_new(folder)
@@ -1288,9 +1265,9 @@ def _retrieval_only_chunks(
     """Chunk the retrieval-only inputs of a build (a second source, split "retrieval"), or
     refuse inputs other than the ones the database was built with."""
     manifest = load_manifest(folder)
-    sources = manifest["sources"]
-    recorded = sources[1]["inputs"] if len(sources) > 1 else None
-    if len(sources) > 1 and not sources[1].get("retrieval_only"):
+    sources = manifest.sources
+    recorded = sources[1].inputs if len(sources) > 1 else None
+    if len(sources) > 1 and not sources[1].retrieval_only:
         recorded = None  # documents added by `db add`: not part of this build command
     if recorded is not None and recorded != extra:
         raise MismatchError(
@@ -1312,9 +1289,9 @@ def _retrieval_only_chunks(
 
 def _check_already_added(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
-    source: dict[str, Any],
+    source: Source,
     retrieval_only: bool,
 ) -> None:
     """A rerun of a finished `db add`: the same inputs, every document they yield already in the
@@ -1326,7 +1303,7 @@ def _check_already_added(
     """
     from retrolm.database.chunks import documents_not_in
 
-    inputs = source["inputs"]
+    inputs = source.inputs
     where = ", ".join(display_name(p) for p in inputs)
     missing = documents_not_in(folder, manifest, config, _tokenizer(folder, manifest), inputs)
     if missing:
@@ -1336,8 +1313,8 @@ def _check_already_added(
             f"e.g. {missing[0]}); a document cannot be replaced: add new files under another "
             "path, or build a new database"
         )
-    role = "retrieval-only" if source.get("retrieval_only") else "train/valid"
-    if bool(source.get("retrieval_only")) != retrieval_only:
+    role = "retrieval-only" if source.retrieval_only else "train/valid"
+    if bool(source.retrieval_only) != retrieval_only:
         raise InputError(
             f"{where} is already in the database {folder} as {role} documents; nothing was "
             "added (a document is in one role only)"
@@ -1345,32 +1322,20 @@ def _check_already_added(
     log.info("%s is already in the database %s (the same documents); nothing to add", where, folder)
 
 
-def _undo_last_source(
-    folder: Path, manifest: dict[str, Any]
-) -> tuple[dict[str, int], dict[str, int]]:
+def _undo_last_source(folder: Path, manifest: Manifest) -> tuple[dict[str, int], dict[str, int]]:
     """Drop the last source (it wrote no chunk block) and mark the database finished again, as
     it was before that source was appended. Returns the skipped counts with and without it."""
-    source = manifest["sources"].pop()
-    skipped = (source.get("end_cursor") or {}).get("skipped", {})
-    before = manifest["sources"][-1]["end_cursor"]["skipped"]
-    manifest["counts"]["skipped"] = dict(before)
-    for stage in manifest["stages"]:
-        manifest["stages"][stage] = True
+    source = manifest.undo_last_source()
+    skipped = source.end_cursor.skipped if source.end_cursor else {}
     save_manifest(folder, manifest)
-    return skipped, before
+    return skipped, dict(manifest.counts.skipped)
 
 
 def _append_source(
-    folder: Path, manifest: dict[str, Any], inputs: list[str], *, retrieval_only: bool
+    folder: Path, manifest: Manifest, inputs: list[str], *, retrieval_only: bool
 ) -> None:
     """Record a new source of documents after the last one; its stages are to be done."""
-    last = manifest["sources"][-1]
-    source = {"inputs": inputs, "first_event": last["end_cursor"]["event"], "done": False}
-    if retrieval_only:
-        source["retrieval_only"] = True
-    manifest["sources"].append(source)
-    for stage in ("chunks", *DOWNSTREAM):
-        manifest["stages"][stage] = False
+    manifest.append_source(inputs, retrieval_only=retrieval_only)
     save_manifest(folder, manifest)
 
 
@@ -1399,43 +1364,40 @@ def add_documents(
     """
     folder, manifest, config = _reopen(db_path, overrides)
     inputs = _inputs(corpus_paths)
-    last = manifest["sources"][-1]
-    resuming = (
-        last["inputs"] == inputs
-        and len(manifest["sources"]) > 1
-        and not all(manifest["stages"].values())
-    )
-    if not (resuming and last["done"]):  # an add whose documents are all chunked needs no input
+    last = manifest.sources[-1]
+    resuming = last.inputs == inputs and len(manifest.sources) > 1 and bool(manifest.unfinished())
+    if not (resuming and last.done):  # an add whose documents are all chunked needs no input
         _check_corpus_paths(inputs)
         _check_out_path(folder, inputs)
     if not resuming:
-        unfinished = [s for s, done in manifest["stages"].items() if not done]
+        unfinished = manifest.unfinished()
         if unfinished:
             raise InputError(
                 f"the database {folder} is unfinished ({', '.join(unfinished)}); finish it by "
                 "rerunning the command that was interrupted before adding documents"
             )
-        added = [s for s in manifest["sources"] if s["inputs"] == inputs]
+        added = [s for s in manifest.sources if s.inputs == inputs]
         if added:
             _check_already_added(folder, manifest, config, added[-1], retrieval_only)
             return folder
         _append_source(folder, manifest, inputs, retrieval_only=retrieval_only)
-    documents_before = manifest["sources"][-1]["first_documents"] = manifest["sources"][-1].get(
-        "first_documents", manifest["counts"]["documents"]
-    )
+    adding = manifest.sources[-1]
+    if adding.first_documents is None:
+        adding.first_documents = manifest.counts.documents
+    documents_before = adding.first_documents
     tokenizer = _tokenizer(folder, manifest)
     try:
         run_chunks(folder, manifest, config, tokenizer, show_progress)
     except InputError:
         # a bad input (with --strict, or one that changed since it was checked) before any
         # block of this source: the database goes back to the finished one it was
-        group = len(manifest["sources"]) - 1
-        if all(s["done"] for s in manifest["sources"][:-1]) and not any(
-            b["group"] == group for b in manifest["chunks"]["blocks"]
+        group = len(manifest.sources) - 1
+        if all(s.done for s in manifest.sources[:-1]) and not any(
+            b.group == group for b in manifest.chunks.blocks
         ):
             _undo_last_source(folder, manifest)
         raise
-    if manifest["counts"]["documents"] == documents_before:  # nothing to add: undo the source
+    if manifest.counts.documents == documents_before:  # nothing to add: undo the source
         skipped, skipped_before = _undo_last_source(folder, manifest)
         new = {
             r: n - skipped_before.get(r, 0)

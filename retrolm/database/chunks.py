@@ -31,7 +31,6 @@ import hashlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +38,15 @@ import numpy as np
 
 from retrolm.corpus import Document, Skipped, assign_split, iter_corpus, read_split_list
 from retrolm.database.config import DatabaseConfig
-from retrolm.database.manifest import block_ok, save_manifest
-from retrolm.database.store import stores_byte_lengths
+from retrolm.database.manifest import (
+    ChunkBlock,
+    Cursor,
+    Manifest,
+    Source,
+    TokenizerRecord,
+    block_ok,
+    save_manifest,
+)
 from retrolm.errors import InputError
 from retrolm.io import allocate, atomic_open, save_npy, sha256_file
 from retrolm.log import progress
@@ -63,27 +69,6 @@ def block_name(kind: str, index: int, suffix: str = "npy") -> str:
     return f"{kind}-{index:06d}.{suffix}"
 
 
-@dataclass
-class Cursor:
-    """Where the chunk stream stands after a block: enough to resume exactly there."""
-
-    event: int = 0  # next corpus event (global over all sources) to read
-    offset: int = 0  # chunks of the document at `event` already written
-    documents: int = 0  # documents started so far (the next document's index)
-    chunks: int = 0  # chunks written so far (the next chunk's id)
-    train_chunks: int = 0
-    retrieval_chunks: int = 0
-    bytes: int = 0  # UTF-8 bytes of the documents started so far
-    skipped: dict[str, int] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "skipped": dict(self.skipped)}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Cursor:
-        return cls(**{**d, "skipped": dict(d["skipped"])})
-
-
 def corpus_options(config: DatabaseConfig) -> dict[str, Any]:
     return {"glob": config.glob, "text_field": config.text_field, "strict": config.strict}
 
@@ -96,18 +81,18 @@ def valid_names(config: DatabaseConfig) -> frozenset[str] | None:
 
 
 def run_tokenizer(
-    folder: Path, manifest: dict[str, Any], config: DatabaseConfig, show_progress: bool = True
+    folder: Path, manifest: Manifest, config: DatabaseConfig, show_progress: bool = True
 ) -> Tokenizer:
     """Train (on the train split of the first source) or copy the tokenizer into the database."""
     path = folder / TOKENIZER_FILE
-    recorded = manifest.get("tokenizer")
+    recorded = manifest.tokenizer
     if (
-        manifest["stages"]["tokenizer"]
+        manifest.is_done("tokenizer")
         and recorded
-        and block_ok(folder, TOKENIZER_FILE, recorded["file_sha256"])
+        and block_ok(folder, TOKENIZER_FILE, recorded.file_sha256)
         and (
-            not recorded.get("config_file")
-            or block_ok(folder, recorded["config_file"], recorded["config_sha256"])
+            not recorded.config_file
+            or block_ok(folder, recorded.config_file, recorded.config_sha256)
         )
     ):
         return Tokenizer.load(path)
@@ -115,8 +100,8 @@ def run_tokenizer(
         tokenizer = Tokenizer.load(config.tokenizer)
         log.info("using the tokenizer %s (vocabulary %d)", config.tokenizer, tokenizer.vocab_size)
     else:
-        source = manifest["sources"][0]
-        texts = _train_texts(source["inputs"], config)
+        source = manifest.sources[0]
+        texts = _train_texts(source.inputs, config)
         log.info(
             "training a byte-level BPE tokenizer (vocabulary %d) on the train split",
             config.vocab_size,
@@ -124,21 +109,21 @@ def run_tokenizer(
         tokenizer = train_tokenizer(texts, config.vocab_size, show_progress=show_progress)
         if texts.documents == 0:
             raise InputError(
-                _no_documents_message(source["inputs"], texts.skipped, train=texts.valid > 0)
+                _no_documents_message(source.inputs, texts.skipped, train=texts.valid > 0)
             )
     tokenizer.save(path)
-    manifest["tokenizer"] = {
-        "file": TOKENIZER_FILE,
-        "file_sha256": sha256_file(path),
-        "sha256": tokenizer.sha256,
-        "vocab_size": tokenizer.vocab_size,
+    record = TokenizerRecord(
+        file=TOKENIZER_FILE,
+        file_sha256=sha256_file(path),
+        sha256=tokenizer.sha256,
+        vocab_size=tokenizer.vocab_size,
         **tokenizer.special_tokens(),  # kind, pad_id, eos_id, bos_id (foreign: their strings)
-        "decode_exact": tokenizer.decode_exact,
-        "byte_lengths": "table" if tokenizer.kind == "retrolm" else "stored",
-    }
+        decode_exact=tokenizer.decode_exact,
+        byte_lengths="table" if tokenizer.kind == "retrolm" else "stored",
+    )
     if tokenizer.kind == "foreign":  # its special tokens, written beside tokenizer.json
-        manifest["tokenizer"]["config_file"] = CONFIG_FILES[0]
-        manifest["tokenizer"]["config_sha256"] = sha256_file(folder / CONFIG_FILES[0])
+        record.config_file = CONFIG_FILES[0]
+        record.config_sha256 = sha256_file(folder / CONFIG_FILES[0])
     if not config.tokenizer and tokenizer.vocab_size < config.vocab_size:
         # BPE stops when the text offers no more pairs to merge
         log.warning(
@@ -147,8 +132,9 @@ def run_tokenizer(
             tokenizer.vocab_size,
             config.vocab_size,
         )
-        manifest["tokenizer"]["requested_vocab_size"] = config.vocab_size
-    manifest["stages"]["tokenizer"] = True
+        record.requested_vocab_size = config.vocab_size
+    manifest.tokenizer = record
+    manifest.finish_stage("tokenizer")
     save_manifest(folder, manifest)
     return tokenizer
 
@@ -222,7 +208,7 @@ class _BlockWriter:
     def __init__(
         self,
         folder: Path,
-        manifest: dict[str, Any],
+        manifest: Manifest,
         config: DatabaseConfig,
         cursor: Cursor,
         group: int,
@@ -271,8 +257,7 @@ class _BlockWriter:
     def flush(self) -> None:
         if self.count == 0:
             return
-        blocks = self.manifest["chunks"]["blocks"]
-        index = len(blocks)
+        index = len(self.manifest.chunks.blocks)
         tokens = np.concatenate(self.rows)
         tokens_file = f"chunks/{block_name('tokens', index)}"
         docs_file = f"chunks/{block_name('docs', index, 'jsonl')}"
@@ -280,68 +265,46 @@ class _BlockWriter:
         with atomic_open(self.folder / docs_file, "w", encoding="utf-8") as f:
             for record in self.records:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        block = {
-            "index": index,
-            "group": self.group,
-            "start": self.cursor.chunks - self.count,
-            "rows": self.count,
-            "file": tokens_file,
-            "sha256": tokens_sha,
-            "docs_file": docs_file,
-            "docs_sha256": sha256_file(self.folder / docs_file),
-            "cursor": self.cursor.to_dict(),
-        }
-        if stores_byte_lengths(self.manifest):
-            block["bytes_file"] = f"chunks/{block_name('bytes', index)}"
+        block = ChunkBlock(
+            index=index,
+            group=self.group,
+            start=self.cursor.chunks - self.count,
+            rows=self.count,
+            file=tokens_file,
+            sha256=tokens_sha,
+            docs_file=docs_file,
+            docs_sha256=sha256_file(self.folder / docs_file),
+            cursor=self.cursor.copy(),
+        )
+        if self.manifest.stores_byte_lengths:
+            block.bytes_file = f"chunks/{block_name('bytes', index)}"
             counts = np.concatenate(self.byte_rows)  # (rows, m) int32
             assert counts.shape == tokens.shape, "byte counts must be added with every row"
-            block["bytes_sha256"] = save_npy(self.folder / block["bytes_file"], counts)
-        blocks.append(block)
+            block.bytes_sha256 = save_npy(self.folder / block.bytes_file, counts)
+        self.manifest.add_chunk_block(block)
         save_manifest(self.folder, self.manifest)
         self.rows, self.byte_rows, self.count, self.records = [], [], 0, []
 
 
-def verify_chunk_blocks(folder: Path, manifest: dict[str, Any]) -> int:
+def verify_chunk_blocks(folder: Path, manifest: Manifest) -> int:
     """Drop every chunk block from the first missing or corrupted one on. Returns blocks kept."""
-    blocks = manifest["chunks"]["blocks"]
+    blocks = manifest.chunks.blocks
     for i, block in enumerate(blocks):
-        if not (
-            block_ok(folder, block["file"], block["sha256"])
-            and block_ok(folder, block["docs_file"], block["docs_sha256"])
-            and (
-                "bytes_file" not in block
-                or block_ok(folder, block["bytes_file"], block["bytes_sha256"])
-            )
-        ):
+        if not all(block_ok(folder, file, sha256) for file, sha256 in block.files()):
             log.warning(
                 "chunk block %d (%s) is missing or corrupted; rebuilding from there",
                 i,
-                block["file"],
+                block.file,
             )
-            first_group = block["group"]
-            del blocks[i:]
-            for source in manifest["sources"][first_group:]:
-                source["done"] = False
-            manifest["stages"]["chunks"] = False
-            for stage in ("index", "neighbours"):  # they depend on the full chunk set
-                manifest["stages"][stage] = False
+            manifest.drop_chunk_blocks(i)
             save_manifest(folder, manifest)
             return i
     return len(blocks)
 
 
-def _start_cursor(manifest: dict[str, Any], group: int) -> Cursor:
-    blocks = manifest["chunks"]["blocks"]
-    if blocks and blocks[-1]["group"] == group:
-        return Cursor.from_dict(blocks[-1]["cursor"])
-    if group == 0:
-        return Cursor()
-    return Cursor.from_dict(manifest["sources"][group - 1]["end_cursor"])
-
-
 def run_chunks(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     tokenizer: Tokenizer,
     show_progress: bool = True,
@@ -358,45 +321,44 @@ def run_chunks(
     verify_chunk_blocks(folder, manifest)
     names = valid_names(config)
     known: dict[str, str] | None = None
-    for group, source in enumerate(manifest["sources"]):
-        if source["done"]:
+    for group, source in enumerate(manifest.sources):
+        if source.done:
             continue
         if skip_duplicates and group and known is None:  # read once, only when needed
             known = document_digests(folder, manifest)
-        cursor = _start_cursor(manifest, group)
+        cursor = manifest.resume_cursor(group)
         writer = _BlockWriter(folder, manifest, config, cursor, group)
         end_event = _chunk_source(
             source, writer, config, tokenizer, names, show_progress, known if group else None
         )
         writer.cursor.event, writer.cursor.offset = end_event, 0
         writer.flush()
-        source["done"] = True
-        source["end_cursor"] = writer.cursor.to_dict()
+        source.finish(writer.cursor)
         save_manifest(folder, manifest)
         if group:
-            before = manifest["sources"][group - 1]["end_cursor"]["skipped"].get("duplicate", 0)
+            previous = manifest.sources[group - 1].end_cursor
+            before = previous.skipped.get("duplicate", 0) if previous else 0
             duplicates = writer.cursor.skipped.get("duplicate", 0) - before
             if duplicates:
                 log.warning(
                     "%d document(s) of %s skipped: each has the text of a document already in "
                     "the database (counted as skipped, 'duplicate')",
                     duplicates,
-                    " ".join(source["inputs"]),
+                    " ".join(source.inputs),
                 )
-    if not (manifest["stages"]["chunks"] and _tables_ok(folder, manifest)):
+    if not (manifest.is_done("chunks") and _tables_ok(folder, manifest)):
         _finish_chunks(folder, manifest, config)
 
 
-def _tables_ok(folder: Path, manifest: dict[str, Any]) -> bool:
-    chunks = manifest["chunks"]
-    return bool(chunks.get("documents_file")) and all(
-        block_ok(folder, chunks[f"{name}_file"], chunks[f"{name}_sha256"])
-        for name in ("documents", "chunk_doc")
+def _tables_ok(folder: Path, manifest: Manifest) -> bool:
+    chunks = manifest.chunks
+    return bool(chunks.documents_file) and all(
+        block_ok(folder, file, sha256) for file, sha256 in chunks.tables()
     )
 
 
 def _chunk_source(
-    source: dict[str, Any],
+    source: Source,
     writer: _BlockWriter,
     config: DatabaseConfig,
     tokenizer: Tokenizer,
@@ -409,16 +371,14 @@ def _chunk_source(
     `known`: the documents already written, by `rows_digest` (their names as values); a
     document among them is skipped with a warning.
     """
-    base = source["first_event"]
+    base = source.first_event
     cursor = writer.cursor
-    stream = iter_corpus(
-        source["inputs"], start_event=cursor.event - base, **corpus_options(config)
-    )
+    stream = iter_corpus(source.inputs, start_event=cursor.event - base, **corpus_options(config))
     end = cursor.event
     resume_event, resume_offset = cursor.event, cursor.offset
     bar = progress(desc="chunking", unit="doc", show=show_progress)
     max_bytes = config.tokenize_batch_bytes
-    with_bytes = stores_byte_lengths(writer.manifest)
+    with_bytes = writer.manifest.stores_byte_lengths
     for batch in _batches(stream, max_bytes):
         documents = [item for _, item in batch if isinstance(item, Document)]
         texts = [d.text for d in documents]
@@ -438,7 +398,7 @@ def _chunk_source(
             )
             split = (
                 "retrieval"
-                if source.get("retrieval_only")
+                if source.retrieval_only
                 else assign_split(item.name, config.valid_fraction, names)
             )
             resuming = event == resume_event and resume_offset > 0
@@ -469,11 +429,11 @@ def rows_digest(rows: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(rows, dtype=np.int32).tobytes()).hexdigest()
 
 
-def document_digests(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
+def document_digests(folder: Path, manifest: Manifest) -> dict[str, str]:
     """`rows_digest` -> name of every document whose chunks are all in the written blocks (the
     first such document's name where several have the same chunks)."""
-    blocks = manifest["chunks"]["blocks"]
-    ends = np.asarray([b["start"] + b["rows"] for b in blocks], dtype=np.int64)
+    blocks = manifest.chunks.blocks
+    ends = np.asarray([b.start + b.rows for b in blocks], dtype=np.int64)
     arrays: dict[int, np.ndarray] = {}
 
     def rows(first: int, count: int) -> np.ndarray:
@@ -481,9 +441,9 @@ def document_digests(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
         while position < first + count:
             i = int(np.searchsorted(ends, position, side="right"))
             if i not in arrays:
-                arrays[i] = np.load(folder / blocks[i]["file"], mmap_mode="r")
+                arrays[i] = np.load(folder / blocks[i].file, mmap_mode="r")
             take = min(first + count, int(ends[i])) - position
-            offset = position - blocks[i]["start"]
+            offset = position - blocks[i].start
             parts.append(arrays[i][offset : offset + take])
             position += take
         return np.concatenate(parts)
@@ -491,7 +451,7 @@ def document_digests(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
     digests: dict[str, str] = {}
     written = int(ends[-1]) if len(ends) else 0
     for block in blocks:
-        with open(folder / block["docs_file"], encoding="utf-8") as f:
+        with open(folder / block.docs_file, encoding="utf-8") as f:
             for line in f:
                 record = json.loads(line)
                 if record["first_chunk"] + record["num_chunks"] <= written:
@@ -502,7 +462,7 @@ def document_digests(folder: Path, manifest: dict[str, Any]) -> dict[str, str]:
 
 def documents_not_in(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     tokenizer: Tokenizer,
     inputs: list[str],
@@ -599,14 +559,14 @@ def _batches(
         yield batch
 
 
-def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfig) -> None:
+def _finish_chunks(folder: Path, manifest: Manifest, config: DatabaseConfig) -> None:
     """Write the documents table and the chunk -> document map; record counts."""
-    sources = manifest["sources"]
-    end = Cursor.from_dict(sources[-1]["end_cursor"]) if sources else Cursor()
+    sources = manifest.sources
+    end = manifest.end_cursor()
     if end.documents == 0:
-        inputs = [p for s in sources for p in s["inputs"]]
+        inputs = [p for s in sources for p in s.inputs]
         raise InputError(_no_documents_message(inputs, end.skipped))
-    blocks = manifest["chunks"]["blocks"]
+    blocks = manifest.chunks.blocks
     doc_path = folder / CHUNK_DOC_FILE
     with atomic_open(folder / DOCUMENTS_FILE, "w", encoding="utf-8") as table:
         tmp_map = doc_path.with_name(doc_path.name + ".tmp-build")
@@ -614,7 +574,7 @@ def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfi
         mapping = np.lib.format.open_memmap(tmp_map, mode="w+", dtype=np.int64, shape=(end.chunks,))
         allocate(tmp_map)  # a full disk is an error here, not a SIGBUS while the map is filled
         for block in blocks:
-            with open(folder / block["docs_file"], encoding="utf-8") as f:
+            with open(folder / block.docs_file, encoding="utf-8") as f:
                 for line in f:
                     table.write(line)
                     record = json.loads(line)
@@ -623,20 +583,10 @@ def _finish_chunks(folder: Path, manifest: dict[str, Any], config: DatabaseConfi
         mapping.flush()
         del mapping
     tmp_map.replace(doc_path)
-    manifest["chunks"]["documents_file"] = DOCUMENTS_FILE
-    manifest["chunks"]["documents_sha256"] = sha256_file(folder / DOCUMENTS_FILE)
-    manifest["chunks"]["chunk_doc_file"] = CHUNK_DOC_FILE
-    manifest["chunks"]["chunk_doc_sha256"] = sha256_file(doc_path)
-    manifest["counts"].update(
-        documents=end.documents,
-        chunks=end.chunks,
-        train_chunks=end.train_chunks,
-        valid_chunks=end.chunks - end.train_chunks - end.retrieval_chunks,
-        retrieval_chunks=end.retrieval_chunks,
-        bytes=end.bytes,
-        skipped=dict(end.skipped),
+    manifest.chunks.set_tables(
+        DOCUMENTS_FILE, sha256_file(folder / DOCUMENTS_FILE), CHUNK_DOC_FILE, sha256_file(doc_path)
     )
-    manifest["stages"]["chunks"] = True
+    manifest.finish_chunks(end)
     save_manifest(folder, manifest)
     log.info(
         "chunks: %d documents, %d chunks (%d train, %d retrieval-only), %d inputs skipped",

@@ -12,7 +12,7 @@ import numpy as np
 
 from retrolm.corpus import SPLITS
 from retrolm.database.config import DatabaseConfig
-from retrolm.database.manifest import CONFIG_FILE, STAGES, load_manifest
+from retrolm.database.manifest import CONFIG_FILE, IndexRecord, Manifest, load_manifest
 from retrolm.database.store import BlockStore, load_block
 from retrolm.errors import CorruptArtifactError, InputError, MismatchError
 from retrolm.io import read_json, sha256_file
@@ -57,7 +57,7 @@ class Database:
     Attributes:
         path: the folder.
         config: the `DatabaseConfig` it was built with.
-        manifest: the parsed manifest.json.
+        manifest: the database's `Manifest` (manifest.json).
         tokenizer: the database's `Tokenizer`.
         chunk_size: m, tokens per chunk.
         pad_id: padding token id.
@@ -68,21 +68,22 @@ class Database:
         metric: the index's metric ("l2", "ip" or "bm25"; `nearer` says which scores are nearer).
     """
 
-    def __init__(self, path: Path, manifest: dict[str, Any], *, mmap_index: bool = True) -> None:
+    def __init__(self, path: Path, manifest: Manifest, *, mmap_index: bool = True) -> None:
         self.path = path
         self.manifest = manifest
         self.mmap_index = mmap_index
         self.config = DatabaseConfig.from_dict(read_json(path / CONFIG_FILE))
         self._store = BlockStore(path, manifest)
         self.tokenizer = self._store.tokenizer
-        self.chunk_size = int(manifest["settings"]["chunk_size"])
+        self.chunk_size = int(manifest.settings["chunk_size"])
         self.pad_id = self.tokenizer.pad_id
-        self.num_chunks = int(manifest["counts"]["chunks"])
-        self.stored_neighbours = int(manifest["neighbours"]["k"])
-        self.metric = str(manifest["index"]["metric"])
+        self.num_chunks = int(manifest.counts.chunks)
+        self.stored_neighbours = int(manifest.neighbours.k)
+        assert manifest.index is not None  # a database opens only when every stage is done
+        self.metric = str(manifest.index.metric)
         self.documents = [DocumentRecord(**d) for d in self._store.documents()]
         self.chunk_doc = self._store.chunk_doc
-        blocks = manifest["chunks"]["blocks"]
+        blocks = manifest.chunks.blocks
         self._starts = self._store.starts
         self._tokens = [self._store.tokens_of_block(b) for b in blocks]
         self._byte_counts = (
@@ -90,14 +91,12 @@ class Database:
             if self._store.stores_byte_lengths
             else None
         )
-        nb = manifest["neighbours"]["blocks"]
+        nb = manifest.neighbours.blocks
         self._neighbour_ids = [
-            load_block(path / nb[str(b["index"])]["ids_file"], b["rows"], "neighbour")
-            for b in blocks
+            load_block(path / nb[b.index].ids_file, b.rows, "neighbour") for b in blocks
         ]
         self._neighbour_dists = [
-            load_block(path / nb[str(b["index"])]["dists_file"], b["rows"], "neighbour")
-            for b in blocks
+            load_block(path / nb[b.index].dists_file, b.rows, "neighbour") for b in blocks
         ]
         self._doc_split = np.array([SPLITS.index(d.split) for d in self.documents], dtype=np.int8)
         self._index: Any = None
@@ -129,7 +128,7 @@ class Database:
         """
         folder = Path(path)
         manifest = load_manifest(folder)
-        unfinished = [s for s in STAGES if not manifest["stages"].get(s)]
+        unfinished = manifest.unfinished()
         if unfinished:
             raise InputError(
                 f"the database {folder} is unfinished (stages not done: {', '.join(unfinished)}); "
@@ -138,7 +137,7 @@ class Database:
         if verify:
             _verify(folder, manifest)
         db = cls(folder, manifest, mmap_index=mmap_index)
-        if db.tokenizer.sha256 != manifest["tokenizer"]["sha256"]:
+        if manifest.tokenizer is None or db.tokenizer.sha256 != manifest.tokenizer.sha256:
             raise CorruptArtifactError(
                 f"{folder}/tokenizer.json does not match the manifest; rebuild the database"
             )
@@ -149,9 +148,9 @@ class Database:
     def settings(self) -> dict[str, Any]:
         """Settings a consumer may check: the content settings plus the tokenizer hash."""
         return {
-            **self.manifest["settings"],
+            **self.manifest.settings,
             "tokenizer_sha256": self.tokenizer.sha256,
-            "embedder_spec": self.manifest["embeddings"]["spec"],
+            "embedder_spec": self.manifest.embeddings.spec,
         }
 
     def check(self, expect: dict[str, Any]) -> None:
@@ -271,32 +270,29 @@ class Database:
             self._embedder = load_embedder(
                 self.config.embedder, device=self.config.device, dtype=self._embed_dtype()
             )
-            if self._embedder.spec != self.manifest["embeddings"]["spec"]:
+            if self._embedder.spec != self.manifest.embeddings.spec:
                 raise MismatchError(
                     f"the embedder {self._embedder.spec!r} is not the one the database {self.path} was "
-                    f"built with ({self.manifest['embeddings']['spec']!r})"
+                    f"built with ({self.manifest.embeddings.spec!r})"
                 )
         return self._embedder
 
     def _embed_dtype(self) -> str:
         """The compute dtype for queries: the setting, or what `auto` chose for the build."""
-        if self.config.embed_dtype != "auto":
-            return self.config.embed_dtype
-        choice = self.manifest["embeddings"].get("dtype_choice")
-        return choice["dtype"] if choice else "float32"
+        return self.manifest.embeddings.compute_dtype(self.config.embed_dtype)
 
     def set_embedder(self, embedder: Any) -> None:
         """Use an already loaded embedder (it must have the database's spec)."""
-        if embedder.spec != self.manifest["embeddings"]["spec"]:
+        if embedder.spec != self.manifest.embeddings.spec:
             raise MismatchError(
-                f"embedder {embedder.spec!r} differs from the database's {self.manifest['embeddings']['spec']!r}"
+                f"embedder {embedder.spec!r} differs from the database's {self.manifest.embeddings.spec!r}"
             )
         self._embedder = embedder
 
     def _search_texts(self, texts: list[str], k: int) -> tuple[np.ndarray, np.ndarray]:
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        if self.manifest["index"]["kind"] == "bm25":
+        if self._index_record.kind == "bm25":
             dists, ids = self.index.search(texts, k)
         else:
             from retrolm.database.index import search
@@ -328,7 +324,7 @@ class Database:
         (at most as many as the index holds, whatever `k`)."""
         texts = [texts] if isinstance(texts, str) else list(texts)
         if k >= 1:
-            k = min(k, max(1, int(self.manifest["index"]["ntotal"])))
+            k = min(k, max(1, int(self._index_record.ntotal)))
         ids, dists = self._search_texts(texts, k)
         return [
             [
@@ -344,6 +340,12 @@ class Database:
             for row_ids, row_dists in zip(ids, dists)
         ]
 
+    @property
+    def _index_record(self) -> IndexRecord:
+        if self.manifest.index is None:  # Database.open refuses a database without one
+            raise InputError(f"the database {self.path} has no index")
+        return self.manifest.index
+
     # ------------------------------------------------------------------ inspection
     def info(self) -> dict[str, Any]:
         """Settings, counts, sizes on disk and stages (what `retrolm db info` shows)."""
@@ -358,47 +360,47 @@ def database_info(path: str | os.PathLike[str]) -> dict[str, Any]:
     for entry in sorted(folder.iterdir()):
         files = [entry] if entry.is_file() else [p for p in entry.rglob("*") if p.is_file()]
         sizes[entry.name] = sum(p.stat().st_size for p in files)
-    index = manifest["index"] or {}
-    blocks = manifest["chunks"]["blocks"]
-    counts = manifest["counts"]
-    if not manifest["stages"]["chunks"]:  # mid-build: what the finished blocks hold so far
-        last = blocks[-1]["cursor"] if blocks else {}
-        counts = {**counts, "documents": last.get("documents", 0), "chunks": last.get("chunks", 0)}
+    index = manifest.index.to_json() if manifest.index else {}
+    blocks = manifest.chunks.blocks
+    counts = manifest.counts.to_json()
+    if not manifest.is_done("chunks"):  # mid-build: what the finished blocks hold so far
+        last = blocks[-1].cursor if blocks else None
+        counts = {
+            **counts,
+            "documents": last.documents if last else 0,
+            "chunks": last.chunks if last else 0,
+        }
     keys = ("kind", "factory", "metric", "search_params", "ntotal", "ondisk")
+    embeddings = manifest.embeddings
     return {
         "path": str(folder),
-        "format_version": manifest["format_version"],
-        "settings": manifest["settings"],
-        "fingerprint": manifest["fingerprint"],
-        "tokenizer": manifest["tokenizer"],
-        "embedder": {k: manifest["embeddings"][k] for k in ("spec", "dim", "metric")},
+        "format_version": manifest.format_version,
+        "settings": manifest.settings,
+        "fingerprint": manifest.fingerprint,
+        "tokenizer": manifest.tokenizer.to_json() if manifest.tokenizer else None,
+        "embedder": {"spec": embeddings.spec, "dim": embeddings.dim, "metric": embeddings.metric},
         "index": {k: index.get(k) for k in keys},
         "counts": {**counts, "blocks": len(blocks)},
-        "sources": [s["inputs"] for s in manifest["sources"]],
-        "stages": manifest["stages"],
+        "sources": [s.inputs for s in manifest.sources],
+        "stages": manifest.stages,
         "bytes_on_disk": {"total": sum(sizes.values()), **sizes},
     }
 
 
-def _verify(folder: Path, manifest: dict[str, Any]) -> None:
+def _verify(folder: Path, manifest: Manifest) -> None:
     """Check every recorded file's sha256."""
-    chunks = manifest["chunks"]
-    pairs = [
-        (chunks["documents_file"], chunks["documents_sha256"]),
-        (chunks["chunk_doc_file"], chunks["chunk_doc_sha256"]),
-    ]
-    for b in chunks["blocks"]:
-        pairs += [(b["file"], b["sha256"]), (b["docs_file"], b["docs_sha256"])]
-        if "bytes_file" in b:
-            pairs.append((b["bytes_file"], b["bytes_sha256"]))
-    for rec in manifest["embeddings"]["blocks"].values():
-        pairs.append((rec["file"], rec["sha256"]))
-    for rec in manifest["neighbours"]["blocks"].values():
-        pairs += [(rec["ids_file"], rec["ids_sha256"]), (rec["dists_file"], rec["dists_sha256"])]
-    if manifest["index"].get("sha256"):
-        pairs.append((manifest["index"]["file"], manifest["index"]["sha256"]))
+    chunks = manifest.chunks
+    pairs = list(chunks.tables())
+    for b in chunks.blocks:
+        pairs += b.files()
+    for embedded in manifest.embeddings.blocks.values():
+        pairs.append((embedded.file, embedded.sha256))
+    for neighbours in manifest.neighbours.blocks.values():
+        pairs += neighbours.files()
+    if manifest.index and manifest.index.sha256:
+        pairs.append((manifest.index.file, manifest.index.sha256))
     for file, sha in pairs:
-        path = folder / file
+        path = folder / str(file)
         if not path.is_file() or sha256_file(path) != sha:
             raise CorruptArtifactError(
                 f"{path} is missing or corrupted; rerun `retrolm db build` with the same settings to rebuild it"

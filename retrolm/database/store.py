@@ -11,17 +11,13 @@ from typing import Any
 
 import numpy as np
 
+from retrolm.database.manifest import ChunkBlock, Manifest
 from retrolm.errors import CorruptArtifactError
 from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
 
 log = logging.getLogger(__name__)
 
 INDEXED_SPLITS = ("train", "retrieval")  # the splits whose chunks the index holds
-
-
-def stores_byte_lengths(manifest: dict[str, Any]) -> bool:
-    """Whether the chunk blocks have per-token byte counts (`bytes-NNNNNN.npy`) beside them."""
-    return (manifest.get("tokenizer") or {}).get("byte_lengths") == "stored"
 
 
 def load_block(path: Path, rows: int, what: str) -> np.ndarray:
@@ -63,36 +59,36 @@ def gather_rows(
 class BlockStore:
     """The chunk, embedding and neighbour blocks of a database folder, read lazily."""
 
-    def __init__(self, folder: Path, manifest: dict[str, Any]) -> None:
+    def __init__(self, folder: Path, manifest: Manifest) -> None:
         self.folder = Path(folder)
         self.manifest = manifest
-        self.blocks: list[dict[str, Any]] = manifest["chunks"]["blocks"]
-        self.starts = np.array([b["start"] for b in self.blocks], dtype=np.int64)
+        self.blocks: list[ChunkBlock] = manifest.chunks.blocks
+        self.starts = np.array([b.start for b in self.blocks], dtype=np.int64)
         self._indexed_chunks: int | None = None
         # opened once: re-opening a memory map costs ~0.2 ms, which re-ranking paid per block
         # hit, a term that grew with the number of blocks (see `embeddings_of_ids`)
         self._embedding_maps: dict[int, np.ndarray] = {}
 
     # -- chunks and documents
-    def tokens_of_block(self, block: dict[str, Any]) -> np.ndarray:
-        return load_block(self.folder / block["file"], block["rows"], "chunk")
+    def tokens_of_block(self, block: ChunkBlock) -> np.ndarray:
+        return load_block(self.folder / block.file, block.rows, "chunk")
 
     @property
     def stores_byte_lengths(self) -> bool:
         """Whether the chunk blocks have per-token byte counts beside them (foreign tokenizer)."""
-        return stores_byte_lengths(self.manifest)
+        return self.manifest.stores_byte_lengths
 
-    def byte_counts_of_block(self, block: dict[str, Any]) -> np.ndarray:
+    def byte_counts_of_block(self, block: ChunkBlock) -> np.ndarray:
         """(rows, m) int32 UTF-8 bytes of the source text each token of the block stands for."""
-        return load_block(self.folder / block["bytes_file"], block["rows"], "byte count")
+        return load_block(self.folder / str(block.bytes_file), block.rows, "byte count")
 
-    def embeddings_of_block(self, block: dict[str, Any]) -> np.ndarray:
+    def embeddings_of_block(self, block: ChunkBlock) -> np.ndarray:
         """(rows, dim) float16 embeddings of a block, memory-mapped (opened once per store)."""
-        mapped = self._embedding_maps.get(block["index"])
+        mapped = self._embedding_maps.get(block.index)
         if mapped is None:
-            record = self.manifest["embeddings"]["blocks"][str(block["index"])]
-            mapped = load_block(self.folder / record["file"], block["rows"], "embedding")
-            self._embedding_maps[block["index"]] = mapped
+            embedded = self.manifest.embeddings.blocks[block.index]
+            mapped = load_block(self.folder / embedded.file, block.rows, "embedding")
+            self._embedding_maps[block.index] = mapped
         return mapped
 
     def embeddings_of_ids(self, ids: np.ndarray) -> np.ndarray:
@@ -102,7 +98,7 @@ class BlockStore:
             lambda b: self.embeddings_of_block(self.blocks[b]),
             self.starts,
             ids,
-            self.manifest["embeddings"]["dim"],
+            int(self.manifest.embeddings.dim or 0),
         )
 
     @cached_property
@@ -112,13 +108,13 @@ class BlockStore:
     @cached_property
     def chunk_doc(self) -> np.ndarray:
         """(num_chunks,) int64 chunk -> document index (memory-mapped)."""
-        chunks = self.manifest["chunks"]
-        total = sum(b["rows"] for b in self.blocks)
-        return load_block(self.folder / chunks["chunk_doc_file"], total, "chunk -> document map")
+        total = sum(b.rows for b in self.blocks)
+        path = self.folder / str(self.manifest.chunks.chunk_doc_file)
+        return load_block(path, total, "chunk -> document map")
 
     def documents(self) -> list[dict[str, Any]]:
         """The documents table, in document-index order."""
-        path = self.folder / self.manifest["chunks"]["documents_file"]
+        path = self.folder / str(self.manifest.chunks.documents_file)
         try:
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line) for line in f]
@@ -140,15 +136,15 @@ class BlockStore:
         """
         return np.isin(self.doc_split, INDEXED_SPLITS)
 
-    def indexed_ids_of_block(self, block: dict[str, Any]) -> np.ndarray:
+    def indexed_ids_of_block(self, block: ChunkBlock) -> np.ndarray:
         """Global ids of the chunks of a block that the index holds, ascending."""
-        docs = self.chunk_doc[block["start"] : block["start"] + block["rows"]]
-        return np.flatnonzero(self.doc_is_indexed[docs]).astype(np.int64) + block["start"]
+        docs = self.chunk_doc[block.start : block.start + block.rows]
+        return np.flatnonzero(self.doc_is_indexed[docs]).astype(np.int64) + block.start
 
-    def query_rows_of_block(self, block: dict[str, Any]) -> np.ndarray:
+    def query_rows_of_block(self, block: ChunkBlock) -> np.ndarray:
         """Rows of a block whose neighbours are stored: all but retrieval-only chunks (which are
         never trained on or scored, so nothing reads their neighbours)."""
-        docs = self.chunk_doc[block["start"] : block["start"] + block["rows"]]
+        docs = self.chunk_doc[block.start : block.start + block.rows]
         return np.flatnonzero(self.doc_split[docs] != "retrieval").astype(np.int64)
 
     def indexed_chunks(self) -> int:
@@ -163,14 +159,14 @@ class BlockStore:
         from retrolm.database.index import sample_rows
 
         positions = sample_rows(self.indexed_chunks(), size, seed)  # ranks among indexed chunks
-        out = np.empty((len(positions), self.manifest["embeddings"]["dim"]), dtype)
+        out = np.empty((len(positions), int(self.manifest.embeddings.dim or 0)), dtype)
         seen = 0
         for block in self.blocks:  # filled in place: no second copy of a 3 GB sample
             ids = self.indexed_ids_of_block(block)
             lo, hi = np.searchsorted(positions, [seen, seen + len(ids)])
             if hi > lo:
                 out[lo:hi] = self.embeddings_of_block(block)[
-                    ids[positions[lo:hi] - seen] - block["start"]
+                    ids[positions[lo:hi] - seen] - block.start
                 ]
             seen += len(ids)
         return out
@@ -180,9 +176,13 @@ class BlockStore:
         """The database's index as searches use it (`searchable`: IVF cells found by torch on
         `device`; compressed codes re-ranked with the stored embeddings), set to the recorded
         search parameters; or its BM25 index."""
-        record = self.manifest["index"]
-        path = self.folder / record["file"]
-        if record["kind"] == "bm25":
+        record = self.manifest.index
+        if record is None:
+            raise CorruptArtifactError(
+                f"the database {self.folder} has no index; rerun `retrolm db build`"
+            )
+        path = self.folder / record.file
+        if record.kind == "bm25":
             from retrolm.database.bm25 import BM25Index
 
             return BM25Index.load(path, mmap=mmap)
@@ -194,9 +194,9 @@ class BlockStore:
             searchable,
         )
 
-        index = load_index(path, mmap=mmap, ondisk=bool(record.get("ondisk")))
+        index = load_index(path, mmap=mmap, ondisk=bool(record.ondisk))
         index = searchable(index, device)
-        params = record["search_params"]
+        params = record.search_params
         if K_FACTOR in params:  # compressed codes: candidates re-ranked with the embeddings
             index = RerankedIndex(index, self.embeddings_of_ids, params[K_FACTOR])
         apply_search_params(index, params)

@@ -94,7 +94,7 @@ class LiveDatabase:
 
     def _prepare(self, db: Any) -> None:
         _ = db.index  # loaded now, not lazily from files that a later `db add` may replace
-        if db.manifest["index"]["kind"] != "bm25":
+        if db.manifest.index.kind != "bm25":
             _ = db.embedder
 
     def start(self) -> None:
@@ -143,7 +143,7 @@ class LiveDatabase:
             db = Database.open(self.path)
             if self.check is not None:
                 self.check(db)
-            if db.manifest["index"]["kind"] != "bm25":
+            if db.manifest.index.kind != "bm25":
                 with contextlib.suppress(Exception):  # same embedder: reuse the loaded one
                     db.set_embedder(old.embedder)
             self._prepare(db)
