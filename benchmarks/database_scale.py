@@ -47,6 +47,7 @@ from retrolm.database.config import DatabaseConfig, parse_bytes
 from retrolm.database.neighbours import index_search_fn, search_excluding_documents
 from retrolm.database.ondisk import choose_layout, merge_blocks_ondisk
 from retrolm.database.store import gather_rows
+from retrolm.distributed import Dist
 from retrolm.io import read_json, save_npy, write_json
 
 DOC_CHUNKS = 8  # chunks per synthetic document
@@ -203,7 +204,7 @@ def resumable(args: argparse.Namespace) -> str | None:
     return None
 
 
-def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
+def run(args: argparse.Namespace, dist: Dist) -> dict | None:
     anon = AnonPeak()
     out = Path(args.out)
     if dist.is_main and not (args.reuse_index or args.resume):
@@ -380,7 +381,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     clock[0] = time.perf_counter()  # the eviction (and its fsync) is not the stage's time
     index = ix.searchable(ix.load_index(index_path, mmap=not ondisk, ondisk=ondisk))
     box = [params if dist.is_main else None]
-    if dist.world > 1:
+    if dist.world_size > 1:
         import torch.distributed as td
 
         td.broadcast_object_list(box, src=0)
@@ -431,11 +432,15 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     del index
 
     rss, anon_mb, same, blocks_ms = [peak_rss_mb()], [anon.mb()], [same_ids], [block_ms]
-    if dist.world > 1:
+    if dist.world_size > 1:
         import torch.distributed as td
 
-        rss, anon_mb, same = [None] * dist.world, [None] * dist.world, [None] * dist.world
-        blocks_ms = [None] * dist.world
+        rss, anon_mb, same = (
+            [None] * dist.world_size,
+            [None] * dist.world_size,
+            [None] * dist.world_size,
+        )
+        blocks_ms = [None] * dist.world_size
         td.all_gather_object(rss, peak_rss_mb())
         td.all_gather_object(anon_mb, anon.mb())
         td.all_gather_object(same, same_ids)
@@ -455,7 +460,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     warm_chunks = sum(data.rows(int(b))[1] - data.rows(int(b))[0] for b in sample_blocks)
 
     def ms_per_chunk(seconds: float, chunks: int) -> float:
-        return round(1000 * seconds / chunks * dist.world, 4)
+        return round(1000 * seconds / chunks * dist.world_size, 4)
 
     compared = {}
     if found_again is not None:
@@ -466,7 +471,7 @@ def run(args: argparse.Namespace, dist: distributed.Dist) -> dict | None:
     return {
         "chunks": args.chunks,
         "dim": args.dim,
-        "ranks": dist.world,
+        "ranks": dist.world_size,
         "threads_per_rank": args.threads,
         "index": factory,
         "ondisk": ondisk,

@@ -9,8 +9,8 @@ when the holder exits, however it exits (SIGKILL included), so a stale lock neve
 
 Locks are re-entrant within a process (a caller that holds a folder's lock may call a stage
 that takes it again): the process keeps one open lock file per folder and a hold count. The
-database build takes it through `retrolm.database.distributed.build_lock`, which tells every rank
-of a refusal; `db add` (one process) through `locked`. Under
+database build and `db add` take it through `retrolm.database.distributed.build_lock`, which
+tells every rank of a refusal. Under
 torchrun only rank 0 locks (the ranks of one job are one writer). Readers take no lock: every
 file a writer replaces is replaced atomically.
 """
@@ -19,15 +19,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import functools
-import inspect
 import json
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from retrolm.errors import LockedError, WriteError
 
@@ -36,8 +34,6 @@ LOCK_FILE = ".retrolm.lock"
 # folder (resolved) -> [open lock file, hold count]; one process-wide table because flock
 # locks belong to open files: a second open of the same file in this process would conflict
 _held: dict[str, list[Any]] = {}
-
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _is_rank_zero() -> bool:
@@ -116,23 +112,6 @@ def folder_lock(folder: str | os.PathLike[str], what: str = "folder") -> Iterato
                     folder.rmdir()
         fcntl.flock(f.fileno(), fcntl.LOCK_UN)
         f.close()
-
-
-def locked(argument: str, what: str = "database") -> Callable[[F], F]:
-    """Decorate a function so that it holds the lock of the folder passed as `argument`."""
-
-    def decorate(fn: F) -> F:
-        signature = inspect.signature(fn)
-
-        @functools.wraps(fn)
-        def wrapper(*args: Any, **kwargs: Any) -> Any:
-            folder = signature.bind(*args, **kwargs).arguments[argument]
-            with folder_lock(folder, what):
-                return fn(*args, **kwargs)
-
-        return wrapper  # type: ignore[return-value]
-
-    return decorate
 
 
 # names that count as lock files: `LOCK_FILE`, and `.build.lock`, which distributed database

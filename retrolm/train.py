@@ -42,6 +42,7 @@ from retrolm.checkpoint import (
     step_of,
 )
 from retrolm.data import ChunkSource, ResumableSampler, RetroSamples
+from retrolm.distributed import Dist
 from retrolm.errors import (
     ConfigError,
     CorruptArtifactError,
@@ -244,32 +245,6 @@ def get_lr(step: int, cfg: TrainConfig, total_steps: int) -> float:
 
 # ---------------------------------------------------------------------------------------------
 # set-up
-
-
-@dataclass
-class Dist:
-    """This process's place in a data-parallel job (rank 0 of 1 when not distributed)."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-    def sum(self, x: torch.Tensor) -> torch.Tensor:
-        if self.enabled:
-            dist.all_reduce(x, op=dist.ReduceOp.SUM)
-        return x
 
 
 def init_distributed(device: torch.device) -> Dist:

@@ -27,7 +27,7 @@ from retrolm.database import (
     neighbours_stage,
 )
 from retrolm.database import index as ix
-from retrolm.database.distributed import Dist, blocks_for_rank, build_lock, node_threads
+from retrolm.database.distributed import build_lock, node_threads
 from retrolm.database.embed import (
     DTYPE_CACHE_FILE,
     choose_dtype,
@@ -36,6 +36,7 @@ from retrolm.database.embed import (
     measure_dtypes,
 )
 from retrolm.database.ondisk import choose_layout, is_ondisk, merge_blocks_ondisk
+from retrolm.distributed import Dist, blocks_for_rank
 from retrolm.errors import UserError
 from tests.test_database import arrays, make_corpus, tiny_config
 from tests.test_database_resume import environment, read_manifest

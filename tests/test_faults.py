@@ -284,6 +284,15 @@ def test_eval_refuses_a_retro_baseline_and_labels_figures(world, capsys):
 # ----------------------------------------------------------------------------- 5. db build settings
 
 
+def _world_build_args(world, out: Path) -> list[str]:
+    """The `db build` command of the world's own database (its fixed valid split)."""
+    args = _build_args(
+        world, world["root"] / "corpus", out, "--split-list", world["root"] / "valid.txt"
+    )
+    i = args.index("--valid-fraction")
+    return args[:i] + args[i + 2 :]
+
+
 def _build_args(world, corpus: Path, out: Path, *extra: str) -> list[str]:
     return [
         "db", "build", corpus, "--out", out, "--vocab-size", "300", "--chunk-size", "16",
@@ -412,13 +421,13 @@ def test_a_second_writer_is_refused_naming_the_first(world, db_copy, tmp_path, c
         assert code == 2
         line = one_error_line(err)
         assert f"pid {holder.pid}" in line and "in use" in line
-        code, _, err = cli(capsys, *_build_args(world, world["root"] / "corpus", db_copy))
+        code, _, err = cli(capsys, *_world_build_args(world, db_copy))
         assert code == 2 and f"pid {holder.pid}" in one_error_line(err)
         assert snapshot(db_copy) == before
     finally:
         holder.send_signal(signal.SIGKILL)  # the kernel releases the lock of a killed holder
         holder.wait()
-    code, _, err = cli(capsys, *_build_args(world, world["root"] / "corpus", db_copy))
+    code, _, err = cli(capsys, *_world_build_args(world, db_copy))
     assert code == 0, err
 
     run = Path(shutil.copytree(world["retro"], tmp_path / "run"))

@@ -123,3 +123,14 @@ def test_the_manifest_is_read_through_its_class_only():
         if 'manifest["' in line or "manifest['" in line
     ]
     assert found == []
+
+
+def test_every_content_setting_names_the_build_stage_it_decides():
+    from dataclasses import fields
+
+    from retrolm.database.config import CONTENT_FIELDS, CONTENT_STAGE, DatabaseConfig
+    from retrolm.database.manifest import STAGES
+
+    assert set(CONTENT_STAGE.values()) <= set(STAGES)
+    assert set(CONTENT_FIELDS) <= {f.name for f in fields(DatabaseConfig)}
+    assert DatabaseConfig().content_settings().keys() == CONTENT_STAGE.keys()

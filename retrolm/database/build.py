@@ -21,8 +21,8 @@ import numpy as np
 from retrolm.corpus import display_name, special_kind
 from retrolm.database import distributed
 from retrolm.database.chunks import run_chunks, run_tokenizer
-from retrolm.database.config import DatabaseConfig
-from retrolm.database.distributed import Dist, node_threads
+from retrolm.database.config import CONTENT_STAGE, DatabaseConfig
+from retrolm.database.distributed import node_threads
 from retrolm.database.manifest import (
     CONFIG_FILE,
     STAGES,
@@ -45,6 +45,7 @@ from retrolm.database.manifest import (
     write_config,
 )
 from retrolm.database.store import BlockStore
+from retrolm.distributed import Dist
 from retrolm.errors import ConfigError, CorruptArtifactError, InputError, MismatchError
 from retrolm.io import (
     check_writable,
@@ -54,7 +55,7 @@ from retrolm.io import (
     sha256_file,
     write_guard,
 )
-from retrolm.lock import is_lock_file, locked
+from retrolm.lock import is_lock_file
 from retrolm.log import progress
 from retrolm.tokenizer import TOKENIZER_FILE, Tokenizer
 
@@ -224,29 +225,6 @@ def _check_factory(factory: str) -> None:
     )
 
 
-# the first stage each content setting decides; a rerun may change a setting whose stage (and
-# so every later one) has not finished: that stage and those after it are redone
-SETTING_STAGE = {
-    "vocab_size": "tokenizer",
-    "tokenizer": "tokenizer",
-    "tokenizer_train_bytes": "tokenizer",
-    "valid_fraction": "tokenizer",
-    "valid_list": "tokenizer",
-    "glob": "tokenizer",
-    "text_field": "tokenizer",
-    "chunk_size": "chunks",
-    "block_rows": "chunks",
-    "retriever": "embeddings",
-    "embedder": "embeddings",
-    "dtype": "embeddings",
-    "index": "index",
-    "index_memory": "index",
-    "index_train_size": "index",
-    "seed": "index",
-    "neighbours": "neighbours",
-}
-
-
 def accept_corrected_settings(folder: Path, manifest: Manifest, config: DatabaseConfig) -> None:
     """Let a rerun of an unfinished build correct a setting whose stage has not finished.
 
@@ -259,7 +237,7 @@ def accept_corrected_settings(folder: Path, manifest: Manifest, config: Database
     differing = [k for k in wanted if stored.get(k) != wanted[k]]
     if not differing or len(manifest.sources) != 1:
         return
-    first = min(STAGES.index(SETTING_STAGE.get(k, "tokenizer")) for k in differing)
+    first = min(STAGES.index(CONTENT_STAGE[k]) for k in differing)
     if any(manifest.is_done(stage) for stage in STAGES[first:]):
         return  # a finished stage depends on it: check_settings refuses
     log.warning(
@@ -353,7 +331,7 @@ def _tokenizer(folder: Path, manifest: Manifest) -> Tokenizer:
 
 def _sync(folder: Path, manifest: Manifest, dist: Dist) -> None:
     """Wait for every rank; the others then reread the manifest the main rank wrote."""
-    if dist.world == 1:
+    if dist.world_size == 1:
         return
     dist.barrier()
     if not dist.is_main:
@@ -376,7 +354,7 @@ def _finish_block(
 ) -> None:
     """Record a finished block: in the manifest at once (one rank), else in a record file for
     the main rank to merge (with the embedder that wrote it, for an embedding block)."""
-    if dist.world == 1:
+    if dist.world_size == 1:
         manifest.finish_block(stage, block_id, block)
         save_manifest(folder, manifest)
     else:
@@ -450,7 +428,7 @@ def _run_embeddings(
                 "use the same --embedder or build a new database"
             )
         learned = {"spec": embedder.spec, "dim": int(embedder.dim), "metric": embedder.metric}
-        if dist.world == 1:
+        if dist.world_size == 1:
             embeddings.set_embedder(**learned)
         (folder / "embeddings").mkdir(exist_ok=True)
         bar = progress(
@@ -475,7 +453,7 @@ def _run_embeddings(
                 block.index,
                 done_block,
                 dist,
-                embedder=learned if dist.world > 1 else None,
+                embedder=learned if dist.world_size > 1 else None,
             )
             bar.update(block.rows)
         bar.close()
@@ -961,7 +939,7 @@ def _run_neighbours(
     mine = dist.mine(todo)
     if mine:
         # ranks share one memory-mapped copy of the index (and on-disk lists are mapped anyway)
-        index = store.load_index(mmap=dist.world > 1, device=dist.device(config.device))
+        index = store.load_index(mmap=dist.world_size > 1, device=dist.device(config.device))
         record = manifest.index
         assert record is not None  # _require: the index stage is done
         metric = record.metric
@@ -1339,7 +1317,6 @@ def _append_source(
     save_manifest(folder, manifest)
 
 
-@locked("db_path")
 def add_documents(
     db_path: str | os.PathLike[str],
     corpus_paths: Paths,
@@ -1362,6 +1339,27 @@ def add_documents(
         InputError: the database is unfinished; this corpus was already added and has changed
             since, or was added in the other role; it yields no new document.
     """
+    with distributed.build_lock(Path(db_path), Dist(), create=False):  # one process
+        return _add_documents(
+            db_path,
+            corpus_paths,
+            overrides=overrides,
+            embedder=embedder,
+            retrieval_only=retrieval_only,
+            show_progress=show_progress,
+        )
+
+
+def _add_documents(
+    db_path: str | os.PathLike[str],
+    corpus_paths: Paths,
+    *,
+    overrides: dict[str, Any] | None = None,
+    embedder: Any = None,
+    retrieval_only: bool = False,
+    show_progress: bool = True,
+) -> Path:
+    """`add_documents` under the database's lock."""
     folder, manifest, config = _reopen(db_path, overrides)
     inputs = _inputs(corpus_paths)
     last = manifest.sources[-1]

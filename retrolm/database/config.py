@@ -9,27 +9,30 @@ from typing import Any
 from retrolm.config import CHUNK_SIZE
 from retrolm.errors import ConfigError
 
-# Settings that change the content of a database: a rerun or `db add` with a different value is
-# refused (MismatchError naming the setting). The others (batch sizes, device) only change speed.
-CONTENT_FIELDS = (
-    "chunk_size",
-    "vocab_size",
-    "tokenizer",
-    "valid_fraction",
-    "valid_list",
-    "glob",
-    "text_field",
-    "embedder",
-    "dtype",
-    "retriever",
-    "index",
-    "index_memory",
-    "index_train_size",
-    "tokenizer_train_bytes",
-    "neighbours",
-    "block_rows",
-    "seed",
-)
+# Settings that change the content of a database, each with the first build stage it decides:
+# a rerun or `db add` with a different value is refused (MismatchError naming the setting),
+# except in a build whose stage of that setting (and so every later one) has not finished, which
+# redoes them. The other settings (batch sizes, device) only change speed.
+CONTENT_STAGE = {
+    "chunk_size": "chunks",
+    "vocab_size": "tokenizer",
+    "tokenizer": "tokenizer",
+    "valid_fraction": "tokenizer",
+    "valid_list": "tokenizer",
+    "glob": "tokenizer",
+    "text_field": "tokenizer",
+    "embedder": "embeddings",
+    "dtype": "embeddings",
+    "retriever": "embeddings",
+    "index": "index",
+    "index_memory": "index",
+    "index_train_size": "index",
+    "tokenizer_train_bytes": "tokenizer",
+    "neighbours": "neighbours",
+    "block_rows": "chunks",
+    "seed": "index",
+}
+CONTENT_FIELDS = tuple(CONTENT_STAGE)
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)i?b?\s*$", re.IGNORECASE)
 

@@ -3,7 +3,7 @@
 A database build runs as one process or as the ranks of a torch.distributed job (`torchrun
 --nproc-per-node N -m retrolm db build ...`, or `retrolm db build --workers N`, which starts N
 local ranks through torch's elastic launcher). The unit of work is a block; which rank does a
-block is a pure function of its position and the world size (`blocks_for_rank`), so timing never
+block is a pure function of its position and the world size (`retrolm.distributed.blocks_for_rank`), so timing never
 changes who does what, and the block layout itself never depends on the world size: 1, 2 or 8
 ranks write the same files.
 
@@ -21,13 +21,13 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from retrolm import errors
+from retrolm.distributed import Dist
 from retrolm.io import atomic_open
 
 log = logging.getLogger(__name__)
@@ -37,65 +37,6 @@ T = TypeVar("T")
 RECORDS = "records"
 # a rank waits this long at a barrier for the others (index training on rank 0 can take hours)
 BARRIER_TIMEOUT = datetime.timedelta(hours=24)
-
-
-def blocks_for_rank(n_blocks: int, rank: int, world: int) -> range:
-    """Positions 0..n_blocks-1 that `rank` of `world` works on: interleaved by position."""
-    if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"rank {rank} is not in a world of {world}")
-    return range(rank, n_blocks, world)
-
-
-@dataclass(frozen=True)
-class Dist:
-    """This process's place in the build: rank, world size and local rank (for `--device`)."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    def mine(self, items: Sequence[T]) -> list[T]:
-        """The items (blocks to do, in a list every rank computed alike) this rank works on."""
-        return [items[i] for i in blocks_for_rank(len(items), self.rank, self.world)]
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            import torch.distributed as td
-
-            td.barrier()
-
-    def on_main(self, fn: Callable[[], T]) -> T | None:
-        """Run `fn` on the main rank while the others wait; a user error there is raised on every
-        rank (with its message), so that no rank is left waiting at a barrier."""
-        if self.world == 1:
-            return fn()
-        import torch.distributed as td
-
-        result, error = None, None
-        if self.is_main:
-            try:
-                result = fn()
-            except errors.UserError as e:
-                error = e
-        box = [None if error is None else (type(error).__name__, str(error))]
-        td.broadcast_object_list(box, src=0)
-        if error is not None:
-            raise error
-        if box[0] is not None:
-            name, message = box[0]
-            kind = getattr(errors, name, None)
-            if not (isinstance(kind, type) and issubclass(kind, errors.UserError)):
-                kind = errors.UserError
-            raise kind(message)
-        return result
-
-    def device(self, device: str) -> str:
-        """`cuda` -> this rank's local GPU (`cuda:LOCAL_RANK`); other devices unchanged."""
-        return f"cuda:{self.local_rank}" if device == "cuda" and self.world > 1 else device
 
 
 @contextmanager
@@ -143,7 +84,7 @@ def session(device: str = "cpu") -> Iterator[Dist]:
     gloo for CPU work; nccl when the embedder runs on CUDA GPUs.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or current().world > 1:
+    if world <= 1 or current().world_size > 1:
         yield current()
         return
     import torch
