@@ -238,7 +238,7 @@ def test_a_build_killed_in_the_retrieval_only_chunks_resumes_to_the_same_databas
     assert arrays(resumed) == arrays(straight)
     counts = Database.open(resumed).manifest.counts
     assert counts == Database.open(straight).manifest.counts
-    assert counts["skipped"]["duplicate"] == 1 + len(valid_files(Database.open(folder)))
+    assert counts.skipped["duplicate"] == 1 + len(valid_files(Database.open(folder)))
 
 
 @pytest.mark.slow
