@@ -523,10 +523,10 @@ def test_the_manifests_a_build_writes_save_back_byte_for_byte(inputs, tmp_path):
     assert_saved_unchanged(folder)
     data = json.loads(manifest_path(folder).read_text(encoding="utf-8"))
     assert as_file(round_trip(data)) == as_file(data)
-    assert [sorted(s) for s in data["sources"]] == [
-        ["done", "end_cursor", "first_event", "inputs"],
-        ["done", "end_cursor", "first_event", "inputs", "retrieval_only"],
-        ["done", "end_cursor", "first_event", "first_documents", "inputs"],
+    assert [list(s) for s in data["sources"]] == [
+        ["inputs", "first_event", "done", "end_cursor"],
+        ["inputs", "first_event", "done", "retrieval_only", "end_cursor"],
+        ["inputs", "first_event", "done", "first_documents", "end_cursor"],
     ]
     assert data["index"]["generation"] == 1 and "index_build" not in data
     bm25 = build_database(
