@@ -1340,71 +1340,55 @@ def add_documents(
             since, or was added in the other role; it yields no new document.
     """
     with distributed.build_lock(Path(db_path), Dist(), create=False):  # one process
-        return _add_documents(
-            db_path,
-            corpus_paths,
-            overrides=overrides,
-            embedder=embedder,
-            retrieval_only=retrieval_only,
-            show_progress=show_progress,
+        folder, manifest, config = _reopen(db_path, overrides)
+        inputs = _inputs(corpus_paths)
+        last = manifest.sources[-1]
+        resuming = (
+            last.inputs == inputs and len(manifest.sources) > 1 and bool(manifest.unfinished())
         )
-
-
-def _add_documents(
-    db_path: str | os.PathLike[str],
-    corpus_paths: Paths,
-    *,
-    overrides: dict[str, Any] | None = None,
-    embedder: Any = None,
-    retrieval_only: bool = False,
-    show_progress: bool = True,
-) -> Path:
-    """`add_documents` under the database's lock."""
-    folder, manifest, config = _reopen(db_path, overrides)
-    inputs = _inputs(corpus_paths)
-    last = manifest.sources[-1]
-    resuming = last.inputs == inputs and len(manifest.sources) > 1 and bool(manifest.unfinished())
-    if not (resuming and last.done):  # an add whose documents are all chunked needs no input
-        _check_corpus_paths(inputs)
-        _check_out_path(folder, inputs)
-    if not resuming:
-        unfinished = manifest.unfinished()
-        if unfinished:
+        if not (resuming and last.done):  # an add whose documents are all chunked needs no input
+            _check_corpus_paths(inputs)
+            _check_out_path(folder, inputs)
+        if not resuming:
+            unfinished = manifest.unfinished()
+            if unfinished:
+                raise InputError(
+                    f"the database {folder} is unfinished ({', '.join(unfinished)}); finish it by "
+                    "rerunning the command that was interrupted before adding documents"
+                )
+            added = [s for s in manifest.sources if s.inputs == inputs]
+            if added:
+                _check_already_added(folder, manifest, config, added[-1], retrieval_only)
+                return folder
+            _append_source(folder, manifest, inputs, retrieval_only=retrieval_only)
+        adding = manifest.sources[-1]
+        if adding.first_documents is None:
+            adding.first_documents = manifest.counts.documents
+        documents_before = adding.first_documents
+        tokenizer = _tokenizer(folder, manifest)
+        try:
+            run_chunks(folder, manifest, config, tokenizer, show_progress)
+        except InputError:
+            # a bad input (with --strict, or one that changed since it was checked) before any
+            # block of this source: the database goes back to the finished one it was
+            group = len(manifest.sources) - 1
+            if all(s.done for s in manifest.sources[:-1]) and not any(
+                b.group == group for b in manifest.chunks.blocks
+            ):
+                _undo_last_source(folder, manifest)
+            raise
+        if manifest.counts.documents == documents_before:  # nothing to add: undo the source
+            skipped, skipped_before = _undo_last_source(folder, manifest)
+            new = {
+                r: n - skipped_before.get(r, 0)
+                for r, n in skipped.items()
+                if n > skipped_before.get(r, 0)
+            }
+            detail = ", ".join(f"{n} {r}" for r, n in sorted(new.items())) or "no input files"
+            if set(new) == {"duplicate"}:
+                detail += ": each has the text of a document already in the database"
             raise InputError(
-                f"the database {folder} is unfinished ({', '.join(unfinished)}); finish it by "
-                "rerunning the command that was interrupted before adding documents"
+                f"{', '.join(inputs)} yielded no documents ({detail}); nothing was added"
             )
-        added = [s for s in manifest.sources if s.inputs == inputs]
-        if added:
-            _check_already_added(folder, manifest, config, added[-1], retrieval_only)
-            return folder
-        _append_source(folder, manifest, inputs, retrieval_only=retrieval_only)
-    adding = manifest.sources[-1]
-    if adding.first_documents is None:
-        adding.first_documents = manifest.counts.documents
-    documents_before = adding.first_documents
-    tokenizer = _tokenizer(folder, manifest)
-    try:
-        run_chunks(folder, manifest, config, tokenizer, show_progress)
-    except InputError:
-        # a bad input (with --strict, or one that changed since it was checked) before any
-        # block of this source: the database goes back to the finished one it was
-        group = len(manifest.sources) - 1
-        if all(s.done for s in manifest.sources[:-1]) and not any(
-            b.group == group for b in manifest.chunks.blocks
-        ):
-            _undo_last_source(folder, manifest)
-        raise
-    if manifest.counts.documents == documents_before:  # nothing to add: undo the source
-        skipped, skipped_before = _undo_last_source(folder, manifest)
-        new = {
-            r: n - skipped_before.get(r, 0)
-            for r, n in skipped.items()
-            if n > skipped_before.get(r, 0)
-        }
-        detail = ", ".join(f"{n} {r}" for r, n in sorted(new.items())) or "no input files"
-        if set(new) == {"duplicate"}:
-            detail += ": each has the text of a document already in the database"
-        raise InputError(f"{', '.join(inputs)} yielded no documents ({detail}); nothing was added")
-    _downstream(folder, manifest, config, embedder, show_progress)
-    return folder
+        _downstream(folder, manifest, config, embedder, show_progress)
+        return folder
