@@ -1176,7 +1176,7 @@ def neighbours_stage(
 
 def _downstream(
     folder: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     config: DatabaseConfig,
     embedder: Any,
     show_progress: bool,
