@@ -6,7 +6,6 @@ every bad value of the new fields as a one-line 4xx."""
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 
@@ -34,6 +33,7 @@ from tests.test_serve import (
     wait_until,
 )
 from tests.test_serve import world as world  # noqa: F401 (the module's fixture)
+from tests.test_serve_hardening import error_of, post
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +45,6 @@ def server(world):  # noqa: F811
 @pytest.fixture(scope="module")
 def db(world):  # noqa: F811
     return Database.open(world["db"])
-
-
-def post(url: str, path: str, body, headers=None) -> httpx.Response:
-    content = body if isinstance(body, bytes) else json.dumps(body).encode()
-    headers = {**AUTH, "Content-Type": "application/json", **(headers or {})}
-    return httpx.post(url + path, content=content, headers=headers, timeout=60)
-
-
-def error_of(r: httpx.Response, status: int) -> dict:
-    assert r.status_code == status, r.text
-    error = r.json()["error"]
-    assert error["message"] and "\n" not in error["message"] and "Traceback" not in r.text
-    return error
 
 
 def reference_logprobs(model, db, ids: list[int], retrieval: bool = True) -> np.ndarray:
