@@ -18,8 +18,8 @@ import time
 import torch
 
 from retrolm.config import RetroConfig
+from retrolm.decoding import prefill_groups
 from retrolm.model import RETRO
-from retrolm.serve.batch import prefill_groups
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = RetroConfig.preset("small")
     model = RETRO(cfg).eval()
     m, k = cfg.chunk_size, 2
-    cache = model.slot_cache(16, k, retrieval=True)
+    cache = model.new_cache(16, retrieval=True)
     lengths = [64] * 15 + [min(449, cfg.max_seq_len)]
     g = torch.Generator().manual_seed(0)
     windows = [torch.randint(1, cfg.vocab_size, (n,), generator=g) for n in lengths]

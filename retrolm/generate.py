@@ -22,8 +22,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrolm.decoding import window_start
 from retrolm.errors import InputError
-from retrolm.model import window_start
 from retrolm.runs import (
     check_database,
     load_run_model,
@@ -172,7 +172,7 @@ def generate_text(
         db: database folder (or an opened Database) with the run's tokenizer and chunk size.
         prompt: text to continue (any length >= 1 character; no retrieval until a chunk is full).
             One longer than the model's window is read as the window would hold it: its oldest
-            whole chunks are dropped (`retrolm.model.window_start`), as generation drops them.
+            whole chunks are dropped (`retrolm.decoding.window_start`), as generation drops them.
         max_new_tokens: tokens to generate.
         temperature: 0 is greedy; top_k / top_p restrict sampling.
         seed: seeds the sampling generator.
@@ -226,7 +226,7 @@ def generate_text(
         retrieval_time[0] += time.perf_counter() - t0
         u = first_chunk + len(history)  # the chunks a long prompt drops are not retrieved for
         history.append(tokens[0].tolist())
-        attribution.append(_attribute(source, u, m, len(ids), tokens[0], nb_ids[0], dists[0]))
+        attribution.append(attribute(source, u, m, len(ids), tokens[0], nb_ids[0], dists[0]))
         return neighbours.to(dev)
 
     generated: list[int] = []  # batch row 0
@@ -280,7 +280,7 @@ def check_prompt_text(prompt: str) -> None:
         ) from e
 
 
-def _attribute(
+def attribute(
     source: Any,
     u: int,
     m: int,

@@ -52,12 +52,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from retrolm import weights
+from retrolm import decoding, weights
 from retrolm.config import RetroConfig
-from retrolm.inputs import check_ids, check_neighbours, check_tokens
-
-Retrieve = Callable[[Tensor], Tensor]
-
+from retrolm.decoding import Retrieve
+from retrolm.inputs import check_neighbours, check_tokens
 
 # --------------------------------------------------------------------------------------------
 # building blocks
@@ -290,26 +288,36 @@ class Reading:
 class KVCache:
     """What decoding keeps between steps: nothing is ever recomputed.
 
-    The attention modules write to it and read from it at the positions a `Span` gives: a block
-    of positions for every row (`RETRO.generate`, `prefill_rows`) or one position per row
-    (`decode_rows`). Tensors of `RETRO.generate` are allocated at their first write.
+    Rows are independent sequences. The attention modules write to it and read from it at the
+    positions a `Span` gives: a block of positions from 0 in every row (the cache of one
+    `prefill_rows` pass), or one position per row (`decode_rows` on a cache of
+    `RetrievalModel.new_cache`, whose rows `copy_rows` fills from a prefill's cache). Tensors
+    are allocated at their first write, for every row and position of the cache.
     """
 
-    token_ids: Tensor  # (B, size) every token fed so far (positions < length)
-    retrieval: bool  # True: CCA is on (a `retrieve` function was given)
-    length: int = 0  # positions filled
-    keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, h, size, hd)
+    token_ids: Tensor  # (rows, size) every token fed so far
+    retrieval: bool  # True: CCA is on (RETRO[ON])
+    keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (rows, h, size, hd)
     values: dict[int, Tensor] = field(default_factory=dict)
-    chunk_acts: Tensor | None = None  # (B, size, d) decoder activations at the first CCA layer
-    num_chunks: int = 0  # chunks whose neighbours are encoded
-    cca_keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, chunks, h, k*r, hd)
+    chunk_acts: Tensor | None = None  # (rows, size, d) activations at the first CCA layer
+    cca_keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (rows, chunks, h, k*r, hd)
     cca_values: dict[int, Tensor] = field(default_factory=dict)
-    cca_mask: Tensor | None = None  # (B, chunks, k*r) True where a neighbour token is real
-    cca_ids: Tensor | None = None  # (B, chunks, k, r) neighbour token ids (for cca_match)
+    cca_mask: Tensor | None = None  # (rows, chunks, k*r) True where a neighbour token is real
+    cca_ids: Tensor | None = None  # (rows, chunks, k, r) neighbour token ids (for cca_match)
 
     @property
     def size(self) -> int:
         return self.token_ids.shape[1]
+
+    @property
+    def rows(self) -> int:
+        return self.token_ids.shape[0]
+
+    def _kv(self, layer: int, k: Tensor) -> tuple[Tensor, Tensor]:
+        if layer not in self.keys:
+            shape = (self.rows, k.shape[1], self.size, k.shape[3])
+            self.keys[layer], self.values[layer] = k.new_zeros(shape), k.new_zeros(shape)
+        return self.keys[layer], self.values[layer]
 
     def write_kv(self, layer: int, k: Tensor, v: Tensor, span: Span) -> tuple[Tensor, Tensor]:
         """Store self-attention keys/values (B, h, T, hd) at the span's positions.
@@ -317,12 +325,9 @@ class KVCache:
         Returns:
             the keys and values (B, h, span.end, hd) of every position filled so far.
         """
-        B, h, T, hd = k.shape
-        if layer not in self.keys:
-            self.keys[layer] = k.new_zeros(B, h, self.size, hd)
-            self.values[layer] = v.new_zeros(B, h, self.size, hd)
-        keys, values = self.keys[layer], self.values[layer]
+        keys, values = self._kv(layer, k)
         if span.pos is None:
+            T = k.shape[2]
             keys[:, :, span.start : span.start + T] = k
             values[:, :, span.start : span.start + T] = v
             return keys[:, :, : span.end], values[:, :, : span.end]
@@ -331,60 +336,76 @@ class KVCache:
         return keys[span.sel, :, : span.end], values[span.sel, :, : span.end]
 
     def write_acts(self, x: Tensor, span: Span) -> Tensor:
-        """Store the first CCA layer's activations x (B, T, d); returns all of them (B, size, d)."""
+        """Store the first CCA layer's activations x (B, T, d); returns all of them (rows, size,
+        d)."""
         if self.chunk_acts is None:
-            self.chunk_acts = x.new_zeros(x.shape[0], self.size, x.shape[2])
+            self.chunk_acts = x.new_zeros(self.rows, self.size, x.shape[2])
         if span.pos is None:
             self.chunk_acts[:, span.start : span.start + span.length] = x
         else:
             self.chunk_acts[span.rows, span.pos] = x[:, 0]
         return self.chunk_acts
 
+    def _neighbour_store(self, mask: Tensor, ids: Tensor | None, chunks: int) -> None:
+        if self.cca_mask is None:
+            self.cca_mask = mask.new_zeros(self.rows, chunks, mask.shape[-1])
+        if ids is not None and self.cca_ids is None:
+            self.cca_ids = ids.new_full((self.rows, chunks, *ids.shape[-2:]), -1)
+
     def write_neighbours(self, reading: Reading) -> None:
         """Store the key mask and ids of newly encoded neighbours (B', U, ...) at their chunks."""
         assert reading.mask is not None
-        B, U, KR = reading.mask.shape
-        chunks = self.size // reading.chunk_size
-        if self.cca_mask is None:
-            self.cca_mask = reading.mask.new_zeros(B, chunks, KR)
+        self._neighbour_store(reading.mask, reading.ids, self.size // reading.chunk_size)
+        assert self.cca_mask is not None
         self.cca_mask[reading.rows, reading.chunks] = reading.mask
-        if reading.ids is not None:
-            if self.cca_ids is None:
-                self.cca_ids = reading.ids.new_full((B, chunks, *reading.ids.shape[2:]), -1)
+        if reading.ids is not None and self.cca_ids is not None:
             self.cca_ids[reading.rows, reading.chunks] = reading.ids
+
+    def _cca(self, layer: int, keys: Tensor, values: Tensor | None, chunks: int) -> None:
+        if layer not in self.cca_keys:
+            shape = (self.rows, chunks, *keys.shape[2:])
+            self.cca_keys[layer] = keys.new_zeros(shape)
+            if values is not None:
+                self.cca_values[layer] = values.new_zeros(shape)
 
     def write_cca(self, layer: int, keys: Tensor, values: Tensor | None, reading: Reading) -> None:
         """Store CCA keys/values (B', U, h, k*r, hd) of newly encoded chunks (values None: the
         copy head's, which has keys only)."""
-        if layer not in self.cca_keys:
-            B, _, h, KR, hd = keys.shape
-            chunks = self.size // reading.chunk_size
-            self.cca_keys[layer] = keys.new_zeros(B, chunks, h, KR, hd)
-            if values is not None:
-                self.cca_values[layer] = values.new_zeros(B, chunks, h, KR, hd)
+        self._cca(layer, keys, values, self.size // reading.chunk_size)
         self.cca_keys[layer][reading.rows, reading.chunks] = keys
         if values is not None:
             self.cca_values[layer][reading.rows, reading.chunks] = values
 
-    def copy_rows(self, src: KVCache, rows: Tensor, lengths: Tensor, chunks: Tensor) -> None:
-        """Store row i of `src` (fed from position 0) in row rows[i] of this `slot_cache`: its
-        positions 0..lengths[i]-1 and its chunks 0..chunks[i]-1, nothing past them."""
+    def copy_rows(
+        self, src: KVCache, rows: Tensor, lengths: Tensor, chunks: Tensor, m: int
+    ) -> None:
+        """Store row i of `src` (fed from position 0) in row rows[i] of this cache: its
+        positions 0..lengths[i]-1 and its chunks (of m tokens) 0..chunks[i]-1, nothing past
+        them."""
         dev = rows.device
         b, p = (torch.arange(src.size, device=dev) < lengths[:, None]).nonzero(as_tuple=True)
-        at = rows[b]  # (P,) the slot row of each kept position
+        at = rows[b]  # (P,) the row of each kept position
         self.token_ids[at, p] = src.token_ids[b, p]
         for layer, keys in src.keys.items():
-            self.keys[layer][at, :, p] = keys[b, :, p]  # (P, h, hd)
-            self.values[layer][at, :, p] = src.values[layer][b, :, p]
-        if src.chunk_acts is not None and self.chunk_acts is not None:
+            mine, my_values = self._kv(layer, keys)
+            mine[at, :, p] = keys[b, :, p]  # (P, h, hd)
+            my_values[at, :, p] = src.values[layer][b, :, p]
+        if src.chunk_acts is not None:
+            if self.chunk_acts is None:
+                d = src.chunk_acts.shape[2]
+                self.chunk_acts = src.chunk_acts.new_zeros(self.rows, self.size, d)
             self.chunk_acts[at, p] = src.chunk_acts[b, p]
-        if src.cca_mask is None or self.cca_mask is None:
+        if src.cca_mask is None:
             return
         n = src.cca_mask.shape[1]
+        here = self.size // m  # this cache's chunks
+        self._neighbour_store(src.cca_mask, src.cca_ids, here)
         b, u = (torch.arange(n, device=dev) < chunks[:, None]).nonzero(as_tuple=True)
-        at = rows[b]  # (C,) the slot row of each kept chunk
+        at = rows[b]  # (C,) the row of each kept chunk
+        assert self.cca_mask is not None
         self.cca_mask[at, u] = src.cca_mask[b, u]
         for layer, keys in src.cca_keys.items():
+            self._cca(layer, keys, src.cca_values.get(layer), here)
             self.cca_keys[layer][at, u] = keys[b, u]  # (C, h, k*r, hd)
             if layer in src.cca_values:
                 self.cca_values[layer][at, u] = src.cca_values[layer][b, u]
@@ -587,8 +608,8 @@ class ChunkedCrossAttention(nn.Module):
         if keys is not None and values is not None:
             span.cache.write_cca(layer, keys, values, reading)
         cached = span.cache.read_cca(layer, span, self.chunk_size)
-        if cached is None:
-            return self.attend(x, span, None, None, None)
+        if cached is None:  # no chunk encoded yet: nothing to read
+            return torch.zeros_like(x)
         return self.attend(x, span, *cached)
 
     def forward(
@@ -897,7 +918,436 @@ class DecoderBlock(nn.Module):
 # the model
 
 
-class RETRO(nn.Module):
+class RetrievalModel(nn.Module):
+    """What RETRO and a RETRO-fitted Hugging Face model (`retrolm.hf.RetroFitted`) share: every
+    entry point (`forward`, `loss`, `hidden_states`, and the decoding calls of
+    `retrolm.decoding.Decodable`: `new_cache`, `prefill_rows`, `decode_rows`, `generate`) builds
+    a `Span` and a `Reading` and runs the subclass's `_pass`; the retrieval modules (`Encoder`,
+    `ChunkedCrossAttention`, `CopyHead`) and the `KVCache` are the same classes for both.
+
+    A subclass sets `cfg`, `rotary`, `encoder`, `copy`, `copy_layer` (the copy head's key in the
+    cache), `first_cca` (the layer index its CCA code passes to `Reading.observe` first) and
+    `lm_head`, and implements `_pass(tokens, span, reading)` -> final normalised hidden states
+    and `_embed_neighbours(neighbours)` -> the encoder's input embeddings.
+    """
+
+    cfg: Any
+    rotary: Rotary
+    encoder: Encoder | None
+    copy: CopyHead | None
+    copy_layer: int
+    first_cca: int
+    lm_head: nn.Module
+
+    def _pass(self, tokens: Tensor, span: Span, reading: Reading | None) -> Tensor:
+        """The decoder over tokens (B, T) at the span's positions: final hidden states (B, T, d),
+        normalised (RETRO[OFF]: reading None)."""
+        raise NotImplementedError
+
+    def _embed_neighbours(self, neighbours: Tensor) -> Tensor:
+        """Neighbour token ids (B, U, k, r) -> the encoder's input embeddings (B, U, k, r, d)."""
+        raise NotImplementedError
+
+    # ---- Span and Reading
+
+    def _self_attn_mask(
+        self, key_pad: Tensor, start: int, T: int, pos: Tensor | None = None
+    ) -> tuple[Tensor | None, bool]:
+        """(mask (B, 1, T, S) or None, is_causal) for T queries over S keys.
+
+        Queries sit at start..start+T-1 in every row, or (`pos` (B,), T == 1) at pos[b] in row
+        b. A query attends keys at its position or before, and no pad key but its own.
+        """
+        S = key_pad.shape[1]
+        if pos is None:
+            if not bool(key_pad.any()):
+                if T == 1:
+                    return None, False  # the newest token sees every key
+                if start == 0:
+                    return None, True
+            q_pos = torch.arange(start, start + T, device=key_pad.device)[None, :, None]  # (1,T,1)
+        else:
+            q_pos = pos[:, None, None]  # (B, 1, 1)
+        k_pos = torch.arange(S, device=key_pad.device)  # (S,)
+        allowed = (k_pos <= q_pos) & (~key_pad[:, None, :] | (k_pos == q_pos))  # (B, T, S)
+        return allowed[:, None], False
+
+    def _span(
+        self, token_ids: Tensor, start: int, T: int, cache: KVCache | None = None, chunks: int = 0
+    ) -> Span:
+        """The Span of T tokens per row at start..start+T-1 (`token_ids` (B, >= start+T)).
+
+        `chunks`: with a cache, the chunks whose neighbours are encoded once this forward has
+        encoded its own.
+        """
+        end = start + T
+        ids = token_ids[:, :end]  # (B, end)
+        mask, causal = self._self_attn_mask(ids == self.cfg.pad_id, start, T)
+        span = Span(
+            start, T, self.rotary, token_ids.device, end, token_ids,
+            self.rotary(start, end, token_ids.device), mask, causal, cache, chunks_read=chunks,
+        )  # fmt: skip
+        if self.cfg.cca_match:
+            span.match_ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
+        return span
+
+    def _row_span(self, cache: KVCache, rows: Tensor, tokens: Tensor, pos: Tensor) -> Span:
+        """The Span of `decode_rows`: one token per row, row rows[i] at position pos[i]."""
+        m, R = self.cfg.chunk_size, rows.shape[0]
+        first, last = int(rows[0]), int(rows[-1])
+        contiguous = last - first + 1 == R and bool((rows.diff() == 1).all()) if R > 1 else True
+        sel = slice(first, last + 1) if contiguous else rows  # slices read without a copy
+        cache.token_ids[rows, pos] = tokens
+        S = int(pos.max()) + 1
+        ids = cache.token_ids[sel, :S]  # (R, S)
+        mask, _ = self._self_attn_mask(ids == self.cfg.pad_id, 0, 1, pos)  # (R, 1, 1, S)
+        cos, sin = self.rotary(0, max(S, 2 * m), tokens.device)
+        rot = (cos[pos][:, None, None], sin[pos][:, None, None])  # (R, 1, 1, hd)
+        span = Span(
+            0, 1, self.rotary, tokens.device, S, cache.token_ids, rot, mask, False, cache,
+            pos=pos, rows=rows, sel=sel,
+        )  # fmt: skip
+        if self.cfg.cca_match:
+            span.match_ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
+        return span
+
+    def _reading(self, neighbours: Tensor | None, chunks: slice) -> Reading:
+        """A Reading of `neighbours` (B, U, k, r) for the chunks `chunks` of every row."""
+        m = self.cfg.chunk_size
+        if neighbours is not None and neighbours.shape[1] == 0:
+            neighbours = None
+        ids = None
+        if self.cfg.cca_match and neighbours is not None:
+            ids = neighbours.masked_fill(neighbours == self.cfg.pad_id, -1)
+        return Reading(
+            self._encode, self.first_cca, m, neighbours, slice(None), chunks,
+            slice(chunks.start * m, chunks.stop * m), ids,
+        )  # fmt: skip
+
+    def _row_reading(
+        self, cache: KVCache, rows: Tensor, pos: Tensor, neighbours: Tensor | None
+    ) -> Reading | None:
+        """The Reading of `decode_rows`: the neighbours (C, k, r) of rows completing a chunk."""
+        if not cache.retrieval:
+            return None
+        m = self.cfg.chunk_size
+        done = ((pos + 1) % m == 0).nonzero()[:, 0]  # rows whose token ends a chunk
+        if done.numel() and (neighbours is None or len(neighbours) != len(done)):
+            raise ValueError(
+                f"decode_rows: {len(done)} rows complete a chunk; give their neighbours"
+            )
+        if not done.numel():
+            return Reading(self._encode, self.first_cca, m, None)
+        assert neighbours is not None
+        u_new = pos[done] // m  # (C,) the chunk each completes
+        span = u_new[:, None] * m + torch.arange(m, device=pos.device)  # (C, m)
+        ids = None
+        if self.cfg.cca_match:
+            ids = neighbours.masked_fill(neighbours == self.cfg.pad_id, -1)[:, None]
+        return Reading(
+            self._encode, self.first_cca, m, neighbours[:, None], rows[done][:, None],
+            u_new[:, None], span, ids,
+        )  # fmt: skip
+
+    def _encode(
+        self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Encode the neighbours of U chunks.
+
+        Args:
+            neighbours: (B, U, k, r) token ids.
+            chunk_acts: (B, U*m, d) decoder activations of those chunks at the first CCA layer.
+            chunk_tokens: (B, U*m) the chunks' token ids.
+        Returns:
+            encoded (B, U, k, r, e), mask (B, U, k*r) True for real neighbour tokens.
+        """
+        assert self.encoder is not None
+        B, U, K, R = neighbours.shape
+        m, pad = self.cfg.chunk_size, self.cfg.pad_id
+        neighbour_mask = neighbours != pad  # (B, U, k, r)
+        encoded = self.encoder(
+            self._embed_neighbours(neighbours).flatten(0, 1),  # (B*U, k, r, d)
+            neighbour_mask.flatten(0, 1),  # (B*U, k, r)
+            chunk_acts.reshape(B * U, m, -1),  # (B*U, m, d)
+            (chunk_tokens != pad).reshape(B * U, m),  # (B*U, m)
+        )
+        return encoded.view(B, U, K, R, -1), neighbour_mask.view(B, U, K * R)
+
+    # ---- full passes
+
+    def forward(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """Logits for every position (with a copy head reading neighbours: the log-probabilities
+        of its mixture, `CopyHead.mix`).
+
+        Args:
+            tokens: (B, n) int64, 1 <= n <= max_seq_len.
+            neighbours: (B, n // m or ceil(n / m), k, r) int64: neighbours[:, u] were retrieved
+                with chunk u (tokens u*m .. u*m+m-1); pad_id tokens are padding, an all-pad
+                neighbour is absent. None runs RETRO[OFF].
+        Returns:
+            (B, n, vocab_size) logits.
+        Raises:
+            ValueError: wrong shapes, dtypes or token ids.
+        """
+        return self._head(*self._full(tokens, neighbours))  # (B, n, vocab)
+
+    def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """The final (normalised) hidden states (B, n, d); see `forward`. (With a copy head,
+        `lm_head` of them is the LM part of the distribution, not all of it.)"""
+        return self._full(tokens, neighbours)[0]
+
+    def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored
+        (0 when every target is padding).
+
+        Equal to `F.cross_entropy(model(tokens, neighbours).flatten(0, 1), targets.flatten(),
+        ignore_index=pad_id)`, but the (B, n, vocab) logits are never materialised: the output
+        layer and the loss (with the copy head's mixture) run in row blocks, gradients computed
+        in the same pass (faster, and far less memory, in training).
+
+        Raises:
+            ValueError: wrong shapes, dtypes or token ids.
+        """
+        if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
+            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(
+                f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
+            )
+        hidden, span, reading = self._full(tokens, neighbours)  # (B, n, d)
+        mixture: tuple[Tensor, ...] = ()
+        copy = self._copy(hidden, span, reading)
+        if copy is not None:  # the copy head's mixture, never materialised either
+            weights, ids = copy  # (B, n, 1 + k*r), (B, n, k*r)
+            copied = (weights[..., 1:] * (ids == targets[..., None])).sum(-1)  # (B, n)
+            log_gate = weights[..., 0].clamp_min(1e-30).log()
+            mixture = (log_gate.flatten(), copied.flatten())
+        if getattr(self.lm_head, "bias", None) is not None:
+            raise NotImplementedError("the fused loss expects an output layer without bias")
+        hidden = hidden.flatten(0, 1)  # (B*n, d)
+        weight = self.lm_head.weight  # (V, d)
+        if torch.is_autocast_enabled("cpu") and hidden.device.type == "cpu":
+            dtype = torch.get_autocast_dtype("cpu")
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        return _LinearCrossEntropy.apply(
+            hidden, weight, targets.flatten(), self.cfg.pad_id, *mixture
+        )
+
+    def _full(
+        self, tokens: Tensor, neighbours: Tensor | None
+    ) -> tuple[Tensor, Span, Reading | None]:
+        """The checked pass of `forward`: (final hidden states (B, n, d), its Span, Reading)."""
+        check_tokens(self.cfg, tokens)
+        B, n = tokens.shape
+        if neighbours is not None:
+            check_neighbours(self.cfg, neighbours, B, n)
+        L = n // self.cfg.chunk_size  # chunks whose neighbours some position reads
+        span = self._span(tokens, 0, n)
+        reading = None if neighbours is None else self._reading(neighbours[:, :L], slice(0, L))
+        return self._pass(tokens, span, reading), span, reading
+
+    def _copy(
+        self, hidden: Tensor, span: Span, reading: Reading | None
+    ) -> tuple[Tensor, Tensor] | None:
+        """The copy head's (weights (B, T, 1 + k*r), ids (B, T, k*r)) for final hidden states
+        (B, T, d), its keys of newly encoded chunks cached; None: no position copies (a closed
+        gate is the plain LM, but training still needs its gradient)."""
+        if self.copy is None or reading is None:
+            return None
+        if self.copy.closed() and not torch.is_grad_enabled():
+            return None
+        hidden = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # bf16 bases
+        return self.copy.read_copy(hidden, span, self.copy_layer, reading)
+
+    def _head(
+        self, hidden: Tensor, span: Span, reading: Reading | None, select: Any = None
+    ) -> Tensor:
+        """Logits (B, T, V) of the final hidden states (B, T, d), or of hidden[select] only;
+        with a copy head reading neighbours, the log-probabilities of its mixture."""
+        copy = self._copy(hidden, span, reading)
+        if select is not None:
+            hidden = hidden[select]
+            copy = None if copy is None else (copy[0][select], copy[1][select])
+        logits = self.lm_head(hidden)
+        return logits if copy is None else CopyHead.mix(logits, *copy)
+
+    # ---- decoding (retrolm.decoding.Decodable): rows of one cache, each at its own position
+
+    def new_cache(
+        self,
+        rows: int,
+        size: int | None = None,
+        retrieval: bool = True,
+        device: torch.device | str = "cpu",
+    ) -> KVCache:
+        """A cache of `rows` independent rows of `size` positions (default max_seq_len).
+
+        Each row holds one sequence: `prefill_rows` encodes windows into rows (any rows, at any
+        time) in one forward pass, `decode_rows` feeds one token to each of several rows at
+        their own positions in one forward pass. The caller keeps each row's position.
+        `retrieval` False (or a model without retrieval): CCA is off in every row (RETRO[OFF]).
+        """
+        size = self.cfg.max_seq_len if size is None else size
+        if not 1 <= size <= self.cfg.max_seq_len:
+            raise ValueError(f"a cache of {size} positions; 1 to max_seq_len are allowed")
+        token_ids = torch.zeros(rows, size, dtype=torch.long, device=device)
+        return KVCache(token_ids, retrieval=retrieval and self.cfg.retrieval)
+
+    @torch.inference_mode()
+    def prefill_row(
+        self, cache: KVCache, row: int, tokens: Tensor, neighbours: Tensor | None = None
+    ) -> Tensor:
+        """Encode a window `tokens` (T,) into row `row` of a cache, from position 0.
+
+        `neighbours` (T // m, k, r) belong to the window's completed chunks (None: RETRO[OFF]
+        or no chunk complete). Returns the logits (V,) that predict the next token. The one-row
+        case of `prefill_rows`.
+        """
+        return self.prefill_rows(cache, [row], [tokens], [neighbours])[0]
+
+    @torch.inference_mode()
+    def prefill_rows(
+        self,
+        cache: KVCache,
+        rows: list[int] | Tensor,
+        windows: list[Tensor],
+        neighbours: list[Tensor | None] | None = None,
+    ) -> Tensor:
+        """Encode windows[i] (T_i,) into row rows[i] of a cache, from position 0, all in one
+        forward pass; each row then holds what `prefill_row` alone would write in it.
+
+        The windows, right-padded with pad_id to the longest, are fed to a cache of their own;
+        then positions 0..T_i-1 of row i and its chunks with neighbours are copied to rows[i]
+        (`KVCache.copy_rows`), nothing past them. The padding changes no real position:
+        self-attention is causal, and a row with fewer completed chunks than the longest gets
+        absent (all-pad) neighbours for the others, which only its padding reads.
+
+        Args:
+            rows: R distinct row indices, in any order.
+            windows: R int64 tensors (T_i,), 1 <= T_i <= the cache's size.
+            neighbours: per row, (T_i // m, k, r) for the window's completed chunks, or None
+                (RETRO[OFF], or no chunk complete); None: None for every row.
+        Returns:
+            (R, V) logits predicting each row's next token.
+        """
+        device = cache.token_ids.device
+        rows = torch.as_tensor(rows, dtype=torch.long, device=device)
+        if len(set(rows.tolist())) != len(windows):
+            raise ValueError(f"prefill_rows: {len(windows)} windows need as many distinct rows")
+        lengths = torch.tensor([len(w) for w in windows], device=device)  # (R,)
+        if int(lengths.max()) > cache.size:
+            raise ValueError(f"prefill_rows: a window longer than the cache ({cache.size})")
+        tokens = nn.utils.rnn.pad_sequence(
+            list(windows), batch_first=True, padding_value=self.cfg.pad_id
+        )  # (R, T)
+        nb, chunks = self._prefill_neighbours(cache, lengths, neighbours)
+        batch = KVCache(tokens.clone(), cache.retrieval)
+        U = 0 if nb is None else nb.shape[1]
+        span = self._span(batch.token_ids, 0, tokens.shape[1], batch, chunks=U)
+        reading = self._reading(nb, slice(0, U)) if cache.retrieval else None
+        hidden = self._pass(tokens, span, reading)  # (R, T, d)
+        last = (torch.arange(len(windows), device=device), lengths - 1)
+        logits = self._head(hidden, span, reading, select=last)  # (R, V)
+        cache.copy_rows(
+            batch, rows, lengths, chunks, self.cfg.chunk_size
+        )  # the copy head's keys included
+        return logits
+
+    def _prefill_neighbours(
+        self, cache: KVCache, lengths: Tensor, neighbours: list[Tensor | None] | None
+    ) -> tuple[Tensor | None, Tensor]:
+        """`prefill_rows`' neighbours: (R, U, k, r) for the U = max(T_i) // m chunks of the
+        padded windows (absent, all pad_id, where a row has none), or None; and the number of
+        chunks (R,) whose neighbours each row was given."""
+        m, R = self.cfg.chunk_size, len(lengths)
+        given = [None] * R if neighbours is None or not cache.retrieval else list(neighbours)
+        counts = [0 if nb is None else nb.shape[0] for nb in given]
+        chunks = torch.tensor(counts, device=lengths.device)
+        for count, T in zip(counts, lengths.tolist(), strict=True):
+            if count and count != T // m:
+                raise ValueError(f"a window of {T} tokens has {T // m} chunks; {count} given")
+        if not any(counts):
+            return None, chunks
+        first = next(nb for nb in given if nb is not None and nb.shape[0])
+        out = first.new_full((R, int(lengths.max()) // m, *first.shape[1:]), self.cfg.pad_id)
+        for i, nb in enumerate(given):
+            if counts[i]:
+                out[i, : counts[i]] = nb
+        return out, chunks
+
+    @torch.inference_mode()
+    def decode_rows(
+        self,
+        cache: KVCache,
+        rows: Tensor,
+        tokens: Tensor,
+        positions: Tensor,
+        neighbours: Tensor | None = None,
+    ) -> Tensor:
+        """One decoding step for several rows of a cache, each at its own position.
+
+        Row rows[i] holds positions 0..positions[i]-1 (from `prefill_rows` and earlier steps);
+        tokens[i] is fed at positions[i]. The result equals `prefill_row` / `generate` on each
+        row alone (tests/test_serve_batching.py), up to float rounding.
+
+        Args:
+            rows: (R,) distinct row indices; tokens, positions: (R,) int64.
+            neighbours: (C, k, r) for the rows whose token completes a chunk
+                ((position + 1) % m == 0), in the order of `rows`; required with retrieval.
+        Returns:
+            (R, V) logits predicting each row's next token.
+        """
+        span = self._row_span(cache, rows, tokens, positions)
+        reading = self._row_reading(cache, rows, positions, neighbours)
+        hidden = self._pass(tokens[:, None], span, reading)  # (R, 1, d)
+        return self._head(hidden, span, reading, select=(slice(None), 0))  # (R, V)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt: Tensor,
+        max_new_tokens: int,
+        retrieve: Retrieve | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        generator: torch.Generator | None = None,
+        on_token: Callable[[Tensor], None] | None = None,
+    ) -> Tensor:
+        """Continue `prompt` by `max_new_tokens` tokens, with a KV cache
+        (`retrolm.decoding.generate`: the B rows are B sequences of one `BatchDecoder`).
+
+        Each time a chunk of m tokens is complete (prompt chunks included) and a later token
+        is about to be fed, `retrieve(chunk (B, m)) -> (B, k, r)` gives its neighbours, which are
+        encoded once; self-attention and CCA keys/values are cached. The model reads a window
+        of at most max_seq_len tokens starting at a chunk boundary (`window_start`): when it is
+        full, the oldest whole chunk is dropped and the kept tokens are encoded again (with the
+        neighbours already retrieved for their chunks), so generation may run past max_seq_len.
+        Greedy output equals decoding by full re-computation with `model(window, neighbours)`.
+
+        Args:
+            prompt: (B, P) int64, P >= 1. A prompt longer than max_seq_len is read as the
+                window would hold it had it been generated: its oldest whole chunks (the first
+                `window_start(P, ...)` tokens) are dropped unread and never retrieved for.
+            max_new_tokens: tokens to add (any number >= 0).
+            retrieve: neighbours for a completed chunk; None decodes with RETRO[OFF].
+            temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / T).
+            top_k: sample among the k most likely tokens only.
+            top_p: nucleus sampling: the smallest set of tokens with probability >= top_p.
+            generator: torch.Generator for reproducible sampling.
+            on_token: called with each new token (B,) as soon as it is sampled (for streaming).
+        Returns:
+            (B, P + max_new_tokens) int64.
+        Raises:
+            ValueError: bad shapes, lengths or sampling settings.
+        """
+        return decoding.generate(
+            self, prompt, max_new_tokens, retrieve, temperature, top_k, top_p, generator, on_token
+        )
+
+
+class RETRO(RetrievalModel):
     """The Retrieval-Enhanced Transformer (decoder, retrieval encoder, chunked cross-attention).
 
     `model(tokens, neighbours)` returns logits; `neighbours=None` runs RETRO[OFF].
@@ -974,470 +1424,17 @@ class RETRO(nn.Module):
             total -= self.tok_emb.weight.numel() + self.lm_head.weight.numel()
         return total
 
-    # ---- forward: every entry point builds a Span (and a Reading) and runs `_decode`
+    # ---- the decoder
 
-    def _self_attn_mask(
-        self, key_pad: Tensor, start: int, T: int, pos: Tensor | None = None
-    ) -> tuple[Tensor | None, bool]:
-        """(mask (B, 1, T, S) or None, is_causal) for T queries over S keys.
-
-        Queries sit at start..start+T-1 in every row, or (`pos` (B,), T == 1) at pos[b] in row
-        b. A query attends keys at its position or before, and no pad key but its own.
-        """
-        S = key_pad.shape[1]
-        if pos is None:
-            if not bool(key_pad.any()):
-                if T == 1:
-                    return None, False  # the newest token sees every key
-                if start == 0:
-                    return None, True
-            q_pos = torch.arange(start, start + T, device=key_pad.device)[None, :, None]  # (1,T,1)
-        else:
-            q_pos = pos[:, None, None]  # (B, 1, 1)
-        k_pos = torch.arange(S, device=key_pad.device)  # (S,)
-        allowed = (k_pos <= q_pos) & (~key_pad[:, None, :] | (k_pos == q_pos))  # (B, T, S)
-        return allowed[:, None], False
-
-    def _match_ids(self, tokens: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
-        """Token ids as CCA's match bias reads them: pad_id as -2 (decoder), -1 (neighbours)."""
-        pad = self.cfg.pad_id
-        return tokens.masked_fill(tokens == pad, -2), neighbours.masked_fill(neighbours == pad, -1)
-
-    def _span(
-        self, token_ids: Tensor, start: int, T: int, cache: KVCache | None = None, chunks: int = 0
-    ) -> Span:
-        """The Span of T tokens per row at start..start+T-1 (`token_ids` (B, >= start+T)).
-
-        `chunks`: with a cache, the chunks whose neighbours are encoded once this forward has
-        encoded its own.
-        """
-        end = start + T
-        ids = token_ids[:, :end]  # (B, end)
-        mask, causal = self._self_attn_mask(ids == self.cfg.pad_id, start, T)
-        span = Span(
-            start, T, self.rotary, token_ids.device, end, token_ids,
-            self.rotary(start, end, token_ids.device), mask, causal, cache, chunks_read=chunks,
-        )  # fmt: skip
-        if self.cfg.cca_match:
-            span.match_ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
-        return span
-
-    def _reading(self, neighbours: Tensor | None, chunks: slice) -> Reading:
-        """A Reading of `neighbours` (B, U, k, r) for the chunks `chunks` of every row."""
-        m = self.cfg.chunk_size
-        if neighbours is not None and neighbours.shape[1] == 0:
-            neighbours = None
-        ids = None
-        if self.cfg.cca_match and neighbours is not None:
-            ids = neighbours.masked_fill(neighbours == self.cfg.pad_id, -1)
-        return Reading(
-            self._encode, self.first_cca, m, neighbours, slice(None), chunks,
-            slice(chunks.start * m, chunks.stop * m), ids,
-        )  # fmt: skip
-
-    def _decode(self, x: Tensor, span: Span, reading: Reading | None) -> Tensor:
-        """The decoder blocks over x (B, T, d) at the span's positions (RETRO[OFF]: reading None)."""
+    def _pass(self, tokens: Tensor, span: Span, reading: Reading | None) -> Tensor:
+        """The decoder blocks over tokens (B, T) at the span's positions, normalised."""
+        x = self.tok_emb(tokens)  # (B, T, d)
         for i, block in enumerate(self.blocks):
             x = block(x, span, i, reading)
-        return x  # (B, T, d)
+        return self.norm(x)  # (B, T, d)
 
-    def _encode(
-        self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Encode the neighbours of U chunks.
-
-        Args:
-            neighbours: (B, U, k, r) token ids.
-            chunk_acts: (B, U*m, d) decoder activations of those chunks at the first CCA layer.
-            chunk_tokens: (B, U*m) the chunks' token ids.
-        Returns:
-            encoded (B, U, k, r, e), mask (B, U, k*r) True for real neighbour tokens.
-        """
-        assert self.encoder is not None
-        B, U, K, R = neighbours.shape
-        m, pad = self.cfg.chunk_size, self.cfg.pad_id
-        neighbour_mask = neighbours != pad  # (B, U, k, r)
-        encoded = self.encoder(
-            self.tok_emb(neighbours).flatten(0, 1),  # (B*U, k, r, d)
-            neighbour_mask.flatten(0, 1),  # (B*U, k, r)
-            chunk_acts.reshape(B * U, m, -1),  # (B*U, m, d)
-            (chunk_tokens != pad).reshape(B * U, m),  # (B*U, m)
-        )
-        return encoded.view(B, U, K, R, -1), neighbour_mask.view(B, U, K * R)
-
-    def forward(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """Logits for every position.
-
-        Args:
-            tokens: (B, n) int64, 1 <= n <= max_seq_len.
-            neighbours: (B, n // m or ceil(n / m), k, r) int64: neighbours[:, u] were retrieved
-                with chunk u (tokens u*m .. u*m+m-1); pad_id tokens are padding, an all-pad
-                neighbour is absent. None runs RETRO[OFF].
-        Returns:
-            (B, n, vocab_size) logits.
-        Raises:
-            ValueError: wrong shapes, dtypes or token ids.
-        """
-        return self._head(*self._run(tokens, neighbours))  # (B, n, vocab)
-
-    def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored.
-
-        Equal to `F.cross_entropy(model(tokens, neighbours).flatten(0, 1), targets.flatten(),
-        ignore_index=pad_id)`, but the (B, n, vocab) logits are never materialised: the output
-        layer and the loss run in row blocks, gradients computed in the same pass (faster, and
-        far less memory, in training).
-
-        Raises:
-            ValueError: wrong shapes, dtypes or token ids.
-        """
-        if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
-            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(
-                f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
-            )
-        x, span, reading = self._run(tokens, neighbours)
-        hidden = self.norm(x)  # (B, n, d)
-        mixture: tuple[Tensor, ...] = ()
-        if self.copy is not None and reading is not None:
-            copy = self.copy.read_copy(hidden, span, self.copy_layer, reading)
-            if copy is not None:  # the copy head's mixture, never materialised either
-                weights, ids = copy  # (B, n, 1 + k*r), (B, n, k*r)
-                copied = (weights[..., 1:] * (ids == targets[..., None])).sum(-1)  # (B, n)
-                log_gate = weights[..., 0].clamp_min(1e-30).log()
-                mixture = (log_gate.flatten(), copied.flatten())
-        hidden = hidden.flatten(0, 1)  # (B*n, d)
-        weight = self.lm_head.weight  # (V, d)
-        if torch.is_autocast_enabled("cpu") and hidden.device.type == "cpu":
-            dtype = torch.get_autocast_dtype("cpu")
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-        elif hidden.dtype != weight.dtype:
-            hidden = hidden.to(weight.dtype)
-        return _LinearCrossEntropy.apply(
-            hidden, weight, targets.flatten(), self.cfg.pad_id, *mixture
-        )
-
-    def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """The decoder's final (normalised) hidden states (B, n, d); see `forward`. (With a copy
-        head, `lm_head` of them is the LM part of the distribution, not all of it.)"""
-        return self.norm(self._run(tokens, neighbours)[0])
-
-    def _run(
-        self, tokens: Tensor, neighbours: Tensor | None
-    ) -> tuple[Tensor, Span, Reading | None]:
-        """The checked decoder pass of `forward`: (output (B, n, d), its Span, its Reading)."""
-        check_tokens(self.cfg, tokens)
-        B, n = tokens.shape
-        if neighbours is not None:
-            check_neighbours(self.cfg, neighbours, B, n)
-        L = n // self.cfg.chunk_size  # chunks whose neighbours some position reads
-        span = self._span(tokens, 0, n)
-        reading = None if neighbours is None else self._reading(neighbours[:, :L], slice(0, L))
-        return self._decode(self.tok_emb(tokens), span, reading), span, reading
-
-    def _head(self, x: Tensor, span: Span, reading: Reading | None, select: Any = None) -> Tensor:
-        """Logits (B, T, V) of the decoder's output x (B, T, d), or of x[select] only.
-
-        With a copy head and a reading, they are the log-probabilities of its mixture
-        (`CopyHead.mix`), and the head's keys of newly encoded chunks are cached here.
-        """
-        h = self.norm(x)
-        copy = None
-        if self.copy is not None and reading is not None:
-            copy = self.copy.read_copy(h, span, self.copy_layer, reading)
-        if select is not None:
-            h = h[select]
-            copy = None if copy is None else (copy[0][select], copy[1][select])
-        logits = self.lm_head(h)
-        return logits if copy is None else CopyHead.mix(logits, *copy)
-
-    # ---- generation
-
-    def _forward_cached(self, tokens: Tensor, cache: KVCache, neighbours: Tensor | None) -> Tensor:
-        """Feed tokens (B, T) at positions cache.length.. and return the last logits (B, V).
-
-        `neighbours` (B, U, k, r) belong to chunks cache.num_chunks .. +U-1, which complete
-        within these tokens; they are encoded here, once, and their CCA keys/values cached.
-        """
-        return self._head(*self._feed(tokens, cache, neighbours), select=(slice(None), -1))
-
-    def _feed(
-        self, tokens: Tensor, cache: KVCache, neighbours: Tensor | None
-    ) -> tuple[Tensor, Span, Reading | None]:
-        """`_forward_cached`'s forward pass: the decoder's output (B, T, d) for every token,
-        with its Span and Reading (for `_head`)."""
-        T = tokens.shape[1]
-        start, end = cache.length, cache.length + T
-        cache.token_ids[:, start:end] = tokens
-        u0 = cache.num_chunks
-        u1 = u0 + (0 if neighbours is None else neighbours.shape[1])
-        span = self._span(cache.token_ids, start, T, cache, chunks=u1)
-        reading = self._reading(neighbours, slice(u0, u1)) if cache.retrieval else None
-        x = self._decode(self.tok_emb(tokens), span, reading)  # (B, T, d)
-        cache.length, cache.num_chunks = end, u1
-        return x, span, reading
-
-    # ---- batched decoding: rows at different positions (what the server runs)
-
-    def slot_cache(
-        self, slots: int, k: int, retrieval: bool = True, device: torch.device | str = "cpu"
-    ) -> KVCache:
-        """A cache of `slots` independent rows of max_seq_len positions, every tensor allocated.
-
-        Each row holds one sequence: `prefill_rows` encodes windows into rows (any rows, at any
-        time) in one forward pass, `decode_rows` feeds one token to each of several rows at
-        their own positions in one forward pass. `k` is the number of neighbours per chunk (r
-        is cfg.neighbour_len). The cache's `length` and `num_chunks` are unused: the caller
-        keeps each row's position.
-        """
-        cfg = self.cfg
-        N, m, r, d = cfg.max_seq_len, cfg.chunk_size, cfg.neighbour_len, cfg.dec_dim
-        h, hd = cfg.dec_heads, cfg.dec_dim // cfg.dec_heads
-        dtype = self.tok_emb.weight.dtype
-        zeros = partial(torch.zeros, device=device, dtype=dtype)
-        cache = KVCache(
-            token_ids=torch.zeros(slots, N, dtype=torch.long, device=device),
-            retrieval=retrieval and cfg.retrieval,
-        )
-        for i in range(cfg.dec_depth):
-            cache.keys[i], cache.values[i] = zeros(slots, h, N, hd), zeros(slots, h, N, hd)
-        if cache.retrieval:
-            cache.chunk_acts = zeros(slots, N, d)
-            for i, block in enumerate(self.blocks):
-                if block.cca is not None:
-                    cache.cca_keys[i] = zeros(slots, N // m, h, k * r, hd)
-                    cache.cca_values[i] = zeros(slots, N // m, h, k * r, hd)
-            if self.copy is not None:  # one head of width d
-                cache.cca_keys[self.copy_layer] = zeros(slots, N // m, 1, k * r, d)
-            cache.cca_mask = torch.zeros(slots, N // m, k * r, dtype=torch.bool, device=device)
-            if cfg.cca_match:
-                cache.cca_ids = torch.full((slots, N // m, k, r), -1, device=device)
-        return cache
-
-    @torch.inference_mode()
-    def prefill_row(
-        self, cache: KVCache, row: int, tokens: Tensor, neighbours: Tensor | None = None
-    ) -> Tensor:
-        """Encode a window `tokens` (T,) into row `row` of a `slot_cache`, from position 0.
-
-        `neighbours` (T // m, k, r) belong to the window's completed chunks (None: RETRO[OFF]
-        or no chunk complete). Returns the logits (V,) that predict the next token. The one-row
-        case of `prefill_rows`.
-        """
-        return self.prefill_rows(cache, [row], [tokens], [neighbours])[0]
-
-    @torch.inference_mode()
-    def prefill_rows(
-        self,
-        cache: KVCache,
-        rows: list[int] | Tensor,
-        windows: list[Tensor],
-        neighbours: list[Tensor | None] | None = None,
-    ) -> Tensor:
-        """Encode windows[i] (T_i,) into row rows[i] of a `slot_cache`, from position 0, all in
-        one forward pass; each row then holds what `prefill_row` alone would write in it.
-
-        The windows, right-padded with pad_id to the longest, are fed to a cache of their own
-        (`_feed`, as `generate` feeds a prompt); then positions 0..T_i-1 of row i and its
-        chunks with neighbours are copied to rows[i] (`KVCache.copy_rows`), nothing past them.
-        The padding changes no real position: self-attention is causal, and a row with fewer
-        completed chunks than the longest gets absent (all-pad) neighbours for the others,
-        which only its padding reads.
-
-        Args:
-            rows: R distinct slot indices, in any order.
-            windows: R int64 tensors (T_i,), 1 <= T_i <= max_seq_len.
-            neighbours: per row, (T_i // m, k, r) for the window's completed chunks, or None
-                (RETRO[OFF], or no chunk complete); None: None for every row.
-        Returns:
-            (R, V) logits predicting each row's next token.
-        """
-        device = cache.token_ids.device
-        rows = torch.as_tensor(rows, dtype=torch.long, device=device)
-        if len(set(rows.tolist())) != len(windows):
-            raise ValueError(f"prefill_rows: {len(windows)} windows need as many distinct rows")
-        lengths = torch.tensor([len(w) for w in windows], device=device)  # (R,)
-        tokens = nn.utils.rnn.pad_sequence(
-            list(windows), batch_first=True, padding_value=self.cfg.pad_id
-        )  # (R, T)
-        nb, chunks = self._prefill_neighbours(cache, lengths, neighbours)
-        batch = KVCache(torch.zeros_like(tokens), cache.retrieval)
-        x, span, reading = self._feed(tokens, batch, nb)  # x (R, T, d)
-        last = (torch.arange(len(windows), device=device), lengths - 1)
-        logits = self._head(x, span, reading, select=last)  # (R, V)
-        cache.copy_rows(batch, rows, lengths, chunks)  # the copy head's keys included
-        return logits
-
-    def _prefill_neighbours(
-        self, cache: KVCache, lengths: Tensor, neighbours: list[Tensor | None] | None
-    ) -> tuple[Tensor | None, Tensor]:
-        """`prefill_rows`' neighbours: (R, U, k, r) for the U = max(T_i) // m chunks of the
-        padded windows (absent, all pad_id, where a row has none), or None; and the number of
-        chunks (R,) whose neighbours each row was given."""
-        m, R = self.cfg.chunk_size, len(lengths)
-        given = [None] * R if neighbours is None or not cache.retrieval else list(neighbours)
-        counts = [0 if nb is None else nb.shape[0] for nb in given]
-        chunks = torch.tensor(counts, device=lengths.device)
-        for count, T in zip(counts, lengths.tolist(), strict=True):
-            if count and count != T // m:
-                raise ValueError(f"a window of {T} tokens has {T // m} chunks; {count} given")
-        if not any(counts):
-            return None, chunks
-        first = next(nb for nb in given if nb is not None and nb.shape[0])
-        out = first.new_full((R, int(lengths.max()) // m, *first.shape[1:]), self.cfg.pad_id)
-        for i, nb in enumerate(given):
-            if counts[i]:
-                out[i, : counts[i]] = nb
-        return out, chunks
-
-    @torch.inference_mode()
-    def decode_rows(
-        self,
-        cache: KVCache,
-        rows: Tensor,
-        tokens: Tensor,
-        positions: Tensor,
-        neighbours: Tensor | None = None,
-    ) -> Tensor:
-        """One decoding step for several rows of a `slot_cache`, each at its own position.
-
-        Row rows[i] holds positions 0..positions[i]-1 (from `prefill_rows` and earlier steps);
-        tokens[i] is fed at positions[i]. The result equals `prefill_row` / `generate` on each
-        row alone (tests/test_serve_batching.py), up to float rounding.
-
-        Args:
-            rows: (R,) distinct slot indices; tokens, positions: (R,) int64.
-            neighbours: (C, k, r) for the rows whose token completes a chunk
-                ((position + 1) % m == 0), in the order of `rows`; required with retrieval.
-        Returns:
-            (R, V) logits predicting each row's next token.
-        """
-        span = self._row_span(cache, rows, tokens, positions)
-        reading = self._row_reading(cache, rows, positions, neighbours)
-        x = self._decode(self.tok_emb(tokens)[:, None], span, reading)  # (R, 1, d)
-        return self._head(x, span, reading, select=(slice(None), 0))  # (R, V)
-
-    def _row_span(self, cache: KVCache, rows: Tensor, tokens: Tensor, pos: Tensor) -> Span:
-        """The Span of one token per row, tokens[i] at pos[i] of slot rows[i] (written here)."""
-        m, R = self.cfg.chunk_size, rows.shape[0]
-        first, last = int(rows[0]), int(rows[-1])
-        contiguous = last - first + 1 == R and bool((rows.diff() == 1).all()) if R > 1 else True
-        sel = slice(first, last + 1) if contiguous else rows  # slices read without a copy
-        cache.token_ids[rows, pos] = tokens
-        S = int(pos.max()) + 1
-        ids = cache.token_ids[sel, :S]  # (R, S)
-        mask, _ = self._self_attn_mask(ids == self.cfg.pad_id, 0, 1, pos)  # (R, 1, 1, S)
-        cos, sin = self.rotary(0, max(S, 2 * m), tokens.device)
-        rot = (cos[pos][:, None, None], sin[pos][:, None, None])  # (R, 1, 1, hd)
-        span = Span(
-            0, 1, self.rotary, tokens.device, S, cache.token_ids, rot, mask, False, cache,
-            pos=pos, rows=rows, sel=sel,
-        )  # fmt: skip
-        if self.cfg.cca_match:
-            span.match_ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
-        return span
-
-    def _row_reading(
-        self, cache: KVCache, rows: Tensor, pos: Tensor, neighbours: Tensor | None
-    ) -> Reading | None:
-        """The Reading of `decode_rows`: the neighbours (C, k, r) of rows completing a chunk."""
-        if not cache.retrieval:
-            return None
-        m = self.cfg.chunk_size
-        done = ((pos + 1) % m == 0).nonzero()[:, 0]  # rows whose token ends a chunk
-        if done.numel() and (neighbours is None or len(neighbours) != len(done)):
-            raise ValueError(
-                f"decode_rows: {len(done)} rows complete a chunk; give their neighbours"
-            )
-        if not done.numel():
-            return Reading(self._encode, self.first_cca, m, None)
-        assert neighbours is not None
-        u_new = pos[done] // m  # (C,) the chunk each completes
-        span = u_new[:, None] * m + torch.arange(m, device=pos.device)  # (C, m)
-        ids = None
-        if self.cfg.cca_match:
-            ids = neighbours.masked_fill(neighbours == self.cfg.pad_id, -1)[:, None]
-        return Reading(
-            self._encode, self.first_cca, m, neighbours[:, None], rows[done][:, None],
-            u_new[:, None], span, ids,
-        )  # fmt: skip
-
-    def _retrieve(self, retrieve: Retrieve, chunk: Tensor, shape: list[int]) -> Tensor:
-        """Call `retrieve` on one completed chunk (B, m) and check its answer (B, k, r)."""
-        neighbours = retrieve(chunk)
-        if not isinstance(neighbours, Tensor) and hasattr(neighbours, "__array__"):
-            neighbours = torch.as_tensor(neighbours)  # a numpy array from the database
-        if isinstance(neighbours, Tensor) and neighbours.dtype in (torch.int32, torch.int16):
-            neighbours = neighbours.long()
-        B = chunk.shape[0]
-        expected = f"(batch={B}, k, r)" if not shape else f"(batch={B}, k={shape[0]}, r={shape[1]})"
-        if (
-            not isinstance(neighbours, Tensor)
-            or neighbours.dim() != 3
-            or neighbours.shape[0] != B
-            or neighbours.dtype != torch.long
-            or (shape and list(neighbours.shape[1:]) != shape)
-            or min(neighbours.shape) < 1
-        ):
-            got = (
-                f"{tuple(neighbours.shape)} {neighbours.dtype}"
-                if isinstance(neighbours, Tensor)
-                else type(neighbours).__name__
-            )
-            raise ValueError(
-                f"retrieve(chunk) must return an int64 tensor of shape {expected} (the same k "
-                f"and r at every chunk); got {got}"
-            )
-        if not shape:
-            shape.extend(neighbours.shape[1:])
-        check_ids(self.cfg, neighbours, "retrieved neighbours")
-        return neighbours.to(chunk.device)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        retrieve: Retrieve | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        on_token: Callable[[Tensor], None] | None = None,
-    ) -> Tensor:
-        """Continue `prompt` by `max_new_tokens` tokens, with a KV cache.
-
-        Each time a chunk of m tokens is complete (prompt chunks included) and a later token
-        is about to be fed, `retrieve(chunk (B, m)) -> (B, k, r)` gives its neighbours, which are
-        encoded once; self-attention and CCA keys/values are cached. The model reads a window
-        of at most max_seq_len tokens starting at a chunk boundary (`window_start`): when it is
-        full, the oldest whole chunk is dropped and the kept tokens are encoded again (with the
-        neighbours already retrieved for their chunks), so generation may run past max_seq_len.
-        Greedy output equals decoding by full re-computation with `model(window, neighbours)`.
-
-        Args:
-            prompt: (B, P) int64, P >= 1. A prompt longer than max_seq_len is read as the
-                window would hold it had it been generated: its oldest whole chunks (the first
-                `window_start(P, ...)` tokens) are dropped unread and never retrieved for.
-            max_new_tokens: tokens to add (any number >= 0).
-            retrieve: neighbours for a completed chunk; None decodes with RETRO[OFF].
-            temperature: 0 is greedy (argmax); otherwise sample from softmax(logits / T).
-            top_k: sample among the k most likely tokens only.
-            top_p: nucleus sampling: the smallest set of tokens with probability >= top_p.
-            generator: torch.Generator for reproducible sampling.
-            on_token: called with each new token (B,) as soon as it is sampled (for streaming).
-        Returns:
-            (B, P + max_new_tokens) int64.
-        Raises:
-            ValueError: bad shapes, lengths or sampling settings.
-        """
-        return windowed_generate(
-            self, prompt, max_new_tokens, retrieve, temperature, top_k, top_p, generator, on_token
-        )
-
-    def _new_cache(self, out: Tensor, size: int, retrieval: bool) -> KVCache:
-        """An empty generation cache of `size` positions for the rows of `out`."""
-        return KVCache(token_ids=out.new_zeros(out.shape[0], size), retrieval=retrieval)
+    def _embed_neighbours(self, neighbours: Tensor) -> Tensor:
+        return self.tok_emb(neighbours)
 
     # ---- save / load (the file format and its checks: retrolm.weights)
 
@@ -1587,131 +1584,3 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if grad_copied is not None and ctx.needs_input_grad[5]:
             grad_c = grad_copied * grad_loss.to(grad_copied.dtype)
         return grad_h, grad_w, None, None, grad_g, grad_c
-
-
-def windowed_generate(
-    model: nn.Module,
-    prompt: Tensor,
-    max_new_tokens: int,
-    retrieve: Retrieve | None,
-    temperature: float,
-    top_k: int | None,
-    top_p: float | None,
-    generator: torch.Generator | None,
-    on_token: Callable[[Tensor], None] | None,
-) -> Tensor:
-    """The decoding loop of `RETRO.generate` (see there), for any model with `cfg`,
-    `_retrieve`, `_new_cache(out, size, retrieval)` and
-    `_forward_cached(tokens, cache, neighbours) -> last logits`: RETRO's own cache, or a
-    RETRO-fitted Hugging Face model's (`retrolm.hf`). Retrieval at every completed chunk, a
-    window of at most max_seq_len tokens that drops its oldest whole chunk when full.
-    """
-    cfg = model.cfg
-    if isinstance(prompt, Tensor) and prompt.dim() == 2 and prompt.shape[1] > cfg.max_seq_len:
-        # the window after feeding the whole prompt: the dropped chunks are never read again,
-        # and every later window start is the same chunk boundary shifted by `skip`
-        skip = window_start(prompt.shape[1], cfg.max_seq_len, cfg.chunk_size)
-        if prompt.dtype == torch.long:
-            check_ids(cfg, prompt, "prompt")
-        kept = windowed_generate(
-            model, prompt[:, skip:], max_new_tokens, retrieve, temperature, top_k, top_p,
-            generator, on_token,
-        )  # fmt: skip
-        return torch.cat([prompt[:, :skip], kept], dim=1)
-    check_tokens(model.cfg, prompt, "prompt")
-    B, P = prompt.shape
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    _check_sampling(temperature, top_k, top_p)
-    if retrieve is not None and not cfg.retrieval:
-        raise ValueError("retrieve given to a model without retrieval (cca_layers is empty)")
-    if max_new_tokens == 0:
-        return prompt.clone()
-    was_training = model.training
-    model.eval()
-    try:
-        total = P + max_new_tokens
-        out = torch.empty(B, total, dtype=torch.long, device=prompt.device)
-        out[:, :P] = prompt
-        m, N, shape = cfg.chunk_size, cfg.max_seq_len, []
-        chunk_neighbours: list[Tensor] = []  # (B, k, r) per chunk of the sequence
-        cache, start = None, 0
-        for t in range(P, total):
-            if retrieve is not None:  # chunks completed: retrieved once, kept across slides
-                for u in range(len(chunk_neighbours), t // m):
-                    chunk = out[:, u * m : (u + 1) * m]
-                    chunk_neighbours.append(model._retrieve(retrieve, chunk, shape))
-            s = window_start(t, N, m)
-            if cache is None or s != start:  # first step, or the window slid: re-encode
-                cache = model._new_cache(out, min(N, total), retrieve is not None)
-                start = feed_from = s
-            done = start // m + cache.num_chunks  # chunks whose neighbours are encoded
-            neighbours = None
-            if retrieve is not None and t // m > done:
-                neighbours = torch.stack(chunk_neighbours[done : t // m], dim=1)  # (B,U,k,r)
-            logits = model._forward_cached(out[:, feed_from:t], cache, neighbours)  # (B, V)
-            out[:, t] = sample_next(logits, temperature, top_k, top_p, generator)
-            if on_token is not None:
-                on_token(out[:, t])
-            feed_from = t
-        return out
-    finally:
-        model.train(was_training)
-
-
-def window_start(length: int, max_seq_len: int, chunk_size: int) -> int:
-    """First position of the window the model reads to predict token `length`.
-
-    The window holds tokens window_start .. length-1: all of them while length <= max_seq_len;
-    past that, it starts at the first chunk boundary that leaves at most max_seq_len tokens
-    (the oldest whole chunks are dropped, the fewest that make room), so it holds between
-    max_seq_len - chunk_size + 1 and max_seq_len tokens and every kept chunk keeps its
-    neighbours. `RETRO.generate` and the server's batched decoding both follow this rule.
-    """
-    over = length - max_seq_len
-    return 0 if over <= 0 else -(-over // chunk_size) * chunk_size
-
-
-def _check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if not temperature >= 0:
-        raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be a positive integer or None, got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must lie in (0, 1] or be None, got {top_p!r}")
-
-
-def sample_next(
-    logits: Tensor,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Next token ids (B,) from logits (B, V): argmax if temperature is 0, else sampled.
-
-    Any temperature >= 0 and top_p in (0, 1] give a valid draw: a temperature below 1e-5 is
-    greedy (the distribution is the argmax's up to float rounding), the logits are shifted so
-    that the best is 0 before the division (nothing overflows to inf), top-p always keeps the
-    most likely token, NaN logits are never drawn (+inf ones are the likeliest), and a row
-    without any finite or +inf logit is drawn uniformly."""
-    if temperature < 1e-5:
-        return logits.argmax(dim=-1)
-    logits = logits.float()
-    big = torch.finfo(logits.dtype).max
-    logits = logits.nan_to_num(nan=float("-inf"), posinf=big, neginf=float("-inf"))
-    top = logits.amax(dim=-1, keepdim=True)  # (B, 1)
-    logits = torch.where(top > float("-inf"), logits - top, torch.zeros_like(logits))
-    logits = logits / temperature  # (B, V), at most 0
-    if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)  # (B, V)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= top_p
-        drop_sorted[:, 0] = False  # the most likely token stays, however small top_p is
-        drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (B,)

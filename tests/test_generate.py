@@ -128,7 +128,7 @@ def test_cli_generates_past_max_seq_len(world, capsys):
 def test_a_prompt_longer_than_the_window_is_read_as_the_window_holds_it(world):
     """The oldest whole chunks of a long prompt are dropped unread (as generation drops them):
     the chunks retrieved for are the window's, each labelled with its place in the sequence."""
-    from retrolm.model import window_start
+    from retrolm.decoding import window_start
 
     result = generate_text(world["retro"], world["db"], PROMPT * 20, max_new_tokens=20)
     N, m = 128, 16  # the tiny model's max_seq_len and chunk size

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from retrolm.config import RetroConfig
-from retrolm.model import RETRO, KVCache, window_start
+from retrolm.decoding import window_start
+from retrolm.model import RETRO
 from tests.test_model_generate import TableRetriever, make_model
 
 WINDOW_CONFIGS = {
@@ -119,15 +120,16 @@ def _windowed_reference(model: RETRO, seqs, nbrs) -> dict[tuple[int, int], torch
         s = window_start(t, N, m)
         with torch.no_grad():
             logits = model(seqs[:, s:t], nbrs[:, s // m : t // m])[:, -1]  # (B, V)
+        logits = logits.log_softmax(-1)  # a copy head gives log-probabilities where it reads
         reference.update({(b, t): logits[b] for b in range(seqs.shape[0])})
     return reference
 
 
-@pytest.mark.parametrize("name", ["tiny", "match", "deepnet"])
+@pytest.mark.parametrize("name", ["tiny", "match", "copy", "deepnet"])
 def test_training_cached_and_row_decoding_paths_give_the_same_logits(name):
     """The three entry points of the one decoder forward agree to float rounding (float64):
-    `model(window)` recomputed, the KV-cached prefill + steps of `generate` (window slides
-    included), and the server's `prefill_row` + `decode_rows` with rows at other positions;
+    `model(window)` recomputed, `generate`'s `prefill_rows` + `decode_rows` with the rows in
+    step (window slides included), and the same calls with rows at other positions;
     with padding inside the sequences and in the neighbours (and cca_match in "match")."""
     cfg = WINDOW_CONFIGS[name]
     m, N, pad = cfg.chunk_size, cfg.max_seq_len, cfg.pad_id
@@ -138,24 +140,27 @@ def test_training_cached_and_row_decoding_paths_give_the_same_logits(name):
     seqs[0, 2], seqs[1, m + 1], seqs[2, 2 * m - 1] = pad, pad, pad  # pad tokens to be skipped
     table = TableRetriever(cfg)  # some neighbours padded or absent
     nbrs = torch.stack([table(seqs[:, u * m : (u + 1) * m]) for u in range(total // m)], 1)
-    k = nbrs.shape[2]
     reference = _windowed_reference(model, seqs, nbrs)
 
-    # generate's path: one KVCache per window, the window fed at once, then a token per step
-    cache, start = None, -1
+    # generate's path: the rows in step, each window encoded by one `prefill_rows`, then one
+    # `decode_rows` per token for all three rows
+    cache, start, rows = model.new_cache(3), -1, torch.arange(3)
     for t in range(3, total):
         s = window_start(t, N, m)
         if s != start:
-            cache, start, fed = KVCache(seqs.new_zeros(3, N), retrieval=True), s, s
-        new = nbrs[:, start // m + cache.num_chunks : t // m]  # chunks completed, not encoded
-        with torch.no_grad():
-            logits = model._forward_cached(seqs[:, fed:t], cache, new if new.shape[1] else None)
-        fed = t
+            start = s
+            chunks = [nbrs[b, s // m : t // m] for b in range(3)]
+            logits = model.prefill_rows(cache, rows, list(seqs[:, s:t]), chunks)
+        else:
+            new = nbrs[:, t // m - 1] if t % m == 0 else None  # the fed token ends a chunk
+            logits = model.decode_rows(
+                cache, rows, seqs[:, t - 1], torch.full((3,), t - 1 - s), new
+            )
         for b in range(3):
-            torch.testing.assert_close(logits[b], reference[b, t])
+            torch.testing.assert_close(logits[b].log_softmax(-1), reference[b, t])
 
     # the server's path: rows 2, 0, 3 of a slot cache, at other positions in every step
-    slots = model.slot_cache(4, k)
+    slots = model.new_cache(4)
     rows, offsets = [2, 0, 3], [0, 5, 2 * m + 1]
     starts = [-1, -1, -1]
     for step in range(3, total - max(offsets)):
@@ -183,4 +188,4 @@ def test_training_cached_and_row_decoding_paths_give_the_same_logits(name):
             )
             logits_of.update(zip(decode, out, strict=True))
         for b, logits in logits_of.items():
-            torch.testing.assert_close(logits, reference[b, step + offsets[b]])
+            torch.testing.assert_close(logits.log_softmax(-1), reference[b, step + offsets[b]])

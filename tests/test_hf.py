@@ -14,11 +14,11 @@ import torch.nn.functional as F
 import transformers
 
 import retrolm
+from retrolm.decoding import window_start
 from retrolm.errors import ConfigError, InputError, MismatchError
 from retrolm.hf import RetroFitted, default_cca_layers, retrofit_hf
 from retrolm.hf.base import decoder_layers
 from retrolm.hf.model import CONFIG_FILE, WEIGHTS_FILE
-from retrolm.model import window_start
 
 V = 300  # vocabulary of the tiny models
 M = 8  # chunk size
@@ -397,3 +397,86 @@ def test_the_gate_opens_where_copying_lowers_the_loss(base_folder):
     nb[:, :, 0] = tokens(1, R, seed=9)[0]  # unrelated neighbours: little to copy
     model.loss(x, y, nb).backward()
     assert model.copy.gate.grad.item() > pull / 4
+
+
+# ---- batched decoding: rows at different positions in one forward pass
+
+
+def test_rows_at_different_positions_decode_as_recomputed(base_folder):
+    """`prefill_rows` into scattered rows, then `decode_rows` with the rows at different
+    positions, windows sliding past max_seq_len: every row's logits equal `model(window,
+    neighbours)` recomputed (float64; cca_match and an open copy head)."""
+    N = 4 * M
+    model = perturb(retrofit_hf(base_folder, **SETTINGS, cca_match=2, max_seq_len=N)).double()
+    total = N + 2 * M + 3
+    seqs = tokens(3, total, seed=5)
+    retrieve = Retriever()
+    nbrs = torch.stack([retrieve(seqs[:, u * M : (u + 1) * M]) for u in range(total // M)], 1)
+    cache, rows, offsets = model.new_cache(5), [4, 0, 2], [0, 5, 2 * M + 1]
+    starts, checked = [-1, -1, -1], 0
+    for step in range(3, total - max(offsets)):
+        decode, logits_of = [], {}
+        for b, (row, off) in enumerate(zip(rows, offsets, strict=True)):
+            t = step + off
+            s = window_start(t, N, M)
+            if s != starts[b]:  # joins, or its window slid: encode the window into the row
+                window, nb = seqs[b, s:t], nbrs[b, s // M : t // M]
+                logits_of[b] = model.prefill_rows(cache, [row], [window], [nb])[0]
+                starts[b] = s
+            else:
+                decode.append(b)
+        if decode:
+            pos = torch.tensor([step + offsets[b] - 1 - starts[b] for b in decode])
+            fed = torch.stack([seqs[b, step + offsets[b] - 1] for b in decode])
+            done = [b for b, p in zip(decode, pos.tolist(), strict=True) if (p + 1) % M == 0]
+            nb = [nbrs[b, (step + offsets[b] - 1) // M] for b in done]
+            out = model.decode_rows(
+                cache, torch.tensor([rows[b] for b in decode]), fed, pos,
+                torch.stack(nb) if nb else None,
+            )  # fmt: skip
+            logits_of.update(zip(decode, out, strict=True))
+        for b, logits in logits_of.items():
+            t = step + offsets[b]
+            s = window_start(t, N, M)
+            with torch.no_grad():
+                expected = model(seqs[b : b + 1, s:t], nbrs[b : b + 1, s // M : t // M])[0, -1]
+            # a copy head's mixture is log-probabilities, raw logits where nothing is read:
+            # the distributions are what must agree
+            torch.testing.assert_close(logits.log_softmax(-1), expected.log_softmax(-1))
+            checked += 1
+    assert checked > 90  # every step of every row
+
+
+def test_each_sequence_in_a_batch_equals_generate_alone(base_folder):
+    """A RETRO-fitted model under `BatchDecoder`: sequences of other lengths join at other
+    steps (two in the same step), one reads no neighbours (RETRO[OFF]), most run past
+    max_seq_len; each equals `generate` alone, and the rows shared forward passes."""
+    from retrolm.decoding import BatchDecoder, Sequence
+
+    N = 4 * M
+    model = perturb(retrofit_hf(base_folder, **SETTINGS, cca_match=2, max_seq_len=N)).double()
+    retrieve = Retriever()
+
+    def batch_retrieve(chunks):
+        return retrieve(torch.from_numpy(chunks))
+
+    lengths, news = [1, M + 3, N, 5, 2 * M], [N + 9, 2 * N, 7, N, 3 * M]
+    prompts = [tokens(1, n, seed=10 + i)[0] for i, n in enumerate(lengths)]
+    seqs = [
+        Sequence(p.tolist(), new, None if i == 3 else batch_retrieve)
+        for i, (p, new) in enumerate(zip(prompts, news, strict=True))
+    ]
+    decoder = BatchDecoder(model, slots=4, k=K)
+    joins = {0: [0], 2: [1, 2], 5: [3], 9: [4]}  # step -> sequences that arrive then
+    step, waiting = 0, []
+    while step <= max(joins) or waiting or decoder.running:
+        waiting += [seqs[i] for i in joins.get(step, [])]
+        while waiting and decoder.has_room:
+            decoder.add(waiting.pop(0))
+        decoder.step()
+        step += 1
+    for i, (p, new, s) in enumerate(zip(prompts, news, seqs, strict=True)):
+        alone = model.generate(p[None], new, retrieve=None if i == 3 else retrieve)
+        assert s.tokens == alone[0].tolist(), i
+    # alone, every token is a forward pass; here the rows of each cache (ON, OFF) shared them
+    assert decoder.steps < 0.6 * sum(news)

@@ -21,7 +21,7 @@ from retrolm.hf.model import WEIGHTS_FILE
 from retrolm.io import read_json
 from retrolm.runs import load_run_model, read_metrics
 from retrolm.tokenizer import train_tokenizer
-from tests.test_evaluate import make_corpus
+from tests.test_evaluate import VALID_DOCS, make_corpus
 
 M = 16  # chunk size
 ENCODER = ["--model", "enc_dim=16", "--model", "enc_heads=2", "--model", "enc_depth=1"]
@@ -42,9 +42,13 @@ def make_gpt2_folder(folder, corpus) -> None:
 
 
 def db_build(corpus, out, *extra: str) -> int:
+    """A BM25 database of the corpus, its valid split a fixed quarter of the documents (a split
+    by hash of the names would change with the temporary folder's path)."""
+    valid = out.parent / f"{out.name}-valid.txt"
+    valid.write_text("".join(f"{corpus / f'doc{i:02d}.txt'}\n" for i in VALID_DOCS), "utf-8")
     return cli_main(
         ["db", "build", str(corpus), "--out", str(out), "--chunk-size", str(M), "--retriever",
-         "bm25", "--valid-fraction", "0.25", "--neighbours", "2", "--no-progress", *extra]
+         "bm25", "--split-list", str(valid), "--neighbours", "2", "--no-progress", *extra]
     )  # fmt: skip
 
 
@@ -157,7 +161,7 @@ def test_served_retrofitted_sequences_equal_generate_alone(world):
     import numpy as np
 
     from retrolm.database import Database
-    from retrolm.serve.batch import BatchDecoder, Sequence
+    from retrolm.decoding import BatchDecoder, Sequence
 
     model = load_run_model(world["run"])[0].eval()
     db = Database.open(world["db"])

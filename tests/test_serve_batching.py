@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from retrolm.config import RetroConfig
+from retrolm.decoding import BatchDecoder, Sequence, prefill_groups
 from retrolm.model import RETRO, KVCache
-from retrolm.serve.batch import BatchDecoder, Sequence, prefill_groups
 from tests.test_generate_window import WINDOW_CONFIGS
 from tests.test_model_generate import TableRetriever, make_model
 
@@ -22,20 +22,27 @@ def batch_retrieve(table: TableRetriever):
     return lambda chunks: table(torch.from_numpy(chunks))
 
 
-def scribbled_slot_cache(model: RETRO, slots: int, k: int) -> KVCache:
-    """A slot cache full of noise, as earlier sequences leave it (the same noise every call)."""
-    cache = model.slot_cache(slots, k)
+def scribbled_cache(model: RETRO, rows: int) -> KVCache:
+    """A decoding cache full of noise, as earlier sequences leave it (the same noise every
+    call): every row holds a full window, then every tensor is overwritten with noise."""
+    cfg = model.cfg
+    cache = model.new_cache(rows)
     g = torch.Generator().manual_seed(7)
+    window = torch.randint(1, cfg.vocab_size, (cfg.max_seq_len,), generator=g)
+    table = TableRetriever(cfg) if cfg.retrieval else None
+    nb = neighbours_of(window, table, cfg.chunk_size)
+    model.prefill_rows(cache, list(range(rows)), [window] * rows, [nb] * rows)
     tensors = [cache.token_ids, cache.cca_mask, cache.cca_ids, cache.chunk_acts]
     for group in (cache.keys, cache.values, cache.cca_keys, cache.cca_values):
         tensors += group.values()
-    for t in (t for t in tensors if t is not None):
-        if t.dtype == torch.bool:
-            t.copy_(torch.rand(t.shape, generator=g) < 0.5)
-        elif t.dtype == torch.long:
-            t.copy_(torch.randint(1, model.cfg.vocab_size, t.shape, generator=g))
-        else:
-            t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
+    with torch.inference_mode():  # the cache's tensors were made in it
+        for t in (t for t in tensors if t is not None):
+            if t.dtype == torch.bool:
+                t.copy_(torch.rand(t.shape, generator=g) < 0.5)
+            elif t.dtype == torch.long:
+                t.copy_(torch.randint(1, model.cfg.vocab_size, t.shape, generator=g))
+            else:
+                t.copy_(torch.randn(t.shape, generator=g, dtype=t.dtype))
     return cache
 
 
@@ -64,7 +71,7 @@ def test_prefill_rows_equals_each_row_alone_then_decodes_the_same(name):
     rows = [5, 0, 3, 2, 6]
     nbs = [neighbours_of(w, table, m) for w in windows]
 
-    batched, alone = scribbled_slot_cache(model, 7, 2), scribbled_slot_cache(model, 7, 2)
+    batched, alone = scribbled_cache(model, 7), scribbled_cache(model, 7)
     logits = model.prefill_rows(batched, rows, windows, nbs)
     for i, (row, window, nb) in enumerate(zip(rows, windows, nbs, strict=True)):
         with torch.no_grad():
@@ -149,7 +156,8 @@ def test_each_sequence_in_a_batch_equals_generate_alone(name, at_once):
         assert s.tokens == alone
     # rows shared forward passes: far fewer decode steps than tokens generated
     assert decoder.steps < sum(news) / 2
-    assert sorted(decoder.free) == [0, 1, 2, 3] and not decoder.running
+    reads = cfg.retrieval  # every sequence retrieves, or none can
+    assert decoder.rows[reads].free() == [0, 1, 2, 3] and not decoder.running
 
 
 def test_sampled_sequences_in_a_batch_equal_their_seeded_run_alone():

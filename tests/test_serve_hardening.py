@@ -20,11 +20,11 @@ import pytest
 import torch
 import uvicorn
 
-import retrolm.serve.batch as batch_module
+import retrolm.decoding as batch_module
 from retrolm.cli import main as cli_main
 from retrolm.database import Database
+from retrolm.decoding import sample_next
 from retrolm.errors import ConfigError
-from retrolm.model import sample_next
 from retrolm.serve.app import GracefulServer, create_app
 from retrolm.serve.engine import Completion, LiveDatabase, _held_back
 from retrolm.serve.settings import ServeSettings, host_name

@@ -14,8 +14,12 @@ layer's hidden states (B, T, d) and returns them plus the CCA residual, nothing 
   so it is the base model always.
 - The m-1 shift, the masks and the rotary positions are those of `ChunkedCrossAttention`, so the
   neighbours of chunk u reach positions (u+1)m-1 onwards only.
-- Cached decoding uses the base's own KV cache (`DynamicCache`) and a CCA cache (`CCACache`):
-  the neighbours of a chunk are encoded once, their CCA keys/values kept per layer.
+- Everything but the base's layers is `retrolm.model.RetrievalModel`'s, as in RETRO: the
+  hooks run `Reading.observe` and `ChunkedCrossAttention.read` over the pass's `Span`, and
+  decoding (`new_cache`, `prefill_rows`, `decode_rows`, `generate`) keeps the base's keys and
+  values in the same `KVCache` as the CCA's: the base's attention writes them through
+  `_CacheView`, a transformers cache that stores each row at its own position, with a 4-d mask
+  and per-row position ids, so rows at different positions decode in one forward pass.
 - The base reads its tokens as it was trained to, with no padding mask (retrolm pads only a
   sequence's tail, which causal attention never reads from earlier positions); pad tokens are
   masked in the encoder and in CCA, as in RETRO.
@@ -28,7 +32,6 @@ from __future__ import annotations
 import inspect
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -41,18 +44,16 @@ from retrolm import weights
 from retrolm.errors import InputError, MismatchError
 from retrolm.hf.base import check_base_hash, decoder_layers, load_base
 from retrolm.hf.config import RetrofitConfig
-from retrolm.inputs import check_neighbours, check_tokens
+from retrolm.inputs import check_neighbours
 from retrolm.model import (
-    RETRO,
     ChunkedCrossAttention,
     CopyHead,
     Encoder,
+    Reading,
     Residual,
-    Retrieve,
+    RetrievalModel,
     Rotary,
     Span,
-    _LinearCrossEntropy,
-    windowed_generate,
 )
 
 CONFIG_FILE = "config.json"  # as a RETRO folder's: the file that marks a finished model
@@ -60,50 +61,28 @@ WEIGHTS_FILE = "retrofit.safetensors"
 _META_KEY = "retrolm_retrofit_config"  # the config, also stored inside the weights file
 
 
-@dataclass
-class CCACache:
-    """What `RetroFitted.generate` keeps between steps besides the base's own KV cache."""
+class _CacheView:
+    """The base's KV cache during one cached pass: its attention layers call
+    `update(keys, values, layer)` (the transformers `Cache` method they use), which stores them
+    in the `KVCache` at the span's positions (`KVCache.write_kv`) and returns every key and
+    value the span's queries may attend."""
 
-    token_ids: Tensor  # (B, size) every token fed so far
-    kv: Any  # the base's transformers.DynamicCache
-    retrieval: bool  # True: CCA is on (a `retrieve` function was given)
-    length: int = 0  # positions filled
-    num_chunks: int = 0  # chunks whose neighbours are encoded
-    chunk_acts: Tensor | None = None  # (B, size, d) hidden states after the first CCA layer
-    keys: dict[int, Tensor] = field(default_factory=dict)  # layer -> (B, chunks, h, k*r, hd)
-    values: dict[int, Tensor] = field(default_factory=dict)
-    mask: Tensor | None = None  # (B, chunks, k*r) True where a neighbour token is real
-    nb_ids: Tensor | None = None  # (B, chunks, k, r) neighbour ids (for cca_match), pad as -1
+    def __init__(self, span: Span) -> None:
+        self.span = span
 
-    @property
-    def size(self) -> int:
-        return self.token_ids.shape[1]
+    def update(self, keys: Tensor, values: Tensor, layer: int, *args: Any, **kwargs: Any):
+        assert self.span.cache is not None
+        return self.span.cache.write_kv(layer, keys, values, self.span)
 
 
-@dataclass
-class _Pass:
-    """The state of one forward pass through the base, read by the layer hooks."""
-
-    tokens: Tensor  # (B, T) the tokens fed in this pass
-    start: int  # absolute position of tokens[:, 0]
-    neighbours: Tensor | None  # (B, U, k, r): full pass: chunks 0..U-1; cached: the new chunks
-    cache: CCACache | None = None  # None: a full pass from position 0
-    encoded: Tensor | None = None  # (B, U, k, r, e) once the first CCA layer has run
-    nb_mask: Tensor | None = None  # (B, U, k*r)
-    match: tuple[Tensor, Tensor] | None = None  # (ids, nb_ids) of a full pass, for cca_match
-
-
-class RetroFitted(nn.Module):
+class RetroFitted(RetrievalModel):
     """A frozen Hugging Face causal LM with retrolm's encoder and CCA after some of its layers.
 
-    The same contract as `RETRO`: `model(tokens, neighbours)` -> logits (`neighbours=None` is
-    RETRO[OFF], which is the base model), `loss`, `hidden_states`, `generate`,
+    The same contract as `RETRO` (`retrolm.model.RetrievalModel`): `model(tokens, neighbours)`
+    -> logits (`neighbours=None` is RETRO[OFF], which is the base model), `loss`,
+    `hidden_states`, the decoding calls (`new_cache`, `prefill_rows`, `decode_rows`), `generate`,
     `retrieval_parameters`, `save` / `load`.
     """
-
-    # input checks shared with RETRO: they read only self.cfg (vocab_size, max_seq_len, ...)
-    _retrieve = RETRO._retrieve
-    _match_ids = RETRO._match_ids  # pad_id as -2 (decoder), -1 (neighbours), for cca_match
 
     def __init__(self, base: nn.Module, cfg: RetrofitConfig) -> None:
         super().__init__()
@@ -134,7 +113,7 @@ class RetroFitted(nn.Module):
         self.copy_layer = cfg.dec_depth + 1  # the copy head's key in the CCA cache
         self.rotary = Rotary(d // heads, cfg.rotary_base)
         self.first_cca = cfg.cca_layers[0] if cfg.retrieval else 0
-        self._pass: _Pass | None = None  # set for the duration of one forward through the base
+        self._state: tuple[Span, Reading | None] | None = None  # set during one base pass
         self._cache_arg = _cache_argument(self.base.base_model)
         self.reset_parameters()
         for i in cfg.cca_layers:
@@ -190,196 +169,51 @@ class RetroFitted(nn.Module):
     # ---- the hook: hidden states in, hidden states plus the CCA residual out
 
     def _after_layer(self, layer: int, module: nn.Module, args: Any, output: Any) -> Any:
-        state = self._pass
-        if state is None or (state.cache is None and state.neighbours is None):
+        state = self._state
+        if state is None or state[1] is None:
             return None  # RETRO[OFF]: the base's output, untouched
-        if state.cache is not None and not state.cache.retrieval:
-            return None
+        span, reading = state
         hidden = output[0] if isinstance(output, tuple) else output  # (B, T, d)
-        new = self._cca_residual(layer, hidden, state)
+        x = hidden.to(torch.promote_types(hidden.dtype, torch.float32))  # CCA in >= float32
+        reading.observe(layer, x, span)  # the first CCA layer: encode the new neighbours
+        cca = partial(self.cca[str(layer)].read, span=span, layer=layer, reading=reading)
+        new = self.cca_res[str(layer)](x, cca).to(hidden.dtype)
         return (new, *output[1:]) if isinstance(output, tuple) else new
 
-    def _cca_residual(self, layer: int, hidden: Tensor, state: _Pass) -> Tensor:
-        """hidden + CCA(norm(hidden)) (B, T, d), in float32, returned in the base's dtype."""
-        x = hidden.float()  # (B, T, d)
-        cache, start, m = state.cache, state.start, self.cfg.chunk_size
-        if cache is None:
-            chunks = x.shape[1] // m  # chunks whose neighbours some position reads
-            if layer == self.first_cca and chunks > 0 and state.neighbours is not None:
-                state.encoded, state.nb_mask = self._encode(
-                    state.neighbours[:, :chunks], x[:, : chunks * m], state.tokens[:, : chunks * m]
-                )
-            keys = values = None
-            if state.encoded is not None:
-                keys, values = self.cca[str(layer)].keys_values(state.encoded, self.rotary)
-            key_mask, ids, nb_ids = state.nb_mask, None, None
-            if self.cfg.cca_match and state.neighbours is not None:
-                if state.match is None:
-                    state.match = self._match_ids(state.tokens, state.neighbours[:, :chunks])
-                ids, nb_ids = state.match
-        else:
-            keys, values, key_mask, ids, nb_ids = self._cached_keys(layer, x, state)
-        cca = partial(
-            self.cca[str(layer)],
-            start=start,
-            keys=keys,
-            values=values,
-            key_mask=key_mask,
-            rotary=self.rotary,
-            ids=ids,
-            nb_ids=nb_ids,
-        )
-        return self.cca_res[str(layer)](x, cca).to(hidden.dtype)
+    # ---- the pass through the base
 
-    def _cached_keys(self, layer: int, x: Tensor, state: _Pass) -> tuple[Any, ...]:
-        """Cache the chunk activations and new neighbours' keys/values; read every chunk's."""
-        cache = state.cache
-        assert cache is not None
-        B, T, _ = x.shape
-        m, start = self.cfg.chunk_size, state.start
-        new = 0 if state.neighbours is None else state.neighbours.shape[1]
-        total = cache.num_chunks + new
-        if layer == self.first_cca:
-            if cache.chunk_acts is None:
-                cache.chunk_acts = x.new_zeros(B, cache.size, x.shape[2])
-            cache.chunk_acts[:, start : start + T] = x
-            if new:
-                span = slice(cache.num_chunks * m, total * m)
-                state.encoded, state.nb_mask = self._encode(
-                    state.neighbours, cache.chunk_acts[:, span], cache.token_ids[:, span]
-                )
-        if state.encoded is not None and state.nb_mask is not None:
-            keys, values = self.cca[str(layer)].keys_values(state.encoded, self.rotary)
-            self._store(cache, layer, keys, values, state)
-        if total == 0:
-            return None, None, None, None, None
-        ids = nb_ids = None
-        if cache.nb_ids is not None:
-            ids = cache.token_ids[:, : start + T]
-            ids = ids.masked_fill(ids == self.cfg.pad_id, -2)
-            nb_ids = cache.nb_ids[:, :total]
-        return (
-            cache.keys[layer][:, :total],
-            cache.values[layer][:, :total],
-            cache.mask[:, :total] if cache.mask is not None else None,
-            ids,
-            nb_ids,
-        )
+    def _embed_neighbours(self, neighbours: Tensor) -> Tensor:
+        embedded = self.base.get_input_embeddings()(neighbours)
+        return embedded.to(torch.promote_types(embedded.dtype, torch.float32))
 
-    def _store(
-        self, cache: CCACache, layer: int, keys: Tensor, values: Tensor | None, state: _Pass
-    ) -> None:
-        """Write keys/values (B, U, h, k*r, hd) of the newly encoded chunks into the cache
-        (values None: the copy head's keys)."""
-        B, U, h, KR, hd = keys.shape
-        u0, u1 = cache.num_chunks, cache.num_chunks + U
-        chunks = cache.size // self.cfg.chunk_size
-        if layer not in cache.keys:
-            cache.keys[layer] = keys.new_zeros(B, chunks, h, KR, hd)
-            if values is not None:
-                cache.values[layer] = values.new_zeros(B, chunks, h, KR, hd)
-        cache.keys[layer][:, u0:u1] = keys
-        if values is not None:
-            cache.values[layer][:, u0:u1] = values
-        if layer == self.first_cca:
-            assert state.nb_mask is not None and state.neighbours is not None
-            if cache.mask is None:
-                cache.mask = state.nb_mask.new_zeros(B, chunks, KR)
-            cache.mask[:, u0:u1] = state.nb_mask
-            if self.cfg.cca_match:
-                if cache.nb_ids is None:
-                    cache.nb_ids = state.neighbours.new_full(
-                        (B, chunks, *state.neighbours.shape[2:]), -1
-                    )
-                cache.nb_ids[:, u0:u1] = self._match_ids(state.tokens, state.neighbours)[1]
-
-    def _encode(
-        self, neighbours: Tensor, chunk_acts: Tensor, chunk_tokens: Tensor
-    ) -> tuple[Tensor, Tensor]:
-        """Encode the neighbours (B, U, k, r) of U chunks, given the chunks' activations
-        (B, U*m, d) and tokens (B, U*m); returns (B, U, k, r, e) and the mask (B, U, k*r)."""
-        assert self.encoder is not None
-        B, U, K, R = neighbours.shape
-        m, pad = self.cfg.chunk_size, self.cfg.pad_id
-        neighbour_mask = neighbours != pad  # (B, U, k, r)
-        embedded = self.base.get_input_embeddings()(neighbours).float()  # (B, U, k, r, d)
-        encoded = self.encoder(
-            embedded.flatten(0, 1),  # (B*U, k, r, d)
-            neighbour_mask.flatten(0, 1),  # (B*U, k, r)
-            chunk_acts.reshape(B * U, m, -1),  # (B*U, m, d)
-            (chunk_tokens != pad).reshape(B * U, m),  # (B*U, m)
-        )
-        return encoded.view(B, U, K, R, -1), neighbour_mask.view(B, U, K * R)
-
-    # ---- forward
-
-    def _run_base(self, state: _Pass, **kwargs: Any) -> Any:
-        """The base's decoder (no output layer) with the hooks reading `state`."""
-        self._pass = state
+    def _pass(self, tokens: Tensor, span: Span, reading: Reading | None) -> Tensor:
+        """The base's decoder (no output layer) over tokens (B, T), the hooks reading `span` and
+        `reading`: its final (normalised) hidden states (B, T, d). A cached pass gives the base
+        per-row positions, a 4-d mask (a query attends its own and earlier positions; the
+        base's own padding rule, no pad mask) and `_CacheView`."""
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if span.cache is not None:
+            B, T = tokens.shape
+            dev = tokens.device
+            if span.pos is None:
+                positions = torch.arange(span.start, span.start + T, device=dev).expand(B, T)
+            else:
+                positions = span.pos[:, None]  # (R, 1)
+            allowed = torch.arange(span.end, device=dev) <= positions[:, None, :, None]
+            dtype = self.base.get_input_embeddings().weight.dtype
+            mask = torch.zeros(allowed.shape, dtype=dtype, device=dev)
+            mask = mask.masked_fill(~allowed, torch.finfo(dtype).min)  # (B, 1, T, S)
+            kwargs = {
+                "use_cache": True,
+                "position_ids": positions,
+                "attention_mask": mask,
+                self._cache_arg: _CacheView(span),
+            }
+        self._state = (span, reading)
         try:
-            return self.base.base_model(input_ids=state.tokens, **kwargs)
+            return self.base.base_model(input_ids=tokens, **kwargs).last_hidden_state
         finally:
-            self._pass = None
-
-    def hidden_states(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """The base's final (normalised) hidden states (B, n, d) with CCA; see `forward`. (With a
-        copy head, `lm_head` of them is the LM part of the distribution, not all of it.)"""
-        return self._hidden(tokens, neighbours)[0]
-
-    def _hidden(self, tokens: Tensor, neighbours: Tensor | None) -> tuple[Tensor, _Pass]:
-        """The checked full pass: (final hidden states (B, n, d), the pass's state)."""
-        check_tokens(self.cfg, tokens)
-        if neighbours is not None:
-            check_neighbours(self.cfg, neighbours, *tokens.shape)
-        state = _Pass(tokens=tokens, start=0, neighbours=neighbours)
-        return self._run_base(state, use_cache=False).last_hidden_state, state
-
-    def _copy(self, hidden: Tensor, state: _Pass, start: int) -> tuple[Tensor, Tensor] | None:
-        """The copy head's (weights (B, T, 1 + k*r), ids (B, T, k*r)) for final hidden states
-        (B, T, d) at positions start..start+T-1 of the pass `state`; None: no position copies.
-        In a cached pass the head's keys of the newly encoded chunks are cached here."""
-        if self.copy is None or (self.copy.closed() and not torch.is_grad_enabled()):
-            return None  # a closed gate is the plain LM (training still needs its gradient)
-        cache, T = state.cache, hidden.shape[1]
-        if cache is None:
-            if state.encoded is None or state.match is None:
-                return None
-            keys, mask = self.copy.keys(state.encoded), state.nb_mask
-            ids, nb_ids = state.match
-        else:
-            if not cache.retrieval:
-                return None
-            if state.encoded is not None:
-                self._store(cache, self.copy_layer, self.copy.keys(state.encoded), None, state)
-            new = 0 if state.neighbours is None else state.neighbours.shape[1]
-            total = cache.num_chunks + new
-            if total == 0 or cache.mask is None or cache.nb_ids is None:
-                return None
-            keys, mask = cache.keys[self.copy_layer][:, :total], cache.mask[:, :total]
-            ids = cache.token_ids[:, : start + T]
-            ids, nb_ids = ids.masked_fill(ids == self.cfg.pad_id, -2), cache.nb_ids[:, :total]
-        span = Span(start, T, self.rotary, hidden.device, start + T, match_ids=ids)
-        weights = self.copy.attend(hidden.float(), span, keys, None, mask, nb_ids)
-        return None if weights is None else (weights, self.copy.copy_ids(span, nb_ids, T))
-
-    def forward(self, tokens: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """Logits (B, n, vocab_size) for every position (with a copy head reading neighbours:
-        the log-probabilities of its mixture, `CopyHead.mix`).
-
-        Args:
-            tokens: (B, n) int64, 1 <= n <= max_seq_len.
-            neighbours: (B, n // m or ceil(n / m), k, r) int64: neighbours[:, u] were retrieved
-                with chunk u; pad_id tokens are padding. None runs RETRO[OFF] (the base model).
-        Raises:
-            ValueError: wrong shapes, dtypes or token ids.
-        """
-        return self._logits(*self._hidden(tokens, neighbours))
-
-    def _logits(self, hidden: Tensor, state: _Pass) -> Tensor:
-        """The output distribution of a full pass's final hidden states (B, n, d)."""
-        logits = self.lm_head(hidden)
-        copy = self._copy(hidden, state, 0)
-        return logits if copy is None else CopyHead.mix(logits, *copy)
+            self._state = None
 
     @torch.no_grad()
     def base_and_retro(self, tokens: Tensor, neighbours: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,99 +235,14 @@ class RetroFitted(nn.Module):
         for layer in layers:  # each returns the shared output whatever it is given
             layer.forward = lambda *args, **kwargs: shared[0]
         try:
-            hidden, state = self._hidden(tokens, neighbours)
+            hidden, span, reading = self._full(tokens, neighbours)
         finally:
             for layer, forward in zip(layers, own, strict=True):
                 if forward is None:
                     del layer.forward
                 else:
                     layer.forward = forward
-        return base_hidden, self._logits(hidden, state)
-
-    def loss(self, tokens: Tensor, targets: Tensor, neighbours: Tensor | None = None) -> Tensor:
-        """Mean cross-entropy of `targets` (B, n) given `tokens`; targets equal to pad_id ignored
-        (0 when every target is padding). The output layer and the loss run in row blocks
-        (`_LinearCrossEntropy`, with the copy head's mixture), so no (B, n, vocab) logits are
-        kept for backward.
-        """
-        if not isinstance(targets, Tensor) or targets.shape != tokens.shape:
-            got = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
-            raise ValueError(
-                f"targets must have the shape of tokens {tuple(tokens.shape)}; got {got}"
-            )
-        hidden, state = self._hidden(tokens, neighbours)  # (B, n, d)
-        mixture: tuple[Tensor, ...] = ()
-        copy = self._copy(hidden, state, 0)
-        if copy is not None:
-            weights, ids = copy  # (B, n, 1 + k*r), (B, n, k*r)
-            copied = (weights[..., 1:] * (ids == targets[..., None])).sum(-1)  # (B, n)
-            log_gate = weights[..., 0].clamp_min(1e-30).log()
-            mixture = (log_gate.flatten(), copied.flatten())
-        head = self.lm_head
-        if getattr(head, "bias", None) is not None:
-            raise NotImplementedError("RETRO-fitting expects an output layer without bias")
-        weight = head.weight  # (V, d)
-        return _LinearCrossEntropy.apply(
-            hidden.flatten(0, 1).to(weight.dtype), weight, targets.flatten(), self.cfg.pad_id,
-            *mixture,
-        )  # fmt: skip
-
-    # ---- generation
-
-    def _forward_cached(self, tokens: Tensor, cache: CCACache, neighbours: Tensor | None) -> Tensor:
-        """Feed tokens (B, T) at positions cache.length.. and return the last logits (B, V).
-
-        `neighbours` (B, U, k, r) belong to chunks cache.num_chunks .. +U-1, which complete
-        within these tokens; they are encoded here, once, and their CCA keys/values cached.
-        """
-        B, T = tokens.shape
-        start = cache.length
-        cache.token_ids[:, start : start + T] = tokens
-        positions = torch.arange(start, start + T, device=tokens.device).expand(B, T)
-        state = _Pass(tokens=tokens, start=start, neighbours=neighbours, cache=cache)
-        out = self._run_base(
-            state, position_ids=positions, use_cache=True, **{self._cache_arg: cache.kv}
-        )
-        last = out.last_hidden_state[:, -1:]  # (B, 1, d)
-        copy = self._copy(last, state, start + T - 1)
-        cache.length = start + T
-        cache.num_chunks += 0 if neighbours is None else neighbours.shape[1]
-        logits = self.lm_head(last)
-        return (logits if copy is None else CopyHead.mix(logits, *copy))[:, 0]  # (B, V)
-
-    def _new_cache(self, out: Tensor, size: int, retrieval: bool) -> CCACache:
-        from transformers import DynamicCache
-
-        kv = DynamicCache(config=self.base.config)
-        return CCACache(token_ids=out.new_zeros(out.shape[0], size), kv=kv, retrieval=retrieval)
-
-    @torch.inference_mode()
-    def generate(
-        self,
-        prompt: Tensor,
-        max_new_tokens: int,
-        retrieve: Retrieve | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        generator: torch.Generator | None = None,
-        on_token: Callable[[Tensor], None] | None = None,
-    ) -> Tensor:
-        """Continue `prompt` (B, P) by `max_new_tokens` tokens, as `RETRO.generate` does.
-
-        Each time a chunk of m tokens is complete and a later token is about to be fed,
-        `retrieve(chunk (B, m)) -> (B, k, r)` gives its neighbours, encoded once. Past
-        max_seq_len the window drops its oldest whole chunk and is encoded again
-        (`window_start`). Greedy output equals recomputation with `model(window, neighbours)`.
-
-        Returns:
-            (B, P + max_new_tokens) int64.
-        Raises:
-            ValueError: bad shapes, lengths or sampling settings.
-        """
-        return windowed_generate(
-            self, prompt, max_new_tokens, retrieve, temperature, top_k, top_p, generator, on_token
-        )
+        return base_hidden, self._head(hidden, span, reading)
 
     # ---- save / load: the retrieval weights and the config only, never the base
 

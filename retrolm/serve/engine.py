@@ -29,13 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from retrolm.decoding import BatchDecoder, Sequence, TokenLogprobs, window_start
 from retrolm.errors import InputError
-from retrolm.generate import RetrievedChunk, _attribute
-from retrolm.model import window_start
+from retrolm.generate import RetrievedChunk, attribute
 from retrolm.runs import neighbours_read
-from retrolm.serve.batch import BatchDecoder, Sequence
 from retrolm.serve.scoring import (
-    TokenLogprobs,
     neighbours_of,
     prompt_logprobs,
     token_pieces,
@@ -275,6 +273,7 @@ class Engine:
         self.database = database
         self.k = neighbours_read(neighbours, model.cfg)
         self.decoder = BatchDecoder(model, max_batch, self.k, device)
+        self.decoder.reserve()  # a batch that cannot fit in memory is refused now
         self.max_batch, self.max_queue = max_batch, max_queue
         self.tokenizer = database.current.tokenizer
         self.eos_id = self.tokenizer.eos_id
@@ -397,7 +396,7 @@ class Engine:
             for u in range(read):
                 nb_ids, dists = infos[u]
                 chunk = np.asarray(c.prompt_ids[u * m : (u + 1) * m])
-                entry = _attribute(c.db, u, m, len(c.prompt_ids), chunk, nb_ids, dists)
+                entry = attribute(c.db, u, m, len(c.prompt_ids), chunk, nb_ids, dists)
                 c.emit({"type": "chunk", "chunk": entry})
             self._done(c, "length", 0)
             return
@@ -487,7 +486,7 @@ class Engine:
             u = c.chunks_sent  # in the decoded sequence; c.skipped // m + u in the request's
             nb_ids, dists = seq.retrieved[u]
             chunk = np.asarray(seq.tokens[u * m : (u + 1) * m])
-            entry: RetrievedChunk = _attribute(
+            entry: RetrievedChunk = attribute(
                 c.db, c.skipped // m + u, m, len(c.prompt_ids), chunk, nb_ids, dists
             )
             c.emit({"type": "chunk", "chunk": entry})

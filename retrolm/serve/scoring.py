@@ -14,39 +14,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 
+from retrolm.decoding import TokenLogprobs, pick_logprobs
+
 MAX_LOGPROBS = 5  # OpenAI's completions limit on `logprobs`
-
-
-@dataclass
-class TokenLogprobs:
-    """Per token of a sequence: its log-probability (None for a prompt's first token) and the
-    `top` most likely ids with theirs (None for a prompt's first token)."""
-
-    logprobs: list[float | None] = field(default_factory=list)
-    top: list[list[tuple[int, float]] | None] = field(default_factory=list)
-
-    def extend(self, other: TokenLogprobs) -> None:
-        self.logprobs += other.logprobs
-        self.top += other.top
-
-
-def pick_logprobs(logits: torch.Tensor, targets: torch.Tensor, top: int) -> TokenLogprobs:
-    """The log-probability of each target under its row of `logits` (n, V), and the `top` most
-    likely ids of the row (the raw distribution: no temperature, top-k or top-p)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    chosen = logp.gather(-1, targets[:, None])[:, 0].tolist()
-    if top > 0:
-        values, ids = logp.topk(min(top, logp.shape[-1]), dim=-1)
-        tops = [list(zip(i, v)) for i, v in zip(ids.tolist(), values.tolist())]
-    else:
-        tops = [[] for _ in chosen]
-    return TokenLogprobs(list(chosen), tops)  # type: ignore[arg-type]
 
 
 def score_windows(length: int, window: int, chunk_size: int) -> list[tuple[int, int, int]]:
