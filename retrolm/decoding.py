@@ -53,6 +53,10 @@ class Decodable(Protocol):
 
     cfg: Any
 
+    def eval(self) -> Any:
+        """Inference mode of its layers (an `nn.Module`'s)."""
+        ...
+
     def new_cache(
         self,
         rows: int,
@@ -309,6 +313,7 @@ class BatchDecoder:
         size: int | None = None,
     ) -> None:
         self.model = model
+        model.eval()
         self.cfg = model.cfg
         self.device = torch.device(device)
         self.slots = slots
@@ -554,7 +559,6 @@ def generate(
         return torch.cat(parts)
 
     was_training = getattr(model, "training", False)
-    model.eval()  # type: ignore[attr-defined]
     try:
         decoder = BatchDecoder(model, B, None, device, size=P + max_new_tokens)
         seqs = [

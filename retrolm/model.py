@@ -22,19 +22,21 @@ Choices (documented because the paper leaves them open):
 - `use_deepnet`: post-norm residuals norm(alpha * x + f(x)) with DeepNet's encoder-decoder
   alpha/beta (Wang et al. 2022), as RETRO-pytorch's `use_deepnet`. With post-norm, the CCA
   residual is applied (with f = 0 where nothing is read) whenever neighbours are given.
-- One path: training (`hidden_states`, `forward`, `loss`), KV-cached decoding (`generate`,
-  `prefill_rows`) and the server's batched decoding of rows at different positions
-  (`decode_rows`) all run `DecoderBlock.forward` over a `Span`, which says where the tokens
-  sit: positions start..start+T-1 in every row, or one token per row at its own position. The
-  attention modules read and write the `KVCache` themselves (`SelfAttention` its keys/values,
-  `ChunkedCrossAttention.read` the neighbours' keys/values), and CCA's math (the m-1 shift,
-  rotary positions, masks, the cca_match bias) is written once, in
-  `ChunkedCrossAttention.attend`: queries grouped so that each group reads one chunk (a chunk
-  of a training row, or one row's chunk when decoding). The neighbours a forward reads are a
-  `Reading`, encoded at the first CCA layer. Span and Reading are built per call: no state of
-  one forward outlives it, and the model holds none but its weights and rotary tables.
+- One path: training (`hidden_states`, `forward`, `loss`) and decoding (`prefill_rows` of
+  windows, `decode_rows` of one token per row at its own position; `retrolm.decoding` runs
+  both for `generate` and the server) all run `DecoderBlock.forward` over a `Span`, which says
+  where the tokens sit: positions start..start+T-1 in every row, or one token per row at its
+  own position. The attention modules read and write the `KVCache` themselves
+  (`SelfAttention` its keys/values, `ChunkedCrossAttention.read` the neighbours' keys/values),
+  and CCA's math (the m-1 shift, rotary positions, masks, the cca_match bias) is written once,
+  in `ChunkedCrossAttention.attend`: queries grouped so that each group reads one chunk (a
+  chunk of a training row, or one row's chunk when decoding). The neighbours a forward reads
+  are a `Reading`, encoded at the first CCA layer. Span and Reading are built per call: no
+  state of one forward outlives it, and the model holds none but its weights and rotary
+  tables. `RetrievalModel` holds these entry points for `RETRO` and the RETRO-fitted
+  `retrolm.hf.RetroFitted` alike.
 - Speed: all attention goes through `F.scaled_dot_product_attention`, except short non-causal
-  attention in bf16/fp16 on CPU (see `attention`); `RETRO.loss` fuses the output layer and the
+  attention in bf16/fp16 on CPU (see `attention`); `RetrievalModel.loss` fuses the output layer and the
   cross-entropy so that training never materialises (B, n, vocab) logits.
 """
 

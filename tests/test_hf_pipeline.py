@@ -155,8 +155,8 @@ def test_a_changed_base_is_refused_when_the_run_is_loaded(world, tmp_path, capsy
 
 
 def test_served_retrofitted_sequences_equal_generate_alone(world):
-    """The server's decoder on a RETRO-fitted model (one sequence per forward pass, each with
-    its own cache): two interleaved greedy sequences, one running past max_seq_len, each equal
+    """The server's decoder on a RETRO-fitted model (rows at their own positions in one
+    forward pass): two greedy sequences, one running past max_seq_len, each equal
     to `generate` alone with the same retrieval."""
     import numpy as np
 

@@ -425,7 +425,7 @@ def test_cli_a_model_that_cannot_load_stops_the_server_with_a_one_line_error(
 
 
 # ---------------------------------------------------------------------------------------------
-# a RETRO-fitted Hugging Face model (decoded one sequence at a time)
+# a RETRO-fitted Hugging Face model
 
 
 @pytest.fixture(scope="module")
