@@ -532,7 +532,7 @@ def test_cli_serves_and_sigterm_lets_the_request_in_flight_finish(world):
 def test_cli_bad_arguments_are_one_line_errors(world, tmp_path, capsys):
     args = ["serve", str(world["retro"]), "--db", str(world["db"])]
     assert cli_main([*args, "--max-batch", "0"]) == 2
-    assert "--max-batch must be positive" in capsys.readouterr().err
+    assert "--max-batch must be a positive integer" in capsys.readouterr().err
     assert cli_main(["serve", str(tmp_path / "none"), "--db", str(world["db"])]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli_main([*args[:2], "--db", str(tmp_path / "nodb")]) == 2

@@ -576,20 +576,20 @@ def never_serve(*args, **kwargs):
     "flags,message",
     [(["--port", "70000"], "--port must be from 1 to 65535"),
      (["--port", "0"], "--port must be from 1 to 65535"),
-     (["--max-batch", "-1"], "--max-batch must be positive"),
+     (["--max-batch", "-1"], "--max-batch must be a positive integer"),
      (["--request-timeout", "nan"], "--request-timeout must be a finite number"),
      (["--request-timeout", "inf"], "--request-timeout must be a finite number"),
      (["--reload-interval", "nan"], "--reload-interval must be a finite number"),
      (["--shutdown-timeout", "nan"], "--shutdown-timeout must be a finite number"),
      (["--shutdown-timeout", "-1"], "--shutdown-timeout must be a finite number"),
-     (["--model-name", " "], "--model-name is empty"),
+     (["--model-name", " "], "--model-name must be a non-empty string"),
      (["--api-key", ""], "the API key from --api-key is empty"),
      (["--api-key", "  "], "the API key from --api-key is empty"),
      (["--host", "0.0.0.0"], "--allowed-hosts"),
      (["--host", "::"], "--allowed-hosts"),
      (["--allowed-hosts", ""], "--allowed-hosts is empty"),
      (["--allowed-hosts", "a/b"], "is not a host name"),
-     (["--max-n", "0"], "--max-n must be positive")],
+     (["--max-n", "0"], "--max-n must be a positive integer")],
 )  # fmt: skip
 def test_cli_bad_flags_are_one_line_errors(world, capsys, monkeypatch, flags, message):  # noqa: F811
     monkeypatch.delenv("RETROLM_API_KEY", raising=False)
@@ -607,3 +607,31 @@ def test_cli_an_empty_api_key_in_the_environment_is_an_error(world, capsys, monk
     monkeypatch.setattr(GracefulServer, "run", never_serve)
     assert cli_main(["serve", str(world["retro"]), "--db", str(world["db"])]) == 2
     assert "RETROLM_API_KEY is empty" in capsys.readouterr().err
+
+
+def test_serve_flags_are_the_settings_fields_with_their_defaults_and_comments():
+    """Each ServeSettings field the CLI sets as it is has a flag with the field's default and its
+    comment as help, and the flags given reach the settings (`retrolm.cli.flags`)."""
+    import argparse
+    import dataclasses
+
+    from retrolm.cli.flags import config_from_flags, field_comments
+    from retrolm.cli.serve import SETTINGS_FLAGS, register
+    from retrolm.serve.settings import ServeSettings
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    serve = parser._subparsers._group_actions[0].choices["serve"]
+    actions = {a.dest: a for a in serve._actions}
+    defaults, comments = ServeSettings(), field_comments(ServeSettings)
+    assert comments["max_queue"] == "requests waiting for a row; more get 429"
+    assert comments["max_prompt_tokens"].startswith("tokens a prompt may have;")  # a comment above
+    for name in SETTINGS_FLAGS:
+        assert actions[name].option_strings == ["--" + name.replace("_", "-")]
+        assert actions[name].default == getattr(defaults, name)
+        assert actions[name].help == comments[name] != ""
+    args = parser.parse_args(
+        ["serve", "RUN", "--db", "DB", "--max-batch", "3", "--request-timeout", "9"]
+    )
+    settings = config_from_flags(ServeSettings, args, SETTINGS_FLAGS)
+    assert dataclasses.replace(defaults, max_batch=3, request_timeout=9.0) == settings

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import ipaddress
 import logging
 import math
@@ -11,15 +12,22 @@ import signal
 from pathlib import Path
 from typing import Any
 
+from retrolm.cli.flags import add_config_flags, config_from_flags
 from retrolm.errors import InputError, UserError
 
 log = logging.getLogger(__name__)
+
+# ServeSettings fields that are flags as they are (--api-key and --allowed-hosts are read apart)
+SETTINGS_FLAGS = (
+    "device", "neighbours", "max_batch", "max_queue", "max_prompt_tokens", "max_tokens",
+    "max_n", "max_body_bytes", "max_search_k", "request_timeout", "reload_interval",
+    "model_name",
+)  # fmt: skip
 
 
 def register(subparsers: Any) -> None:
     from retrolm.serve.settings import API_KEY_ENV, ServeSettings
 
-    d = ServeSettings()
     p = subparsers.add_parser(
         "serve",
         help="serve the model over HTTP: completions with their sources, search, a web page",
@@ -48,39 +56,7 @@ def register(subparsers: Any) -> None:
         help=f"require `Authorization: Bearer KEY` on every /v1/* request and /openapi.json "
         f"(or set {API_KEY_ENV}); /health then tells clients without it only its status",
     )
-    p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
-    p.add_argument("--neighbours", type=int, help="k neighbours per chunk (default: the model's)")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="requests decoded together")
-    p.add_argument(
-        "--max-queue", type=int, default=d.max_queue, help="requests waiting; more get 429"
-    )
-    p.add_argument(
-        "--max-prompt-tokens",
-        type=int,
-        default=d.max_prompt_tokens,
-        help="longest prompt in tokens (a prompt longer than the model's window loses its "
-        "oldest whole chunks, as generation does past the window)",
-    )
-    p.add_argument(
-        "--max-tokens", type=int, default=d.max_tokens, help="largest max_tokens of a request"
-    )
-    p.add_argument(
-        "--max-n", type=int, default=d.max_n, help="largest n (samples per prompt) of a request"
-    )
-    p.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes)
-    p.add_argument("--max-search-k", type=int, default=d.max_search_k)
-    p.add_argument(
-        "--request-timeout",
-        type=float,
-        default=d.request_timeout,
-        help="seconds a request may take, waiting included",
-    )
-    p.add_argument(
-        "--reload-interval",
-        type=float,
-        default=d.reload_interval,
-        help="seconds between checks of the database manifest (0: never reload)",
-    )
+    add_config_flags(p, ServeSettings, SETTINGS_FLAGS, device={"choices": ("auto", "cpu", "cuda")})
     p.add_argument(
         "--shutdown-timeout",
         type=float,
@@ -88,18 +64,7 @@ def register(subparsers: Any) -> None:
         help="on SIGTERM or Ctrl-C, seconds requests in flight may still run; those still "
         "running then end with an error (a stream gets an error event), and the server exits",
     )
-    p.add_argument("--model-name", help="model id in /v1/models (default: the run folder's name)")
     p.set_defaults(handler=run)
-
-
-def _positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        value = getattr(args, name)
-        flag = "--" + name.replace("_", "-")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise InputError(f"{flag} must be a finite number, got {value}")
-        if value is not None and value <= 0:
-            raise InputError(f"{flag} must be positive, got {value}")
 
 
 def _address(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -154,39 +119,19 @@ def run(args: argparse.Namespace) -> int:
     from retrolm.serve.app import GracefulServer, create_app
     from retrolm.serve.settings import ServeSettings
 
-    _positive(args, "max_batch", "max_queue", "max_prompt_tokens", "max_tokens", "max_n",
-              "max_body_bytes", "max_search_k", "request_timeout", "neighbours")  # fmt: skip
     if not 1 <= args.port <= 65535:
         raise InputError(f"--port must be from 1 to 65535, got {args.port}")
-    for flag, value in [
-        ("--reload-interval", args.reload_interval),
-        ("--shutdown-timeout", args.shutdown_timeout),
-    ]:
-        if not (math.isfinite(value) and value >= 0):
-            raise InputError(f"{flag} must be a finite number >= 0, got {value}")
-    if args.model_name is not None and not args.model_name.strip():
-        raise InputError("--model-name is empty; give a name, or leave the flag out")
+    if not (math.isfinite(args.shutdown_timeout) and args.shutdown_timeout >= 0):
+        raise InputError(
+            f"--shutdown-timeout must be a finite number >= 0, got {args.shutdown_timeout}"
+        )
+    settings = config_from_flags(ServeSettings, args, SETTINGS_FLAGS)  # checked before the key
     api_key = _api_key(args)
     address = _address(args.host)
     loopback = args.host == "localhost" or (address is not None and address.is_loopback)
     if not loopback and api_key is None:
         log.warning("binding %s without --api-key: anyone who can reach it may use it", args.host)
-    settings = ServeSettings(
-        api_key=api_key,
-        max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens=args.max_tokens,
-        max_n=args.max_n,
-        max_body_bytes=args.max_body_bytes,
-        max_search_k=args.max_search_k,
-        max_batch=args.max_batch,
-        max_queue=args.max_queue,
-        request_timeout=args.request_timeout,
-        reload_interval=args.reload_interval,
-        neighbours=args.neighbours,
-        device=args.device,
-        model_name=args.model_name,
-        allowed_hosts=_allowed_hosts(args),
-    )
+    settings = dataclasses.replace(settings, api_key=api_key, allowed_hosts=_allowed_hosts(args))
     if not args.db.exists():
         raise InputError(f"database {args.db} does not exist; build one with `retrolm db build`")
     # the model and database load once the server is up (/health: 503 "loading" meanwhile)

@@ -28,7 +28,8 @@ def api_key_problem(key: str) -> str | None:
 
 @dataclass
 class ServeSettings:
-    """Everything `retrolm serve` can set (the CLI flags), with their defaults.
+    """Everything `retrolm serve` can set, with their defaults; the CLI's flags are made from
+    these fields and their comments (`retrolm.cli.flags`).
 
     Raises:
         ConfigError: a value out of range (an empty API key, a batch of 0 rows, ...).
@@ -39,14 +40,14 @@ class ServeSettings:
     max_prompt_tokens: int = 8192
     max_tokens: int = 1024  # the largest `max_tokens` a request may ask for
     max_n: int = 8  # the largest `n` (samples per prompt) a request may ask for
-    max_body_bytes: int = 65536
-    max_search_k: int = 50
-    max_batch: int = 16  # requests decoded together (rows of the batch)
+    max_body_bytes: int = 65536  # the largest request body; larger ones get 413
+    max_search_k: int = 50  # the largest `k` of a /v1/search request
+    max_batch: int = 16  # requests decoded together (rows of the batch, allocated at start-up)
     max_queue: int = 64  # requests waiting for a row; more get 429
-    request_timeout: float = 300.0  # seconds from arrival to the last token
+    request_timeout: float = 300.0  # seconds a request may take, waiting included
     reload_interval: float = 1.0  # seconds between database manifest polls (0: never reload)
     neighbours: int | None = None  # k per chunk (default: the model's)
-    device: str = "cpu"
+    device: str = "cpu"  # where the model runs: cpu, cuda, or auto (cuda when there is one)
     model_name: str | None = None  # the id in /v1/models (default: the run folder's name)
     # Host header names served besides LOOPBACK_HOSTS (any port); "*" serves any Host, and
     # "*.example.com" any subdomain of example.com
