@@ -7,10 +7,14 @@ Starts `retrolm serve RUN --db DB` on 127.0.0.1 (a free port), then for each N i
 to first token (first text piece) and errors, then the batching gain:
 tokens/s at the largest N divided by tokens/s at 1 client.
 
-Without --run, a `small` preset run is trained for 2 steps on DB (speed does not depend on the
-weights; greedy decoding of an untrained model rarely ends early at <eos>).
+Without --run, a run is made for 2 steps on DB (speed does not depend on the weights; greedy
+decoding of an untrained model rarely ends early at <eos>): retrolm's own model of --preset
+(default `small`), or with --retrofit BASE a RETRO-fitted Hugging Face model. BASE is what
+`retrolm train --retrofit` takes (a folder, a .gguf file, `smollm2`; DB built with its
+tokenizer), or `tiny-llama`: a random 8-layer Llama of width 256 (4 heads, 2 key-value heads)
+made here with DB's own tokenizer.
 
-    python benchmarks/serve_load.py --db DB [--run RUN] [--clients 1 4 16] [--seconds 20]
+    python benchmarks/serve_load.py --db DB [--run RUN | --retrofit BASE] [--clients 1 4 16]
 """
 
 from __future__ import annotations
@@ -30,14 +34,41 @@ import httpx
 import numpy as np
 
 
-def make_run(db: Path, preset: str, out: Path) -> Path:
+def make_run(db: Path, preset: str, out: Path, retrofit: str | None = None) -> Path:
+    model = ["--preset", preset]
+    if retrofit == "tiny-llama":
+        retrofit = str(make_tiny_llama(db, out.parent / "tiny-llama"))
+    if retrofit is not None:
+        model = ["--retrofit", retrofit, "--model", "max_seq_len=1024"]
     cmd = [
         sys.executable, "-m", "retrolm", "-q", "train", "--db", str(db), "--out", str(out),
-        "--preset", preset, "--steps", "2", "--batch-size", "2", "--seq-len", "256",
-        "--eval-every", "0", "--no-progress",
+        *model, "--steps", "2", "--batch-size", "2", "--seq-len", "256", "--eval-every", "0",
+        "--no-progress",
     ]  # fmt: skip
     subprocess.run(cmd, check=True)
     return out
+
+
+def make_tiny_llama(db_path: Path, folder: Path) -> Path:
+    """A random Llama folder whose vocabulary is the database's tokenizer (copied in)."""
+    import shutil
+
+    import torch
+    import transformers
+
+    from retrolm.database import Database
+
+    tokenizer = Database.open(db_path).tokenizer
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        num_hidden_layers=8, hidden_size=256, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=768, vocab_size=tokenizer.vocab_size, max_position_embeddings=2048,
+        bos_token_id=tokenizer.eos_id, eos_token_id=tokenizer.eos_id,
+        pad_token_id=tokenizer.pad_id,
+    )  # fmt: skip
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    shutil.copy(db_path / "tokenizer.json", folder / "tokenizer.json")
+    return folder
 
 
 def make_prompts(db_path: Path, tokens: int, count: int = 64) -> list[str]:
@@ -130,6 +161,7 @@ def main() -> None:
     p.add_argument("--db", type=Path, required=True)
     p.add_argument("--run", type=Path, help="a trained run (default: train `small` 2 steps)")
     p.add_argument("--preset", default="small")
+    p.add_argument("--retrofit", help="RETRO-fit this base (or `tiny-llama`) instead of --preset")
     p.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     p.add_argument("--seconds", type=float, default=20.0, help="measured time per client count")
     p.add_argument("--warmup", type=float, default=3.0)
@@ -140,7 +172,7 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
-        run = args.run or make_run(args.db, args.preset, Path(tmp) / "run")
+        run = args.run or make_run(args.db, args.preset, Path(tmp) / "run", args.retrofit)
         prompts = make_prompts(args.db, args.prompt_tokens)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
