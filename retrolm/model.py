@@ -1002,7 +1002,11 @@ class RetrievalModel(nn.Module):
         cache.token_ids[rows, pos] = tokens
         S = int(pos.max()) + 1
         ids = cache.token_ids[sel, :S]  # (R, S)
-        mask, _ = self._self_attn_mask(ids == self.cfg.pad_id, 0, 1, pos)  # (R, 1, 1, S)
+        key_pad = ids == self.cfg.pad_id
+        if not bool(key_pad.any()) and bool((pos == S - 1).all()):
+            mask = None  # every row at the last position, no pad key: every key is attended
+        else:
+            mask, _ = self._self_attn_mask(key_pad, 0, 1, pos)  # (R, 1, 1, S)
         cos, sin = self.rotary(0, max(S, 2 * m), tokens.device)
         rot = (cos[pos][:, None, None], sin[pos][:, None, None])  # (R, 1, 1, hd)
         span = Span(
