@@ -1201,18 +1201,6 @@ class RetrievalModel(nn.Module):
         return KVCache(token_ids, retrieval=retrieval and self.cfg.retrieval)
 
     @torch.inference_mode()
-    def prefill_row(
-        self, cache: KVCache, row: int, tokens: Tensor, neighbours: Tensor | None = None
-    ) -> Tensor:
-        """Encode a window `tokens` (T,) into row `row` of a cache, from position 0.
-
-        `neighbours` (T // m, k, r) belong to the window's completed chunks (None: RETRO[OFF]
-        or no chunk complete). Returns the logits (V,) that predict the next token. The one-row
-        case of `prefill_rows`.
-        """
-        return self.prefill_rows(cache, [row], [tokens], [neighbours])[0]
-
-    @torch.inference_mode()
     def prefill_rows(
         self,
         cache: KVCache,
@@ -1221,7 +1209,7 @@ class RetrievalModel(nn.Module):
         neighbours: list[Tensor | None] | None = None,
     ) -> Tensor:
         """Encode windows[i] (T_i,) into row rows[i] of a cache, from position 0, all in one
-        forward pass; each row then holds what `prefill_row` alone would write in it.
+        forward pass; each row then holds what encoding its window alone would write in it.
 
         The windows, right-padded with pad_id to the longest, are fed to a cache of their own;
         then positions 0..T_i-1 of row i and its chunks with neighbours are copied to rows[i]
@@ -1294,7 +1282,7 @@ class RetrievalModel(nn.Module):
         """One decoding step for several rows of a cache, each at its own position.
 
         Row rows[i] holds positions 0..positions[i]-1 (from `prefill_rows` and earlier steps);
-        tokens[i] is fed at positions[i]. The result equals `prefill_row` / `generate` on each
+        tokens[i] is fed at positions[i]. The result equals `prefill_rows` / `generate` on each
         row alone (tests/test_serve_batching.py), up to float rounding.
 
         Args:

@@ -170,7 +170,7 @@ def test_training_cached_and_row_decoding_paths_give_the_same_logits(name):
             s = window_start(t, N, m)
             if s != starts[b]:  # joins, or its window slid: encode the window into the row
                 chunks = nbrs[b, s // m : t // m]  # (U, k, r)
-                logits_of[b] = model.prefill_row(slots, row, seqs[b, s:t], chunks)
+                logits_of[b] = model.prefill_rows(slots, [row], [seqs[b, s:t]], [chunks])[0]
                 starts[b] = s
             else:
                 decode.append(b)

@@ -58,7 +58,7 @@ def cache_tensors(cache: KVCache) -> dict[str, torch.Tensor]:
 def test_prefill_rows_equals_each_row_alone_then_decodes_the_same(name):
     """Windows of different lengths (none, one or two completed chunks, pad tokens inside)
     encoded into scattered rows in one pass: each row's logits equal the training path's, the
-    cache holds exactly what `prefill_row` row by row writes (nothing past a window), and greedy
+    cache holds exactly what `prefill_rows` row by row writes (nothing past a window), and greedy
     decoding on from there gives `generate`'s tokens alone."""
     cfg = CONFIGS[name]
     m, N = cfg.chunk_size, cfg.max_seq_len
@@ -77,7 +77,8 @@ def test_prefill_rows_equals_each_row_alone_then_decodes_the_same(name):
         with torch.no_grad():
             reference = model(window[None], None if nb is None else nb[None])[0, -1]
         torch.testing.assert_close(logits[i], reference)
-        torch.testing.assert_close(logits[i], model.prefill_row(alone, row, window, nb))
+        alone_logits = model.prefill_rows(alone, [row], [window], [nb])[0]
+        torch.testing.assert_close(logits[i], alone_logits)
     after_alone = cache_tensors(alone)
     for key, t in cache_tensors(batched).items():
         torch.testing.assert_close(t, after_alone[key], msg=key)
