@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from retrolm.comparators import COMPARATORS
-from retrolm.config import CHUNK_SIZE
+from retrolm.config import CHUNK_SIZE, RetroConfig, preset_fields
 from retrolm.errors import ConfigError, InputError, MismatchError
 from retrolm.io import atomic_open, read_json, write_json
 
@@ -388,103 +388,256 @@ def estimate_evaluation(
     )
 
 
+@dataclass(frozen=True)
+class PlanModel:
+    """The model a quickstart trains (RETRO and its baseline) and the shape of its batches."""
+
+    fields: dict[str, Any]  # the preset's: the runs' TrainConfig.model (and the plan's record)
+    retro: RetroConfig
+    baseline: RetroConfig  # RETRO without its CCA layers
+    vocab: int
+    batch: int
+    seq_len: int
+    k: int  # neighbours per chunk in training
+
+    @property
+    def step_tokens(self) -> int:
+        """Tokens of one training batch."""
+        return self.batch * self.seq_len
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """This machine's speed, measured before anything is sized: the plan is derived from it."""
+
+    embed_rate: float | None  # chunks per second of the dense embedder (None with BM25)
+    bm25_cost: float | None  # seconds per query x indexed chunk of BM25 (None with dense)
+    t_fp32: float  # a RETRO training step in float32
+    t_bf16: float  # a RETRO training step in bfloat16
+    bf16: bool  # whether training runs in bfloat16
+    t_base: float  # a baseline training step, in training's precision
+    t_retro: float  # a retrofit step times RETROFIT_RATIO: RETRO's training per baseline step
+    f_retro: float  # an evaluation forward pass of RETRO (float32, EVAL_K neighbours)
+    f_base: float  # an evaluation forward pass of the baseline (float32)
+    faiss_rates: tuple[float, float]  # seconds per operation of a datastore build, of a search
+
+    @property
+    def step_seconds(self) -> float:
+        """Training seconds per baseline step: the step and its share of the retrofit."""
+        return self.t_retro + self.t_base
+
+    def record(self) -> dict[str, float | None]:
+        """The figures stored in the plan (`QuickstartPlan.measured`)."""
+        return dict(
+            embed_chunks_per_s=None if self.embed_rate is None else round(self.embed_rate, 2),
+            bm25_ns_per_pair=None if self.bm25_cost is None else round(self.bm25_cost * 1e9, 3),
+            retro_step_s_fp32=round(self.t_fp32, 4),
+            retro_step_s_bf16=round(self.t_bf16, 4),
+            baseline_step_s=round(self.t_base, 4),
+            retro_forward_s=round(self.f_retro, 4),
+            baseline_forward_s=round(self.f_base, 4),
+            faiss_build_gflops=round(1e-9 / self.faiss_rates[0], 2),
+            faiss_search_gflops=round(1e-9 / self.faiss_rates[1], 2),
+        )
+
+
+def plan_files(cfg: QuickstartConfig) -> list[Path]:
+    """The files of `cfg.corpus`, or of the standard library when it is empty.
+
+    Raises:
+        InputError: a corpus path that does not exist, or no files.
+    """
+    files = corpus_files(cfg.corpus) if cfg.corpus else stdlib_files()
+    if not files:
+        raise InputError("the standard library of this Python has no .py files; pass --corpus")
+    return files
+
+
+def quickstart_model() -> PlanModel:
+    """The `quickstart` preset with an 8k vocabulary, trained on batches of 8 x 256 tokens with
+    2 neighbours per chunk."""
+    vocab = 8192
+    return PlanModel(
+        fields=preset_fields("quickstart"),
+        retro=RetroConfig.preset("quickstart", vocab_size=vocab),
+        baseline=RetroConfig.preset("quickstart", vocab_size=vocab, cca_layers=()),
+        vocab=vocab,
+        batch=8,
+        seq_len=256,
+        k=2,
+    )
+
+
+def measure_retriever(
+    retriever: str, embedder: Any, files: list[Path]
+) -> tuple[float | None, float | None]:
+    """The retriever's speed on chunks of `files`: (chunks per second of `embedder`, None) for
+    "dense", (None, seconds per query x indexed chunk of a BM25 search) for "bm25"."""
+    texts = sample_chunks(files)
+    if retriever == "dense":
+        return measure_embedding(embedder, texts[:96]), None
+    return None, measure_bm25(texts[:4096])
+
+
+def measure_machine(
+    retriever: str, embedder: Any, files: list[Path], model: PlanModel
+) -> Measurements:
+    """Time the retriever, a training step of each run, an evaluation forward pass of each
+    model and a kNN-LM datastore, in this order, on this machine."""
+    embed_rate, bm25_cost = measure_retriever(retriever, embedder, files)
+    retro, base = model.retro, model.baseline
+    batch, seq_len, k = model.batch, model.seq_len, model.k
+    t_fp32 = measure_train_step(retro, batch, seq_len, k, bf16=False)
+    t_bf16 = measure_train_step(retro, batch, seq_len, k, bf16=True)
+    bf16 = t_bf16 < 0.8 * t_fp32  # only where the CPU (or GPU) has fast bfloat16 matmuls
+    t_base = measure_train_step(base, batch, seq_len, k, bf16=bf16)
+    # RETRO is RETRO-fitted onto the trained baseline, for RETROFIT_RATIO of its steps
+    t_retro = RETROFIT_RATIO * measure_train_step(
+        retro, batch, seq_len, k, bf16=bf16, retrofit=True
+    )
+    # the evaluation runs in float32 (plan.eval has no bf16), whatever training runs in
+    f_retro = measure_forward(retro, batch, seq_len, EVAL_K, bf16=False)
+    f_base = measure_forward(base, batch, seq_len, k, bf16=False)
+    faiss_rates = measure_faiss(retro.dec_dim)
+    return Measurements(
+        embed_rate=embed_rate,
+        bm25_cost=bm25_cost,
+        t_fp32=t_fp32,
+        t_bf16=t_bf16,
+        bf16=bf16,
+        t_base=t_base,
+        t_retro=t_retro,
+        f_retro=f_retro,
+        f_base=f_base,
+        faiss_rates=faiss_rates,
+    )
+
+
+def evaluation_seconds(
+    speed: Measurements, model: PlanModel, corpus: float, held_out: float | None = None
+) -> float:
+    """Seconds of the evaluation, for a training subset of `corpus` bytes and `held_out` scored
+    tokens (default: 5% of the subset's tokens, at most 131072)."""
+    tokens = corpus / BYTES_PER_TOKEN
+    held_out = min(131072.0, 0.05 * tokens) if held_out is None else held_out
+    return estimate_evaluation(
+        tokens,
+        held_out,
+        speed.f_retro,
+        speed.f_base,
+        model.batch,
+        model.seq_len,
+        CHUNK_SIZE,
+        model.retro.dec_dim,
+        speed.faiss_rates,
+    )
+
+
+def size_corpus(budget: float, speed: Measurements, model: PlanModel) -> tuple[int, float]:
+    """The training subset's size in bytes, and the share of the `budget` (seconds) for training
+    both runs."""
+    if speed.embed_rate is not None:
+        # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
+        corpus_bytes = int(0.25 * budget * speed.embed_rate * CHUNK_SIZE * BYTES_PER_TOKEN)
+        return corpus_bytes, 0.45
+    # BM25 costs seconds: training takes at most TRAIN_SHARE, and gives the evaluation
+    # (which grows with the corpus, so with the steps) what it needs out of the budget
+    # that the database (DB_SHARE) and the margin leave; the corpus is sized to the steps.
+    left = (1.0 - DB_SHARE - MARGIN) * budget
+    steps = int(TRAIN_SHARE * budget / speed.step_seconds)
+    for _ in range(4):  # the evaluation is about linear in the steps: a few rounds converge
+        corpus = steps * model.step_tokens * BYTES_PER_TOKEN / PASSES
+        need = steps * speed.step_seconds + evaluation_seconds(speed, model, corpus)
+        steps = int(steps * min(1.0, left / need))
+    train_share = steps * speed.step_seconds / budget
+    corpus_bytes = int(steps * model.step_tokens * BYTES_PER_TOKEN / PASSES)
+    return corpus_bytes, train_share
+
+
+def training_steps(
+    chosen_bytes: int, train_share: float, budget: float, speed: Measurements, model: PlanModel
+) -> int:
+    """Baseline training steps on a subset of `chosen_bytes`: what `train_share` of the
+    `budget` (seconds) pays for, at least 20."""
+    # At most PASSES passes over the corpus: more would measure memorisation.
+    max_steps_data = int(PASSES * chosen_bytes / BYTES_PER_TOKEN / model.step_tokens)
+    return max(20, min(max_steps_data, int(train_share * budget / speed.step_seconds)))
+
+
+def evaluation_tokens(valid: list[Path]) -> int:
+    """Held-out tokens the evaluation scores, of the held-out files `valid`."""
+    valid_bytes = sum(p.stat().st_size for p in valid)
+    # every held-out file, up to ~130k tokens (about 1 min for the three models on 2 cores):
+    # the first 32k tokens alone would be a few files of one or two folders
+    return max(4096, min(131072, int(valid_bytes / BYTES_PER_TOKEN)))
+
+
+def retrieval_only_within_budget(
+    files: list[Path], chosen: list[Path], chosen_bytes: int, budget: float, bm25_cost: float | None
+) -> list[Path]:
+    """Files of the corpus beyond the subset `chosen` (of `chosen_bytes`), indexed for retrieval
+    only: as many as BM25's neighbour stage searches in DB_SHARE of the `budget` (seconds), at
+    most RETRIEVAL_ONLY_MAX_BYTES; none with dense retrieval (`bm25_cost` None)."""
+    if bm25_cost is None:
+        return []
+    # the neighbour stage: (train + held-out chunks) x indexed chunks, within DB_SHARE
+    query_chunks = chosen_bytes / (CHUNK_SIZE * BYTES_PER_TOKEN)
+    pair_seconds = BM25_OVERHEAD * bm25_cost
+    indexed_max = DB_SHARE * budget / (pair_seconds * max(query_chunks, 1.0))
+    extra_bytes = int(max(0.0, indexed_max - query_chunks) * CHUNK_SIZE * BYTES_PER_TOKEN)
+    return retrieval_only_files(files, chosen, min(extra_bytes, RETRIEVAL_ONLY_MAX_BYTES))
+
+
+def train_settings(model: PlanModel, steps: int, bf16: bool, seed: int) -> dict[str, Any]:
+    """TrainConfig fields shared by both runs (`QuickstartPlan.train`)."""
+    return dict(
+        max_steps=steps,
+        batch_size=model.batch,
+        seq_len=model.seq_len,
+        num_neighbours=model.k,
+        lr=3e-3,
+        warmup_steps=max(5, min(30, steps // 10)),
+        bf16=bf16,
+        eval_every=max(10, steps // 8),
+        eval_batches=4,
+        checkpoint_every=max(10, steps // 4),
+        seed=seed,
+    )
+
+
+def estimate_stages(
+    speed: Measurements, model: PlanModel, steps: int, chosen_bytes: int, eval_tokens: int
+) -> dict[str, float]:
+    """Expected wall seconds of training each run, of the evaluation and (dense) of embedding
+    the subset (`QuickstartPlan.estimate_seconds`)."""
+    estimate = dict(
+        train_retro=round(steps * speed.t_retro, 1),
+        train_baseline=round(steps * speed.t_base, 1),
+        evaluate=round(evaluation_seconds(speed, model, chosen_bytes, eval_tokens), 1),
+    )
+    if speed.embed_rate is not None:
+        chunks = chosen_bytes / (CHUNK_SIZE * BYTES_PER_TOKEN)
+        estimate["embed"] = round(chunks / speed.embed_rate, 1)
+    return estimate
+
+
 def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
     """Measure this machine, then size corpus, model and steps to fit `cfg.minutes`.
 
     Args:
         embedder: the dense embedder, measured for its speed (None with `retriever="bm25"`).
     """
-    from retrolm.config import RetroConfig, preset_fields
-
     budget = cfg.minutes * 60.0
-    files = corpus_files(cfg.corpus) if cfg.corpus else stdlib_files()
-    if not files:
-        raise InputError("the standard library of this Python has no .py files; pass --corpus")
-    embed_rate = bm25_cost = None
-    texts = sample_chunks(files)
-    if cfg.retriever == "dense":
-        embed_rate = measure_embedding(embedder, texts[:96])
-    else:
-        bm25_cost = measure_bm25(texts[:4096])
-
-    model = preset_fields("quickstart")  # the runs' TrainConfig.model (and the plan's record)
-    batch, seq_len, k = 8, 256, 2
-    vocab = 8192
-    retro_cfg = RetroConfig.preset("quickstart", vocab_size=vocab)
-    base_cfg = RetroConfig.preset("quickstart", vocab_size=vocab, cca_layers=())
-    t_fp32 = measure_train_step(retro_cfg, batch, seq_len, k, bf16=False)
-    t_bf16 = measure_train_step(retro_cfg, batch, seq_len, k, bf16=True)
-    bf16 = t_bf16 < 0.8 * t_fp32  # only where the CPU (or GPU) has fast bfloat16 matmuls
-    t_base = measure_train_step(base_cfg, batch, seq_len, k, bf16=bf16)
-    step_tokens = batch * seq_len
-    # RETRO is RETRO-fitted onto the trained baseline, for RETROFIT_RATIO of its steps
-    t_retro = RETROFIT_RATIO * measure_train_step(
-        retro_cfg, batch, seq_len, k, bf16=bf16, retrofit=True
-    )
-
-    # the evaluation runs in float32 (plan.eval has no bf16), whatever training runs in
-    f_retro = measure_forward(retro_cfg, batch, seq_len, EVAL_K, bf16=False)
-    f_base = measure_forward(base_cfg, batch, seq_len, k, bf16=False)
-    faiss_rates = measure_faiss(retro_cfg.dec_dim)
-
-    def evaluation(corpus: float, held_out: float | None = None) -> float:
-        """Seconds, for a training subset of `corpus` bytes and `held_out` scored tokens."""
-        tokens = corpus / BYTES_PER_TOKEN
-        held_out = min(131072.0, 0.05 * tokens) if held_out is None else held_out
-        return estimate_evaluation(
-            tokens,
-            held_out,
-            f_retro,
-            f_base,
-            batch,
-            seq_len,
-            CHUNK_SIZE,
-            retro_cfg.dec_dim,
-            faiss_rates,
-        )
-
-    if embed_rate is not None:
-        # Dense: embedding 25% of the budget sizes the corpus, training both runs 45%.
-        corpus_bytes = int(0.25 * budget * embed_rate * CHUNK_SIZE * BYTES_PER_TOKEN)
-        train_share = 0.45
-    else:
-        # BM25 costs seconds: training takes at most TRAIN_SHARE, and gives the evaluation
-        # (which grows with the corpus, so with the steps) what it needs out of the budget
-        # that the database (DB_SHARE) and the margin leave; the corpus is sized to the steps.
-        left = (1.0 - DB_SHARE - MARGIN) * budget
-        steps = int(TRAIN_SHARE * budget / (t_retro + t_base))
-        for _ in range(4):  # the evaluation is about linear in the steps: a few rounds converge
-            corpus = steps * step_tokens * BYTES_PER_TOKEN / PASSES
-            need = steps * (t_retro + t_base) + evaluation(corpus)
-            steps = int(steps * min(1.0, left / need))
-        train_share = steps * (t_retro + t_base) / budget
-        corpus_bytes = int(steps * step_tokens * BYTES_PER_TOKEN / PASSES)
+    files = plan_files(cfg)
+    model = quickstart_model()
+    speed = measure_machine(cfg.retriever, embedder, files, model)
+    corpus_bytes, train_share = size_corpus(budget, speed, model)
     chosen = select_files(files, corpus_bytes, cfg.seed)
     chosen_bytes = sum(p.stat().st_size for p in chosen)
-    # At most PASSES passes over the corpus: more would measure memorisation.
-    max_steps_data = int(PASSES * chosen_bytes / BYTES_PER_TOKEN / step_tokens)
-    steps = max(20, min(max_steps_data, int(train_share * budget / (t_retro + t_base))))
+    steps = training_steps(chosen_bytes, train_share, budget, speed, model)
     valid = choose_valid(chosen, fraction=0.05, seed=cfg.seed)
-    valid_bytes = sum(p.stat().st_size for p in valid)
-    # every held-out file, up to ~130k tokens (about 1 min for the three models on 2 cores):
-    # the first 32k tokens alone would be a few files of one or two folders
-    eval_tokens = max(4096, min(131072, int(valid_bytes / BYTES_PER_TOKEN)))
-    extra: list[Path] = []
-    if bm25_cost is not None:
-        # the neighbour stage: (train + held-out chunks) x indexed chunks, within DB_SHARE
-        query_chunks = chosen_bytes / (CHUNK_SIZE * BYTES_PER_TOKEN)
-        pair_seconds = BM25_OVERHEAD * bm25_cost
-        indexed_max = DB_SHARE * budget / (pair_seconds * max(query_chunks, 1.0))
-        extra_bytes = int(max(0.0, indexed_max - query_chunks) * CHUNK_SIZE * BYTES_PER_TOKEN)
-        extra = retrieval_only_files(files, chosen, min(extra_bytes, RETRIEVAL_ONLY_MAX_BYTES))
-    retrofit_steps = max(10, int(RETROFIT_RATIO * steps))
-    estimate = dict(
-        train_retro=round(steps * t_retro, 1),
-        train_baseline=round(steps * t_base, 1),
-        evaluate=round(evaluation(chosen_bytes, eval_tokens), 1),
-    )
-    if embed_rate is not None:
-        estimate["embed"] = round(chosen_bytes / (CHUNK_SIZE * BYTES_PER_TOKEN) / embed_rate, 1)
+    eval_tokens = evaluation_tokens(valid)
+    extra = retrieval_only_within_budget(files, chosen, chosen_bytes, budget, speed.bm25_cost)
     return QuickstartPlan(
         version=PLAN_VERSION,
         settings=_plan_settings(cfg),
@@ -494,38 +647,16 @@ def make_plan(cfg: QuickstartConfig, embedder: Any) -> QuickstartPlan:
         retrieval_only=[str(p) for p in extra],
         retrieval_only_bytes=sum(p.stat().st_size for p in extra),
         database=dict(
-            vocab_size=vocab, chunk_size=CHUNK_SIZE, seed=cfg.seed, retriever=cfg.retriever
+            vocab_size=model.vocab, chunk_size=CHUNK_SIZE, seed=cfg.seed, retriever=cfg.retriever
         ),
-        model=model,
-        train=dict(
-            max_steps=steps,
-            batch_size=batch,
-            seq_len=seq_len,
-            num_neighbours=k,
-            lr=3e-3,
-            warmup_steps=max(5, min(30, steps // 10)),
-            bf16=bf16,
-            eval_every=max(10, steps // 8),
-            eval_batches=4,
-            checkpoint_every=max(10, steps // 4),
-            seed=cfg.seed,
-        ),
+        model=model.fields,
+        train=train_settings(model, steps, speed.bf16, cfg.seed),
         eval=dict(max_tokens=eval_tokens, batch_size=8, num_neighbours=EVAL_K),
-        retrofit_steps=retrofit_steps,
+        retrofit_steps=max(10, int(RETROFIT_RATIO * steps)),
         compare=list(COMPARATORS),
         max_new_tokens=128,
-        measured=dict(
-            embed_chunks_per_s=None if embed_rate is None else round(embed_rate, 2),
-            bm25_ns_per_pair=None if bm25_cost is None else round(bm25_cost * 1e9, 3),
-            retro_step_s_fp32=round(t_fp32, 4),
-            retro_step_s_bf16=round(t_bf16, 4),
-            baseline_step_s=round(t_base, 4),
-            retro_forward_s=round(f_retro, 4),
-            baseline_forward_s=round(f_base, 4),
-            faiss_build_gflops=round(1e-9 / faiss_rates[0], 2),
-            faiss_search_gflops=round(1e-9 / faiss_rates[1], 2),
-        ),
-        estimate_seconds=estimate,
+        measured=speed.record(),
+        estimate_seconds=estimate_stages(speed, model, steps, chosen_bytes, eval_tokens),
     )
 
 
