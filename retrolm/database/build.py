@@ -12,7 +12,7 @@ import dataclasses
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -384,6 +384,62 @@ def _merge_records(folder: Path, manifest: Manifest, stage: str) -> list[dict[st
     return embedders
 
 
+BlockWork = Callable[[ChunkBlock], BlockFile | CodesBlock | NeighbourBlock]
+
+
+def _run_blocks(
+    folder: Path,
+    manifest: Manifest,
+    stage: str,
+    blocks: list[ChunkBlock],
+    ok: Callable[[Path, Any, ChunkBlock], bool],
+    start: Callable[[], tuple[BlockWork, dict[str, Any] | None]],
+    dist: Dist,
+    *,
+    desc: str,
+    show_progress: bool,
+    merge: Callable[[], object] | None = None,
+    before: Callable[[list[ChunkBlock]], None] | None = None,
+) -> None:
+    """Write and record the blocks of `stage` among `blocks` whose recorded output is missing
+    or bad (`ok(folder, recorded, block)` is false), each rank its share; finishing the stage
+    is the caller's.
+
+    `merge` folds the ranks' records into the manifest on the main rank, before and after
+    (default `_merge_records`). `before(todo)` runs on every rank once the blocks to do are
+    known. A rank with blocks to do calls `start()`: it loads what the work needs and returns
+    the function that writes one block and returns its record, and the embedder the records
+    name (embedding blocks; else None). Returns when every rank is done and the main rank has
+    merged their records.
+    """
+    merge = merge or (lambda: _merge_records(folder, manifest, stage))
+    if dist.is_main:
+        merge()
+    _sync(folder, manifest, dist)
+    done = manifest.block_files(stage)
+    todo = [b for b in blocks if not ok(folder, done.get(b.index), b)]
+    if before is not None:
+        before(todo)
+    mine = dist.mine(todo)
+    if mine:
+        work, embedder = start()
+        bar = progress(
+            desc=desc,
+            total=sum(b.rows for b in mine),
+            unit="chunk",
+            show=show_progress and dist.is_main,
+        )
+        for block in mine:
+            record = work(block)
+            _finish_block(folder, manifest, stage, block.index, record, dist, embedder=embedder)
+            bar.update(block.rows)
+        bar.close()
+        del work  # what it holds (a model, an index) is freed before waiting for the others
+    dist.barrier()
+    if dist.is_main:
+        merge()
+
+
 # ----------------------------------------------------------------------------- embeddings
 
 
@@ -402,64 +458,60 @@ def _run_embeddings(
         _sync(folder, manifest, dist)
         return
     tokenizer = _tokenizer(folder, manifest)
-    if dist.is_main:
-        _merge_embedding_records(folder, manifest)
-    _sync(folder, manifest, dist)
     blocks = manifest.chunks.blocks
-    done = manifest.embeddings.blocks
-    todo = [b for b in blocks if not _embedding_ok(folder, done.get(b.index), b)]
-    if todo and embedder is None and config.embed_dtype == "auto":
-        dist.on_main(lambda: _choose_embed_dtype(folder, manifest, config, tokenizer, todo[0]))
-        _sync(folder, manifest, dist)
-    embeddings = manifest.embeddings
-    mine = dist.mine(todo)
-    if mine:
-        if embedder is None:
+
+    def choose_dtype(todo: list[ChunkBlock]) -> None:
+        if todo and embedder is None and config.embed_dtype == "auto":
+            dist.on_main(lambda: _choose_embed_dtype(folder, manifest, config, tokenizer, todo[0]))
+            _sync(folder, manifest, dist)
+
+    def start() -> tuple[BlockWork, dict[str, Any] | None]:
+        embeddings = manifest.embeddings
+        loaded = embedder
+        if loaded is None:
             from retrolm.database.embed import load_embedder
 
-            embedder = load_embedder(
+            loaded = load_embedder(
                 config.embedder,
                 device=dist.device(config.device),
                 dtype=embeddings.compute_dtype(config.embed_dtype),
             )
-        if embeddings.spec not in (None, embedder.spec):
+        if embeddings.spec not in (None, loaded.spec):
             raise MismatchError(
-                f"the database {folder} was embedded with {embeddings.spec!r}, not {embedder.spec!r}; "
+                f"the database {folder} was embedded with {embeddings.spec!r}, not {loaded.spec!r}; "
                 "use the same --embedder or build a new database"
             )
-        learned = {"spec": embedder.spec, "dim": int(embedder.dim), "metric": embedder.metric}
+        learned = {"spec": loaded.spec, "dim": int(loaded.dim), "metric": loaded.metric}
         if dist.world_size == 1:
             embeddings.set_embedder(**learned)
         (folder / "embeddings").mkdir(exist_ok=True)
-        bar = progress(
-            desc="embedding",
-            total=sum(b.rows for b in mine),
-            unit="chunk",
-            show=show_progress and dist.is_main,
-        )
-        for block in mine:
+
+        def embed_block(block: ChunkBlock) -> BlockFile:
             tokens = np.load(folder / block.file, mmap_mode="r")
-            vectors = embedder.embed(
+            vectors = loaded.embed(
                 tokenizer.decode_batch(tokens), batch_size=config.embed_batch_size
             )
             file = f"embeddings/emb-{block.index:06d}.npy"
             sha = save_npy(folder / file, np.asarray(vectors).astype(config.dtype))
-            done_block = BlockFile(file=file, sha256=sha, rows=block.rows)
-            # with ranks, the main rank learns the embedder from the records
-            _finish_block(
-                folder,
-                manifest,
-                "embeddings",
-                block.index,
-                done_block,
-                dist,
-                embedder=learned if dist.world_size > 1 else None,
-            )
-            bar.update(block.rows)
-        bar.close()
-    dist.barrier()
+            return BlockFile(file=file, sha256=sha, rows=block.rows)
+
+        # with ranks, the main rank learns the embedder from the records
+        return embed_block, learned if dist.world_size > 1 else None
+
+    _run_blocks(
+        folder,
+        manifest,
+        "embeddings",
+        blocks,
+        _embedding_ok,
+        start,
+        dist,
+        desc="embedding",
+        show_progress=show_progress,
+        merge=lambda: _merge_embedding_records(folder, manifest),
+        before=choose_dtype,
+    )
     if dist.is_main:
-        _merge_embedding_records(folder, manifest)
         done = manifest.embeddings.blocks
         missing = [b.index for b in blocks if not _embedding_ok(folder, done.get(b.index), b)]
         if missing:  # pragma: no cover - a rank finished without writing its blocks
@@ -594,23 +646,12 @@ def _build_faiss(
     dist = dist or Dist()
     dist.on_main(lambda: _plan_index(folder, manifest, config, store, current, generation))
     _sync(folder, manifest, dist)
-    if dist.is_main:
-        _merge_records(folder, manifest, "index-codes")
-    _sync(folder, manifest, dist)
     plan = _plan(manifest)
-    codes = plan.codes
-    blocks = manifest.chunks.blocks[plan.first_block :]
-    todo = [b for b in blocks if not _codes_ok(folder, codes.get(b.index), b)]
-    mine = dist.mine(todo)
-    if mine:
-        trained = faiss_index.load_index(folder / plan.trained_file, mmap=True)
-        bar = progress(
-            desc="encoding",
-            total=sum(b.rows for b in mine),
-            unit="chunk",
-            show=show_progress and dist.is_main,
-        )
-        for block in mine:
+
+    def start() -> tuple[BlockWork, dict[str, Any] | None]:
+        trained = faiss_index.load_index(folder / _plan(manifest).trained_file, mmap=True)
+
+        def encode_block(block: ChunkBlock) -> CodesBlock:
             ids = store.indexed_ids_of_block(block)
             vectors = np.asarray(store.embeddings_of_block(block)[ids - block.start])
             file = f"index/codes-{generation:04d}-{block.index:06d}.npy"
@@ -625,13 +666,22 @@ def _build_faiss(
                 coded.celldis_file, coded.celldis_sha256 = name, save_npy(folder / name, celldis)
                 name = f"index/cells-{generation:04d}-{block.index:06d}.npy"
                 coded.cells_file, coded.cells_sha256 = name, save_npy(folder / name, nearest)
-            _finish_block(folder, manifest, "index-codes", block.index, coded, dist)
-            bar.update(block.rows)
-        bar.close()
-        del trained
-    dist.barrier()
+            return coded
+
+        return encode_block, None
+
+    _run_blocks(
+        folder,
+        manifest,
+        "index-codes",
+        manifest.chunks.blocks[plan.first_block :],
+        _codes_ok,
+        start,
+        dist,
+        desc="encoding",
+        show_progress=show_progress,
+    )
     if dist.is_main:
-        _merge_records(folder, manifest, "index-codes")
         with node_threads():  # adding and tuning on this rank; the others wait
             index = _add_codes(folder, manifest, config, store, show_progress)
         _install_index(folder, manifest, index)
@@ -929,46 +979,45 @@ def _run_neighbours(
 ) -> None:
     dist = dist or Dist()
     _require(manifest, "index", folder)
-    if dist.is_main:
-        _merge_records(folder, manifest, "neighbours")
-    _sync(folder, manifest, dist)
-    done = manifest.neighbours.blocks
     store = BlockStore(folder, manifest)
     k = config.neighbours
-    todo = [b for b in store.blocks if not _neighbours_ok(folder, done.get(b.index), b)]
-    mine = dist.mine(todo)
-    if mine:
+
+    def start() -> tuple[BlockWork, dict[str, Any] | None]:
         # ranks share one memory-mapped copy of the index (and on-disk lists are mapped anyway)
         index = store.load_index(mmap=dist.world_size > 1, device=dist.device(config.device))
         record = manifest.index
         assert record is not None  # _require: the index stage is done
         metric = record.metric
         (folder / "neighbours").mkdir(exist_ok=True)
-        bar = progress(
-            desc="neighbours",
-            total=sum(b.rows for b in mine),
-            unit="chunk",
-            show=show_progress and dist.is_main,
-        )
         encoded = record.encoded_cells or {}
-        for block in mine:
+
+        def search_block(block: ChunkBlock) -> NeighbourBlock:
             cells = _encoded_cells(folder, store, block, encoded.get(block.index))
             ids, dists = _block_neighbours(store, block, index, metric, k, cells)
             i = block.index
             ids_file, dists_file = f"neighbours/ids-{i:06d}.npy", f"neighbours/dists-{i:06d}.npy"
-            written = NeighbourBlock(
+            return NeighbourBlock(
                 ids_file=ids_file,
                 ids_sha256=save_npy(folder / ids_file, ids.astype(np.int64)),
                 dists_file=dists_file,
                 dists_sha256=save_npy(folder / dists_file, dists.astype(np.float32)),
                 rows=block.rows,
             )
-            _finish_block(folder, manifest, "neighbours", i, written, dist)
-            bar.update(block.rows)
-        bar.close()
-    dist.barrier()
+
+        return search_block, None
+
+    _run_blocks(
+        folder,
+        manifest,
+        "neighbours",
+        store.blocks,
+        _neighbours_ok,
+        start,
+        dist,
+        desc="neighbours",
+        show_progress=show_progress,
+    )
     if dist.is_main:
-        _merge_records(folder, manifest, "neighbours")
         manifest.neighbours.k = k
         _drop_encoded_cells(folder, manifest)  # before the stage is done: none left behind
         manifest.finish_stage("neighbours")
