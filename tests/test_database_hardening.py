@@ -24,6 +24,7 @@ import retrolm.database.build as build_module
 from retrolm.cli import main as cli_main
 from retrolm.corpus import Skipped, iter_corpus, list_inputs
 from retrolm.database import Database, add_documents, build_database
+from retrolm.database.chunks import name_inputs
 from retrolm.database.embed import make_tiny_bert
 from retrolm.errors import InputError
 from retrolm.evaluate import leakage_ratio, stream_neighbours
@@ -149,6 +150,18 @@ def test_retrieval_only_copies_of_documents_are_not_indexed_and_are_counted(
     before = arrays(out)
     build_database([corpus], out, config, retrieval_only=[extra], show_progress=False)
     assert arrays(out) == before
+
+
+def test_a_source_of_many_inputs_is_named_in_one_short_log_line():
+    """A retrieval-only source given as hundreds of files (as the quickstart gives them) is
+    named by its first inputs and a count, not by every path."""
+    inputs = [f"/corpus/folder/file-{i:04d}.txt" for i in range(500)]
+    line = name_inputs(inputs)
+    assert line == (
+        "/corpus/folder/file-0000.txt /corpus/folder/file-0001.txt /corpus/folder/file-0002.txt "
+        "and 497 more inputs"
+    )
+    assert name_inputs(inputs[:2]) == "/corpus/folder/file-0000.txt /corpus/folder/file-0001.txt"
 
 
 def test_a_database_that_indexed_copies_before_still_opens_and_resumes(setup, tmp_path):

@@ -344,10 +344,17 @@ def run_chunks(
                     "%d document(s) of %s skipped: each has the text of a document already in "
                     "the database (counted as skipped, 'duplicate')",
                     duplicates,
-                    " ".join(source.inputs),
+                    name_inputs(source.inputs),
                 )
     if not (manifest.is_done("chunks") and _tables_ok(folder, manifest)):
         _finish_chunks(folder, manifest, config)
+
+
+def name_inputs(inputs: list[str], most: int = 3) -> str:
+    """The inputs of a source for a log line: all of a few, else the first and how many more."""
+    if len(inputs) <= most:
+        return " ".join(inputs)
+    return f"{' '.join(inputs[:most])} and {len(inputs) - most} more inputs"
 
 
 def _tables_ok(folder: Path, manifest: Manifest) -> bool:
