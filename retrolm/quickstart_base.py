@@ -38,7 +38,6 @@ from retrolm.quickstart import (
     fence_language,
     held_out_prompt,
     report_figures,
-    select_files,
     stdlib_files,
 )
 
@@ -178,6 +177,34 @@ def choose_held_out(
     return sorted(chosen)
 
 
+def sample_files(files: list[Path], byte_budget: int, seed: int, purpose: str) -> list[Path]:
+    """A uniform sample of `files` of about `byte_budget` bytes: files in the order of a seeded
+    hash of their relative paths (salted by `purpose`), each taken while it fits.
+
+    The training subset and the retrieval-only documents are drawn as the held-out documents
+    are, file by file from the whole corpus, so that what the retrieval part learns about its
+    neighbours holds for held-out text. Taking the most redundant folders first (as the
+    from-scratch quickstart does) trained it on near-identical files (the standard library's
+    generated codecs), where a neighbour is nearly the text itself; it then copied into
+    held-out files that have no such copy and scored worse than the base (docs/results.md).
+    """
+    root = Path(os.path.commonpath(files)) if files else Path()
+
+    def key(p: Path) -> str:
+        return hashlib.sha256(f"{purpose}:{seed}:{p.relative_to(root)}".encode()).hexdigest()
+
+    chosen, total = [], 0
+    for p in sorted(files, key=key):
+        size = p.stat().st_size
+        if total + size > byte_budget and chosen:
+            continue  # a file that does not fit; smaller ones may
+        chosen.append(p)
+        total += size
+        if total >= 0.98 * byte_budget:
+            break
+    return sorted(chosen)
+
+
 def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     """Measure the machine and the corpus, and size every stage except training's steps."""
     from retrolm.hf.resolve import resolve_base
@@ -201,15 +228,12 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     rest = [p for p in files if p not in set(held_out)]
     train_tokens = budget * 0.45 / step_seconds * BATCH * TRAIN_SEQ  # an upper bound
     train_bytes = int(train_tokens * TRAIN_PASSES * per_token)
-    train_files = select_files(rest, train_bytes, cfg.seed) if rest else []
+    train_files = sample_files(rest, train_bytes, cfg.seed, "train") if rest else []
     chosen = set(train_files)
     db_bytes = int(DB_BYTES_PER_MINUTE * minutes)
-    retrieval_only, extra = [], 0
-    for p in select_files([p for p in rest if p not in chosen] or rest, db_bytes, cfg.seed + 1):
-        if p in chosen or extra + p.stat().st_size > db_bytes:
-            continue
-        retrieval_only.append(p)
-        extra += p.stat().st_size
+    others = [p for p in rest if p not in chosen]
+    retrieval_only = sample_files(others, db_bytes, cfg.seed, "retrieval") if others else []
+    extra = sum(p.stat().st_size for p in retrieval_only)
     eval_tokens = sum(p.stat().st_size for p in held_out) / per_token
     datastore = int(min(400_000, 0.02 * budget * fwd))  # kNN-LM keys: ~2% of the budget
     forward_tokens = EVAL_COST * eval_tokens + 2 * datastore + 2 * min(32768, datastore // 10)

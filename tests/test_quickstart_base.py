@@ -21,6 +21,7 @@ from retrolm.quickstart_base import (
     EVAL_DOCS,
     choose_held_out,
     load_or_make_plan,
+    sample_files,
     text_files,
 )
 
@@ -42,6 +43,32 @@ def test_held_out_documents_are_many_seeded_and_none_too_long(tmp_path):
     assert len(chosen) >= EVAL_DOCS
     assert files[1] not in chosen  # 12,500 tokens: one document would dominate the score
     assert choose_held_out(files, per_token=4.0, seed=1) != chosen
+
+
+def test_the_training_subset_samples_every_folder_not_the_most_redundant(tmp_path):
+    """A folder of near-identical files (as the standard library's generated codecs) must not
+    fill the training subset: files are drawn from the whole corpus, as held-out ones are."""
+    files = []
+    for i in range(60):  # one folder of near-copies, half the corpus's bytes
+        p = tmp_path / "codecs" / f"cp{i:03d}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(f"# codec {i}\n" + "decoding_table = ('\\x00' '\\x01')\n" * 100)
+        files.append(p)
+    half = sum(f.stat().st_size for f in files)
+    for i in range(60):  # five folders of distinct text, the other half
+        p = tmp_path / f"lib{i % 5}" / f"m{i:03d}.py"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(" ".join(f"w{i}_{j}" for j in range(half // 60 // 8)) + "\n")
+        files.append(p)
+    chosen = sample_files(files, int(0.3 * 2 * half), seed=0, purpose="train")
+    assert 0.28 * 2 * half <= sum(f.stat().st_size for f in chosen) <= 0.3 * 2 * half
+    folders = {f.parent.name for f in chosen}
+    assert folders == {"codecs", "lib0", "lib1", "lib2", "lib3", "lib4"}
+    codecs = sum(f.parent.name == "codecs" for f in chosen)
+    assert 0.25 < codecs / len(chosen) < 0.75  # in proportion, not all of them
+    assert sample_files(list(reversed(files)), int(0.6 * half), 0, "train") == chosen
+    assert sample_files(files, int(0.6 * half), 0, "retrieval") != chosen
+    assert sample_files(files, int(0.6 * half), 1, "train") != chosen
 
 
 def test_only_text_files_can_be_held_out_or_trained_on(tmp_path):
