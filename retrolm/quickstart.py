@@ -180,7 +180,9 @@ def folder_redundancy(files: list[Path], max_bytes: int | None = None) -> dict[P
     return result
 
 
-def select_files(files: list[Path], byte_budget: int, seed: int) -> list[Path]:
+def select_files(
+    files: list[Path], byte_budget: int, seed: int, *, by_folder: bool = True, salt: str = ""
+) -> list[Path]:
     """A deterministic subset of `files` of about `byte_budget` bytes, kept in whole folders.
 
     Folders are taken whole, most redundant first (`folder_redundancy`, ties broken by a seeded
@@ -189,22 +191,28 @@ def select_files(files: list[Path], byte_budget: int, seed: int) -> list[Path]:
     retrieval helps; a thin sample of everything leaves little to retrieve (10% of held-out
     tokens copyable from the stored neighbours, against 66% in this order: docs/results.md,
     the section on a redundant corpus).
+
+    With `by_folder=False` the subset is a uniform sample instead: files in the order of the
+    seeded hash of their paths (`salt` tells two samples of one seed apart), each taken while it
+    fits.
     """
 
     root = Path(os.path.commonpath(files)) if files else Path()
 
     def key(p: Path) -> str:  # relative, so the subset does not depend on where the corpus is
-        return hashlib.sha256(f"{seed}:{p.relative_to(root)}".encode()).hexdigest()
+        return hashlib.sha256(f"{salt}{seed}:{p.relative_to(root)}".encode()).hexdigest()
 
-    folders: dict[Path, list[Path]] = {}
+    groups: dict[Path, list[Path]] = {}
     for p in files:
-        folders.setdefault(p.parent, []).append(p)
+        groups.setdefault(p.parent if by_folder else p, []).append(p)
     redundancy = (
-        folder_redundancy(files) if sum(p.stat().st_size for p in files) > byte_budget else {}
+        folder_redundancy(files)
+        if by_folder and sum(p.stat().st_size for p in files) > byte_budget
+        else {}
     )
     chosen, total = [], 0
-    for folder in sorted(folders, key=lambda f: (-round(redundancy.get(f, 0.0), 6), key(f))):
-        for p in sorted(folders[folder], key=key):
+    for group in sorted(groups, key=lambda g: (-round(redundancy.get(g, 0.0), 6), key(g))):
+        for p in sorted(groups[group], key=key):
             size = p.stat().st_size
             if total + size > byte_budget and chosen:
                 continue  # a file that does not fit; smaller ones may

@@ -38,6 +38,7 @@ from retrolm.quickstart import (
     fence_language,
     held_out_prompt,
     report_figures,
+    select_files,
     stdlib_files,
 )
 
@@ -177,32 +178,9 @@ def choose_held_out(
     return sorted(chosen)
 
 
-def sample_files(files: list[Path], byte_budget: int, seed: int, purpose: str) -> list[Path]:
-    """A uniform sample of `files` of about `byte_budget` bytes: files in the order of a seeded
-    hash of their relative paths (salted by `purpose`), each taken while it fits.
-
-    The training subset and the retrieval-only documents are drawn as the held-out documents
-    are, file by file from the whole corpus, so that what the retrieval part learns about its
-    neighbours holds for held-out text. Taking the most redundant folders first (as the
-    from-scratch quickstart does) trained it on near-identical files (the standard library's
-    generated codecs), where a neighbour is nearly the text itself; it then copied into
-    held-out files that have no such copy and scored worse than the base (docs/results.md).
-    """
-    root = Path(os.path.commonpath(files)) if files else Path()
-
-    def key(p: Path) -> str:
-        return hashlib.sha256(f"{purpose}:{seed}:{p.relative_to(root)}".encode()).hexdigest()
-
-    chosen, total = [], 0
-    for p in sorted(files, key=key):
-        size = p.stat().st_size
-        if total + size > byte_budget and chosen:
-            continue  # a file that does not fit; smaller ones may
-        chosen.append(p)
-        total += size
-        if total >= 0.98 * byte_budget:
-            break
-    return sorted(chosen)
+def sample(files: list[Path], byte_budget: int, seed: int, salt: str) -> list[Path]:
+    """A uniform seeded sample of `files` of about `byte_budget` bytes (none of no files)."""
+    return select_files(files, byte_budget, seed, by_folder=False, salt=salt) if files else []
 
 
 def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
@@ -228,11 +206,16 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     rest = [p for p in files if p not in set(held_out)]
     train_tokens = budget * 0.45 / step_seconds * BATCH * TRAIN_SEQ  # an upper bound
     train_bytes = int(train_tokens * TRAIN_PASSES * per_token)
-    train_files = sample_files(rest, train_bytes, cfg.seed, "train") if rest else []
+    # the training subset and the retrieval-only documents are drawn file by file from the
+    # whole corpus, as the held-out documents are, so that what the retrieval part learns of its
+    # neighbours holds for held-out text: the most redundant folders first (the from-scratch
+    # quickstart's order) trained it on near-identical files (the standard library's generated
+    # codecs), whose neighbours are nearly the text itself; it then copied into held-out files
+    # that have no such copy and scored worse than the base (docs/results.md)
+    train_files = sample(rest, train_bytes, cfg.seed, "train:")
     chosen = set(train_files)
     db_bytes = int(DB_BYTES_PER_MINUTE * minutes)
-    others = [p for p in rest if p not in chosen]
-    retrieval_only = sample_files(others, db_bytes, cfg.seed, "retrieval") if others else []
+    retrieval_only = sample([p for p in rest if p not in chosen], db_bytes, cfg.seed, "retrieval:")
     extra = sum(p.stat().st_size for p in retrieval_only)
     eval_tokens = sum(p.stat().st_size for p in held_out) / per_token
     datastore = int(min(400_000, 0.02 * budget * fwd))  # kNN-LM keys: ~2% of the budget

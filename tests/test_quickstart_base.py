@@ -21,7 +21,7 @@ from retrolm.quickstart_base import (
     EVAL_DOCS,
     choose_held_out,
     load_or_make_plan,
-    sample_files,
+    sample,
     text_files,
 )
 
@@ -60,15 +60,15 @@ def test_the_training_subset_samples_every_folder_not_the_most_redundant(tmp_pat
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(" ".join(f"w{i}_{j}" for j in range(half // 60 // 8)) + "\n")
         files.append(p)
-    chosen = sample_files(files, int(0.3 * 2 * half), seed=0, purpose="train")
+    chosen = sample(files, int(0.3 * 2 * half), seed=0, salt="train:")
     assert 0.28 * 2 * half <= sum(f.stat().st_size for f in chosen) <= 0.3 * 2 * half
     folders = {f.parent.name for f in chosen}
     assert folders == {"codecs", "lib0", "lib1", "lib2", "lib3", "lib4"}
     codecs = sum(f.parent.name == "codecs" for f in chosen)
     assert 0.25 < codecs / len(chosen) < 0.75  # in proportion, not all of them
-    assert sample_files(list(reversed(files)), int(0.6 * half), 0, "train") == chosen
-    assert sample_files(files, int(0.6 * half), 0, "retrieval") != chosen
-    assert sample_files(files, int(0.6 * half), 1, "train") != chosen
+    assert sample(list(reversed(files)), int(0.6 * half), 0, "train:") == chosen
+    assert sample(files, int(0.6 * half), 0, "retrieval:") != chosen
+    assert sample(files, int(0.6 * half), 1, "train:") != chosen
 
 
 def test_only_text_files_can_be_held_out_or_trained_on(tmp_path):
