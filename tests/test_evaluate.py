@@ -300,7 +300,12 @@ def test_cli_train_config_file_refusal_resume_and_errors(world, tmp_path, capsys
     assert cli_main(missing) == 2
     assert "does not exist" in capsys.readouterr().err
     assert cli_main([*args[:4], str(tmp_path / "y"), "--batch-size", "0"]) == 2
-    assert "batch_size" in capsys.readouterr().err
+    assert "--batch-size must be a positive integer, got 0" in capsys.readouterr().err
+    assert cli_main([*args[:4], str(tmp_path / "z"), "--config", str(config), "--lr", "-1"]) == 2
+    assert "--lr must be a finite number > 0, got -1.0" in capsys.readouterr().err
+    config.write_text("preset: tiny\nwarmup_steps: -3\n")  # a file's field keeps its name
+    assert cli_main([*args[:4], str(tmp_path / "w"), "--config", str(config)]) == 2
+    assert "TrainConfig.warmup_steps must be >= 0, got -3" in capsys.readouterr().err
 
 
 def test_leakage_buckets_count_near_copies_among_retrieval_only_chunks(world, tmp_path):

@@ -53,23 +53,54 @@ def _scalar(annotation: Any) -> type:
 
 
 def add_config_flags(
-    parser: argparse.ArgumentParser, cls: type, names: tuple[str, ...], **extra: dict[str, Any]
+    parser: argparse.ArgumentParser | argparse._ActionsContainer,
+    cls: type,
+    names: tuple[str, ...],
+    *,
+    flags: dict[str, str] | None = None,
+    unset: bool = False,
+    **extra: dict[str, Any],
 ) -> None:
-    """Add a flag for each field of `cls` in `names`; `extra[name]` adds argparse settings
-    (e.g. `choices`) to that field's flag."""
+    """Add a flag for each field of `cls` in `names`, its value stored under the field's name.
+
+    `flags[name]` names a field's flag where it is not `--field-name`; with `unset`, a flag not
+    given is None (so that a command can layer flags over a config file); `extra[name]` adds
+    argparse settings (e.g. `choices`) to that field's flag.
+    """
     hints = typing.get_type_hints(cls)
     defaults = cls()
     comments = field_comments(cls)
+    flags = flags or {}
     for name in names:
         kind = _scalar(hints[name])
-        settings: dict[str, Any] = {"default": getattr(defaults, name)}
+        settings: dict[str, Any] = {
+            "dest": name,
+            "default": None if unset else getattr(defaults, name),
+        }
         if kind is bool:
             settings["action"] = argparse.BooleanOptionalAction
         else:
             settings["type"] = kind
         if comments.get(name):
             settings["help"] = comments[name]
-        parser.add_argument(flag_name(name), **{**settings, **extra.get(name, {})})
+        flag = flags.get(name, flag_name(name))
+        if kind is not bool:
+            settings["metavar"] = flag.lstrip("-").replace("-", "_").upper()
+        parser.add_argument(flag, **{**settings, **extra.get(name, {})})
+
+
+def flag_error(
+    error: ConfigError, cls: type, names: tuple[str, ...], flags: dict[str, str] | None = None
+) -> InputError:
+    """The ConfigError of a config dataclass, naming a field (`field ...` or `Class.field ...`),
+    as an InputError naming the field's flag when the field is among `names`."""
+    message = str(error)
+    for name in names:
+        for prefix in (f"{cls.__name__}.{name} ", f"{name} "):
+            if message.startswith(prefix):
+                flag = (flags or {}).get(name, flag_name(name))
+                return InputError(flag + " " + message[len(prefix) :])
+    return InputError(message)
 
 
 def config_from_flags(cls: type, args: argparse.Namespace, names: tuple[str, ...], **values: Any):  # noqa: ANN201
@@ -79,8 +110,4 @@ def config_from_flags(cls: type, args: argparse.Namespace, names: tuple[str, ...
     try:
         return cls(**given, **values)
     except ConfigError as e:
-        message = str(e)
-        field = next((n for n in names if message.startswith(f"{n} ")), None)
-        if field is not None:
-            message = flag_name(field) + message[len(field) :]
-        raise InputError(message) from None
+        raise flag_error(e, cls, names) from None

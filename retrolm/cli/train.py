@@ -6,35 +6,25 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from retrolm.config import PRESETS
-from retrolm.errors import InputError
+from retrolm.cli.flags import add_config_flags, flag_error
+from retrolm.config import PRESETS, TrainConfig
+from retrolm.errors import ConfigError, InputError
 
-# flag dest -> TrainConfig field
-_FIELDS = {
-    "preset": "preset",
-    "steps": "max_steps",
-    "tokens": "max_tokens",
-    "seq_len": "seq_len",
-    "batch_size": "batch_size",
-    "grad_accum": "grad_accum",
-    "neighbours": "num_neighbours",
-    "lr": "lr",
-    "min_lr_ratio": "min_lr_ratio",
-    "warmup": "warmup_steps",
-    "weight_decay": "weight_decay",
-    "clip": "grad_clip",
-    "bf16": "bf16",
-    "seed": "seed",
-    "checkpoint_every": "checkpoint_every",
-    "keep_checkpoints": "keep_checkpoints",
-    "eval_every": "eval_every",
-    "eval_batches": "eval_batches",
-    "no_retrieval": "no_retrieval",
-    "retrofit": "retrofit",
-    "neighbour_dropout": "neighbour_dropout",
-    "device": "device",
-    "tensorboard": "tensorboard",
-    "minutes": "minutes",
+# TrainConfig fields that are flags (`--field-name`, or the name in FLAG_NAMES); a flag not
+# given is None, so that it overrides the config file only when given
+TRAIN_FLAGS = (
+    "preset", "seq_len", "batch_size", "grad_accum", "num_neighbours", "lr", "min_lr_ratio",
+    "warmup_steps", "weight_decay", "grad_clip", "bf16", "seed", "checkpoint_every",
+    "keep_checkpoints", "eval_every", "eval_batches", "no_retrieval", "retrofit",
+    "neighbour_dropout", "device", "tensorboard", "minutes",
+)  # fmt: skip
+STEP_FLAGS = ("max_steps", "max_tokens")  # one or the other
+FLAG_NAMES = {
+    "max_steps": "--steps",
+    "max_tokens": "--tokens",
+    "num_neighbours": "--neighbours",
+    "warmup_steps": "--warmup",
+    "grad_clip": "--clip",
 }
 
 
@@ -62,46 +52,21 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", type=Path, help="database folder (default on --resume: the run's)")
     p.add_argument("--out", type=Path, required=True, help="run folder")
     p.add_argument("--config", type=Path, help="YAML or JSON file of TrainConfig fields")
-    p.add_argument("--preset", help=f"model size: {', '.join(PRESETS)} (default small)")
     p.add_argument(
         "--model", action="append", metavar="FIELD=VALUE", help="override a RetroConfig field"
     )
     steps = p.add_mutually_exclusive_group()
-    steps.add_argument("--steps", type=int, help="optimizer steps")
-    steps.add_argument("--tokens", type=int, help="training tokens (rounded up to whole steps)")
-    p.add_argument(
-        "--minutes",
-        type=float,
-        help="wall-time budget: the steps that fit are decided from the first steps' measured "
-        "time (--steps / --tokens stay the upper bound) and kept on --resume",
+    add_config_flags(steps, TrainConfig, STEP_FLAGS, flags=FLAG_NAMES, unset=True)
+    add_config_flags(
+        p,
+        TrainConfig,
+        TRAIN_FLAGS,
+        flags=FLAG_NAMES,
+        unset=True,
+        preset={"help": f"model size: {', '.join(PRESETS)} (default small)"},
+        no_retrieval={"action": "store_true"},
+        device={"choices": ("auto", "cpu", "cuda")},
     )
-    p.add_argument("--seq-len", type=int, help="tokens per sample (default: max_seq_len)")
-    p.add_argument("--batch-size", type=int, help="sequences per step, all processes together")
-    p.add_argument("--grad-accum", type=int, help="micro-batches per step")
-    p.add_argument("--neighbours", type=int, help="k neighbours per chunk")
-    p.add_argument("--lr", type=float, help="peak learning rate")
-    p.add_argument("--min-lr-ratio", type=float, help="final lr / peak lr")
-    p.add_argument("--warmup", type=int, help="warm-up steps")
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--clip", type=float, help="max gradient norm (0: off)")
-    p.add_argument("--bf16", action="store_true", default=None, help="bfloat16 autocast")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
-    p.add_argument("--keep-checkpoints", type=int, help="checkpoints kept")
-    p.add_argument("--eval-every", type=int, help="steps between validation losses (0: off)")
-    p.add_argument("--eval-batches", type=int, help="validation batches")
-    p.add_argument(
-        "--no-retrieval", action="store_true", default=None, help="train the baseline decoder"
-    )
-    p.add_argument(
-        "--retrofit",
-        help="finished baseline run or Hugging Face model folder: freeze it, train encoder + CCA",
-    )
-    p.add_argument(
-        "--neighbour-dropout", type=float, help="share of samples trained without neighbours"
-    )
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--tensorboard", action="store_true", default=None)
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument(
         "--overwrite",
@@ -120,15 +85,12 @@ def _parse_value(text: str) -> Any:
 
 def build_config(args: argparse.Namespace, base: dict[str, Any] | None) -> Any:
     """TrainConfig from defaults < base (config file or stored run) < given flags."""
-    from retrolm.train import TrainConfig
-
     values: dict[str, Any] = dict(base or {})
-    for dest, name in _FIELDS.items():
-        value = getattr(args, dest)
-        if value is not None:
-            values[name] = value
-            if name in ("max_steps", "max_tokens"):  # one replaces the other
-                values.pop("max_tokens" if name == "max_steps" else "max_steps", None)
+    given = tuple(n for n in (*STEP_FLAGS, *TRAIN_FLAGS) if getattr(args, n) is not None)
+    for name in given:
+        values[name] = getattr(args, name)
+        if name in STEP_FLAGS:  # one replaces the other
+            values.pop(STEP_FLAGS[1 - STEP_FLAGS.index(name)], None)
     for name, value in list(values.items()):
         if name in _NUMBERS and isinstance(value, str):
             values[name] = _number(value)
@@ -138,7 +100,10 @@ def build_config(args: argparse.Namespace, base: dict[str, Any] | None) -> Any:
             raise InputError(f"--model {item!r}: expected FIELD=VALUE, e.g. --model dec_depth=4")
         values.setdefault("model", {})
         values["model"] = {**values["model"], key: _parse_value(value)}
-    return TrainConfig.from_dict(values)
+    try:
+        return TrainConfig.from_dict(values)
+    except ConfigError as e:
+        raise flag_error(e, TrainConfig, given, FLAG_NAMES) from None
 
 
 def _read_config_file(path: Path) -> dict[str, Any]:
