@@ -73,9 +73,11 @@ MIN_STEPS = 20
 SAMPLE_TOKENS = 96
 
 
-def measure_dtype(folder: Path, tokens: int = 256) -> tuple[str, dict[str, float]]:
+def measure_dtype(folder: Path, tokens: int = EVAL_WINDOW) -> tuple[str, dict[str, float]]:
     """float32 or bfloat16: whichever runs the base's forward faster on this machine, timed on
-    one short batch each (after a warm-up); bfloat16 is not tried where the CPU lacks it."""
+    one window of `tokens` as evaluation scores them (the faster of 2 after a warm-up; one
+    timing of 256 tokens made the evaluation's estimate a third too long, docs/results.md);
+    bfloat16 is not tried where the CPU lacks it."""
     import torch
 
     from retrolm.database.embed import cpu_has_fast_bf16
@@ -90,9 +92,12 @@ def measure_dtype(folder: Path, tokens: int = 256) -> tuple[str, dict[str, float
         x = torch.randint(3, base.config.vocab_size, (1, tokens))
         with torch.inference_mode():
             base(input_ids=x)
-            t = time.perf_counter()
-            base(input_ids=x)
-            timings[dtype] = tokens / (time.perf_counter() - t)
+            seconds = []
+            for _ in range(2):
+                t = time.perf_counter()
+                base(input_ids=x)
+                seconds.append(time.perf_counter() - t)
+            timings[dtype] = tokens / min(seconds)
         del base
     best = max(timings, key=lambda d: timings[d])
     return best, timings
