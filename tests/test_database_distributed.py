@@ -66,13 +66,7 @@ def inputs(tmp_path_factory):
     bert = make_tiny_bert(root / "bert")
     corpus = make_corpus(root / "corpus", 25, seed=3)
     reference = root / "reference"
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        config = tiny_config(bert, block_rows=25, index="IVF4,Flat")
-        build_database([corpus], reference, config, show_progress=False, dist=Dist())
-    finally:
-        torch.set_num_threads(before)
+    single_threaded_build(corpus, reference, bert)
     return root, bert, corpus, reference
 
 
@@ -101,7 +95,8 @@ class Killed(BaseException):
 
 
 def single_threaded_build(corpus: Path, out: Path, bert: Path) -> None:
-    """`build_database` as the `inputs` reference was built (one thread, one process)."""
+    """`build_database` in one process with one thread (as each rank runs, so that the float
+    reductions are the same)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
