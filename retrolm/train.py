@@ -23,7 +23,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,9 @@ class Trainer:
     dist: Dist
     total_steps: int
     decided: bool = False  # `minutes`: total_steps is decided (measured, or read from run.json)
+    # `minutes`: each decision as [first step it applies to, total steps]; the learning rate of a
+    # step follows the decision in force at that step, so that a resumed run repeats it
+    decisions: list[list[int]] = field(default_factory=list)
     pad_id: int = 0
     step: int = 0
     tokens_seen: int = 0
@@ -447,6 +450,8 @@ def setup(
     decided = old_meta.get("decided_steps") if old_meta is not None and ckpt else None
     if decided is not None:  # a --minutes run resumed: the steps its first session decided
         trainer.total_steps, trainer.decided = int(decided), True
+        assert old_meta is not None
+        trainer.decisions = old_meta.get("decisions") or [[0, int(decided)]]
     dist_.barrier()  # every rank has checked everything before rank 0 changes the folder
     if dist_.is_main:
         _start_run_folder(trainer, ckpt, resume, facts, mcfg, seq_len, decided)
@@ -557,6 +562,7 @@ def _start_run_folder(
     }
     if decided is not None:
         run_meta["decided_steps"] = int(decided)
+        run_meta["decisions"] = trainer.decisions
     write_json(out / RUN_FILE, run_meta)
     truncate_metrics(out / METRICS_FILE, trainer.step)
     trainer.writer = open_tensorboard(out) if cfg.tensorboard else None
@@ -720,7 +726,7 @@ def neighbour_drop_mask(sample_ids: np.ndarray, seed: int, step: int, rate: floa
 def train_step(trainer: Trainer) -> float:
     """One optimizer step over this rank's micro-batches; returns the global mean loss."""
     cfg, model, pad = trainer.cfg, trainer.ddp_model, trainer.pad_id
-    lr = get_lr(trainer.step, cfg, trainer.total_steps)
+    lr = lr_now(trainer)
     for group in trainer.optimizer.param_groups:
         group["lr"] = lr
     t0 = time.perf_counter()
@@ -829,7 +835,7 @@ def fit(trainer: Trainer) -> Iterator[dict[str, Any]]:
     trainer.model.train()
     while trainer.step < trainer.total_steps:
         t0 = time.perf_counter()
-        lr = get_lr(trainer.step, cfg, trainer.total_steps)
+        lr = lr_now(trainer)
         loss = train_step(trainer)
         dt = time.perf_counter() - t0
         steps_done += 1
@@ -887,11 +893,30 @@ def decide_steps(trainer: Trainer, t_start: float, step_seconds: float, upper: i
         dist.broadcast(shared, src=0)
         steps = int(shared.item())
     trainer.total_steps, trainer.decided = max(steps, trainer.step), True
+    trainer.decisions.append([trainer.step, trainer.total_steps])
     log.info("%.2f s a step: %d steps fit the %.1f-minute budget", step_seconds, steps, cfg.minutes)
     if trainer.dist.is_main:
         meta = read_json(trainer.out / RUN_FILE)
         meta["decided_steps"] = trainer.total_steps
+        meta["decisions"] = trainer.decisions
         write_json(trainer.out / RUN_FILE, meta)
+
+
+def lr_now(trainer: Trainer) -> float:
+    """The learning rate of the step `trainer` is at, on the schedule in force at that step."""
+    bound = trainer.cfg.total_steps(trainer.train_data.seq_len)
+    total = steps_in_force(trainer.decisions, trainer.step, bound)
+    return get_lr(trainer.step, trainer.cfg, total)
+
+
+def steps_in_force(decisions: list[list[int]], step: int, bound: int) -> int:
+    """The total steps the learning-rate schedule of step `step` (0-based) follows: the last
+    decision made at or before it, else the configured bound."""
+    total = bound
+    for first, steps in decisions:
+        if first <= step:
+            total = steps
+    return total
 
 
 def diverged(trainer: Trainer, loss: float, lr: float) -> DivergedError:

@@ -341,22 +341,28 @@ def test_a_minutes_budget_decides_the_steps_once_and_a_resume_keeps_them(tmp_pat
     import retrolm.train as train_module
 
     real_step = train_module.train_step
-    pause = {"s": 0.05}
+    pause = {"s": 0.05, "calls": 0}
 
-    def slow_step(trainer):  # a step of known length, so that the budget decides the steps
-        time.sleep(pause["s"])
+    def slow_step(trainer):  # steps of known length, faster after the first decision
+        pause["calls"] += 1
+        time.sleep(pause["s"] if pause["calls"] <= 9 else pause["s"] / 2)
         return real_step(trainer)
 
     monkeypatch.setattr(train_module, "train_step", slow_step)
     src = make_source()
     cfg = tiny_config(max_steps=400, minutes=0.03, checkpoint_every=10, keep_checkpoints=50)
     train(cfg, src, tmp_path / "run", show_progress=False)
-    decided = read_json(tmp_path / "run" / "run.json")["decided_steps"]
+    meta = read_json(tmp_path / "run" / "run.json")
+    decided = meta["decided_steps"]
     steps = [r["step"] for r in read_metrics(tmp_path / "run")]
-    # 1.8 s of steps of at least 0.05 s: at most 36, and most of the budget used
-    assert 10 <= decided <= 36 and steps[-1] == decided
+    # 1.8 s of steps of at least 0.025 s: at most 72; the second decision, from the faster
+    # steps, gave more steps than the first, so the schedule changed mid-run
+    assert 10 <= decided <= 72 and steps[-1] == decided
+    (first, n1), (second, n2) = meta["decisions"]
+    assert first == 8 and second > 10 and n2 > n1
     ref = losses(tmp_path / "run")
-    # killed after step 12: the resumed run trains the decided steps, not a new decision
+    # killed after step 12: the resumed run trains the decided steps, not a new decision, and
+    # each step at the learning rate it had (the first decision's until the second)
     shutil.rmtree(tmp_path / "run" / "model")
     for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
         if int(ckpt.name.split("-")[1]) > 10:
