@@ -21,6 +21,7 @@ build skips it as a duplicate).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import math
@@ -42,7 +43,8 @@ from retrolm.comparators import (
     ralm_bits,
 )
 from retrolm.data import ChunkSource
-from retrolm.errors import ConfigError, InputError
+from retrolm.errors import ConfigError, CorruptArtifactError, InputError, MismatchError
+from retrolm.io import atomic_open
 from retrolm.log import progress
 from retrolm.runs import (
     check_database,
@@ -492,6 +494,7 @@ def evaluate_run(
     baseline: str | Path | None = None,
     compare: tuple[str, ...] = (),
     knnlm: KnnLMConfig | None = None,
+    scores: Scores | None = None,
     show_progress: bool = True,
 ) -> EvalReport:
     """Bits per byte of a run on a database's held-out documents, with leakage buckets.
@@ -506,6 +509,8 @@ def evaluate_run(
         compare: comparators scored with the baseline model on the same database and tokens:
             "ralm" (In-Context RALM), "knnlm" (kNN-LM); see `retrolm.comparators`.
         knnlm: kNN-LM settings (default `KnnLMConfig()`).
+        scores: the baseline's and comparators' bits scored earlier on the same tokens
+            (`score_baseline`): taken instead of scoring them again.
         show_progress: progress bars on stderr.
 
     Returns:
@@ -514,7 +519,7 @@ def evaluate_run(
 
     Raises:
         InputError: missing run, empty split; MismatchError: database with another tokenizer or
-            chunk size than the run.
+            chunk size than the run, or `scores` of other tokens, settings or baseline.
     """
     from retrolm.hf.resolve import resolve_reference
 
@@ -530,46 +535,167 @@ def evaluate_run(
             f"--compare {' '.join(compare)} scores a no-retrieval model reading the database: "
             "give it with --baseline BASE_RUN"
         )
+    if scores is not None and "baseline" not in models:
+        raise InputError("scores of a baseline were given, but no baseline: give it too")
     mcfg = model.cfg
-    m = source.chunk_size
     window = cfg.window or int(meta.get("seq_len") or mcfg.max_seq_len)  # as trained
+    settings, stride = _scoring(cfg, source.chunk_size, window, mcfg.pad_id, show_progress)
+    k = neighbours_read(cfg.num_neighbours, mcfg)
+    held = HeldOut.read(source, cfg, max(k, cfg.leakage_neighbours))
+    path = Path(baseline) if baseline else None
+    bits, seconds, comparators = _score_all(
+        models, path, source, held, k, compare, knnlm, settings, stride, scores
+    )
+    names = {name: str(baseline if name == "baseline" and baseline else run) for name in models}
+    return _report(str(run), source, cfg, held, settings, stride, k, bits, seconds, comparators,
+                   names)  # fmt: skip
+
+
+def score_baseline(
+    baseline: str | Path,
+    db: str | Path | ChunkSource,
+    *,
+    config: EvalConfig,
+    compare: tuple[str, ...] = (),
+    knnlm: KnnLMConfig | None = None,
+    dtype: str = "float32",
+    show_progress: bool = True,
+) -> Scores:
+    """The bits a baseline and the comparators reading it score on a database's held-out
+    tokens, before any run exists: a quickstart scores them before it trains, so that the
+    training's time is decided knowing what they took, and `evaluate_run(scores=...)` takes them.
+
+    Args:
+        baseline: a Hugging Face model folder, GGUF file or packaged name (run in `dtype`, as a
+            RETRO-fit of it in `dtype` runs its base), or a no-retrieval run folder.
+        config: evaluation settings; `window` is required (there is no run to take it from).
+
+    Raises:
+        ConfigError: no window; InputError: a baseline that reads neighbours, an empty split;
+            MismatchError: a database in other tokens than the baseline's.
+    """
+    from retrolm.hf.resolve import resolve_reference
+
+    if config.window is None:
+        raise ConfigError("score_baseline needs EvalConfig.window: there is no run to take it from")
+    path = Path(str(resolve_reference(str(baseline))))
+    compare = check_comparators(compare)
+    source = open_database(db)
+    model = _baseline_model(path, source, dtype)
+    settings, stride = _scoring(
+        config, source.chunk_size, config.window, model.cfg.pad_id, show_progress
+    )
+    held = HeldOut.read(source, config, config.leakage_neighbours)
+    models = {"baseline": model}
+    bits, seconds, comparators = _score_all(
+        models, path, source, held, 0, compare, knnlm, settings, stride, None
+    )
+    key = _scores_key(model, path, held, dict(settings, stride=stride), knnlm)
+    return Scores(bits, seconds, comparators, key)
+
+
+def _baseline_model(path: Path, source: ChunkSource, dtype: str) -> nn.Module:
+    """The model `score_baseline` scores: an untouched Hugging Face base, or a run's model."""
+    from retrolm.hf import hf_baseline, is_hf_model_folder, retrofit_config
+
+    if is_hf_model_folder(path):
+        like = retrofit_config(path, chunk_size=source.chunk_size, pad_id=int(source.pad_id),
+                               dtype=dtype)  # fmt: skip
+        return hf_baseline(path, source, like)
+    model, meta = load_run_model(path)
+    check_database(meta["database"], source, str(path))
+    if model.cfg.cca_layers:
+        raise InputError(
+            f"{path} reads neighbours; a baseline is a model without retrieval (a Hugging Face "
+            "folder or a run trained without retrieval)"
+        )
+    return model
+
+
+def _scoring(
+    cfg: EvalConfig, chunk_size: int, window: int, pad_id: int, show_progress: bool
+) -> tuple[dict[str, Any], int]:
+    """(what every scorer takes, the sliding windows' stride)."""
     settings = dict(
-        chunk_size=m,
+        chunk_size=chunk_size,
         window=window,
-        pad_id=mcfg.pad_id,
+        pad_id=pad_id,
         batch_size=cfg.batch_size,
         device=resolve_device(cfg.device),
         bf16=cfg.bf16,
         show_progress=show_progress,
-    )  # what every scorer takes; the sliding windows also take a stride
-    stride = cfg.stride or max(m, (window // 2) // m * m)
-    k = neighbours_read(cfg.num_neighbours, mcfg)
-    held = HeldOut.read(source, cfg, max(k, cfg.leakage_neighbours))
-    bits, seconds, hidden = _score_models(models, held, k, "knnlm" in compare, settings, stride)
+    )
+    stride = cfg.stride or max(chunk_size, (window // 2) // chunk_size * chunk_size)
+    return settings, stride
+
+
+def _score_all(
+    models: dict[str, nn.Module],
+    baseline: Path | None,
+    source: ChunkSource,
+    held: HeldOut,
+    k: int,
+    compare: tuple[str, ...],
+    knnlm: KnnLMConfig | None,
+    settings: dict[str, Any],
+    stride: int,
+    scores: Scores | None,
+) -> tuple[dict[str, np.ndarray], dict[str, float], dict[str, Any]]:
+    """(bits, seconds, comparators' settings found) of the models and the comparators, taking
+    from `scores` what it holds of them (the baseline is scored again where kNN-LM, not held,
+    needs its hidden states)."""
+    have: dict[str, np.ndarray] = {}
     comparators: dict[str, Any] = {}
-    if "ralm" in compare:
+    if scores is not None:
+        key = _scores_key(models["baseline"], baseline, held, dict(settings, stride=stride), knnlm)
+        wanted = {"baseline", *compare}
+        if "knnlm" in compare and "knnlm" not in scores.bits:
+            wanted.discard("baseline")
+        have = {name: b for name, b in scores.take(key).items() if name in wanted}
+        comparators = {n: scores.comparators[n] for n in have if n in scores.comparators}
+    need_hidden = "knnlm" in compare and "knnlm" not in have
+    bits, seconds, hidden = _score_models(models, held, k, need_hidden, settings, stride, have)
+    if scores is not None:
+        seconds.update({name: float(scores.seconds.get(name, 0.0)) for name in have})
+    if "ralm" in compare and "ralm" not in have:
         start = time.perf_counter()
         bits["ralm"] = ralm_bits(models["baseline"], held.stream, held.nbr_tokens[:, 0], **settings)
         comparators["ralm"] = {"retrieved": "nearest neighbour + continuation of chunk c-1"}
         seconds["ralm"] = _took("ralm", start)
-    if "knnlm" in compare:
+    if "knnlm" in compare and "knnlm" not in have:
         start = time.perf_counter()
         result = _knnlm(models["baseline"], source, held, bits["baseline"], hidden, knnlm,
                         dict(settings, stride=stride))  # fmt: skip
         bits["knnlm"], comparators["knnlm"] = result.bits, result.info
         seconds["knnlm"] = _took("knnlm", start)
+    return bits, seconds, comparators
+
+
+def _report(
+    run: str,
+    source: ChunkSource,
+    cfg: EvalConfig,
+    held: HeldOut,
+    settings: dict[str, Any],
+    stride: int,
+    k: int,
+    bits: dict[str, np.ndarray],
+    seconds: dict[str, float],
+    comparators: dict[str, Any],
+    names: dict[str, str],
+) -> EvalReport:
+    """The report of scored bits: bits per byte overall and in each leakage bucket."""
     scored = ~np.isnan(next(iter(bits.values())))
     every = np.ones(len(held.chunk_ids), dtype=bool)
-    names = {name: str(baseline if name == "baseline" and baseline else run) for name in models}
     report = EvalReport(
-        run=str(run),
+        run=run,
         database=str(getattr(source, "path", "")) or None,
         config=cfg.to_dict(),
         tokens=int(scored.sum()),
         bytes=int(held.nbytes[scored].sum()),
         chunks=len(held.chunk_ids),
         documents=len(np.unique(np.asarray(source.chunk_doc)[held.chunk_ids])),
-        window=window,
+        window=settings["window"],
         stride=stride,
         k=k,
         bpb={name: held.bpb(b, every) for name, b in bits.items()},
@@ -578,13 +704,91 @@ def evaluate_run(
         seconds=seconds,
     )
     leakage = held.nbr_tokens[:, : cfg.leakage_neighbours]
-    r = leakage_ratio(held.chunk_tokens, leakage, m, mcfg.pad_id)
+    r = leakage_ratio(held.chunk_tokens, leakage, source.chunk_size, settings["pad_id"])
     for alpha in cfg.alphas:
         mask = r <= alpha + 1e-9
         row: dict[str, Any] = {"alpha": alpha, "chunks": int(mask.sum())}
         row.update({name: held.bpb(b, mask) for name, b in bits.items()})
         report.filtered.append(row)
     return report
+
+
+SCORES_VERSION = 1
+
+
+@dataclass
+class Scores:
+    """Per-token bits of a baseline and of the comparators reading it on one held-out stream
+    (`score_baseline`), kept so that an evaluation of the same stream later takes them instead
+    of scoring them again. `key` is everything the bits depend on; `take` refuses another."""
+
+    bits: dict[str, np.ndarray]  # name -> (T,) bits, NaN where not scored
+    seconds: dict[str, float]  # name -> seconds scoring it took
+    comparators: dict[str, Any]  # the comparators' settings found (kNN-LM's lambda, ...)
+    key: dict[str, Any]
+
+    def save(self, path: str | Path) -> None:
+        """Write to `path` (.npz) atomically: a killed write leaves no file to be taken."""
+        meta = {"version": SCORES_VERSION, "seconds": self.seconds,
+                "comparators": self.comparators, "key": self.key}  # fmt: skip
+        with atomic_open(path, "wb") as f:
+            np.savez(f, meta=np.array(json.dumps(meta)),
+                     **{f"bits_{name}": b for name, b in self.bits.items()})  # fmt: skip
+
+    @classmethod
+    def load(cls, path: str | Path) -> Scores:
+        """Raises: CorruptArtifactError: not a scores file of this version."""
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                bits = {n[5:]: np.asarray(z[n]) for n in z.files if n.startswith("bits_")}
+            if meta.get("version") != SCORES_VERSION:
+                raise ValueError(f"version {meta.get('version')}, expected {SCORES_VERSION}")
+            return cls(bits, meta["seconds"], meta["comparators"], meta["key"])
+        except (OSError, ValueError, KeyError, EOFError) as e:
+            raise CorruptArtifactError(
+                f"{path} is not a readable scores file ({e}); delete it to score again"
+            ) from e
+
+    def take(self, key: dict[str, Any]) -> dict[str, np.ndarray]:
+        """The bits, if they were scored as `key` says.
+
+        Raises:
+            MismatchError: naming the first setting that differs.
+        """
+        for name in sorted(set(self.key) | set(key)):
+            if self.key.get(name) != key.get(name):
+                raise MismatchError(
+                    f"the stored scores were made with {name}={self.key.get(name)!r}, this "
+                    f"evaluation has {key.get(name)!r}; delete them to score again"
+                )
+        return self.bits
+
+
+def _scores_key(
+    baseline: nn.Module,
+    path: Path | None,
+    held: HeldOut,
+    settings: dict[str, Any],
+    knnlm: KnnLMConfig | None,
+) -> dict[str, Any]:
+    """What a baseline's and its comparators' bits depend on: the tokens and neighbours scored,
+    the windows, the baseline's weights and dtype, and the kNN-LM settings."""
+    digest = hashlib.sha256(held.stream.tobytes())
+    digest.update(np.ascontiguousarray(held.nbr_tokens[:, :1]).tobytes())  # RALM's text
+    param = next(baseline.parameters())
+    base_cfg = baseline.cfg
+    key = {
+        "tokens": digest.hexdigest(),
+        "window": int(settings["window"]),
+        "stride": int(settings["stride"]),
+        "pad_id": int(settings["pad_id"]),
+        "bf16": bool(settings["bf16"]),
+        "baseline": getattr(base_cfg, "base_sha256", None) or str(path),
+        "dtype": str(param.dtype),
+        "knnlm": dataclasses.asdict(knnlm or KnnLMConfig()),
+    }
+    return json.loads(json.dumps(key))  # as `Scores.load` reads it back (tuples as lists)
 
 
 @dataclass
@@ -644,19 +848,26 @@ def _score_models(
     with_hidden: bool,
     settings: dict[str, Any],
     stride: int,
+    have: dict[str, np.ndarray] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, float], np.ndarray | None]:
-    """(bits of each model, seconds of each, the baseline's hidden states if `with_hidden`).
+    """(bits of each model, seconds of each, the baseline's hidden states if `with_hidden`);
+    the models in `have` (name -> bits scored earlier) are not scored again.
 
     RETRO[OFF] of a RETRO-fitted base is that base: scored once. RETRO[ON] of a RETRO-fitted
     base and the base share the layers below the first CCA layer: scored in one pass."""
     windows = dict(settings, stride=stride)
-    bits: dict[str, np.ndarray] = {}
+    bits: dict[str, np.ndarray] = dict(have or {})
     seconds: dict[str, float] = {}
     hidden = None
     reuse_off = "retro_off" in models and same_base(models["retro_off"], models.get("baseline"))
-    together = reuse_off and "baseline" in models and hasattr(models["retro_on"], "base_and_retro")
+    together = (
+        reuse_off
+        and "baseline" in models
+        and "baseline" not in bits
+        and hasattr(models["retro_on"], "base_and_retro")
+    )
     for name, mdl in models.items():
-        if name == "retro_off" and reuse_off or name == "baseline" and together:
+        if name in bits or name == "retro_off" and reuse_off or name == "baseline" and together:
             continue
         start = time.perf_counter()
         mdl.to(windows["device"])

@@ -119,6 +119,45 @@ def test_eval_scores_the_base_and_retro_on_from_one_lower_pass_as_if_alone(world
         assert together["filtered"][alpha] == pytest.approx(row, rel=1e-6, nan_ok=True), alpha
 
 
+def test_base_scores_kept_from_before_training_equal_scoring_with_the_run(
+    world, tmp_path, monkeypatch
+):
+    """A quickstart scores the base and the comparators before it trains; the evaluation after
+    training takes those bits: its report equals one that scores everything itself, and it
+    scores neither the base nor a comparator again."""
+    import retrolm.evaluate as evaluate
+    from retrolm.errors import MismatchError
+    from retrolm.evaluate import EvalConfig, Scores, evaluate_run, score_baseline
+
+    cfg = EvalConfig(window=64)
+    both = ("ralm", "knnlm")
+    kept = score_baseline(world["base"], world["db"], config=cfg, compare=both,
+                          show_progress=False)  # fmt: skip
+    kept.save(tmp_path / "scores.npz")
+    scores = Scores.load(tmp_path / "scores.npz")
+
+    def report(**kw):
+        return evaluate_run(world["run"], world["db"], config=cfg, baseline=world["base"],
+                            compare=both, show_progress=False, **kw)  # fmt: skip
+
+    fresh = report().to_dict()
+    monkeypatch.setattr(evaluate, "ralm_bits", lambda *a, **k: pytest.fail("RALM rescored"))
+    monkeypatch.setattr(evaluate, "knnlm_bits", lambda *a, **k: pytest.fail("kNN-LM rescored"))
+    monkeypatch.setattr(RetroFitted, "base_and_retro", lambda *a: pytest.fail("base rescored"))
+    taken = report(scores=scores)
+    assert taken.seconds["ralm"] == kept.seconds["ralm"]  # what scoring took, when it was
+    taken = taken.to_dict()
+    for key in ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb"):
+        assert taken[key] == pytest.approx(fresh[key], rel=1e-6, abs=1e-9), key
+    assert taken["comparators"]["knnlm"] == fresh["comparators"]["knnlm"]
+    for alpha, row in fresh["filtered"].items():
+        assert taken["filtered"][alpha] == pytest.approx(row, rel=1e-6, nan_ok=True), alpha
+    # scores of other windows are refused, not mixed in
+    with pytest.raises(MismatchError, match="stride"):
+        evaluate_run(world["run"], world["db"], config=EvalConfig(window=64, stride=16),
+                     baseline=world["base"], scores=scores, show_progress=False)  # fmt: skip
+
+
 def test_generate_on_the_retrofitted_run(world, capsys):
     args = ["generate", str(world["run"]), "--db", str(world["db"]), "alpha beta gamma delta"]
     assert cli_main([*args, "--max-new-tokens", "40", "--json"]) == 0
