@@ -93,6 +93,11 @@ def _steps(folder: Path) -> list[tuple[int, Path]]:
     return sorted((s, p) for s, p in found if s is not None)
 
 
+def checkpoint_steps(folder: Path) -> list[int]:
+    """The steps of the checkpoint folders in `folder`, lowest first (none if it is absent)."""
+    return [s for s, _ in _steps(folder)] if folder.is_dir() else []
+
+
 def _prune(folder: Path, keep: int, newest: int) -> None:
     """Keep the `keep` checkpoints of highest step up to `newest` (the one just written)."""
     steps = [(s, p) for s, p in _steps(folder) if s <= newest]

@@ -111,6 +111,7 @@ class EvalReport:
 
     comparators: dict[str, Any] = field(default_factory=dict)  # settings found, e.g. kNN-LM's
     seconds: dict[str, float] = field(default_factory=dict)  # bpb key -> seconds scoring it
+    checkpoint: int | None = None  # the step of the checkpoint scored (None: the final model)
 
     NAMES = {
         "retro_on": "retro_bpb",
@@ -151,6 +152,8 @@ class EvalReport:
             d["runs"] = {self.NAMES[k]: v for k, v in self.runs.items()}
         if self.seconds:
             d["seconds"] = dict(self.seconds)  # retro_on, retro_off, baseline, ralm, knnlm
+        if self.checkpoint is not None:
+            d["checkpoint"] = self.checkpoint
         return d
 
     def to_text(self) -> str:
@@ -158,8 +161,9 @@ class EvalReport:
         cols = [k for k in self.NAMES if k in self.bpb]
         head = self.HEADS
         width = {c: max(12, len(head[c]) + 2) for c in cols}
+        name = self.run if self.checkpoint is None else f"{self.run} at step {self.checkpoint}"
         lines = [
-            f"{self.run}: {self.documents} documents, {self.chunks} chunks, {self.tokens} tokens,"
+            f"{name}: {self.documents} documents, {self.chunks} chunks, {self.tokens} tokens,"
             f" {self.bytes} bytes (window {self.window}, stride {self.stride}, k {self.k})",
             "",
             *(
@@ -495,6 +499,7 @@ def evaluate_run(
     compare: tuple[str, ...] = (),
     knnlm: KnnLMConfig | None = None,
     scores: Scores | None = None,
+    checkpoint: int | None = None,
     show_progress: bool = True,
 ) -> EvalReport:
     """Bits per byte of a run on a database's held-out documents, with leakage buckets.
@@ -511,6 +516,7 @@ def evaluate_run(
         knnlm: kNN-LM settings (default `KnnLMConfig()`).
         scores: the baseline's and comparators' bits scored earlier on the same tokens
             (`score_baseline`): taken instead of scoring them again.
+        checkpoint: score the model of this step's checkpoint instead of the final one.
         show_progress: progress bars on stderr.
 
     Returns:
@@ -526,7 +532,7 @@ def evaluate_run(
     cfg = config or EvalConfig()
     baseline = resolve_reference(None if baseline is None else str(baseline))
     compare = check_comparators(compare)
-    model, meta = load_run_model(run)
+    model, meta = load_run_model(run, checkpoint=checkpoint)
     source = open_database(db)
     check_database(meta["database"], source, str(run))
     models = _models_to_score(run, model, baseline, source)
@@ -547,8 +553,10 @@ def evaluate_run(
         models, path, source, held, k, compare, knnlm, settings, stride, scores
     )
     names = {name: str(baseline if name == "baseline" and baseline else run) for name in models}
-    return _report(str(run), source, cfg, held, settings, stride, k, bits, seconds, comparators,
-                   names)  # fmt: skip
+    report = _report(str(run), source, cfg, held, settings, stride, k, bits, seconds,
+                     comparators, names)  # fmt: skip
+    report.checkpoint = checkpoint
+    return report
 
 
 def score_baseline(

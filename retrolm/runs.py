@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from retrolm.checkpoint import latest_checkpoint
+from retrolm.checkpoint import checkpoint_steps, latest_checkpoint, step_name, verify_checkpoint
 from retrolm.data import ChunkSource
 from retrolm.errors import ConfigError, CorruptArtifactError, InputError, MismatchError
 from retrolm.io import TMP_MARK, read_json
@@ -249,16 +249,21 @@ def read_run_meta(run: str | Path) -> dict[str, Any]:
     return meta
 
 
-def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[Any, dict[str, Any]]:
-    """(model, run.json) of a run: its final model, or its latest checkpoint if unfinished.
+def load_run_model(
+    run: str | Path, *, allow_unfinished: bool = True, checkpoint: int | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """(model, run.json) of a run: its final model, or its latest checkpoint if unfinished, or
+    the model of the checkpoint of step `checkpoint`.
 
     Raises:
-        InputError: no run folder, or nothing saved yet.
+        InputError: no run folder, nothing saved yet, or no intact checkpoint of that step.
     """
     from retrolm.hf import load_model_folder  # a RETRO folder, or a RETRO-fitted HF model
 
     run = Path(run)
     meta = read_run_meta(run)
+    if checkpoint is not None:
+        return load_model_folder(checkpoint_folder(run, checkpoint) / "model"), meta
     if (run / MODEL_DIR / "config.json").is_file():
         return load_model_folder(run / MODEL_DIR), meta
     ckpt = latest_checkpoint(run / "checkpoints") if allow_unfinished else None
@@ -266,6 +271,26 @@ def load_run_model(run: str | Path, *, allow_unfinished: bool = True) -> tuple[A
         raise InputError(f"{run} has no saved model yet; train it (or resume it) first")
     log.warning("%s is unfinished; using its latest checkpoint %s", run, ckpt.name)
     return load_model_folder(ckpt / "model"), meta
+
+
+def checkpoint_folder(run: Path, step: int) -> Path:
+    """The intact checkpoint of `step` in a run.
+
+    Raises:
+        InputError: there is none (naming the steps there are), or it is damaged.
+    """
+    folder = run / "checkpoints" / step_name(step)
+    if not folder.is_dir():
+        kept = [str(s) for s in checkpoint_steps(run / "checkpoints")]
+        raise InputError(
+            f"{run} has no checkpoint of step {step} (it keeps "
+            f"{', '.join(kept) if kept else 'none'}); give one of those steps, or train with "
+            "a smaller --checkpoint-every and a larger --keep-checkpoints"
+        )
+    problem = verify_checkpoint(folder)
+    if problem is not None:
+        raise InputError(f"checkpoint {folder} is damaged ({problem}); give another step")
+    return folder
 
 
 def read_metrics(run: str | Path) -> list[dict[str, Any]]:

@@ -308,6 +308,28 @@ def test_cli_train_config_file_refusal_resume_and_errors(world, tmp_path, capsys
     assert "TrainConfig.warmup_steps must be >= 0, got -3" in capsys.readouterr().err
 
 
+def test_eval_scores_a_kept_checkpoint_as_its_model(world, tmp_path, capsys):
+    """`eval --checkpoint STEP` scores that step's model: the last checkpoint scores as the final
+    model does, an earlier one otherwise; a step not kept is a one-line error naming those kept."""
+    run = tmp_path / "run"
+    cfg = TrainConfig(preset="tiny", max_steps=4, batch_size=4, seq_len=64, eval_every=0,
+                      lr=3e-3, checkpoint_every=2, keep_checkpoints=2)  # fmt: skip
+    train(cfg, world["db"], run, show_progress=False)
+
+    def bpb(*extra: str) -> dict:
+        args = ["eval", str(run), "--db", str(world["db"]), "--json", "--no-progress", *extra]
+        assert cli_main(args) == 0
+        return json.loads(capsys.readouterr().out)
+
+    final, last, early = bpb(), bpb("--checkpoint", "4"), bpb("--checkpoint", "2")
+    assert last["checkpoint"] == 4 and "checkpoint" not in final
+    assert last["retro_bpb"] == final["retro_bpb"]
+    assert early["retro_bpb"] != final["retro_bpb"]
+    assert cli_main(["eval", str(run), "--db", str(world["db"]), "--checkpoint", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "no checkpoint of step 3" in err and "2, 4" in err
+
+
 def test_leakage_buckets_count_near_copies_among_retrieval_only_chunks(world, tmp_path):
     """r(C) is measured against the retrieval-only chunks too: near-copies of the held-out
     documents (one word changed) among them move held-out chunks to high r(C)."""

@@ -21,6 +21,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--db", type=Path, required=True, help="database folder")
     p.add_argument("--split", default="valid", choices=("valid", "train"))
     p.add_argument(
+        "--checkpoint",
+        type=int,
+        metavar="STEP",
+        help="score the model of this step's checkpoint (default: the final model)",
+    )
+    p.add_argument(
         "--baseline",
         type=Path,
         help="a no-retrieval run, or the Hugging Face model folder a run was RETRO-fitted on, to "
@@ -71,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         config=config,
         baseline=args.baseline,
         compare=tuple(args.compare),
+        checkpoint=args.checkpoint,
         show_progress=not args.no_progress,
     )
     if args.out:
