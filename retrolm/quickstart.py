@@ -67,6 +67,9 @@ RETROFIT_RATIO = 0.25
 EVAL_K = 8
 
 
+TRAIN_FILE_RULES = ("uniform", "folders")  # QuickstartConfig.train_files
+
+
 @dataclass
 class QuickstartConfig:
     """Settings of `retrolm quickstart`; the sizes derived from them are in `QuickstartPlan`."""
@@ -82,6 +85,10 @@ class QuickstartConfig:
     # a pretrained base to RETRO-fit (a Hugging Face folder, a .gguf file or `smollm2`):
     # `retrolm.quickstart_base` runs instead of training a small model from scratch
     base: str | None = None
+    # with `base`: how the training files and the retrieval-only documents are drawn from the
+    # files not held out: "uniform", file by file as the held-out files are; "folders", whole
+    # folders, the most redundant first (as the from-scratch quickstart always draws them)
+    train_files: str = "uniform"
 
     def __post_init__(self) -> None:
         if not 3 <= self.minutes <= 24 * 60:
@@ -92,6 +99,16 @@ class QuickstartConfig:
             raise ConfigError(
                 f"--retriever {self.retriever}: a quickstart with --base retrieves with BM25 over "
                 "the base's own tokens; leave --retriever out"
+            )
+        if self.train_files not in TRAIN_FILE_RULES:
+            raise ConfigError(
+                f"train_files must be one of {', '.join(TRAIN_FILE_RULES)}, got {self.train_files!r}"
+            )
+        if self.base is None and self.train_files != "uniform":
+            raise ConfigError(
+                "--train-files chooses how a RETRO-fit of --base draws its training files; the "
+                "quickstart without --base always takes whole folders: give --base, or leave "
+                "--train-files out"
             )
         self.corpus = [str(p) for p in self.corpus]
 

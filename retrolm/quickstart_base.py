@@ -200,9 +200,14 @@ def choose_held_out(
     return sorted(chosen)
 
 
-def sample(files: list[Path], byte_budget: int, seed: int, salt: str) -> list[Path]:
-    """A uniform seeded sample of `files` of about `byte_budget` bytes (none of no files)."""
-    return select_files(files, byte_budget, seed, by_folder=False, salt=salt) if files else []
+def sample(
+    files: list[Path], byte_budget: int, seed: int, salt: str, rule: str = "uniform"
+) -> list[Path]:
+    """A seeded sample of `files` of about `byte_budget` bytes (none of no files): "uniform",
+    file by file; "folders", whole folders, the most redundant first (`select_files`)."""
+    if not files:
+        return []
+    return select_files(files, byte_budget, seed, by_folder=rule == "folders", salt=salt)
 
 
 def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
@@ -228,16 +233,17 @@ def make_plan(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
     rest = [p for p in files if p not in set(held_out)]
     train_tokens = budget * 0.45 / step_seconds * BATCH * TRAIN_SEQ  # an upper bound
     train_bytes = int(train_tokens * TRAIN_PASSES * per_token)
-    # the training subset and the retrieval-only documents are drawn file by file from the
-    # whole corpus, as the held-out documents are, so that what the retrieval part learns of its
-    # neighbours holds for held-out text: the most redundant folders first (the from-scratch
-    # quickstart's order) trained it on near-identical files (the standard library's generated
-    # codecs), whose neighbours are nearly the text itself; it then copied into held-out files
-    # that have no such copy and scored worse than the base (docs/results.md)
-    train_files = sample(rest, train_bytes, cfg.seed, "train:")
+    # by default the training subset and the retrieval-only documents are drawn file by file
+    # from the whole corpus, as the held-out documents are, so that what the retrieval part
+    # learns of its neighbours holds for held-out text: the most redundant folders first
+    # ("folders", the from-scratch quickstart's order) can train it on near-identical files
+    # only (the standard library's generated codecs), whose neighbours are nearly the text
+    # itself; it then copies into held-out files that have no such copy (docs/results.md)
+    train_files = sample(rest, train_bytes, cfg.seed, "train:", cfg.train_files)
     chosen = set(train_files)
     db_bytes = int(DB_BYTES_PER_MINUTE * minutes)
-    retrieval_only = sample([p for p in rest if p not in chosen], db_bytes, cfg.seed, "retrieval:")
+    others = [p for p in rest if p not in chosen]
+    retrieval_only = sample(others, db_bytes, cfg.seed, "retrieval:", cfg.train_files)
     extra = sum(p.stat().st_size for p in retrieval_only)
     eval_tokens = sum(p.stat().st_size for p in held_out) / per_token
     datastore = int(min(400_000, 0.02 * budget * fwd))  # kNN-LM keys: ~2% of the budget
@@ -320,6 +326,7 @@ def _settings(cfg: QuickstartConfig, minutes: float) -> dict[str, Any]:
         "corpus": cfg.corpus,
         "minutes": minutes,
         "seed": cfg.seed,
+        "train_files": cfg.train_files,
     }
 
 

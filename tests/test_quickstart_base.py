@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from retrolm.cli import main as cli_main
-from retrolm.errors import MismatchError
+from retrolm.errors import ConfigError, MismatchError
 from retrolm.io import write_json
 from retrolm.quickstart import QuickstartConfig
 from retrolm.quickstart_base import (
@@ -70,6 +70,20 @@ def test_the_training_subset_samples_every_folder_not_the_most_redundant(tmp_pat
     assert sample(list(reversed(files)), int(0.6 * half), 0, "train:") == chosen
     assert sample(files, int(0.6 * half), 0, "retrieval:") != chosen
     assert sample(files, int(0.6 * half), 1, "train:") != chosen
+    # the other rule, whole folders most redundant first: the near-copies fill the subset
+    folders = sample(files, int(0.3 * 2 * half), seed=0, salt="train:", rule="folders")
+    assert {f.parent.name for f in folders} == {"codecs"}
+
+
+def test_the_rule_of_training_files_applies_to_a_base_only(tmp_path, capsys):
+    with pytest.raises(ConfigError, match="--train-files"):
+        QuickstartConfig(train_files="folders")
+    with pytest.raises(ConfigError, match="train_files must be one of uniform, folders"):
+        QuickstartConfig(base="smollm2", train_files="random")
+    args = ["quickstart", "--train-files", "folders", "--out", str(tmp_path / "q")]
+    assert cli_main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "--train-files" in err and not (tmp_path / "q").exists()
 
 
 def test_only_text_files_can_be_held_out_or_trained_on(tmp_path):

@@ -49,6 +49,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="bm25 (default): BM25 over the training subset and the rest of the corpus, as "
         "retrieval-only documents; dense: all-MiniLM-L6-v2 + faiss over the subset",
     )
+    p.add_argument(
+        "--train-files",
+        default="uniform",
+        choices=("uniform", "folders"),
+        help="with --base, how the files to train on and the retrieval-only ones are drawn: "
+        "uniform (default), file by file from the whole corpus as the held-out files are; "
+        "folders, whole folders, the most redundant first (gains more where held-out text has "
+        "near-copies in those folders, costs where it has none: docs/results.md)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(handler=run)
 
@@ -65,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         retriever=args.retriever,
         show_progress=not args.no_progress,
         base=args.base,
+        train_files=args.train_files,
     )
     result = quickstart_base(cfg) if cfg.base is not None else quickstart(cfg)
     keys = ("retro_bpb", "retro_off_bpb", "baseline_bpb", "ralm_bpb", "knnlm_bpb", "wall_seconds")
