@@ -70,7 +70,7 @@ LR = 1e-3
 DB_BYTES_PER_MINUTE = 400_000  # corpus bytes the database takes per budget minute (BM25)
 TRAIN_PASSES = 1.5  # the training subset holds this many times the tokens training reads
 MARGIN = 0.04  # of the budget kept for generation, the report, model saves and misestimates
-MIN_STEPS = 20
+MIN_STEPS = 20  # the steps a run is expected to take, at least (warm-up, validation)
 SAMPLE_TOKENS = 96
 SCORES_FILE = "base_scores.npz"  # the base's and the comparators' bits, scored before training
 
@@ -284,11 +284,13 @@ def retro_on_seconds(plan: dict[str, Any], base_seconds: float) -> float:
 
 def training_seconds(plan: dict[str, Any], budget: float, elapsed: float) -> float:
     """The training's budget: the time left after the database and the base's and the
-    comparators' scoring, less RETRO[ON]'s scoring estimate and the margin (at least MIN_STEPS
-    of the measured steps). Training decides its steps from it after timing its first steps
-    (`TrainConfig.minutes`)."""
+    comparators' scoring, less RETRO[ON]'s scoring estimate and the margin. Training decides
+    its steps from it after timing its first steps (`TrainConfig.minutes`); it takes those
+    `CALIBRATION_STEPS` in any case, so the budget is never less than their time."""
+    from retrolm.train import CALIBRATION_STEPS
+
     left = budget * (1 - MARGIN) - elapsed - plan["estimate_seconds"]["retro_on"]
-    return max(MIN_STEPS * plan["measured"]["step_seconds"], left)
+    return max(CALIBRATION_STEPS * plan["measured"]["step_seconds"], left)
 
 
 def load_or_score_base(
