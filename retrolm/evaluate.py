@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import time
+import zipfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -753,7 +754,7 @@ class Scores:
             if meta.get("version") != SCORES_VERSION:
                 raise ValueError(f"version {meta.get('version')}, expected {SCORES_VERSION}")
             return cls(bits, meta["seconds"], meta["comparators"], meta["key"])
-        except (OSError, ValueError, KeyError, EOFError) as e:
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
             raise CorruptArtifactError(
                 f"{path} is not a readable scores file ({e}); delete it to score again"
             ) from e

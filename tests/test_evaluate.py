@@ -308,6 +308,26 @@ def test_cli_train_config_file_refusal_resume_and_errors(world, tmp_path, capsys
     assert "TrainConfig.warmup_steps must be >= 0, got -3" in capsys.readouterr().err
 
 
+def test_kept_scores_read_back_equal_and_a_damaged_file_is_a_clear_error(tmp_path):
+    from retrolm.errors import CorruptArtifactError
+    from retrolm.evaluate import Scores
+
+    bits = {"baseline": np.array([np.nan, 1.5, 2.25]), "ralm": np.array([np.nan, 1.0, 2.0])}
+    kept = Scores(bits, {"baseline": 3.0}, {"ralm": {"k": 1}}, {"window": 64, "knnlm": {"k": 2}})
+    kept.save(tmp_path / "s.npz")
+    back = Scores.load(tmp_path / "s.npz")
+    assert back.seconds == kept.seconds and back.comparators == kept.comparators
+    assert back.take(kept.key).keys() == bits.keys()
+    for name, b in bits.items():
+        np.testing.assert_array_equal(back.bits[name], b)
+    with pytest.raises(MismatchError, match="window=64"):
+        back.take({"window": 128, "knnlm": {"k": 2}})
+    data = (tmp_path / "s.npz").read_bytes()
+    (tmp_path / "s.npz").write_bytes(data[: len(data) // 2])  # cut short
+    with pytest.raises(CorruptArtifactError, match="delete it to score again"):
+        Scores.load(tmp_path / "s.npz")
+
+
 def test_eval_scores_a_kept_checkpoint_as_its_model(world, tmp_path, capsys):
     """`eval --checkpoint STEP` scores that step's model: the last checkpoint scores as the final
     model does, an earlier one otherwise; a step not kept is a one-line error naming those kept."""
